@@ -1,0 +1,75 @@
+"""`overnight device`: the device runtime as a standalone process. Never imports TensorFlow."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import sys
+import uuid
+
+import numpy as np
+
+from device_runtime.cache import ResourceCache
+from device_runtime.clock import RealClock
+from device_runtime.conditions import AlwaysEligible
+from device_runtime.examples import LocalExamples
+from device_runtime.runtime import Attempt, DeviceRuntime
+from device_runtime.transport import CoordinatorClient
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "device",
+        help="run the device runtime: check in, train with LiteRT, upload updates",
+        description=(
+            "Runs one device against a coordinator. It checks in, honours the retry windows it "
+            "is given, downloads the model and weights (cached by hash), trains on its local "
+            "examples with LiteRT and uploads the weight delta. Needs no TensorFlow. This build "
+            "treats the device as always charging, idle and unmetered (an edge box); phones get "
+            "their conditions from the platform."
+        ),
+    )
+    parser.add_argument("--server", default="127.0.0.1:50051", help="coordinator host:port")
+    parser.add_argument("--population", required=True, help="population to check in with")
+    parser.add_argument("--examples", required=True, help=".npz file with local examples 'x' and 'y'")
+    parser.add_argument("--device-id", default=f"{platform.node()}-{uuid.getnode():x}",
+                        help="stable id of this installation (default: host name and MAC)")
+    parser.add_argument("--cache-dir", help="directory to cache downloads across restarts")
+    parser.add_argument("--max-reports", type=int, help="exit after this many accepted updates")
+    parser.add_argument("--seed", type=int, help="seed for shuffling and retry jitter")
+    parser.set_defaults(func=run)
+
+
+def _print_attempt(attempt: Attempt) -> None:
+    where = f" round {attempt.round_number}" if attempt.round_number >= 0 else ""
+    detail = f": {attempt.detail}" if attempt.detail else ""
+    print(f"{attempt.outcome.value}{where}{detail}; next check-in in {attempt.next_delay_s:.1f}s", flush=True)
+
+
+async def _run(args: argparse.Namespace) -> None:
+    client = CoordinatorClient(args.server)
+    runtime = DeviceRuntime(
+        client=client,
+        population=args.population,
+        device_id=args.device_id,
+        examples=LocalExamples.load(args.examples),
+        conditions=AlwaysEligible(),
+        clock=RealClock(),
+        rng=np.random.default_rng(args.seed),
+        cache=ResourceCache(args.cache_dir),
+        on_attempt=_print_attempt,
+    )
+    try:
+        await runtime.run(max_reports=args.max_reports)
+    finally:
+        await client.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        asyncio.run(_run(args))
+    except (OSError, ValueError) as exc:
+        print(f"device: {exc}", file=sys.stderr)
+        return 2
+    return 0

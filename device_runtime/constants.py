@@ -1,0 +1,14 @@
+"""Constants of the device runtime and of the wire protocol it speaks (units in the names)."""
+
+PROTOCOL_VERSION = 1
+RUNTIME_VERSION = "0.1.0"
+UPDATE_ENCODING_FLOAT32_DELTA = "float32_delta"
+
+chunk_size_bytes = 1 << 20  # download and upload chunk size; well under gRPC's 4 MiB default
+max_message_bytes = 8 << 20  # any single gRPC message, both directions
+rpc_timeout_s = 30.0
+# How long a device waits before re-checking its conditions when it is not eligible.
+ineligible_poll_s = 60.0
+# Used when the coordinator is unreachable: exponential backoff bounds.
+unreachable_backoff_min_s = 1.0
+unreachable_backoff_max_s = 300.0

@@ -1,0 +1,145 @@
+"""The model manifest: what a device must know about a `.tflite` training model.
+
+The exporter writes it (as JSON beside the model and inside the model's metadata under
+`MANIFEST_METADATA_NAME`); the device runtime reads and validates it before running anything.
+It is owned here, by the device runtime, because the device is the side that must be able to
+trust it without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+MANIFEST_FORMAT = "overnight-tflite-training"
+MANIFEST_VERSION = 1
+MANIFEST_METADATA_NAME = "overnight_manifest"
+
+# Signatures every builtin-ops training model exposes, with their input names.
+REQUIRED_SIGNATURES: dict[str, tuple[str, ...]] = {
+    "train": ("x", "y", "mask"),
+    "evaluate": ("x", "y", "mask"),
+    "infer": ("x",),
+    "get_weights": (),
+    "set_weights": ("weights",),
+}
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, malformed, or disagrees with the model graph."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """One trainable tensor inside the flat float32 weight vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        size = 1
+        for dim in self.shape:
+            size *= dim
+        return size
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelManifest:
+    input_shape: tuple[int, ...]  # per example, without the batch dimension
+    input_dtype: str
+    label_dtype: str
+    num_classes: int
+    batch_size: int
+    weights: tuple[WeightSpec, ...]
+    signatures: dict[str, tuple[str, ...]]
+    loss: str
+    optimizer: dict[str, Any]
+    ops: tuple[str, ...]
+    exporter_version: str
+    flex: bool = False
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(w.size for w in self.weights)
+
+    def to_json(self) -> str:
+        body = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "input": {"shape": list(self.input_shape), "dtype": self.input_dtype},
+            "label": {"dtype": self.label_dtype, "num_classes": self.num_classes},
+            "batch_size": self.batch_size,
+            "weights": [
+                {"name": w.name, "shape": list(w.shape), "offset": w.offset, "size": w.size}
+                for w in self.weights
+            ],
+            "num_parameters": self.num_parameters,
+            "signatures": {k: list(v) for k, v in self.signatures.items()},
+            "loss": self.loss,
+            "optimizer": self.optimizer,
+            "ops": list(self.ops),
+            "exporter_version": self.exporter_version,
+            "flex": self.flex,
+        }
+        return json.dumps(body, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModelManifest:
+        try:
+            body = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
+            raise ManifestError(f"manifest format is not {MANIFEST_FORMAT!r}")
+        if body.get("version") != MANIFEST_VERSION:
+            raise ManifestError(
+                f"manifest version {body.get('version')!r} is not supported "
+                f"(this runtime reads version {MANIFEST_VERSION})"
+            )
+        try:
+            weights = tuple(
+                WeightSpec(name=w["name"], shape=tuple(w["shape"]), offset=int(w["offset"]))
+                for w in body["weights"]
+            )
+            manifest = cls(
+                input_shape=tuple(body["input"]["shape"]),
+                input_dtype=body["input"]["dtype"],
+                label_dtype=body["label"]["dtype"],
+                num_classes=int(body["label"]["num_classes"]),
+                batch_size=int(body["batch_size"]),
+                weights=weights,
+                signatures={k: tuple(v) for k, v in body["signatures"].items()},
+                loss=body["loss"],
+                optimizer=dict(body["optimizer"]),
+                ops=tuple(body["ops"]),
+                exporter_version=body["exporter_version"],
+                flex=bool(body.get("flex", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"manifest field missing or malformed: {exc!r}") from exc
+        manifest.check_consistent()
+        return manifest
+
+    def check_consistent(self) -> None:
+        """Checks the manifest against itself (layout contiguous, signatures complete)."""
+        offset = 0
+        for w in self.weights:
+            if w.offset != offset:
+                raise ManifestError(
+                    f"weight {w.name!r} starts at offset {w.offset}, expected {offset}: "
+                    "the weight layout must be contiguous"
+                )
+            offset += w.size
+        for name, inputs in REQUIRED_SIGNATURES.items():
+            if name not in self.signatures:
+                raise ManifestError(f"manifest lacks the required signature {name!r}")
+            if tuple(sorted(self.signatures[name])) != tuple(sorted(inputs)):
+                raise ManifestError(
+                    f"signature {name!r} takes {list(self.signatures[name])}, "
+                    f"expected {list(inputs)}"
+                )
+        if self.batch_size <= 0:
+            raise ManifestError(f"batch_size must be positive, got {self.batch_size}")

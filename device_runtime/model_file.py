@@ -1,0 +1,73 @@
+"""Reads a `.tflite` training model with `flatbuffers` only: its manifest, ops and signatures."""
+
+from __future__ import annotations
+
+from ai_edge_litert import schema_py_generated as schema
+
+from device_runtime.manifest import MANIFEST_METADATA_NAME, ManifestError, ModelManifest
+
+_BUILTIN_NAMES = {
+    value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")
+}
+
+
+def _root(tflite_bytes: bytes) -> schema.Model:
+    if len(tflite_bytes) < 8 or tflite_bytes[4:8] != b"TFL3":
+        raise ManifestError("file is not a TFLite model (missing the TFL3 identifier)")
+    return schema.Model.GetRootAsModel(tflite_bytes, 0)
+
+
+def operator_names(tflite_bytes: bytes) -> list[str]:
+    """Names of the operators the model uses: builtin names, or the custom code (e.g. FlexX)."""
+    model = _root(tflite_bytes)
+    names = []
+    for i in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(i)
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        if builtin == schema.BuiltinOperator.CUSTOM:
+            names.append((code.CustomCode() or b"CUSTOM").decode())
+        else:
+            names.append(_BUILTIN_NAMES.get(builtin, f"BUILTIN_{builtin}"))
+    return names
+
+
+def signature_inputs(tflite_bytes: bytes) -> dict[str, tuple[str, ...]]:
+    """Signature name -> input names, as the graph declares them."""
+    model = _root(tflite_bytes)
+    signatures = {}
+    for i in range(model.SignatureDefsLength()):
+        sig = model.SignatureDefs(i)
+        inputs = tuple(sig.Inputs(j).Name().decode() for j in range(sig.InputsLength()))
+        signatures[sig.SignatureKey().decode()] = inputs
+    return signatures
+
+
+def read_manifest(tflite_bytes: bytes) -> ModelManifest:
+    """Reads the embedded manifest and checks it against the graph.
+
+    Raises ManifestError saying what is missing or what disagrees.
+    """
+    model = _root(tflite_bytes)
+    text = None
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() == MANIFEST_METADATA_NAME.encode():
+            text = model.Buffers(entry.Buffer()).DataAsNumpy().tobytes()
+    if text is None:
+        raise ManifestError(
+            f"model has no {MANIFEST_METADATA_NAME!r} metadata: was it exported by `overnight export`?"
+        )
+    manifest = ModelManifest.from_json(text)
+    graph_signatures = signature_inputs(tflite_bytes)
+    for name, inputs in manifest.signatures.items():
+        if name not in graph_signatures:
+            raise ManifestError(f"manifest lists signature {name!r}, which the graph does not have")
+        if sorted(graph_signatures[name]) != sorted(inputs):
+            raise ManifestError(
+                f"signature {name!r}: manifest says inputs {sorted(inputs)}, "
+                f"graph has {sorted(graph_signatures[name])}"
+            )
+    graph_ops = sorted(set(operator_names(tflite_bytes)))
+    if graph_ops != sorted(manifest.ops):
+        raise ManifestError(f"manifest lists ops {sorted(manifest.ops)}, graph uses {graph_ops}")
+    return manifest

@@ -1,0 +1,131 @@
+"""Runs an exported training model with LiteRT's signature runners (no TensorFlow)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+from device_runtime.manifest import ManifestError, ModelManifest
+from device_runtime.model_file import read_manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean over every example processed (all epochs), as TFF reports it
+    accuracy: float
+    num_examples: int
+    num_batches: int
+    interrupted: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+class TrainableModel:
+    """One interpreter over one `.tflite` training model. Not thread-safe; one per device.
+
+    Raises ManifestError at construction when the model is not a valid Overnight training model.
+    """
+
+    def __init__(self, tflite_bytes: bytes, num_threads: int = 1) -> None:
+        self.manifest: ModelManifest = read_manifest(tflite_bytes)
+        if self.manifest.flex:
+            raise ManifestError(
+                "model needs the Flex delegate (select TensorFlow ops), which this runtime lacks"
+            )
+        self._interpreter = Interpreter(model_content=tflite_bytes, num_threads=num_threads)
+        self._train = self._interpreter.get_signature_runner("train")
+        self._evaluate = self._interpreter.get_signature_runner("evaluate")
+        self._infer = self._interpreter.get_signature_runner("infer")
+        self._get_weights = self._interpreter.get_signature_runner("get_weights")
+        self._set_weights = self._interpreter.get_signature_runner("set_weights")
+        graph_size = int(self._get_weights()["weights"].size)
+        if graph_size != self.manifest.num_parameters:
+            raise ManifestError(
+                f"manifest lays out {self.manifest.num_parameters} parameters, "
+                f"the graph's get_weights returns {graph_size}"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return self.manifest.batch_size
+
+    def get_weights(self) -> np.ndarray:
+        return np.array(self._get_weights()["weights"], dtype=np.float32, copy=True)
+
+    def set_weights(self, weights: np.ndarray) -> None:
+        weights = np.asarray(weights)
+        if weights.dtype != np.float32 or weights.shape != (self.manifest.num_parameters,):
+            raise ValueError(
+                f"weights must be float32 of shape ({self.manifest.num_parameters},), "
+                f"got {weights.dtype} {weights.shape}"
+            )
+        self._set_weights(weights=weights)
+
+    def _batches(self, x: np.ndarray, y: np.ndarray, order: np.ndarray):
+        """Yields fixed-size batches; the last one is zero-padded and masked."""
+        self._check_examples(x, y)
+        size = self.batch_size
+        for start in range(0, len(order), size):
+            index = order[start : start + size]
+            n = len(index)
+            xb = np.zeros((size, *self.manifest.input_shape), np.float32)
+            yb = np.zeros((size,), np.int32)
+            mask = np.zeros((size,), np.float32)
+            xb[:n] = x[index]
+            yb[:n] = y[index]
+            mask[:n] = 1.0
+            yield xb, yb, mask, n
+
+    def _check_examples(self, x: np.ndarray, y: np.ndarray) -> None:
+        expected = tuple(self.manifest.input_shape)
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f"examples have shape {tuple(x.shape[1:])}, the model takes {expected}")
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+
+    def train(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        epochs: int,
+        rng: np.random.Generator,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> TrainResult:
+        """Trains `epochs` passes over (x, y), shuffled by `rng`, checking `should_stop` per batch."""
+        loss_sum = correct = 0.0
+        examples = batches = 0
+        for _ in range(epochs):
+            for xb, yb, mask, n in self._batches(x, y, rng.permutation(len(x))):
+                if should_stop():
+                    return TrainResult(
+                        loss_sum / max(examples, 1), correct / max(examples, 1), examples, batches, True
+                    )
+                out = self._train(x=xb, y=yb, mask=mask)
+                loss_sum += float(out["loss"]) * n
+                correct += float(out["correct"])
+                examples += n
+                batches += 1
+        return TrainResult(loss_sum / max(examples, 1), correct / max(examples, 1), examples, batches, False)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> EvalResult:
+        loss_sum = correct = count = 0.0
+        for xb, yb, mask, _ in self._batches(x, y, np.arange(len(x))):
+            out = self._evaluate(x=xb, y=yb, mask=mask)
+            loss_sum += float(out["loss_sum"])
+            correct += float(out["correct"])
+            count += float(out["count"])
+        return EvalResult(loss_sum / max(count, 1.0), correct / max(count, 1.0), int(count))
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        outputs = []
+        for xb, _, _, n in self._batches(x, np.zeros(len(x), np.int32), np.arange(len(x))):
+            outputs.append(np.array(self._infer(x=xb)["output"][:n]))
+        return np.concatenate(outputs) if outputs else np.zeros((0, self.manifest.num_classes), np.float32)

@@ -1,0 +1,203 @@
+"""The device runtime: check in, honour retry windows, download, train, upload.
+
+Everything platform-specific comes in through small interfaces (clock, conditions, transport,
+random generator), so the same loop runs on an edge box, in `overnight device` and inside each
+emulated phone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+
+from device_runtime import constants
+from device_runtime.cache import ResourceCache
+from device_runtime.clock import Clock
+from device_runtime.conditions import DeviceConditions
+from device_runtime.examples import LocalExamples
+from device_runtime.manifest import ManifestError
+from device_runtime.model_runner import TrainableModel
+from device_runtime.transport import CoordinatorClient, TransportError
+from protos import common_pb2, device_pb2
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(enum.Enum):
+    INELIGIBLE = "ineligible"  # conditions not met; did not check in
+    REJECTED = "rejected"  # checked in, no assignment
+    REPORTED = "reported"  # trained and the update was accepted
+    INTERRUPTED = "interrupted"  # conditions changed mid-training; reported as a dropout
+    FAILED = "failed"  # assignment failed (download, model, refused upload)
+    UNREACHABLE = "unreachable"  # could not talk to the coordinator
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    outcome: Outcome
+    next_delay_s: float
+    round_number: int = -1
+    detail: str = ""
+
+
+def pick_delay(window: common_pb2.RetryWindow, rng: np.random.Generator) -> float:
+    low = max(0.0, window.min_delay_s)
+    high = max(low, window.max_delay_s)
+    return float(rng.uniform(low, high)) if high > low else low
+
+
+class DeviceRuntime:
+    def __init__(
+        self,
+        client: CoordinatorClient,
+        population: str,
+        device_id: str,
+        examples: LocalExamples,
+        conditions: DeviceConditions,
+        clock: Clock,
+        rng: np.random.Generator,
+        cache: ResourceCache | None = None,
+        ineligible_poll_s: float = constants.ineligible_poll_s,
+        on_attempt: Callable[[Attempt], None] | None = None,
+    ) -> None:
+        self._client = client
+        self._population = population
+        self._device_id = device_id
+        self._examples = examples
+        self._conditions = conditions
+        self._clock = clock
+        self._rng = rng
+        self._cache = cache or ResourceCache()
+        self._model: TrainableModel | None = None
+        self._model_sha256 = ""
+        self._unreachable_backoff_s = constants.unreachable_backoff_min_s
+        self._ineligible_poll_s = ineligible_poll_s
+        self._on_attempt = on_attempt
+
+    async def run(self, max_reports: int | None = None, stop: asyncio.Event | None = None) -> None:
+        """Loops until `max_reports` updates were accepted or `stop` is set."""
+        reports = 0
+        while (max_reports is None or reports < max_reports) and not (stop and stop.is_set()):
+            attempt = await self.attempt()
+            if self._on_attempt is not None:
+                self._on_attempt(attempt)
+            reports += attempt.outcome is Outcome.REPORTED
+            if max_reports is not None and reports >= max_reports:
+                break
+            await self._sleep_unless_stopped(attempt.next_delay_s, stop)
+
+    async def _sleep_unless_stopped(self, seconds: float, stop: asyncio.Event | None) -> None:
+        if stop is None:
+            await self._clock.sleep(seconds)
+            return
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([sleeper, stopper], return_when=asyncio.FIRST_COMPLETED)
+        for task in (sleeper, stopper):
+            task.cancel()
+
+    async def attempt(self) -> Attempt:
+        """One check-in and, when assigned, the whole assignment."""
+        snapshot = self._conditions.current()
+        if not snapshot.eligible:
+            return Attempt(Outcome.INELIGIBLE, self._ineligible_poll_s, detail=snapshot.describe())
+        try:
+            response = await self._client.check_in(self._population, self._device_id, len(self._examples))
+        except TransportError as exc:
+            delay = self._unreachable_backoff_s
+            self._unreachable_backoff_s = min(delay * 2, constants.unreachable_backoff_max_s)
+            log.warning("device %s: check-in failed: %s", self._device_id, exc)
+            return Attempt(Outcome.UNREACHABLE, delay, detail=str(exc))
+        self._unreachable_backoff_s = constants.unreachable_backoff_min_s
+        delay = pick_delay(response.retry_window, self._rng)
+        if response.WhichOneof("outcome") != "assignment":
+            return Attempt(Outcome.REJECTED, delay, detail=response.rejection.message)
+        return await self._run_assignment(response.assignment, delay)
+
+    async def _run_assignment(self, assignment: device_pb2.Assignment, delay: float) -> Attempt:
+        round_number = assignment.round_number
+        token = assignment.upload_token
+        try:
+            model = await self._load_model(assignment.model)
+            weights_bytes = await self._fetch(assignment.weights)
+        except TransportError as exc:
+            return await self._fail(token, device_pb2.FailureReport.DOWNLOAD_ERROR, str(exc), round_number, delay)
+        except ManifestError as exc:
+            return await self._fail(token, device_pb2.FailureReport.MODEL_REJECTED, str(exc), round_number, delay)
+        initial = np.frombuffer(weights_bytes, dtype="<f4").astype(np.float32)
+        try:
+            model.set_weights(initial)
+        except ValueError as exc:
+            return await self._fail(token, device_pb2.FailureReport.MODEL_REJECTED, str(exc), round_number, delay)
+        if assignment.plan.batch_size and assignment.plan.batch_size != model.batch_size:
+            detail = f"plan batch size {assignment.plan.batch_size} != model batch size {model.batch_size}"
+            return await self._fail(token, device_pb2.FailureReport.MODEL_REJECTED, detail, round_number, delay)
+
+        examples = self._examples.sample(assignment.plan.max_examples, self._rng)
+        train_rng = np.random.default_rng(self._rng.integers(2**63))
+        try:
+            result = await asyncio.to_thread(
+                model.train,
+                examples.x,
+                examples.y,
+                max(1, assignment.plan.epochs),
+                train_rng,
+                lambda: not self._conditions.current().eligible,
+            )
+        except (ValueError, RuntimeError) as exc:
+            return await self._fail(token, device_pb2.FailureReport.TRAINING_ERROR, str(exc), round_number, delay)
+        if result.interrupted:
+            detail = f"interrupted after {result.num_batches} batches: {self._conditions.current().describe()}"
+            attempt = await self._fail(token, device_pb2.FailureReport.INTERRUPTED, detail, round_number, delay)
+            return dataclasses.replace(attempt, outcome=Outcome.INTERRUPTED)
+
+        delta = model.get_weights() - initial
+        metrics = common_pb2.ClientMetrics(
+            loss=result.loss,
+            accuracy=result.accuracy,
+            num_examples=result.num_examples,
+            num_batches=result.num_batches,
+        )
+        try:
+            await self._client.upload(token, delta, len(examples), metrics)
+        except TransportError as exc:
+            log.info("device %s: upload for round %d refused: %s", self._device_id, round_number, exc)
+            return Attempt(Outcome.FAILED, delay, round_number, detail=str(exc))
+        return Attempt(Outcome.REPORTED, delay, round_number)
+
+    async def _fail(
+        self,
+        token: bytes,
+        cause: device_pb2.FailureReport.Cause.ValueType,
+        detail: str,
+        round_number: int,
+        delay: float,
+    ) -> Attempt:
+        log.info("device %s: round %d not reported: %s", self._device_id, round_number, detail)
+        try:
+            await self._client.report_failure(token, cause, detail)
+        except TransportError as exc:
+            # The coordinator counts a silent assignment as a dropout at the deadline anyway.
+            if exc.code is not grpc.StatusCode.FAILED_PRECONDITION:
+                log.info("device %s: failure report not delivered: %s", self._device_id, exc)
+        return Attempt(Outcome.FAILED, delay, round_number, detail=detail)
+
+    async def _fetch(self, ref: common_pb2.ResourceRef) -> bytes:
+        data = self._cache.get(ref.sha256)
+        if data is None:
+            data = await self._client.download(ref)
+            self._cache.put(ref.sha256, data)
+        return data
+
+    async def _load_model(self, ref: common_pb2.ResourceRef) -> TrainableModel:
+        if self._model is None or self._model_sha256 != ref.sha256:
+            model_bytes = await self._fetch(ref)
+            self._model = TrainableModel(model_bytes)
+            self._model_sha256 = ref.sha256
+        return self._model

@@ -1,0 +1,91 @@
+"""A fleet of virtual phones in one process: each runs the real device runtime over real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+
+import grpc
+import numpy as np
+
+from device_runtime.cache import ResourceCache
+from device_runtime.clock import Clock, RealClock
+from device_runtime.examples import LocalExamples
+from device_runtime.runtime import Attempt, DeviceRuntime
+from device_runtime.transport import CoordinatorClient, channel_options
+from emulator.phone import RandomConditions, RandomConditionsSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class FleetStats:
+    outcomes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+
+    def record(self, attempt: Attempt) -> None:
+        self.outcomes[attempt.outcome.value] += 1
+
+
+class Fleet:
+    """Phones share one gRPC channel (one HTTP/2 connection), as many apps would share a proxy."""
+
+    def __init__(
+        self,
+        target: str,
+        population: str,
+        datasets: list[LocalExamples],
+        seed: int = 0,
+        conditions: RandomConditionsSettings | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self._target = target
+        self._population = population
+        self._datasets = datasets
+        self._seed = seed
+        self._conditions = conditions or RandomConditionsSettings()
+        self._clock = clock or RealClock()
+        self.stats = FleetStats()
+        self.clients: list[CoordinatorClient] = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Runs every phone until `stop` is set."""
+        channel = grpc.aio.insecure_channel(self._target, options=channel_options())
+        seeds = np.random.SeedSequence(self._seed).spawn(len(self._datasets))
+        phones = []
+        for index, (examples, seed) in enumerate(zip(self._datasets, seeds, strict=True)):
+            rng = np.random.default_rng(seed)
+            client = CoordinatorClient(self._target, channel=channel)
+            self.clients.append(client)
+            runtime = DeviceRuntime(
+                client=client,
+                population=self._population,
+                device_id=f"phone-{index:05d}",
+                examples=examples,
+                conditions=RandomConditions(self._clock, rng, self._conditions),
+                clock=self._clock,
+                rng=rng,
+                cache=ResourceCache(),
+                # Re-check conditions about as often as they change.
+                ineligible_poll_s=self._conditions.mean_state_s / 2,
+                on_attempt=self.stats.record,
+            )
+            # Stagger first check-ins so the fleet does not arrive in one burst.
+            phones.append(asyncio.create_task(self._run_phone(runtime, rng, stop)))
+        try:
+            await asyncio.gather(*phones)
+        finally:
+            await channel.close()
+
+    async def _run_phone(self, runtime: DeviceRuntime, rng: np.random.Generator, stop: asyncio.Event) -> None:
+        await asyncio.sleep(float(rng.uniform(0, 0.5)))
+        await runtime.run(stop=stop)
+
+    @property
+    def downloaded_bytes(self) -> int:
+        return sum(c.counters.downloaded_bytes for c in self.clients)
+
+    @property
+    def uploaded_bytes(self) -> int:
+        return sum(c.counters.uploaded_bytes for c in self.clients)

@@ -1,0 +1,118 @@
+from protos import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TaskConfig(_message.Message):
+    __slots__ = ("task_id", "population", "total_rounds", "target_reports", "over_selection", "min_reports", "selection_deadline_s", "reporting_deadline_s", "plan", "server_learning_rate")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    POPULATION_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    OVER_SELECTION_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    REPORTING_DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    SERVER_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    population: str
+    total_rounds: int
+    target_reports: int
+    over_selection: float
+    min_reports: int
+    selection_deadline_s: float
+    reporting_deadline_s: float
+    plan: _common_pb2.Plan
+    server_learning_rate: float
+    def __init__(self, task_id: _Optional[str] = ..., population: _Optional[str] = ..., total_rounds: _Optional[int] = ..., target_reports: _Optional[int] = ..., over_selection: _Optional[float] = ..., min_reports: _Optional[int] = ..., selection_deadline_s: _Optional[float] = ..., reporting_deadline_s: _Optional[float] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., server_learning_rate: _Optional[float] = ...) -> None: ...
+
+class RegisterTaskRequest(_message.Message):
+    __slots__ = ("protocol_version", "config", "model_tflite", "initial_weights")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TFLITE_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    config: TaskConfig
+    model_tflite: bytes
+    initial_weights: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., config: _Optional[_Union[TaskConfig, _Mapping]] = ..., model_tflite: _Optional[bytes] = ..., initial_weights: _Optional[bytes] = ...) -> None: ...
+
+class RegisterTaskResponse(_message.Message):
+    __slots__ = ("task_id", "model_sha256", "num_parameters")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    model_sha256: str
+    num_parameters: int
+    def __init__(self, task_id: _Optional[str] = ..., model_sha256: _Optional[str] = ..., num_parameters: _Optional[int] = ...) -> None: ...
+
+class GetTaskStatusRequest(_message.Message):
+    __slots__ = ("protocol_version", "task_id")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    task_id: str
+    def __init__(self, protocol_version: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class RoundSummary(_message.Message):
+    __slots__ = ("round_number", "state", "selected", "reported", "dropped", "metrics", "started_at", "finished_at")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    round_number: int
+    state: str
+    selected: int
+    reported: int
+    dropped: int
+    metrics: _containers.ScalarMap[str, float]
+    started_at: float
+    finished_at: float
+    def __init__(self, round_number: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[int] = ..., reported: _Optional[int] = ..., dropped: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+
+class TaskStatus(_message.Message):
+    __slots__ = ("config", "state", "committed_rounds", "model_sha256", "num_parameters", "current_round")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    config: TaskConfig
+    state: str
+    committed_rounds: int
+    model_sha256: str
+    num_parameters: int
+    current_round: RoundSummary
+    def __init__(self, config: _Optional[_Union[TaskConfig, _Mapping]] = ..., state: _Optional[str] = ..., committed_rounds: _Optional[int] = ..., model_sha256: _Optional[str] = ..., num_parameters: _Optional[int] = ..., current_round: _Optional[_Union[RoundSummary, _Mapping]] = ...) -> None: ...
+
+class ListRoundsRequest(_message.Message):
+    __slots__ = ("protocol_version", "task_id")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    task_id: str
+    def __init__(self, protocol_version: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class ListRoundsResponse(_message.Message):
+    __slots__ = ("rounds",)
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    rounds: _containers.RepeatedCompositeFieldContainer[RoundSummary]
+    def __init__(self, rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ...) -> None: ...

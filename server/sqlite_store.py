@@ -1,0 +1,171 @@
+"""SQLite (WAL) implementation of the coordinator store: the embedded default."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import sqlite3
+import threading
+
+from server.config import TaskConfig
+from server.errors import AlreadyExists
+from server.store import RoundRecord, RoundState, Store, TaskRecord
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS resources (
+  sha256 TEXT PRIMARY KEY, kind TEXT NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+  task_id TEXT PRIMARY KEY, config TEXT NOT NULL, model_sha256 TEXT NOT NULL,
+  initial_weights_sha256 TEXT NOT NULL, num_parameters INTEGER NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+  task_id TEXT NOT NULL, round_number INTEGER NOT NULL, state TEXT NOT NULL,
+  selected INTEGER NOT NULL, reported INTEGER NOT NULL, dropped INTEGER NOT NULL,
+  metrics TEXT NOT NULL, started_at REAL NOT NULL, finished_at REAL NOT NULL,
+  weights_sha256 TEXT NOT NULL, PRIMARY KEY (task_id, round_number));
+CREATE TABLE IF NOT EXISTS counted_uploads (
+  token_sha256 TEXT PRIMARY KEY, task_id TEXT NOT NULL, round_number INTEGER NOT NULL);
+"""
+
+
+class SqliteStore(Store):
+    """`path` is a file, or ":memory:" for a store that lives as long as the object."""
+
+    def __init__(self, path: str | pathlib.Path) -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        if str(path) != ":memory:":
+            self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed round survives power loss, not only a process crash.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    @classmethod
+    def in_data_dir(cls, data_dir: str | pathlib.Path) -> SqliteStore:
+        directory = pathlib.Path(data_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        return cls(directory / "coordinator.sqlite")
+
+    def put_resource(self, kind: str, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO resources (sha256, kind, data) VALUES (?, ?, ?)",
+                (digest, kind, data),
+            )
+        return digest
+
+    def get_resource(self, sha256: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT data FROM resources WHERE sha256 = ?", (sha256,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def add_task(self, task: TaskRecord) -> None:
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        task.config.task_id,
+                        json.dumps(task.config.to_dict()),
+                        task.model_sha256,
+                        task.initial_weights_sha256,
+                        task.num_parameters,
+                        task.created_at,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"task {task.config.task_id!r} already exists") from None
+
+    def tasks(self) -> list[TaskRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM tasks ORDER BY created_at, task_id").fetchall()
+        return [
+            TaskRecord(TaskConfig.from_dict(json.loads(config)), model, weights, num, created)
+            for _, config, model, weights, num, created in rows
+        ]
+
+    def commit_round(self, record: RoundRecord, weights: bytes, counted_tokens: list[str]) -> None:
+        digest = hashlib.sha256(weights).hexdigest()
+        if record.state is not RoundState.COMMITTED or record.weights_sha256 != digest:
+            raise ValueError("commit_round needs a committed record naming the weights it commits")
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "INSERT OR IGNORE INTO resources (sha256, kind, data) VALUES (?, 'weights', ?)",
+                    (digest, weights),
+                )
+                self._insert_round(record)
+                self._db.executemany(
+                    "INSERT INTO counted_uploads VALUES (?, ?, ?)",
+                    [(token, record.task_id, record.round_number) for token in counted_tokens],
+                )
+                self._db.execute("COMMIT")
+            except sqlite3.IntegrityError:
+                self._db.execute("ROLLBACK")
+                raise AlreadyExists(
+                    f"task {record.task_id!r} round {record.round_number}: "
+                    "the round or one of its uploads was already committed"
+                ) from None
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def record_failed_round(self, record: RoundRecord) -> None:
+        with self._lock:
+            try:
+                self._insert_round(record)
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(
+                    f"task {record.task_id!r} round {record.round_number} already recorded"
+                ) from None
+
+    def _insert_round(self, record: RoundRecord) -> None:
+        self._db.execute(
+            "INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.task_id,
+                record.round_number,
+                record.state.value,
+                record.selected,
+                record.reported,
+                record.dropped,
+                json.dumps(record.metrics, sort_keys=True),
+                record.started_at,
+                record.finished_at,
+                record.weights_sha256,
+            ),
+        )
+
+    def rounds(self, task_id: str) -> list[RoundRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM rounds WHERE task_id = ? ORDER BY round_number", (task_id,)
+            ).fetchall()
+        return [
+            RoundRecord(
+                task_id=row[0],
+                round_number=row[1],
+                state=RoundState(row[2]),
+                selected=row[3],
+                reported=row[4],
+                dropped=row[5],
+                metrics=json.loads(row[6]),
+                started_at=row[7],
+                finished_at=row[8],
+                weights_sha256=row[9],
+            )
+            for row in rows
+        ]
+
+    def is_counted(self, token_sha256: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM counted_uploads WHERE token_sha256 = ?", (token_sha256,)
+            ).fetchone()
+        return row is not None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,87 @@
+"""The coordinator's persistent state, behind an interface any store implementation must meet.
+
+Contract (checked by tests/server/test_store_conformance.py for every implementation):
+- resources are content-addressed and immutable;
+- `commit_round` is atomic: the round summary, the new global weights and the set of counted
+  uploads become visible together or not at all;
+- a token counted once can never be counted again (`commit_round` raises AlreadyExists).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+
+from server.config import TaskConfig
+
+
+class RoundState(enum.Enum):
+    SELECTING = "selecting"
+    REPORTING = "reporting"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRecord:
+    config: TaskConfig
+    model_sha256: str
+    initial_weights_sha256: str
+    num_parameters: int
+    created_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundRecord:
+    task_id: str
+    round_number: int
+    state: RoundState
+    selected: int
+    reported: int
+    dropped: int
+    metrics: dict[str, float]
+    started_at: float
+    finished_at: float
+    weights_sha256: str = ""  # committed rounds: the global weights after this round
+
+
+class Store(abc.ABC):
+    @abc.abstractmethod
+    def put_resource(self, kind: str, data: bytes) -> str:
+        """Stores bytes under their SHA-256 (hex), which it returns. Idempotent."""
+
+    @abc.abstractmethod
+    def get_resource(self, sha256: str) -> bytes | None:
+        """The bytes stored under `sha256`, or None."""
+
+    @abc.abstractmethod
+    def add_task(self, task: TaskRecord) -> None:
+        """Adds a task. Raises AlreadyExists if its id is taken."""
+
+    @abc.abstractmethod
+    def tasks(self) -> list[TaskRecord]:
+        """All tasks, in creation order."""
+
+    @abc.abstractmethod
+    def commit_round(self, record: RoundRecord, weights: bytes, counted_tokens: list[str]) -> None:
+        """Atomically records a committed round, its new weights and the uploads it counted.
+
+        Raises AlreadyExists (and changes nothing) if the round number or a token was already
+        committed.
+        """
+
+    @abc.abstractmethod
+    def record_failed_round(self, record: RoundRecord) -> None:
+        """Records a round that failed (too few reports); its uploads stay uncounted."""
+
+    @abc.abstractmethod
+    def rounds(self, task_id: str) -> list[RoundRecord]:
+        """Committed and failed rounds of a task, by round number."""
+
+    @abc.abstractmethod
+    def is_counted(self, token_sha256: str) -> bool:
+        """Whether an upload with this token hash was counted in a committed round."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

@@ -32,9 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     parser.add_argument("--server", default="127.0.0.1:50051", help="coordinator host:port")
     parser.add_argument("--population", required=True, help="population to check in with")
-    parser.add_argument("--examples", required=True, help=".npz file with local examples 'x' and 'y'")
-    parser.add_argument("--device-id", default=f"{platform.node()}-{uuid.getnode():x}",
-                        help="stable id of this installation (default: host name and MAC)")
+    parser.add_argument(
+        "--examples", required=True, help=".npz file with local examples 'x' and 'y'"
+    )
+    parser.add_argument(
+        "--device-id",
+        default=f"{platform.node()}-{uuid.getnode():x}",
+        help="stable id of this installation (default: host name and MAC)",
+    )
     parser.add_argument("--cache-dir", help="directory to cache downloads across restarts")
     parser.add_argument("--max-reports", type=int, help="exit after this many accepted updates")
     parser.add_argument("--seed", type=int, help="seed for shuffling and retry jitter")
@@ -44,7 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def _print_attempt(attempt: Attempt) -> None:
     where = f" round {attempt.round_number}" if attempt.round_number >= 0 else ""
     detail = f": {attempt.detail}" if attempt.detail else ""
-    print(f"{attempt.outcome.value}{where}{detail}; next check-in in {attempt.next_delay_s:.1f}s", flush=True)
+    print(
+        f"{attempt.outcome.value}{where}{detail}; next check-in in {attempt.next_delay_s:.1f}s",
+        flush=True,
+    )
 
 
 async def _run(args: argparse.Namespace) -> None:

@@ -19,7 +19,11 @@ class ConditionsSnapshot:
     def describe(self) -> str:
         missing = [
             name
-            for name, ok in (("charging", self.charging), ("idle", self.idle), ("unmetered", self.unmetered))
+            for name, ok in (
+                ("charging", self.charging),
+                ("idle", self.idle),
+                ("unmetered", self.unmetered),
+            )
             if not ok
         ]
         return "eligible" if not missing else "not " + ", not ".join(missing)
@@ -32,7 +36,7 @@ class DeviceConditions(Protocol):
 
 
 class AlwaysEligible:
-    """For edge boxes that are always powered and wired, and for `overnight device --always-eligible`."""
+    """For edge boxes that are always powered, idle and on a wired or unmetered network."""
 
     def current(self) -> ConditionsSnapshot:
         return ConditionsSnapshot(charging=True, idle=True, unmetered=True)

@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import functools
+import struct
+from collections.abc import Callable
+from typing import TypeVar
+
 from ai_edge_litert import schema_py_generated as schema
 
 from device_runtime.manifest import MANIFEST_METADATA_NAME, ManifestError, ModelManifest
 
+T = TypeVar("T")
+
 _BUILTIN_NAMES = {
     value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")
 }
+
+
+def _corrupt_file_is_manifest_error(reader: Callable[[bytes], T]) -> Callable[[bytes], T]:
+    """A truncated or corrupted flatbuffer raises ManifestError, not a struct error."""
+
+    @functools.wraps(reader)
+    def wrapper(tflite_bytes: bytes) -> T:
+        try:
+            return reader(tflite_bytes)
+        except (struct.error, IndexError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+            raise ManifestError(
+                f"model file is corrupt or truncated ({exc.__class__.__name__})"
+            ) from exc
+
+    return wrapper
 
 
 def _root(tflite_bytes: bytes) -> schema.Model:
@@ -17,6 +39,7 @@ def _root(tflite_bytes: bytes) -> schema.Model:
     return schema.Model.GetRootAsModel(tflite_bytes, 0)
 
 
+@_corrupt_file_is_manifest_error
 def operator_names(tflite_bytes: bytes) -> list[str]:
     """Names of the operators the model uses: builtin names, or the custom code (e.g. FlexX)."""
     model = _root(tflite_bytes)
@@ -31,6 +54,7 @@ def operator_names(tflite_bytes: bytes) -> list[str]:
     return names
 
 
+@_corrupt_file_is_manifest_error
 def signature_inputs(tflite_bytes: bytes) -> dict[str, tuple[str, ...]]:
     """Signature name -> input names, as the graph declares them."""
     model = _root(tflite_bytes)
@@ -42,6 +66,7 @@ def signature_inputs(tflite_bytes: bytes) -> dict[str, tuple[str, ...]]:
     return signatures
 
 
+@_corrupt_file_is_manifest_error
 def read_manifest(tflite_bytes: bytes) -> ModelManifest:
     """Reads the embedded manifest and checks it against the graph.
 
@@ -55,7 +80,8 @@ def read_manifest(tflite_bytes: bytes) -> ModelManifest:
             text = model.Buffers(entry.Buffer()).DataAsNumpy().tobytes()
     if text is None:
         raise ManifestError(
-            f"model has no {MANIFEST_METADATA_NAME!r} metadata: was it exported by `overnight export`?"
+            f"model has no {MANIFEST_METADATA_NAME!r} metadata: "
+            "was it exported by `overnight export`?"
         )
     manifest = ModelManifest.from_json(text)
     graph_signatures = signature_inputs(tflite_bytes)

@@ -87,9 +87,16 @@ class TrainableModel:
     def _check_examples(self, x: np.ndarray, y: np.ndarray) -> None:
         expected = tuple(self.manifest.input_shape)
         if tuple(x.shape[1:]) != expected:
-            raise ValueError(f"examples have shape {tuple(x.shape[1:])}, the model takes {expected}")
+            raise ValueError(
+                f"examples have shape {tuple(x.shape[1:])}, the model takes {expected}"
+            )
         if len(x) != len(y):
             raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+        """One step on one full-size batch; returns (mean loss, correct count) over mask == 1."""
+        out = self._train(x=x, y=y, mask=mask)
+        return float(out["loss"]), float(out["correct"])
 
     def train(
         self,
@@ -99,21 +106,27 @@ class TrainableModel:
         rng: np.random.Generator,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> TrainResult:
-        """Trains `epochs` passes over (x, y), shuffled by `rng`, checking `should_stop` per batch."""
+        """Trains `epochs` shuffled passes over (x, y), polling `should_stop` before each batch."""
         loss_sum = correct = 0.0
         examples = batches = 0
         for _ in range(epochs):
             for xb, yb, mask, n in self._batches(x, y, rng.permutation(len(x))):
                 if should_stop():
                     return TrainResult(
-                        loss_sum / max(examples, 1), correct / max(examples, 1), examples, batches, True
+                        loss_sum / max(examples, 1),
+                        correct / max(examples, 1),
+                        examples,
+                        batches,
+                        True,
                     )
-                out = self._train(x=xb, y=yb, mask=mask)
-                loss_sum += float(out["loss"]) * n
-                correct += float(out["correct"])
+                loss, batch_correct = self.train_step(xb, yb, mask)
+                loss_sum += loss * n
+                correct += batch_correct
                 examples += n
                 batches += 1
-        return TrainResult(loss_sum / max(examples, 1), correct / max(examples, 1), examples, batches, False)
+        return TrainResult(
+            loss_sum / max(examples, 1), correct / max(examples, 1), examples, batches, False
+        )
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> EvalResult:
         loss_sum = correct = count = 0.0
@@ -128,4 +141,8 @@ class TrainableModel:
         outputs = []
         for xb, _, _, n in self._batches(x, np.zeros(len(x), np.int32), np.arange(len(x))):
             outputs.append(np.array(self._infer(x=xb)["output"][:n]))
-        return np.concatenate(outputs) if outputs else np.zeros((0, self.manifest.num_classes), np.float32)
+        return (
+            np.concatenate(outputs)
+            if outputs
+            else np.zeros((0, self.manifest.num_classes), np.float32)
+        )

@@ -108,7 +108,9 @@ class DeviceRuntime:
         if not snapshot.eligible:
             return Attempt(Outcome.INELIGIBLE, self._ineligible_poll_s, detail=snapshot.describe())
         try:
-            response = await self._client.check_in(self._population, self._device_id, len(self._examples))
+            response = await self._client.check_in(
+                self._population, self._device_id, len(self._examples)
+            )
         except TransportError as exc:
             delay = self._unreachable_backoff_s
             self._unreachable_backoff_s = min(delay * 2, constants.unreachable_backoff_max_s)
@@ -127,17 +129,28 @@ class DeviceRuntime:
             model = await self._load_model(assignment.model)
             weights_bytes = await self._fetch(assignment.weights)
         except TransportError as exc:
-            return await self._fail(token, device_pb2.FailureReport.DOWNLOAD_ERROR, str(exc), round_number, delay)
+            return await self._fail(
+                token, device_pb2.FailureReport.DOWNLOAD_ERROR, str(exc), round_number, delay
+            )
         except ManifestError as exc:
-            return await self._fail(token, device_pb2.FailureReport.MODEL_REJECTED, str(exc), round_number, delay)
+            return await self._fail(
+                token, device_pb2.FailureReport.MODEL_REJECTED, str(exc), round_number, delay
+            )
         initial = np.frombuffer(weights_bytes, dtype="<f4").astype(np.float32)
         try:
             model.set_weights(initial)
         except ValueError as exc:
-            return await self._fail(token, device_pb2.FailureReport.MODEL_REJECTED, str(exc), round_number, delay)
+            return await self._fail(
+                token, device_pb2.FailureReport.MODEL_REJECTED, str(exc), round_number, delay
+            )
         if assignment.plan.batch_size and assignment.plan.batch_size != model.batch_size:
-            detail = f"plan batch size {assignment.plan.batch_size} != model batch size {model.batch_size}"
-            return await self._fail(token, device_pb2.FailureReport.MODEL_REJECTED, detail, round_number, delay)
+            detail = (
+                f"plan batch size {assignment.plan.batch_size} "
+                f"!= model batch size {model.batch_size}"
+            )
+            return await self._fail(
+                token, device_pb2.FailureReport.MODEL_REJECTED, detail, round_number, delay
+            )
 
         examples = self._examples.sample(assignment.plan.max_examples, self._rng)
         train_rng = np.random.default_rng(self._rng.integers(2**63))
@@ -151,10 +164,15 @@ class DeviceRuntime:
                 lambda: not self._conditions.current().eligible,
             )
         except (ValueError, RuntimeError) as exc:
-            return await self._fail(token, device_pb2.FailureReport.TRAINING_ERROR, str(exc), round_number, delay)
+            return await self._fail(
+                token, device_pb2.FailureReport.TRAINING_ERROR, str(exc), round_number, delay
+            )
         if result.interrupted:
-            detail = f"interrupted after {result.num_batches} batches: {self._conditions.current().describe()}"
-            attempt = await self._fail(token, device_pb2.FailureReport.INTERRUPTED, detail, round_number, delay)
+            now = self._conditions.current().describe()
+            detail = f"interrupted after {result.num_batches} batches: {now}"
+            attempt = await self._fail(
+                token, device_pb2.FailureReport.INTERRUPTED, detail, round_number, delay
+            )
             return dataclasses.replace(attempt, outcome=Outcome.INTERRUPTED)
 
         delta = model.get_weights() - initial
@@ -167,14 +185,16 @@ class DeviceRuntime:
         try:
             await self._client.upload(token, delta, len(examples), metrics)
         except TransportError as exc:
-            log.info("device %s: upload for round %d refused: %s", self._device_id, round_number, exc)
+            log.info(
+                "device %s: upload for round %d refused: %s", self._device_id, round_number, exc
+            )
             return Attempt(Outcome.FAILED, delay, round_number, detail=str(exc))
         return Attempt(Outcome.REPORTED, delay, round_number)
 
     async def _fail(
         self,
         token: bytes,
-        cause: device_pb2.FailureReport.Cause.ValueType,
+        cause: device_pb2.FailureReport.Cause,
         detail: str,
         round_number: int,
         delay: float,

@@ -75,7 +75,9 @@ class CoordinatorClient:
             raise TransportError(exc.code(), exc.details() or "") from exc
         data = b"".join(parts)
         if hashlib.sha256(data).hexdigest() != ref.sha256:
-            raise TransportError(grpc.StatusCode.DATA_LOSS, f"resource {ref.sha256} arrived corrupted")
+            raise TransportError(
+                grpc.StatusCode.DATA_LOSS, f"resource {ref.sha256} arrived corrupted"
+            )
         return data
 
     async def upload(
@@ -98,7 +100,9 @@ class CoordinatorClient:
         async def chunks() -> AsyncIterator[device_pb2.UploadChunk]:
             yield device_pb2.UploadChunk(header=header)
             for start in range(0, len(payload), constants.chunk_size_bytes):
-                yield device_pb2.UploadChunk(data=payload[start : start + constants.chunk_size_bytes])
+                yield device_pb2.UploadChunk(
+                    data=payload[start : start + constants.chunk_size_bytes]
+                )
 
         try:
             response = await self._stub.UploadUpdate(chunks(), timeout=constants.rpc_timeout_s)
@@ -108,10 +112,13 @@ class CoordinatorClient:
         return response
 
     async def report_failure(
-        self, token: bytes, cause: device_pb2.FailureReport.Cause.ValueType, message: str
+        self, token: bytes, cause: device_pb2.FailureReport.Cause, message: str
     ) -> device_pb2.FailureAck:
         request = device_pb2.FailureReport(
-            protocol_version=constants.PROTOCOL_VERSION, upload_token=token, cause=cause, message=message
+            protocol_version=constants.PROTOCOL_VERSION,
+            upload_token=token,
+            cause=cause,
+            message=message,
         )
         try:
             return await self._stub.ReportFailure(request, timeout=constants.rpc_timeout_s)

@@ -74,4 +74,6 @@ def federated_digits(
     train = LocalExamples(digits.x[train_index], digits.y[train_index])
     shards = dirichlet_label_split(train.y, num_clients, alpha, rng)
     clients = [LocalExamples(train.x[s], train.y[s]) for s in shards]
-    return FederatedDigits(clients=clients, test=LocalExamples(digits.x[test_index], digits.y[test_index]))
+    return FederatedDigits(
+        clients=clients, test=LocalExamples(digits.x[test_index], digits.y[test_index])
+    )

@@ -78,7 +78,9 @@ class Fleet:
         finally:
             await channel.close()
 
-    async def _run_phone(self, runtime: DeviceRuntime, rng: np.random.Generator, stop: asyncio.Event) -> None:
+    async def _run_phone(
+        self, runtime: DeviceRuntime, rng: np.random.Generator, stop: asyncio.Event
+    ) -> None:
         await asyncio.sleep(float(rng.uniform(0, 0.5)))
         await runtime.run(stop=stop)
 

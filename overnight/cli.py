@@ -16,9 +16,11 @@ from tflite_export import cli as export_cli
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="overnight",
-        description="Federated learning on phones: export a Keras model, serve rounds, run devices.",
+        description="Federated learning on phones: export a Keras model, serve, run devices.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo.register(subparsers)
     export_cli.register(subparsers)

@@ -33,9 +33,9 @@ class DemoSettings:
     rounds: int = 10
     clients_per_round: int = 10
     alpha: float = 0.5
-    epochs: int = 5
+    epochs: int = 10
     batch_size: int = 10
-    client_learning_rate: float = 0.1
+    client_learning_rate: float = 0.2
     server_learning_rate: float = 1.0
     hidden_units: int = 64
     seed: int = 0
@@ -73,16 +73,21 @@ def export_demo_model(settings: DemoSettings, path: pathlib.Path) -> bytes:
 def format_round(r: admin_pb2.RoundSummary) -> str:
     m = r.metrics
     if r.state != "committed":
-        return f"round {r.round_number:3d}  {r.state}: {r.reported} reports of {r.selected} selected"
+        return (
+            f"round {r.round_number:3d}  {r.state}: {r.reported} reports of {r.selected} selected"
+        )
     return (
         f"round {r.round_number:3d}  reports {r.reported:3d}/{r.selected:<3d} "
         f"eval accuracy {m['eval/accuracy']:.4f}  eval loss {m['eval/loss']:.4f}  "
         f"train loss {m['client_work/train/loss']:.4f}  "
-        f"broadcast {m['broadcasted_bits'] / 8 / 1e6:7.3f} MB  aggregated {m['aggregated_bits'] / 8 / 1e6:7.3f} MB"
+        f"broadcast {m['broadcasted_bits'] / 8 / 1e6:7.3f} MB  "
+        f"aggregated {m['aggregated_bits'] / 8 / 1e6:7.3f} MB"
     )
 
 
-async def run_demo(settings: DemoSettings, on_round: Callable[[admin_pb2.RoundSummary], None]) -> DemoResult:
+async def run_demo(
+    settings: DemoSettings, on_round: Callable[[admin_pb2.RoundSummary], None]
+) -> DemoResult:
     from emulator.data import federated_digits
     from emulator.fleet import Fleet
     from emulator.phone import RandomConditionsSettings
@@ -99,8 +104,11 @@ async def run_demo(settings: DemoSettings, on_round: Callable[[admin_pb2.RoundSu
             store,
             RealClock(),
             # Short windows: the emulated fleet lives minutes, not days.
-            CoordinatorSettings(rejected_retry_s=(0.3, 1.0), accepted_retry_s=(0.1, 0.5),
-                                no_task_retry_s=(5.0, 10.0)),
+            CoordinatorSettings(
+                rejected_retry_s=(0.3, 1.0),
+                accepted_retry_s=(0.1, 0.5),
+                no_task_retry_s=(5.0, 10.0),
+            ),
             HeldOutEvaluator(data.test),
         )
         server = CoordinatorServer(coordinator, "127.0.0.1:0")
@@ -119,19 +127,36 @@ async def run_demo(settings: DemoSettings, on_round: Callable[[admin_pb2.RoundSu
         )
         channel = grpc.aio.insecure_channel(server.address)
         admin = admin_pb2_grpc.AdminServiceStub(channel)
-        registered = await admin.RegisterTask(admin_pb2.RegisterTaskRequest(
-            protocol_version=protocol.PROTOCOL_VERSION, config=config.to_proto(), model_tflite=model_bytes))
+        registered = await admin.RegisterTask(
+            admin_pb2.RegisterTaskRequest(
+                protocol_version=protocol.PROTOCOL_VERSION,
+                config=config.to_proto(),
+                model_tflite=model_bytes,
+            )
+        )
 
-        fleet = Fleet(server.address, config.population, data.clients, seed=settings.seed,
-                      conditions=RandomConditionsSettings(mean_state_s=20.0))
+        fleet = Fleet(
+            server.address,
+            config.population,
+            data.clients,
+            seed=settings.seed,
+            conditions=RandomConditionsSettings(mean_state_s=20.0),
+        )
         stop = asyncio.Event()
         fleet_task = asyncio.create_task(fleet.run(stop))
         seen = 0
         rounds: list[admin_pb2.RoundSummary] = []
         try:
             while True:
-                rounds = list((await admin.ListRounds(admin_pb2.ListRoundsRequest(
-                    protocol_version=protocol.PROTOCOL_VERSION, task_id=config.task_id))).rounds)
+                rounds = list(
+                    (
+                        await admin.ListRounds(
+                            admin_pb2.ListRoundsRequest(
+                                protocol_version=protocol.PROTOCOL_VERSION, task_id=config.task_id
+                            )
+                        )
+                    ).rounds
+                )
                 for r in rounds[seen:]:
                     on_round(r)
                 seen = len(rounds)
@@ -147,8 +172,13 @@ async def run_demo(settings: DemoSettings, on_round: Callable[[admin_pb2.RoundSu
             await channel.close()
             await server.stop()
             store.close()
-    return DemoResult(rounds, len(model_bytes), registered.num_parameters,
-                      time.perf_counter() - start, dict(fleet.stats.outcomes))
+    return DemoResult(
+        rounds,
+        len(model_bytes),
+        registered.num_parameters,
+        time.perf_counter() - start,
+        dict(fleet.stats.outcomes),
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -162,25 +192,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         ),
     )
     defaults = DemoSettings()
-    parser.add_argument("--phones", type=int, default=defaults.phones, help="emulated phones (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=defaults.rounds, help="rounds (default %(default)s)")
-    parser.add_argument("--clients-per-round", type=int, default=defaults.clients_per_round,
-                        help="target reports per round (default %(default)s)")
-    parser.add_argument("--alpha", type=float, default=defaults.alpha, help="Dirichlet label skew (default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="local epochs (default %(default)s)")
+    parser.add_argument(
+        "--phones", type=int, default=defaults.phones, help="emulated phones (default %(default)s)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=defaults.rounds, help="rounds (default %(default)s)"
+    )
+    parser.add_argument(
+        "--clients-per-round",
+        type=int,
+        default=defaults.clients_per_round,
+        help="target reports per round (default %(default)s)",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=defaults.alpha,
+        help="Dirichlet label skew (default %(default)s)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=defaults.epochs, help="local epochs (default %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--data-dir", help="keep the model and coordinator state here (default: a temp dir)")
+    parser.add_argument(
+        "--data-dir", help="keep the model and coordinator state here (default: a temp dir)"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = DemoSettings(phones=args.phones, rounds=args.rounds, clients_per_round=args.clients_per_round,
-                            alpha=args.alpha, epochs=args.epochs, seed=args.seed, data_dir=args.data_dir)
-    print(f"Overnight demo: {settings.phones} emulated phones, {settings.rounds} rounds of "
-          f"{settings.clients_per_round}, digits split non-IID (Dirichlet alpha={settings.alpha})", flush=True)
+    settings = DemoSettings(
+        phones=args.phones,
+        rounds=args.rounds,
+        clients_per_round=args.clients_per_round,
+        alpha=args.alpha,
+        epochs=args.epochs,
+        seed=args.seed,
+        data_dir=args.data_dir,
+    )
+    print(
+        f"Overnight demo: {settings.phones} emulated phones, {settings.rounds} rounds of "
+        f"{settings.clients_per_round}, digits split non-IID (Dirichlet alpha={settings.alpha})",
+        flush=True,
+    )
     result = asyncio.run(run_demo(settings, lambda r: print(format_round(r), flush=True)))
-    print(f"\nfinal held-out accuracy {result.final_accuracy:.4f} after {settings.rounds} rounds; "
-          f"wall time {result.wall_time_s:.1f} s; model {result.model_bytes} bytes "
-          f"({result.num_parameters} parameters)")
-    print("phone attempts: " + ", ".join(f"{k} {v}" for k, v in sorted(result.fleet_outcomes.items())))
+    print(
+        f"\nfinal held-out accuracy {result.final_accuracy:.4f} after {settings.rounds} rounds; "
+        f"wall time {result.wall_time_s:.1f} s; model {result.model_bytes} bytes "
+        f"({result.num_parameters} parameters)"
+    )
+    print(
+        "phone attempts: " + ", ".join(f"{k} {v}" for k, v in sorted(result.fleet_outcomes.items()))
+    )
     return 0

@@ -18,7 +18,9 @@ class WeightedMeanAccumulator:
 
     def accumulate(self, update: np.ndarray, weight: float) -> None:
         if update.shape != self._weighted_sum.shape:
-            raise ValueError(f"update has shape {update.shape}, expected {self._weighted_sum.shape}")
+            raise ValueError(
+                f"update has shape {update.shape}, expected {self._weighted_sum.shape}"
+            )
         self._weighted_sum += weight * update.astype(np.float64)
         self.total_weight += weight
         self.count += 1

@@ -46,16 +46,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "task from its last committed round."
         ),
     )
-    serve.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on (default 127.0.0.1:50051)")
-    serve.add_argument("--data-dir", default="overnight-data", help="directory for the SQLite store (default ./overnight-data)")
-    serve.add_argument("--task", help="task config (TOML) to register at start, if not yet registered")
+    serve.add_argument(
+        "--address",
+        default="127.0.0.1:50051",
+        help="host:port to listen on (default 127.0.0.1:50051)",
+    )
+    serve.add_argument(
+        "--data-dir",
+        default="overnight-data",
+        help="directory for the SQLite store (default ./overnight-data)",
+    )
+    serve.add_argument(
+        "--task", help="task config (TOML) to register at start, if not yet registered"
+    )
     serve.add_argument("--model", help="the task's exported .tflite model (with --task)")
-    serve.add_argument("--eval-data", help=".npz with held-out 'x' and 'y' to evaluate each committed round on")
+    serve.add_argument(
+        "--eval-data", help=".npz with held-out 'x' and 'y' to evaluate each committed round on"
+    )
     defaults = CoordinatorSettings()
-    serve.add_argument("--rejected-retry", type=_window, default=defaults.rejected_retry_s,
-                       metavar="MIN,MAX", help="retry window for rejected devices, seconds (default %(default)s)")
-    serve.add_argument("--accepted-retry", type=_window, default=defaults.accepted_retry_s,
-                       metavar="MIN,MAX", help="retry window after an assignment, seconds (default %(default)s)")
+    serve.add_argument(
+        "--rejected-retry",
+        type=_window,
+        default=defaults.rejected_retry_s,
+        metavar="MIN,MAX",
+        help="retry window for rejected devices, seconds (default %(default)s)",
+    )
+    serve.add_argument(
+        "--accepted-retry",
+        type=_window,
+        default=defaults.accepted_retry_s,
+        metavar="MIN,MAX",
+        help="retry window after an assignment, seconds (default %(default)s)",
+    )
     serve.set_defaults(func=run_serve)
 
     status = subparsers.add_parser("status", help="show a task's state and round history")
@@ -67,7 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 async def serve(args: argparse.Namespace) -> None:
     store = SqliteStore.in_data_dir(args.data_dir)
     evaluator = HeldOutEvaluator(LocalExamples.load(args.eval_data)) if args.eval_data else None
-    settings = CoordinatorSettings(rejected_retry_s=args.rejected_retry, accepted_retry_s=args.accepted_retry)
+    settings = CoordinatorSettings(
+        rejected_retry_s=args.rejected_retry, accepted_retry_s=args.accepted_retry
+    )
     coordinator = Coordinator(store, RealClock(), settings, evaluator)
     if args.task:
         if not args.model:
@@ -101,22 +125,34 @@ def run_status(args: argparse.Namespace) -> int:
         stub = admin_pb2_grpc.AdminServiceStub(channel)
         try:
             status = stub.GetTaskStatus(
-                admin_pb2.GetTaskStatusRequest(protocol_version=protocol.PROTOCOL_VERSION, task_id=args.task)
+                admin_pb2.GetTaskStatusRequest(
+                    protocol_version=protocol.PROTOCOL_VERSION, task_id=args.task
+                )
             )
             rounds = stub.ListRounds(
-                admin_pb2.ListRoundsRequest(protocol_version=protocol.PROTOCOL_VERSION, task_id=args.task)
+                admin_pb2.ListRoundsRequest(
+                    protocol_version=protocol.PROTOCOL_VERSION, task_id=args.task
+                )
             ).rounds
         except grpc.RpcError as exc:
             print(f"status: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    print(f"task {status.config.task_id} ({status.config.population}): {status.state}, "
-          f"{status.committed_rounds}/{status.config.total_rounds} rounds committed, "
-          f"{status.num_parameters} parameters")
+    print(
+        f"task {status.config.task_id} ({status.config.population}): {status.state}, "
+        f"{status.committed_rounds}/{status.config.total_rounds} rounds committed, "
+        f"{status.num_parameters} parameters"
+    )
     if status.HasField("current_round"):
         r = status.current_round
-        print(f"current round {r.round_number}: {r.state}, {r.selected} selected, {r.reported} reported")
+        print(
+            f"current round {r.round_number}: {r.state}, "
+            f"{r.selected} selected, {r.reported} reported"
+        )
     for r in rounds:
         acc = r.metrics.get("eval/accuracy")
-        print(f"  round {r.round_number:4d} {r.state:9s} reported {r.reported:4d} dropped {r.dropped:4d}"
-              + (f" eval accuracy {acc:.4f}" if acc is not None else ""))
+        print(
+            f"  round {r.round_number:4d} {r.state:9s} "
+            f"reported {r.reported:4d} dropped {r.dropped:4d}"
+            + (f" eval accuracy {acc:.4f}" if acc is not None else "")
+        )
     return 0

@@ -40,25 +40,40 @@ class TaskConfig:
             if not ok:
                 raise InvalidArgument(f"task config field {field!r}: {why}")
 
-        need(bool(self.task_id) and self.task_id.replace("-", "").replace("_", "").isalnum(),
-             "task_id", f"must be a non-empty name of letters, digits, '-' or '_', got {self.task_id!r}")
+        need(
+            bool(self.task_id) and self.task_id.replace("-", "").replace("_", "").isalnum(),
+            "task_id",
+            f"must be a non-empty name of letters, digits, '-' or '_', got {self.task_id!r}",
+        )
         need(bool(self.population), "population", "must be set")
         need(self.total_rounds >= 1, "total_rounds", f"must be >= 1, got {self.total_rounds}")
         need(self.target_reports >= 1, "target_reports", f"must be >= 1, got {self.target_reports}")
-        need(self.over_selection >= 1.0, "over_selection", f"must be >= 1.0, got {self.over_selection}")
-        need(0 <= self.min_reports <= self.target_reports, "min_reports",
-             f"must be between 0 and target_reports ({self.target_reports}), got {self.min_reports}")
+        need(
+            self.over_selection >= 1.0,
+            "over_selection",
+            f"must be >= 1.0, got {self.over_selection}",
+        )
+        need(
+            0 <= self.min_reports <= self.target_reports,
+            "min_reports",
+            f"must be between 0 and target_reports ({self.target_reports}), got {self.min_reports}",
+        )
         need(self.selection_deadline_s > 0, "selection_deadline_s", "must be positive")
         need(self.reporting_deadline_s > 0, "reporting_deadline_s", "must be positive")
         need(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         need(self.max_examples >= 0, "max_examples", "must be >= 0 (0 = all)")
-        need(math.isfinite(self.server_learning_rate) and self.server_learning_rate > 0,
-             "server_learning_rate", f"must be a positive number, got {self.server_learning_rate}")
+        need(
+            math.isfinite(self.server_learning_rate) and self.server_learning_rate > 0,
+            "server_learning_rate",
+            f"must be a positive number, got {self.server_learning_rate}",
+        )
         return self
 
     def plan(self) -> common_pb2.Plan:
-        return common_pb2.Plan(epochs=self.epochs, batch_size=self.batch_size, max_examples=self.max_examples)
+        return common_pb2.Plan(
+            epochs=self.epochs, batch_size=self.batch_size, max_examples=self.max_examples
+        )
 
     def to_proto(self) -> admin_pb2.TaskConfig:
         return admin_pb2.TaskConfig(
@@ -100,7 +115,9 @@ class TaskConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise InvalidArgument(f"unknown task config field(s) {unknown}; known: {sorted(fields)}")
+            raise InvalidArgument(
+                f"unknown task config field(s) {unknown}; known: {sorted(fields)}"
+            )
         for required in ("task_id", "population"):
             if required not in values:
                 raise InvalidArgument(f"task config field {required!r} is required")

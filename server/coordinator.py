@@ -179,35 +179,50 @@ class Coordinator:
         self.tick()
         running = [t for t in tasks if not t.completed]
         if not running:
-            return self._reject(device_pb2.Rejection.NO_TASK, "no running task", self.settings.no_task_retry_s)
+            return self._reject(
+                device_pb2.Rejection.NO_TASK, "no running task", self.settings.no_task_retry_s
+            )
         if request.example_count == 0:
             return self._reject(
-                device_pb2.Rejection.NOT_ELIGIBLE, "device has no examples", self.settings.no_task_retry_s
+                device_pb2.Rejection.NOT_ELIGIBLE,
+                "device has no examples",
+                self.settings.no_task_retry_s,
             )
         for task in running:
             current = self._ensure_round(task)
             if current.state is not RoundState.SELECTING or request.device_id in current.devices:
                 continue
             return self._assign(task, current, request.device_id)
-        return self._reject(device_pb2.Rejection.ROUND_FULL, "round is full", self.settings.rejected_retry_s)
+        return self._reject(
+            device_pb2.Rejection.ROUND_FULL, "round is full", self.settings.rejected_retry_s
+        )
 
     def _reject(
-        self, reason: device_pb2.Rejection.Reason.ValueType, message: str, window: tuple[float, float]
+        self,
+        reason: device_pb2.Rejection.Reason,
+        message: str,
+        window: tuple[float, float],
     ) -> device_pb2.CheckInResponse:
         return device_pb2.CheckInResponse(
-            rejection=device_pb2.Rejection(reason=reason, message=message), retry_window=_window(window)
+            rejection=device_pb2.Rejection(reason=reason, message=message),
+            retry_window=_window(window),
         )
 
     def _ensure_round(self, task: TaskRuntime) -> RoundInProgress:
         if task.current is None or not task.current.open:
             task.current = RoundInProgress(
-                task.config.task_id, task.next_round_number, task.record.num_parameters, self._clock.now()
+                task.config.task_id,
+                task.next_round_number,
+                task.record.num_parameters,
+                self._clock.now(),
             )
             task.next_round_number += 1
             log.info("task %s: round %d selecting", task.config.task_id, task.current.round_number)
         return task.current
 
-    def _assign(self, task: TaskRuntime, current: RoundInProgress, device_id: str) -> device_pb2.CheckInResponse:
+    def _assign(
+        self, task: TaskRuntime, current: RoundInProgress, device_id: str
+    ) -> device_pb2.CheckInResponse:
         token = secrets.token_bytes(32)
         digest = token_digest(token)
         current.assign(device_id, digest)
@@ -218,7 +233,9 @@ class Coordinator:
         deadline = (
             current.reporting_deadline
             if current.state is RoundState.REPORTING
-            else current.started_at + task.config.selection_deadline_s + task.config.reporting_deadline_s
+            else current.started_at
+            + task.config.selection_deadline_s
+            + task.config.reporting_deadline_s
         )
         assignment = device_pb2.Assignment(
             task_id=task.config.task_id,
@@ -246,7 +263,10 @@ class Coordinator:
     def count_broadcast(self, sha256: str, wire_bytes: int) -> None:
         """Attributes bytes that crossed the wire in a download to the rounds that use them."""
         for task in self._tasks.values():
-            if task.current is not None and sha256 in (task.record.model_sha256, task.weights_sha256):
+            if task.current is not None and sha256 in (
+                task.record.model_sha256,
+                task.weights_sha256,
+            ):
                 task.current.broadcast_bytes += wire_bytes
 
     # ----- upload --------------------------------------------------------------------------
@@ -270,7 +290,9 @@ class Coordinator:
         if current is None or current.round_number != issued[1] or not current.open:
             if self._store.is_counted(digest):
                 raise AlreadyExists("an update for this upload token was already counted")
-            raise FailedPrecondition(f"round {issued[1]} of task {issued[0]!r} no longer takes reports")
+            raise FailedPrecondition(
+                f"round {issued[1]} of task {issued[0]!r} no longer takes reports"
+            )
         return task, current, digest
 
     def check_upload_header(self, header: device_pb2.UploadHeader) -> int:
@@ -289,13 +311,16 @@ class Coordinator:
             )
         if header.num_elements != task.record.num_parameters:
             raise InvalidArgument(
-                f"update has {header.num_elements} elements, the model has {task.record.num_parameters}"
+                f"update has {header.num_elements} elements, "
+                f"the model has {task.record.num_parameters}"
             )
         if header.example_count <= 0:
             raise InvalidArgument(f"example_count must be positive, got {header.example_count}")
         return 4 * task.record.num_parameters
 
-    def accept_upload(self, header: device_pb2.UploadHeader, payload: bytes, wire_bytes: int) -> device_pb2.UploadResponse:
+    def accept_upload(
+        self, header: device_pb2.UploadHeader, payload: bytes, wire_bytes: int
+    ) -> device_pb2.UploadResponse:
         """Adds one update to its round. Any refusal leaves the round exactly as it was."""
         expected = self.check_upload_header(header)
         if len(payload) != expected:
@@ -311,8 +336,13 @@ class Coordinator:
         current.client_metrics.accumulate(metrics)
         current.upload_bytes += wire_bytes
         current.assignments[digest].state = AssignmentState.REPORTED
-        log.debug("task %s round %d: %d/%d reports", task.config.task_id, current.round_number,
-                  current.reported, task.config.target_reports)
+        log.debug(
+            "task %s round %d: %d/%d reports",
+            task.config.task_id,
+            current.round_number,
+            current.reported,
+            task.config.target_reports,
+        )
         self._maybe_finish(task)
         return device_pb2.UploadResponse(retry_window=_window(self.settings.accepted_retry_s))
 
@@ -363,9 +393,13 @@ class Coordinator:
             current.state = RoundState.FAILED
             record = self._round_record(task, current, now, {}, "")
             self._store.record_failed_round(record)
-            log.warning("task %s round %d failed: %d reports, %d needed",
-                        task.config.task_id, current.round_number, current.reported,
-                        task.config.effective_min_reports)
+            log.warning(
+                "task %s round %d failed: %d reports, %d needed",
+                task.config.task_id,
+                current.round_number,
+                current.reported,
+                task.config.effective_min_reports,
+            )
             return
         update = current.aggregate.finalize()
         new_weights = (task.weights + task.config.server_learning_rate * update).astype(np.float32)
@@ -373,28 +407,43 @@ class Coordinator:
         broadcasted = task.broadcasted_bits + 8.0 * current.broadcast_bytes
         aggregated = task.aggregated_bits + 8.0 * current.upload_bytes
         metrics = current.client_metrics.finalize()
-        metrics.update({
-            "aggregator/num_reports": float(current.reported),
-            "aggregator/total_weight": current.aggregate.total_weight,
-            "broadcasted_bits": broadcasted,
-            "aggregated_bits": aggregated,
-        })
+        metrics.update(
+            {
+                "aggregator/num_reports": float(current.reported),
+                "aggregator/total_weight": current.aggregate.total_weight,
+                "broadcasted_bits": broadcasted,
+                "aggregated_bits": aggregated,
+            }
+        )
         if self._evaluator is not None:
             model_bytes = self.resource(task.record.model_sha256)
-            metrics.update(self._evaluator.evaluate(task.record.model_sha256, model_bytes, new_weights))
+            metrics.update(
+                self._evaluator.evaluate(task.record.model_sha256, model_bytes, new_weights)
+            )
         current.state = RoundState.COMMITTED
-        record = self._round_record(task, current, now, metrics, hashlib.sha256(weights_bytes).hexdigest())
+        record = self._round_record(
+            task, current, now, metrics, hashlib.sha256(weights_bytes).hexdigest()
+        )
         self._store.commit_round(record, weights_bytes, current.counted_tokens())
         task.weights = new_weights
         task.weights_sha256 = record.weights_sha256
         task.committed_rounds += 1
         task.broadcasted_bits, task.aggregated_bits = broadcasted, aggregated
-        log.info("task %s round %d committed: %d reports, eval accuracy %s",
-                 task.config.task_id, current.round_number, current.reported,
-                 metrics.get("eval/accuracy", "n/a"))
+        log.info(
+            "task %s round %d committed: %d reports, eval accuracy %s",
+            task.config.task_id,
+            current.round_number,
+            current.reported,
+            metrics.get("eval/accuracy", "n/a"),
+        )
 
     def _round_record(
-        self, task: TaskRuntime, current: RoundInProgress, now: float, metrics: dict[str, float], sha: str
+        self,
+        task: TaskRuntime,
+        current: RoundInProgress,
+        now: float,
+        metrics: dict[str, float],
+        sha: str,
     ) -> RoundRecord:
         return RoundRecord(
             task_id=task.config.task_id,

@@ -19,12 +19,16 @@ class HeldOutEvaluator:
         self._examples = examples
         self._models: dict[str, TrainableModel] = {}
 
-    def evaluate(self, model_sha256: str, model_bytes: bytes, weights: np.ndarray) -> dict[str, float]:
+    def evaluate(
+        self, model_sha256: str, model_bytes: bytes, weights: np.ndarray
+    ) -> dict[str, float]:
         model = self._models.get(model_sha256)
         if model is None:
             model = self._models[model_sha256] = TrainableModel(model_bytes)
         if tuple(self._examples.x.shape[1:]) != tuple(model.manifest.input_shape):
-            log.warning("held-out examples do not fit model %s; skipping evaluation", model_sha256[:12])
+            log.warning(
+                "held-out examples do not fit model %s; skipping evaluation", model_sha256[:12]
+            )
             return {}
         model.set_weights(weights)
         result = model.evaluate(self._examples.x, self._examples.y)

@@ -47,7 +47,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         self._coordinator = coordinator
 
     @_abort_on_error
-    async def CheckIn(self, request: device_pb2.CheckInRequest, context: grpc.aio.ServicerContext) -> device_pb2.CheckInResponse:
+    async def CheckIn(
+        self, request: device_pb2.CheckInRequest, context: grpc.aio.ServicerContext
+    ) -> device_pb2.CheckInResponse:
         return self._coordinator.check_in(request)
 
     async def Download(
@@ -63,7 +65,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         sent = 0
         for start in range(0, max(len(data), 1), protocol.chunk_size_bytes):
             chunk = device_pb2.DataChunk(
-                data=data[start : start + protocol.chunk_size_bytes], offset=start, total_size=len(data)
+                data=data[start : start + protocol.chunk_size_bytes],
+                offset=start,
+                total_size=len(data),
             )
             sent += chunk.ByteSize()
             yield chunk
@@ -71,7 +75,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
 
     @_abort_on_error
     async def UploadUpdate(
-        self, request_iterator: AsyncIterator[device_pb2.UploadChunk], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[device_pb2.UploadChunk],
+        context: grpc.aio.ServicerContext,
     ) -> device_pb2.UploadResponse:
         header: device_pb2.UploadHeader | None = None
         expected = 0
@@ -89,14 +95,18 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 raise InvalidArgument("an upload has exactly one header, first")
             received += len(chunk.data)
             if received > expected:
-                raise ResourceExhausted(f"payload exceeds the {expected} bytes the header announced")
+                raise ResourceExhausted(
+                    f"payload exceeds the {expected} bytes the header announced"
+                )
             parts.append(chunk.data)
         if header is None:
             raise InvalidArgument("empty upload stream")
         return self._coordinator.accept_upload(header, b"".join(parts), wire_bytes)
 
     @_abort_on_error
-    async def ReportFailure(self, request: device_pb2.FailureReport, context: grpc.aio.ServicerContext) -> device_pb2.FailureAck:
+    async def ReportFailure(
+        self, request: device_pb2.FailureReport, context: grpc.aio.ServicerContext
+    ) -> device_pb2.FailureAck:
         return self._coordinator.report_failure(request)
 
 
@@ -140,23 +150,31 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self._coordinator = coordinator
 
     @_abort_on_error
-    async def RegisterTask(self, request: admin_pb2.RegisterTaskRequest, context: grpc.aio.ServicerContext) -> admin_pb2.RegisterTaskResponse:
+    async def RegisterTask(
+        self, request: admin_pb2.RegisterTaskRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RegisterTaskResponse:
         check_protocol_version(request.protocol_version)
         config = TaskConfig.from_proto(request.config)
         record = self._coordinator.register_task(
             config, request.model_tflite, request.initial_weights or None
         )
         return admin_pb2.RegisterTaskResponse(
-            task_id=config.task_id, model_sha256=record.model_sha256, num_parameters=record.num_parameters
+            task_id=config.task_id,
+            model_sha256=record.model_sha256,
+            num_parameters=record.num_parameters,
         )
 
     @_abort_on_error
-    async def GetTaskStatus(self, request: admin_pb2.GetTaskStatusRequest, context: grpc.aio.ServicerContext) -> admin_pb2.TaskStatus:
+    async def GetTaskStatus(
+        self, request: admin_pb2.GetTaskStatusRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.TaskStatus:
         check_protocol_version(request.protocol_version)
         return task_status(self._coordinator.task(request.task_id))
 
     @_abort_on_error
-    async def ListRounds(self, request: admin_pb2.ListRoundsRequest, context: grpc.aio.ServicerContext) -> admin_pb2.ListRoundsResponse:
+    async def ListRounds(
+        self, request: admin_pb2.ListRoundsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListRoundsResponse:
         check_protocol_version(request.protocol_version)
         rounds = self._coordinator.rounds(request.task_id)
         return admin_pb2.ListRoundsResponse(rounds=[round_summary(r) for r in rounds])
@@ -173,7 +191,9 @@ class CoordinatorServer:
                 ("grpc.max_send_message_length", protocol.max_message_bytes),
             ]
         )
-        device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceService(coordinator), self._server)
+        device_pb2_grpc.add_DeviceServiceServicer_to_server(
+            DeviceService(coordinator), self._server
+        )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(coordinator), self._server)
         self.port = self._server.add_insecure_port(address)
         if self.port == 0:

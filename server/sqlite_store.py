@@ -57,7 +57,9 @@ class SqliteStore(Store):
 
     def get_resource(self, sha256: str) -> bytes | None:
         with self._lock:
-            row = self._db.execute("SELECT data FROM resources WHERE sha256 = ?", (sha256,)).fetchone()
+            row = self._db.execute(
+                "SELECT data FROM resources WHERE sha256 = ?", (sha256,)
+            ).fetchone()
         return bytes(row[0]) if row else None
 
     def add_task(self, task: TaskRecord) -> None:

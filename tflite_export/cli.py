@@ -1,4 +1,4 @@
-"""`overnight export`: Keras model -> TFLite training model. TensorFlow is imported only when run."""
+"""`overnight export`: Keras model -> TFLite training model. Imports TensorFlow only when run."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ def load_model_factory(spec: str) -> Callable[[], Any]:
     """`path/to/model.py:create_model` or `package.module:create_model` -> the factory."""
     location, sep, name = spec.rpartition(":")
     if not sep or not location or not name:
-        raise SystemExit(f"model must be given as FILE.py:FUNCTION or MODULE:FUNCTION, got {spec!r}")
+        raise SystemExit(
+            f"model must be given as FILE.py:FUNCTION or MODULE:FUNCTION, got {spec!r}"
+        )
     if location.endswith(".py"):
         path = pathlib.Path(location)
         if not path.exists():
@@ -44,13 +46,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "the manifest into the model and beside it as OUTPUT.json."
         ),
     )
-    parser.add_argument("model", help="FILE.py:FUNCTION or MODULE:FUNCTION returning the Keras model, "
-                        "e.g. tflite_export.model_zoo:create_digits_mlp")
+    parser.add_argument(
+        "model",
+        help="FILE.py:FUNCTION or MODULE:FUNCTION returning the Keras model, "
+        "e.g. tflite_export.model_zoo:create_digits_mlp",
+    )
     parser.add_argument("-o", "--output", required=True, help="path of the .tflite file to write")
     parser.add_argument("--loss", default="sparse_categorical_crossentropy")
     parser.add_argument("--optimizer", default="sgd")
-    parser.add_argument("--learning-rate", type=float, default=0.02, help="client learning rate (default 0.02)")
-    parser.add_argument("--batch-size", type=int, default=20, help="fixed batch size; short batches are masked (default 20)")
+    parser.add_argument(
+        "--learning-rate", type=float, default=0.02, help="client learning rate (default 0.02)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=20,
+        help="fixed batch size; short batches are masked (default 20)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -73,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"export failed: {exc}", file=sys.stderr)
         return 2
     size = pathlib.Path(args.output).stat().st_size
-    print(f"wrote {args.output}: {manifest.num_parameters} parameters, {size} bytes, "
-          f"batch size {manifest.batch_size}, ops: {', '.join(manifest.ops)}")
+    print(
+        f"wrote {args.output}: {manifest.num_parameters} parameters, {size} bytes, "
+        f"batch size {manifest.batch_size}, ops: {', '.join(manifest.ops)}"
+    )
     return 0

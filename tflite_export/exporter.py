@@ -43,10 +43,13 @@ def export_model(
     Raises ExportError naming the layer, loss or optimizer that cannot be exported.
     """
     if loss not in SUPPORTED_LOSSES:
-        raise ExportError(f"loss {loss!r} is not supported; supported: {', '.join(SUPPORTED_LOSSES)}")
+        raise ExportError(
+            f"loss {loss!r} is not supported; supported: {', '.join(SUPPORTED_LOSSES)}"
+        )
     if optimizer not in SUPPORTED_OPTIMIZERS:
         raise ExportError(
-            f"optimizer {optimizer!r} is not supported; supported: {', '.join(SUPPORTED_OPTIMIZERS)}"
+            f"optimizer {optimizer!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_OPTIMIZERS)}"
         )
     if batch_size <= 0:
         raise ExportError(f"batch size must be positive, got {batch_size}")
@@ -70,12 +73,16 @@ def export_model(
     ops = tuple(sorted(set(operator_names(tflite_bytes))))
     flex_ops = [op for op in ops if op.startswith("Flex") or op == "CUSTOM"]
     if flex_ops:
-        raise ExportError(f"conversion produced non-builtin ops {flex_ops}; this is an exporter bug")
+        raise ExportError(
+            f"conversion produced non-builtin ops {flex_ops}; this is an exporter bug"
+        )
 
     weights: list[WeightSpec] = []
     offset = 0
     for variable in module.weight_variables:
-        spec = WeightSpec(name=variable.name.split(":")[0], shape=tuple(variable.shape), offset=offset)
+        spec = WeightSpec(
+            name=variable.name.split(":")[0], shape=tuple(variable.shape), offset=offset
+        )
         weights.append(spec)
         offset += spec.size
     manifest = ModelManifest(
@@ -133,7 +140,9 @@ def embed_manifest(tflite_bytes: bytes, manifest: ModelManifest) -> bytes:
     entry.name = MANIFEST_METADATA_NAME
     entry.buffer = len(model.buffers) - 1
     model.metadata = [
-        m for m in (model.metadata or []) if m.name not in (MANIFEST_METADATA_NAME.encode(), MANIFEST_METADATA_NAME)
+        m
+        for m in (model.metadata or [])
+        if m.name not in (MANIFEST_METADATA_NAME.encode(), MANIFEST_METADATA_NAME)
     ] + [entry]
     builder = flatbuffers.Builder(len(tflite_bytes) + 4096)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")

@@ -17,7 +17,14 @@ import tensorflow as tf
 
 from tflite_export.errors import ExportError
 
-SUPPORTED_LAYERS = ("InputLayer", "Dense", "ReLU", "Activation('relu'|'linear')", "Flatten", "Reshape")
+SUPPORTED_LAYERS = (
+    "InputLayer",
+    "Dense",
+    "ReLU",
+    "Activation('relu'|'linear')",
+    "Flatten",
+    "Reshape",
+)
 
 
 @dataclasses.dataclass
@@ -121,11 +128,19 @@ def plan_layers(model: tf.keras.Sequential, batch_size: int) -> list[LayerPlan]:
                     "supported; add a Flatten before it"
                 )
             if not is_last and tf.keras.activations.serialize(layer.activation) == "softmax":
-                raise ExportError(f"layer {layer.name!r}: softmax is only supported as the last layer")
+                raise ExportError(
+                    f"layer {layer.name!r}: softmax is only supported as the last layer"
+                )
             plans.extend(_dense_plan(layer))
         elif isinstance(layer, tf.keras.layers.ReLU):
-            if layer.max_value is not None or float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
-                raise ExportError(f"layer {layer.name!r}: only plain ReLU (no max_value/slope/threshold)")
+            if (
+                layer.max_value is not None
+                or float(layer.negative_slope) != 0.0
+                or float(layer.threshold) != 0.0
+            ):
+                raise ExportError(
+                    f"layer {layer.name!r}: only plain ReLU (no max_value/slope/threshold)"
+                )
             plans.append(LayerPlan(layer.name, [], _relu_forward, _relu_backward))
         elif isinstance(layer, tf.keras.layers.Activation):
             name = tf.keras.activations.serialize(layer.activation)
@@ -144,8 +159,8 @@ def plan_layers(model: tf.keras.Sequential, batch_size: int) -> list[LayerPlan]:
             plans.append(_reshape_plan(layer.name, batch_size, in_shape, out_shape))
         else:
             raise ExportError(
-                f"layer {layer.name!r} ({type(layer).__name__}) is not supported by the builtin-ops "
-                f"exporter; supported layers: {', '.join(SUPPORTED_LAYERS)}"
+                f"layer {layer.name!r} ({type(layer).__name__}) is not supported by the "
+                f"builtin-ops exporter; supported layers: {', '.join(SUPPORTED_LAYERS)}"
             )
     if not any(plan.params for plan in plans):
         raise ExportError("model has no trainable layer")

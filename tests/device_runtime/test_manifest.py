@@ -1,0 +1,78 @@
+"""The device validates a model's manifest against its graph before running anything."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from device_runtime.manifest import ManifestError, ModelManifest, WeightSpec
+from device_runtime.model_file import read_manifest
+from device_runtime.model_runner import TrainableModel
+from tflite_export.exporter import embed_manifest
+
+
+def test_manifest_json_round_trips(model_bytes: bytes) -> None:
+    manifest = read_manifest(model_bytes)
+
+    assert ModelManifest.from_json(manifest.to_json()) == manifest
+
+
+def test_not_a_tflite_file_is_refused() -> None:
+    with pytest.raises(ManifestError, match="not a TFLite model"):
+        read_manifest(b"\x00" * 64)
+
+
+def test_model_without_manifest_is_refused(model_bytes: bytes) -> None:
+    stripped = model_bytes.replace(b"overnight_manifest", b"overnight_xxxxxxxx")
+
+    with pytest.raises(ManifestError, match="no 'overnight_manifest' metadata"):
+        read_manifest(stripped)
+
+
+def test_truncated_model_is_refused(model_bytes: bytes) -> None:
+    with pytest.raises(ManifestError, match="corrupt or truncated"):
+        read_manifest(model_bytes[: len(model_bytes) // 3])
+
+
+def test_manifest_signature_that_disagrees_with_graph_is_named(model_bytes: bytes) -> None:
+    manifest = read_manifest(model_bytes)
+    signatures = dict(manifest.signatures, infer=("x", "extra"))
+    lying = dataclasses.replace(manifest, signatures=signatures)
+
+    with pytest.raises(ManifestError, match="signature 'infer'"):
+        read_manifest(embed_manifest(model_bytes, lying))
+
+
+def test_manifest_ops_that_disagree_with_graph_are_named(model_bytes: bytes) -> None:
+    manifest = read_manifest(model_bytes)
+    lying = dataclasses.replace(manifest, ops=(*manifest.ops, "CONV_2D"))
+
+    with pytest.raises(ManifestError, match="ops"):
+        read_manifest(embed_manifest(model_bytes, lying))
+
+
+def test_weight_layout_that_disagrees_with_graph_is_refused(model_bytes: bytes) -> None:
+    manifest = read_manifest(model_bytes)
+    extra = WeightSpec(name="ghost", shape=(3,), offset=manifest.num_parameters)
+    lying = dataclasses.replace(manifest, weights=(*manifest.weights, extra))
+
+    with pytest.raises(ManifestError, match=f"{manifest.num_parameters + 3} parameters"):
+        TrainableModel(embed_manifest(model_bytes, lying))
+
+
+def test_non_contiguous_weight_layout_is_refused(model_bytes: bytes) -> None:
+    manifest = read_manifest(model_bytes)
+    first, *rest = manifest.weights
+    lying = dataclasses.replace(manifest, weights=(dataclasses.replace(first, offset=5), *rest))
+
+    with pytest.raises(ManifestError, match="contiguous"):
+        read_manifest(embed_manifest(model_bytes, lying))
+
+
+def test_flex_model_is_refused_without_tensorflow(model_bytes: bytes) -> None:
+    manifest = read_manifest(model_bytes)
+    flex = dataclasses.replace(manifest, flex=True)
+
+    with pytest.raises(ManifestError, match="Flex delegate"):
+        TrainableModel(embed_manifest(model_bytes, flex))

@@ -1,0 +1,143 @@
+"""The device runtime against a real coordinator on loopback, with a fake clock and conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import Callable
+
+import numpy as np
+
+from device_runtime.examples import LocalExamples
+from device_runtime.runtime import Attempt, DeviceRuntime, Outcome
+from device_runtime.transport import CoordinatorClient
+from emulator.data import load_digits
+from server.coordinator import CoordinatorSettings
+from server.round import AssignmentState
+from tests.fakes import FakeClock, ScriptedConditions
+from tests.harness import POPULATION, running_coordinator, task_config
+
+SETTINGS = CoordinatorSettings(rejected_retry_s=(30.0, 90.0), accepted_retry_s=(100.0, 200.0))
+EXAMPLES = 40
+
+
+def _runtime(
+    client: CoordinatorClient,
+    clock: FakeClock,
+    conditions: ScriptedConditions,
+    on_attempt: Callable[[Attempt], None] | None = None,
+) -> DeviceRuntime:
+    digits = load_digits()
+    return DeviceRuntime(
+        client=client,
+        population=POPULATION,
+        device_id="device-b",
+        examples=LocalExamples(digits.x[:EXAMPLES], digits.y[:EXAMPLES]),
+        conditions=conditions,
+        clock=clock,
+        rng=np.random.default_rng(7),
+        on_attempt=on_attempt,
+    )
+
+
+def test_rejected_device_waits_inside_its_retry_window(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    clock = FakeClock()
+    config = task_config(target_reports=1, over_selection=1.0, reporting_deadline_s=1000.0)
+    attempts: list[Attempt] = []
+
+    async def scenario() -> None:
+        async with running_coordinator(
+            str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
+        ) as running:
+            holder = CoordinatorClient(running.address)
+            await holder.check_in(POPULATION, "device-a", EXAMPLES)  # takes the only seat
+            client = CoordinatorClient(running.address)
+            stop = asyncio.Event()
+
+            def record(attempt: Attempt) -> None:
+                attempts.append(attempt)
+                if len(attempts) == 2:
+                    stop.set()
+
+            await _runtime(client, clock, ScriptedConditions(), record).run(stop=stop)
+            await holder.close()
+            await client.close()
+
+    asyncio.run(scenario())
+
+    assert [a.outcome for a in attempts] == [Outcome.REJECTED, Outcome.REJECTED]
+    assert 30.0 <= attempts[0].next_delay_s <= 90.0
+    assert clock.sleeps[0] == attempts[0].next_delay_s
+
+
+def test_interruption_reaches_the_coordinator_as_a_dropout(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    clock = FakeClock()
+    # One poll before check-in, then one per batch: the phone is picked up after two batches.
+    conditions = ScriptedConditions(stop_after=3)
+
+    async def scenario() -> tuple[Attempt, object]:
+        async with running_coordinator(
+            str(tmp_path / "s.sqlite"), model_bytes, task_config(), clock, SETTINGS
+        ) as running:
+            client = CoordinatorClient(running.address)
+            attempt = await _runtime(client, clock, conditions).attempt()
+            await client.close()
+            return attempt, running.coordinator.task("t1").current
+
+    attempt, current = asyncio.run(scenario())
+
+    assert attempt.outcome is Outcome.INTERRUPTED
+    assert "interrupted after 2 batches" in attempt.detail
+    [assignment] = current.assignments.values()  # type: ignore[attr-defined]
+    assert assignment.state is AssignmentState.FAILED
+    assert assignment.failure == "INTERRUPTED"
+    assert current.reported == 0  # type: ignore[attr-defined]
+
+
+def test_ineligible_device_does_not_check_in(tmp_path: pathlib.Path, model_bytes: bytes) -> None:
+    clock = FakeClock()
+
+    async def scenario() -> tuple[Attempt, object]:
+        async with running_coordinator(
+            str(tmp_path / "s.sqlite"), model_bytes, task_config(), clock, SETTINGS
+        ) as running:
+            client = CoordinatorClient(running.address)
+            attempt = await _runtime(client, clock, ScriptedConditions(eligible=False)).attempt()
+            await client.close()
+            return attempt, running.coordinator.task("t1").current
+
+    attempt, current = asyncio.run(scenario())
+
+    assert attempt.outcome is Outcome.INELIGIBLE
+    assert "not idle" in attempt.detail
+    assert current is None
+
+
+def test_model_is_downloaded_once_and_weights_once_per_round(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    clock = FakeClock()
+    config = task_config(target_reports=1, over_selection=1.0, total_rounds=2)
+
+    async def scenario() -> tuple[int, int, list]:
+        async with running_coordinator(
+            str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
+        ) as running:
+            client = CoordinatorClient(running.address)
+            await _runtime(client, clock, ScriptedConditions()).run(max_reports=2)
+            await client.close()
+            task = running.coordinator.task("t1")
+            return (
+                client.counters.downloaded_bytes,
+                task.record.num_parameters,
+                running.store.rounds("t1"),
+            )
+
+    downloaded, num_parameters, rounds = asyncio.run(scenario())
+
+    assert [r.reported for r in rounds] == [1, 1]
+    assert downloaded == len(model_bytes) + 2 * 4 * num_parameters

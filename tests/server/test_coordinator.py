@@ -1,0 +1,318 @@
+"""Coordinator logic without the network: selection, uploads, FedAvg, deadlines, restarts."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from device_runtime import constants
+from protos import common_pb2, device_pb2
+from server.coordinator import Coordinator
+from server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
+from server.sqlite_store import SqliteStore
+from server.store import RoundState
+from tests.fakes import FakeClock
+from tests.harness import POPULATION, task_config
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store_path(tmp_path: pathlib.Path) -> pathlib.Path:
+    return tmp_path / "store.sqlite"
+
+
+def _coordinator(
+    store_path: pathlib.Path, clock: FakeClock, model_bytes: bytes | None = None, **config: object
+) -> Coordinator:
+    coordinator = Coordinator(SqliteStore(store_path), clock)
+    if model_bytes is not None:
+        coordinator.register_task(task_config(**config), model_bytes)
+    return coordinator
+
+
+def _check_in(
+    coordinator: Coordinator, device_id: str, population: str = POPULATION
+) -> device_pb2.CheckInResponse:
+    return coordinator.check_in(
+        device_pb2.CheckInRequest(
+            protocol_version=constants.PROTOCOL_VERSION,
+            population=population,
+            device_id=device_id,
+            example_count=10,
+        )
+    )
+
+
+def _header(
+    token: bytes, num_elements: int, example_count: int = 10, encoding: str = "float32_delta"
+) -> device_pb2.UploadHeader:
+    return device_pb2.UploadHeader(
+        protocol_version=constants.PROTOCOL_VERSION,
+        upload_token=token,
+        example_count=example_count,
+        num_elements=num_elements,
+        encoding=encoding,
+        metrics=common_pb2.ClientMetrics(
+            loss=1.0, accuracy=0.5, num_examples=example_count, num_batches=2
+        ),
+    )
+
+
+def _upload(
+    coordinator: Coordinator, token: bytes, delta: np.ndarray, example_count: int = 10
+) -> None:
+    payload = delta.astype("<f4").tobytes()
+    coordinator.accept_upload(_header(token, delta.size, example_count), payload, len(payload))
+
+
+def test_round_selects_target_times_over_selection(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(store_path, clock, model_bytes, target_reports=2, over_selection=1.5)
+
+    answers = [_check_in(coordinator, f"d{i}") for i in range(4)]
+
+    assert [a.WhichOneof("outcome") for a in answers] == ["assignment"] * 3 + ["rejection"]
+    assert answers[3].rejection.reason == device_pb2.Rejection.ROUND_FULL
+    assert answers[3].retry_window.max_delay_s >= answers[3].retry_window.min_delay_s > 0
+    assert coordinator.task("t1").current.state is RoundState.REPORTING
+
+
+def test_a_device_is_selected_once_per_round(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(store_path, clock, model_bytes)
+
+    first, second = _check_in(coordinator, "same"), _check_in(coordinator, "same")
+
+    assert first.HasField("assignment") and second.HasField("rejection")
+
+
+def test_unknown_population_is_not_found(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(store_path, clock, model_bytes)
+
+    with pytest.raises(NotFound, match="unknown population 'cats'"):
+        _check_in(coordinator, "d", population="cats")
+
+
+def test_other_protocol_version_is_refused(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(store_path, clock, model_bytes)
+
+    with pytest.raises(FailedPrecondition, match="protocol version 99"):
+        coordinator.check_in(
+            device_pb2.CheckInRequest(protocol_version=99, population=POPULATION, device_id="d")
+        )
+
+
+def test_weighted_fedavg_with_server_learning_rate(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(
+        store_path,
+        clock,
+        model_bytes,
+        target_reports=2,
+        over_selection=1.0,
+        server_learning_rate=0.5,
+    )
+    task = coordinator.task("t1")
+    before = task.weights.copy()
+    rng = np.random.default_rng(0)
+    d1, d2 = (rng.normal(size=before.size).astype(np.float32) for _ in range(2))
+    t1, t2 = (_check_in(coordinator, f"d{i}").assignment.upload_token for i in range(2))
+
+    _upload(coordinator, t1, d1, example_count=1)
+    _upload(coordinator, t2, d2, example_count=3)
+
+    expected = before + 0.5 * (1 * d1.astype(np.float64) + 3 * d2) / 4
+    np.testing.assert_allclose(task.weights, expected, atol=1e-6)
+    [record] = coordinator.rounds("t1")
+    assert (record.state, record.reported, record.selected) == (RoundState.COMMITTED, 2, 2)
+    assert record.metrics["client_work/train/num_examples"] == 4
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda h, p: (h, p[:-4]), "payload is"),
+        (lambda h, p: (h, p + b"\0\0\0\0"), "payload is"),
+        (lambda h, p: (h, np.full(len(p) // 4, np.nan, "<f4").tobytes()), "NaN or infinite"),
+        (lambda h, p: (h, np.full(len(p) // 4, np.inf, "<f4").tobytes()), "NaN or infinite"),
+        (lambda h, p: (_replace(h, example_count=0), p), "example_count must be positive"),
+        (lambda h, p: (_replace(h, encoding="int8"), p), "encoding 'int8'"),
+        (lambda h, p: (_replace(h, num_elements=3), p), "has 3 elements"),
+    ],
+)
+def test_malformed_upload_is_refused_and_changes_nothing(
+    store_path, clock, model_bytes, mutate, message
+) -> None:
+    coordinator = _coordinator(store_path, clock, model_bytes)
+    task = coordinator.task("t1")
+    token = _check_in(coordinator, "d").assignment.upload_token
+    good = np.ones(task.record.num_parameters, np.float32)
+    header, payload = mutate(_header(token, good.size), good.astype("<f4").tobytes())
+
+    with pytest.raises(InvalidArgument, match=message):
+        coordinator.accept_upload(header, payload, len(payload))
+
+    current = task.current
+    assert current.reported == 0 and current.aggregate.count == 0
+    _upload(coordinator, token, good)  # the token was not burnt by the refusal
+    assert current.reported == 1
+
+
+def _replace(header: device_pb2.UploadHeader, **fields: object) -> device_pb2.UploadHeader:
+    copy = device_pb2.UploadHeader()
+    copy.CopyFrom(header)
+    for name, value in fields.items():
+        setattr(copy, name, value)
+    return copy
+
+
+def test_unknown_token_is_unauthenticated(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(store_path, clock, model_bytes)
+    _check_in(coordinator, "d")
+
+    with pytest.raises(Unauthenticated):
+        _upload(
+            coordinator,
+            b"forged" * 6,
+            np.zeros(coordinator.task("t1").record.num_parameters, np.float32),
+        )
+
+
+def test_reused_token_is_refused_while_the_round_is_open(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(store_path, clock, model_bytes, target_reports=2)
+    task = coordinator.task("t1")
+    token = _check_in(coordinator, "d").assignment.upload_token
+    delta = np.ones(task.record.num_parameters, np.float32)
+    _upload(coordinator, token, delta)
+
+    with pytest.raises(AlreadyExists):
+        _upload(coordinator, token, delta)
+
+    assert task.current.reported == 1 and task.current.aggregate.total_weight == 10
+
+
+def test_reused_token_after_commit_and_restart_is_refused(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(store_path, clock, model_bytes, target_reports=1, over_selection=1.0)
+    token = _check_in(coordinator, "d").assignment.upload_token
+    delta = np.ones(coordinator.task("t1").record.num_parameters, np.float32)
+    _upload(coordinator, token, delta)
+
+    restarted = Coordinator(SqliteStore(store_path), clock)
+
+    with pytest.raises(AlreadyExists):
+        _upload(restarted, token, delta)
+    assert len(restarted.rounds("t1")) == 1
+
+
+def test_late_report_after_commit_is_refused(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(store_path, clock, model_bytes, target_reports=1, over_selection=2.0)
+    early, late = (_check_in(coordinator, f"d{i}").assignment.upload_token for i in range(2))
+    delta = np.ones(coordinator.task("t1").record.num_parameters, np.float32)
+    _upload(coordinator, early, delta)
+    weights_after_commit = coordinator.task("t1").weights.copy()
+
+    with pytest.raises(FailedPrecondition, match="no longer takes reports"):
+        _upload(coordinator, late, delta)
+
+    np.testing.assert_array_equal(coordinator.task("t1").weights, weights_after_commit)
+
+
+def test_round_commits_at_reporting_deadline_with_min_reports(
+    store_path, clock, model_bytes
+) -> None:
+    coordinator = _coordinator(
+        store_path, clock, model_bytes, target_reports=2, over_selection=1.5, min_reports=1
+    )
+    tokens = [_check_in(coordinator, f"d{i}").assignment.upload_token for i in range(3)]
+    _upload(
+        coordinator, tokens[0], np.ones(coordinator.task("t1").record.num_parameters, np.float32)
+    )
+
+    clock.advance(20.0)
+    coordinator.tick()
+
+    [record] = coordinator.rounds("t1")
+    assert (record.state, record.reported, record.dropped) == (RoundState.COMMITTED, 1, 2)
+
+
+def test_round_below_minimum_fails_and_the_next_round_starts(
+    store_path, clock, model_bytes
+) -> None:
+    coordinator = _coordinator(
+        store_path, clock, model_bytes, target_reports=2, over_selection=1.0, min_reports=2
+    )
+    weights = coordinator.task("t1").weights.copy()
+    tokens = [_check_in(coordinator, f"d{i}").assignment.upload_token for i in range(2)]
+    _upload(coordinator, tokens[0], np.ones(weights.size, np.float32))
+
+    clock.advance(20.0)
+    coordinator.tick()
+    retry = _check_in(coordinator, "d0")
+
+    [record] = coordinator.rounds("t1")
+    assert (record.state, record.reported) == (RoundState.FAILED, 1)
+    np.testing.assert_array_equal(coordinator.task("t1").weights, weights)
+    assert retry.assignment.round_number == 2
+    with pytest.raises(FailedPrecondition):
+        _upload(coordinator, tokens[1], np.ones(weights.size, np.float32))
+
+
+def test_restart_resumes_from_the_last_committed_round(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(store_path, clock, model_bytes, target_reports=1, over_selection=1.0)
+    token = _check_in(coordinator, "d").assignment.upload_token
+    _upload(
+        coordinator, token, np.full(coordinator.task("t1").record.num_parameters, 0.5, np.float32)
+    )
+    _check_in(coordinator, "e")  # round 2 in flight when the process dies
+    committed = coordinator.task("t1").weights.copy()
+
+    restarted = Coordinator(SqliteStore(store_path), clock)
+
+    task = restarted.task("t1")
+    np.testing.assert_array_equal(task.weights, committed)
+    assert task.committed_rounds == 1
+    assert _check_in(restarted, "e").assignment.round_number == 2
+
+
+def test_completed_task_rejects_with_no_task(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(
+        store_path, clock, model_bytes, target_reports=1, over_selection=1.0, total_rounds=1
+    )
+    token = _check_in(coordinator, "d").assignment.upload_token
+    _upload(coordinator, token, np.zeros(coordinator.task("t1").record.num_parameters, np.float32))
+
+    answer = _check_in(coordinator, "e")
+
+    assert answer.rejection.reason == device_pb2.Rejection.NO_TASK
+
+
+def test_register_refuses_a_batch_size_the_model_was_not_exported_with(
+    store_path, clock, model_bytes
+) -> None:
+    coordinator = _coordinator(store_path, clock)
+
+    with pytest.raises(InvalidArgument, match="'batch_size' is 32.*batch size 8"):
+        coordinator.register_task(task_config(batch_size=32), model_bytes)
+
+
+def test_register_refuses_a_file_that_is_not_a_model(store_path, clock) -> None:
+    coordinator = _coordinator(store_path, clock)
+
+    with pytest.raises(InvalidArgument, match="model rejected"):
+        coordinator.register_task(task_config(), b"not a model at all")
+
+
+def test_register_refuses_initial_weights_of_the_wrong_size(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(store_path, clock)
+
+    with pytest.raises(InvalidArgument, match="initial weights must be"):
+        coordinator.register_task(task_config(), model_bytes, initial_weights=b"\0" * 12)

@@ -1,0 +1,247 @@
+"""Status codes over real gRPC on loopback: what a device or operator actually sees."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import Awaitable, Callable
+
+import grpc
+import numpy as np
+import pytest
+
+from device_runtime import constants
+from protos import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2, device_pb2_grpc
+from tests.harness import POPULATION, RunningCoordinator, running_coordinator, task_config
+
+V = constants.PROTOCOL_VERSION
+
+
+def _run(
+    tmp_path: pathlib.Path,
+    model_bytes: bytes,
+    body: Callable[[RunningCoordinator, grpc.aio.Channel], Awaitable[object]],
+) -> object:
+    async def scenario() -> object:
+        async with (
+            running_coordinator(str(tmp_path / "s.sqlite"), model_bytes, task_config()) as running,
+            grpc.aio.insecure_channel(running.address) as channel,
+        ):
+            return await body(running, channel)
+
+    return asyncio.run(scenario())
+
+
+async def _assignment(channel: grpc.aio.Channel, device_id: str = "d") -> device_pb2.Assignment:
+    stub = device_pb2_grpc.DeviceServiceStub(channel)
+    response = await stub.CheckIn(
+        device_pb2.CheckInRequest(
+            protocol_version=V, population=POPULATION, device_id=device_id, example_count=10
+        )
+    )
+    return response.assignment
+
+
+def _chunks(
+    header: device_pb2.UploadHeader | None, payload: bytes, chunk: int = 1000
+) -> list[device_pb2.UploadChunk]:
+    parts = [device_pb2.UploadChunk(header=header)] if header is not None else []
+    return parts + [
+        device_pb2.UploadChunk(data=payload[i : i + chunk]) for i in range(0, len(payload), chunk)
+    ]
+
+
+def _header(token: bytes, n: int) -> device_pb2.UploadHeader:
+    return device_pb2.UploadHeader(
+        protocol_version=V,
+        upload_token=token,
+        example_count=5,
+        num_elements=n,
+        encoding="float32_delta",
+        metrics=common_pb2.ClientMetrics(num_examples=5, num_batches=1),
+    )
+
+
+def _status_of(
+    tmp_path: pathlib.Path,
+    model_bytes: bytes,
+    call: Callable[[RunningCoordinator, grpc.aio.Channel], Awaitable[object]],
+) -> tuple[grpc.StatusCode, str, RunningCoordinator]:
+    seen: dict[str, object] = {}
+
+    async def body(running: RunningCoordinator, channel: grpc.aio.Channel) -> None:
+        seen["running"] = running
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(running, channel)
+        seen["code"], seen["details"] = info.value.code(), info.value.details()
+
+    _run(tmp_path, model_bytes, body)
+    return seen["code"], seen["details"], seen["running"]  # type: ignore[return-value]
+
+
+def test_unknown_population_is_not_found(tmp_path, model_bytes) -> None:
+    async def call(running, channel):
+        await device_pb2_grpc.DeviceServiceStub(channel).CheckIn(
+            device_pb2.CheckInRequest(
+                protocol_version=V, population="nobody", device_id="d", example_count=1
+            )
+        )
+
+    code, details, _ = _status_of(tmp_path, model_bytes, call)
+
+    assert code is grpc.StatusCode.NOT_FOUND and "nobody" in details
+
+
+def test_chunked_upload_is_accepted(tmp_path, model_bytes) -> None:
+    async def body(running, channel):
+        assignment = await _assignment(channel)
+        n = running.coordinator.task("t1").record.num_parameters
+        payload = np.full(n, 0.25, "<f4").tobytes()
+        await device_pb2_grpc.DeviceServiceStub(channel).UploadUpdate(
+            iter(_chunks(_header(assignment.upload_token, n), payload))
+        )
+        return running.coordinator.task("t1").current.reported
+
+    assert _run(tmp_path, model_bytes, body) == 1
+
+
+@pytest.mark.parametrize(
+    ("make_chunks", "expected"),
+    [
+        (
+            lambda token, n, payload: _chunks(_header(token, n), payload[:-8]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda token, n, payload: _chunks(
+                _header(token, n), np.full(n, np.nan, "<f4").tobytes()
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda token, n, payload: _chunks(_header(token, n), payload + b"x" * 64),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
+        (lambda token, n, payload: _chunks(None, payload), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            lambda token, n, payload: _chunks(_header(b"forged-token", n), payload),
+            grpc.StatusCode.UNAUTHENTICATED,
+        ),
+        (
+            lambda token, n, payload: (
+                _chunks(_header(token, n), payload)
+                + [device_pb2.UploadChunk(header=_header(token, n))]
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ],
+    ids=["short", "nan", "oversized", "no-header", "unknown-token", "second-header"],
+)
+def test_malformed_upload_gets_its_status_and_leaves_the_round(
+    tmp_path, model_bytes, make_chunks, expected
+) -> None:
+    async def call(running, channel):
+        assignment = await _assignment(channel)
+        n = running.coordinator.task("t1").record.num_parameters
+        payload = np.zeros(n, "<f4").tobytes()
+        await device_pb2_grpc.DeviceServiceStub(channel).UploadUpdate(
+            iter(make_chunks(assignment.upload_token, n, payload))
+        )
+
+    code, _, running = _status_of(tmp_path, model_bytes, call)
+
+    assert code is expected
+    current = running.coordinator.task("t1").current
+    assert current.reported == 0 and current.aggregate.count == 0
+
+
+def test_reused_token_is_already_exists(tmp_path, model_bytes) -> None:
+    async def call(running, channel):
+        assignment = await _assignment(channel)
+        n = running.coordinator.task("t1").record.num_parameters
+        stub = device_pb2_grpc.DeviceServiceStub(channel)
+        chunks = _chunks(_header(assignment.upload_token, n), np.zeros(n, "<f4").tobytes())
+        await stub.UploadUpdate(iter(chunks))
+        await stub.UploadUpdate(iter(chunks))
+
+    code, _, running = _status_of(tmp_path, model_bytes, call)
+
+    assert code is grpc.StatusCode.ALREADY_EXISTS
+    assert running.coordinator.task("t1").current.reported == 1
+
+
+def test_download_streams_chunks_that_reassemble(tmp_path, model_bytes) -> None:
+    big = np.random.default_rng(0).bytes(3 * constants.chunk_size_bytes + 17)
+
+    async def body(running, channel):
+        digest = running.store.put_resource("weights", big)
+        chunks = [
+            c
+            async for c in device_pb2_grpc.DeviceServiceStub(channel).Download(
+                device_pb2.DownloadRequest(protocol_version=V, sha256=digest)
+            )
+        ]
+        return chunks
+
+    chunks = _run(tmp_path, model_bytes, body)
+
+    assert len(chunks) == 4
+    assert b"".join(c.data for c in chunks) == big
+
+
+def test_download_of_unknown_resource_is_not_found(tmp_path, model_bytes) -> None:
+    async def call(running, channel):
+        async for _ in device_pb2_grpc.DeviceServiceStub(channel).Download(
+            device_pb2.DownloadRequest(protocol_version=V, sha256="0" * 64)
+        ):
+            pass
+
+    code, _, _ = _status_of(tmp_path, model_bytes, call)
+
+    assert code is grpc.StatusCode.NOT_FOUND
+
+
+def test_admin_register_twice_is_already_exists(tmp_path, model_bytes) -> None:
+    async def call(running, channel):
+        await admin_pb2_grpc.AdminServiceStub(channel).RegisterTask(
+            admin_pb2.RegisterTaskRequest(
+                protocol_version=V, config=task_config().to_proto(), model_tflite=model_bytes
+            )
+        )
+
+    code, _, _ = _status_of(tmp_path, model_bytes, call)
+
+    assert code is grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_admin_bad_config_names_the_field(tmp_path, model_bytes) -> None:
+    async def call(running, channel):
+        config = task_config(task_id="t2").to_proto()
+        config.over_selection = 0.5
+        await admin_pb2_grpc.AdminServiceStub(channel).RegisterTask(
+            admin_pb2.RegisterTaskRequest(
+                protocol_version=V, config=config, model_tflite=model_bytes
+            )
+        )
+
+    code, details, _ = _status_of(tmp_path, model_bytes, call)
+
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "over_selection" in details
+
+
+def test_admin_status_and_rounds(tmp_path, model_bytes) -> None:
+    async def body(running, channel):
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        await _assignment(channel)
+        status = await admin.GetTaskStatus(
+            admin_pb2.GetTaskStatusRequest(protocol_version=V, task_id="t1")
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await admin.ListRounds(admin_pb2.ListRoundsRequest(protocol_version=V, task_id="nope"))
+        return status, info.value.code()
+
+    status, missing = _run(tmp_path, model_bytes, body)
+
+    assert status.state == "running"
+    assert status.current_round.selected == 1
+    assert missing is grpc.StatusCode.NOT_FOUND

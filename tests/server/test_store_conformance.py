@@ -1,0 +1,125 @@
+"""One conformance suite that every coordinator store implementation must pass."""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+
+import pytest
+
+from server.config import TaskConfig
+from server.errors import AlreadyExists
+from server.sqlite_store import SqliteStore
+from server.store import RoundRecord, RoundState, Store, TaskRecord
+
+
+def _task(task_id: str = "t1") -> TaskRecord:
+    return TaskRecord(TaskConfig(task_id=task_id, population="p"), "m" * 64, "w" * 64, 10, 1.0)
+
+
+def _committed(round_number: int, weights: bytes) -> RoundRecord:
+    return RoundRecord(
+        "t1",
+        round_number,
+        RoundState.COMMITTED,
+        3,
+        2,
+        1,
+        {"eval/accuracy": 0.5},
+        10.0,
+        20.0,
+        hashlib.sha256(weights).hexdigest(),
+    )
+
+
+class StoreConformance:
+    """Subclasses provide `store`; every test here must pass for every implementation."""
+
+    @pytest.fixture
+    def store(self, tmp_path: pathlib.Path) -> Store:
+        raise NotImplementedError
+
+    def test_resources_are_content_addressed_and_idempotent(self, store: Store) -> None:
+        first = store.put_resource("model", b"abc")
+        second = store.put_resource("model", b"abc")
+
+        assert first == second == hashlib.sha256(b"abc").hexdigest()
+        assert store.get_resource(first) == b"abc"
+        assert store.get_resource("0" * 64) is None
+
+    def test_task_ids_are_unique(self, store: Store) -> None:
+        store.add_task(_task())
+
+        with pytest.raises(AlreadyExists):
+            store.add_task(_task())
+        assert [t.config.task_id for t in store.tasks()] == ["t1"]
+
+    def test_task_round_trips(self, store: Store) -> None:
+        store.add_task(_task())
+
+        assert store.tasks() == [_task()]
+
+    def test_commit_makes_round_weights_and_tokens_visible_together(self, store: Store) -> None:
+        store.add_task(_task())
+
+        store.commit_round(_committed(1, b"w1"), b"w1", ["tok-a", "tok-b"])
+
+        [record] = store.rounds("t1")
+        assert record == _committed(1, b"w1")
+        assert store.get_resource(record.weights_sha256) == b"w1"
+        assert store.is_counted("tok-a") and store.is_counted("tok-b")
+        assert not store.is_counted("tok-c")
+
+    def test_a_token_is_never_counted_twice(self, store: Store) -> None:
+        store.add_task(_task())
+        store.commit_round(_committed(1, b"w1"), b"w1", ["tok-a"])
+
+        with pytest.raises(AlreadyExists):
+            store.commit_round(_committed(2, b"w2"), b"w2", ["tok-b", "tok-a"])
+
+        # Nothing of the refused commit is visible.
+        assert [r.round_number for r in store.rounds("t1")] == [1]
+        assert not store.is_counted("tok-b")
+        assert store.get_resource(hashlib.sha256(b"w2").hexdigest()) is None
+
+    def test_a_round_is_committed_once(self, store: Store) -> None:
+        store.add_task(_task())
+        store.commit_round(_committed(1, b"w1"), b"w1", [])
+
+        with pytest.raises(AlreadyExists):
+            store.commit_round(_committed(1, b"w1"), b"w1", [])
+
+    def test_failed_rounds_are_listed_in_order(self, store: Store) -> None:
+        store.add_task(_task())
+        store.commit_round(_committed(2, b"w2"), b"w2", [])
+
+        store.record_failed_round(RoundRecord("t1", 1, RoundState.FAILED, 3, 0, 3, {}, 1.0, 2.0))
+
+        assert [(r.round_number, r.state) for r in store.rounds("t1")] == [
+            (1, RoundState.FAILED),
+            (2, RoundState.COMMITTED),
+        ]
+
+
+class TestSqliteInMemory(StoreConformance):
+    @pytest.fixture
+    def store(self, tmp_path: pathlib.Path) -> Store:
+        return SqliteStore(":memory:")
+
+
+class TestSqliteFile(StoreConformance):
+    @pytest.fixture
+    def store(self, tmp_path: pathlib.Path) -> Store:
+        return SqliteStore(tmp_path / "store.sqlite")
+
+    def test_state_survives_reopening(self, tmp_path: pathlib.Path) -> None:
+        store = SqliteStore(tmp_path / "s.sqlite")
+        store.add_task(_task())
+        store.commit_round(_committed(1, b"w1"), b"w1", ["tok"])
+        store.close()
+
+        reopened = SqliteStore(tmp_path / "s.sqlite")
+
+        assert reopened.tasks() == [_task()]
+        assert reopened.is_counted("tok")
+        assert reopened.rounds("t1") == [_committed(1, b"w1")]

@@ -1,0 +1,72 @@
+"""The `overnight` command as a user runs it."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+from device_runtime.model_file import read_manifest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _overnight(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "overnight", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_help_lists_every_subcommand() -> None:
+    result = _overnight("--help")
+
+    assert result.returncode == 0
+    for command in ("demo", "export", "serve", "status", "device", "emulate"):
+        assert command in result.stdout
+
+
+def test_export_writes_a_model_and_its_manifest(tmp_path: pathlib.Path) -> None:
+    output = tmp_path / "mlp.tflite"
+
+    result = _overnight(
+        "export",
+        "tflite_export.model_zoo:create_digits_mlp",
+        "-o",
+        str(output),
+        "--batch-size",
+        "4",
+        "--learning-rate",
+        "0.05",
+    )
+
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(output.read_bytes())
+    assert manifest.batch_size == 4
+    assert manifest.optimizer == {"name": "sgd", "learning_rate": 0.05}
+    assert (tmp_path / "mlp.tflite.json").exists()
+    assert "4810 parameters" in result.stdout
+
+
+def test_export_of_an_unsupported_loss_fails_with_a_message(tmp_path: pathlib.Path) -> None:
+    result = _overnight(
+        "export",
+        "tflite_export.model_zoo:create_digits_mlp",
+        "-o",
+        str(tmp_path / "m.tflite"),
+        "--loss",
+        "hinge",
+    )
+
+    assert result.returncode == 2
+    assert "loss 'hinge' is not supported" in result.stderr
+
+
+def test_export_with_a_malformed_model_spec_says_how_to_write_it(tmp_path: pathlib.Path) -> None:
+    result = _overnight("export", "model.py", "-o", str(tmp_path / "m.tflite"))
+
+    assert result.returncode != 0
+    assert "FILE.py:FUNCTION" in result.stderr

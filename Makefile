@@ -21,7 +21,7 @@ install: .venv/.synced
 demo: .venv/.synced
 	.venv/bin/overnight demo
 
-test: .venv/.synced
+test: lint
 	.venv/bin/python -m pytest
 
 test-fast: .venv/.synced

@@ -57,7 +57,7 @@ class DemoResult:
 
 
 def export_demo_model(settings: DemoSettings, path: pathlib.Path) -> bytes:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from tflite_export.exporter import export_model
     from tflite_export.model_zoo import create_digits_mlp
 

@@ -1,10 +1,44 @@
-"""Weighted FedAvg aggregation, accumulated as updates arrive: memory O(model), not O(clients)."""
+"""Server halves of update aggregation, accumulated as updates arrive: memory O(model).
+
+An `UpdateAggregator` is created per round. The coordinator calls `expected_payload_bytes`
+when an upload's header arrives (before reading its payload), `accumulate` with the whole
+payload, and `finalize` at commit. A refused update raises InvalidArgument and leaves the
+aggregator exactly as it was.
+"""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
-from protos import common_pb2
+from device_runtime import constants as protocol
+from protos import common_pb2, device_pb2
+from server.errors import InvalidArgument
+
+
+class UpdateAggregator(Protocol):
+    encoding: str
+
+    @property
+    def count(self) -> int:
+        """Updates accumulated so far."""
+        ...
+
+    @property
+    def total_weight(self) -> float: ...
+
+    def expected_payload_bytes(self, header: device_pb2.UploadHeader) -> int:
+        """Checks the header against this round's encoding. Raises InvalidArgument."""
+        ...
+
+    def accumulate(self, header: device_pb2.UploadHeader, payload: bytes) -> None:
+        """Decodes and adds one update. Raises InvalidArgument, changing nothing."""
+        ...
+
+    def finalize(self) -> tuple[np.ndarray, dict[str, float]]:
+        """The aggregate (float32, model-sized) and this aggregator's measurements."""
+        ...
 
 
 class WeightedMeanAccumulator:
@@ -34,6 +68,52 @@ class WeightedMeanAccumulator:
         if self.total_weight <= 0:
             raise ValueError("no weight accumulated")
         return (self._weighted_sum / self.total_weight).astype(np.float32)
+
+
+class Float32WeightedMean:
+    """Plain FedAvg: float32 deltas, weighted by example count (TFF's weighted mean)."""
+
+    encoding = protocol.UPDATE_ENCODING_FLOAT32_DELTA
+
+    def __init__(self, num_parameters: int) -> None:
+        self._num_parameters = num_parameters
+        self._mean = WeightedMeanAccumulator(num_parameters)
+
+    @property
+    def count(self) -> int:
+        return self._mean.count
+
+    @property
+    def total_weight(self) -> float:
+        return self._mean.total_weight
+
+    def expected_payload_bytes(self, header: device_pb2.UploadHeader) -> int:
+        if header.encoding != self.encoding:
+            raise InvalidArgument(
+                f"update encoding {header.encoding!r} is not this round's ({self.encoding!r})"
+            )
+        if header.num_elements != self._num_parameters:
+            raise InvalidArgument(
+                f"update has {header.num_elements} elements, the model has {self._num_parameters}"
+            )
+        if header.example_count <= 0:
+            raise InvalidArgument(f"example_count must be positive, got {header.example_count}")
+        return 4 * self._num_parameters
+
+    def accumulate(self, header: device_pb2.UploadHeader, payload: bytes) -> None:
+        expected = self.expected_payload_bytes(header)
+        if len(payload) != expected:
+            raise InvalidArgument(f"update payload is {len(payload)} bytes, expected {expected}")
+        delta = np.frombuffer(payload, "<f4")
+        if not np.all(np.isfinite(delta)):
+            raise InvalidArgument("update contains NaN or infinite values")
+        self._mean.accumulate(delta, float(header.example_count))
+
+    def finalize(self) -> tuple[np.ndarray, dict[str, float]]:
+        return self._mean.finalize(), {
+            "aggregator/num_reports": float(self._mean.count),
+            "aggregator/total_weight": self._mean.total_weight,
+        }
 
 
 class ClientMetricsAccumulator:

@@ -19,6 +19,7 @@ from device_runtime.clock import Clock
 from device_runtime.manifest import ManifestError
 from device_runtime.model_file import read_manifest
 from protos import common_pb2, device_pb2
+from server.aggregation import Float32WeightedMean
 from server.config import TaskConfig
 from server.errors import (
     AlreadyExists,
@@ -213,7 +214,7 @@ class Coordinator:
             task.current = RoundInProgress(
                 task.config.task_id,
                 task.next_round_number,
-                task.record.num_parameters,
+                Float32WeightedMean(task.record.num_parameters),
                 self._clock.now(),
             )
             task.next_round_number += 1
@@ -304,35 +305,18 @@ class Coordinator:
             raise AlreadyExists("an update for this upload token was already accepted")
         if assignment.state is AssignmentState.FAILED:
             raise FailedPrecondition("this assignment was reported as failed")
-        if header.encoding != protocol.UPDATE_ENCODING_FLOAT32_DELTA:
-            raise InvalidArgument(
-                f"update encoding {header.encoding!r} is not this round's "
-                f"({protocol.UPDATE_ENCODING_FLOAT32_DELTA!r})"
-            )
-        if header.num_elements != task.record.num_parameters:
-            raise InvalidArgument(
-                f"update has {header.num_elements} elements, "
-                f"the model has {task.record.num_parameters}"
-            )
-        if header.example_count <= 0:
-            raise InvalidArgument(f"example_count must be positive, got {header.example_count}")
-        return 4 * task.record.num_parameters
+        return current.aggregate.expected_payload_bytes(header)
 
     def accept_upload(
         self, header: device_pb2.UploadHeader, payload: bytes, wire_bytes: int
     ) -> device_pb2.UploadResponse:
         """Adds one update to its round. Any refusal leaves the round exactly as it was."""
-        expected = self.check_upload_header(header)
-        if len(payload) != expected:
-            raise InvalidArgument(f"update payload is {len(payload)} bytes, expected {expected}")
-        delta = np.frombuffer(payload, "<f4")
-        if not np.all(np.isfinite(delta)):
-            raise InvalidArgument("update contains NaN or infinite values")
+        self.check_upload_header(header)
         metrics = header.metrics
         if not (np.isfinite(metrics.loss) and np.isfinite(metrics.accuracy)):
             raise InvalidArgument("client metrics contain NaN or infinite values")
         task, current, digest = self._open_assignment(header.upload_token)
-        current.aggregate.accumulate(delta, float(header.example_count))
+        current.aggregate.accumulate(header, payload)
         current.client_metrics.accumulate(metrics)
         current.upload_bytes += wire_bytes
         current.assignments[digest].state = AssignmentState.REPORTED
@@ -401,7 +385,7 @@ class Coordinator:
                 task.config.effective_min_reports,
             )
             return
-        update = current.aggregate.finalize()
+        update, aggregator_metrics = current.aggregate.finalize()
         new_weights = (task.weights + task.config.server_learning_rate * update).astype(np.float32)
         weights_bytes = new_weights.astype("<f4").tobytes()
         broadcasted = task.broadcasted_bits + 8.0 * current.broadcast_bytes
@@ -409,8 +393,7 @@ class Coordinator:
         metrics = current.client_metrics.finalize()
         metrics.update(
             {
-                "aggregator/num_reports": float(current.reported),
-                "aggregator/total_weight": current.aggregate.total_weight,
+                **aggregator_metrics,
                 "broadcasted_bits": broadcasted,
                 "aggregated_bits": aggregated,
             }

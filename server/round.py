@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from server.aggregation import ClientMetricsAccumulator, WeightedMeanAccumulator
+from server.aggregation import ClientMetricsAccumulator, UpdateAggregator
 from server.store import RoundState
 
 
@@ -30,7 +30,9 @@ class RoundInProgress:
     closed) -> COMMITTED or FAILED (the coordinator then drops this object).
     """
 
-    def __init__(self, task_id: str, round_number: int, num_parameters: int, started_at: float):
+    def __init__(
+        self, task_id: str, round_number: int, aggregate: UpdateAggregator, started_at: float
+    ) -> None:
         self.task_id = task_id
         self.round_number = round_number
         self.state = RoundState.SELECTING
@@ -38,7 +40,7 @@ class RoundInProgress:
         self.reporting_deadline = float("inf")
         self.assignments: dict[str, DeviceAssignment] = {}
         self.devices: set[str] = set()
-        self.aggregate = WeightedMeanAccumulator(num_parameters)
+        self.aggregate = aggregate
         self.client_metrics = ClientMetricsAccumulator()
         self.broadcast_bytes = 0
         self.upload_bytes = 0

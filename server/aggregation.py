@@ -65,19 +65,25 @@ class WeightedMeanAccumulator:
         self.count += other.count
 
     def finalize(self) -> np.ndarray:
+        """The weighted mean; zeros when no weight arrived (every update was zero-weighted)."""
         if self.total_weight <= 0:
-            raise ValueError("no weight accumulated")
+            return np.zeros(self._weighted_sum.shape, np.float32)
         return (self._weighted_sum / self.total_weight).astype(np.float32)
 
 
 class Float32WeightedMean:
-    """Plain FedAvg: float32 deltas, weighted by example count (TFF's weighted mean)."""
+    """Plain FedAvg: float32 deltas, weighted by example count (TFF's weighted mean).
+
+    As TFF's FedAvg does, an update with any non-finite value is zeroed and weighted 0: it is
+    counted as a report (the device did its work) but cannot poison the model.
+    """
 
     encoding = protocol.UPDATE_ENCODING_FLOAT32_DELTA
 
     def __init__(self, num_parameters: int) -> None:
         self._num_parameters = num_parameters
         self._mean = WeightedMeanAccumulator(num_parameters)
+        self._num_nonfinite = 0
 
     @property
     def count(self) -> int:
@@ -105,14 +111,17 @@ class Float32WeightedMean:
         if len(payload) != expected:
             raise InvalidArgument(f"update payload is {len(payload)} bytes, expected {expected}")
         delta = np.frombuffer(payload, "<f4")
-        if not np.all(np.isfinite(delta)):
-            raise InvalidArgument("update contains NaN or infinite values")
-        self._mean.accumulate(delta, float(header.example_count))
+        if np.all(np.isfinite(delta)):
+            self._mean.accumulate(delta, float(header.example_count))
+        else:
+            self._mean.accumulate(np.zeros_like(delta), 0.0)
+            self._num_nonfinite += 1
 
     def finalize(self) -> tuple[np.ndarray, dict[str, float]]:
         return self._mean.finalize(), {
             "aggregator/num_reports": float(self._mean.count),
             "aggregator/total_weight": self._mean.total_weight,
+            "aggregator/num_nonfinite_updates": float(self._num_nonfinite),
         }
 
 

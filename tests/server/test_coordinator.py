@@ -142,8 +142,6 @@ def test_weighted_fedavg_with_server_learning_rate(store_path, clock, model_byte
     [
         (lambda h, p: (h, p[:-4]), "payload is"),
         (lambda h, p: (h, p + b"\0\0\0\0"), "payload is"),
-        (lambda h, p: (h, np.full(len(p) // 4, np.nan, "<f4").tobytes()), "NaN or infinite"),
-        (lambda h, p: (h, np.full(len(p) // 4, np.inf, "<f4").tobytes()), "NaN or infinite"),
         (lambda h, p: (_replace(h, example_count=0), p), "example_count must be positive"),
         (lambda h, p: (_replace(h, encoding="int8"), p), "encoding 'int8'"),
         (lambda h, p: (_replace(h, num_elements=3), p), "has 3 elements"),
@@ -173,6 +171,27 @@ def _replace(header: device_pb2.UploadHeader, **fields: object) -> device_pb2.Up
     for name, value in fields.items():
         setattr(copy, name, value)
     return copy
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_update_is_counted_with_weight_zero(store_path, clock, model_bytes, bad) -> None:
+    coordinator = _coordinator(store_path, clock, model_bytes, target_reports=2, over_selection=1.0)
+    task = coordinator.task("t1")
+    before = task.weights.copy()
+    good_token, bad_token = (
+        _check_in(coordinator, f"d{i}").assignment.upload_token for i in range(2)
+    )
+    poisoned = np.ones(before.size, np.float32)
+    poisoned[3] = bad
+
+    _upload(coordinator, bad_token, poisoned, example_count=1000)
+    _upload(coordinator, good_token, np.full(before.size, 0.5, np.float32), example_count=10)
+
+    np.testing.assert_allclose(task.weights, before + 0.5, atol=1e-6)
+    [record] = coordinator.rounds("t1")
+    assert record.reported == 2
+    assert record.metrics["aggregator/num_nonfinite_updates"] == 1
+    assert record.metrics["aggregator/total_weight"] == 10
 
 
 def test_unknown_token_is_unauthenticated(store_path, clock, model_bytes) -> None:

@@ -11,6 +11,7 @@ import signal
 import sys
 
 import grpc
+import numpy as np
 
 from device_runtime import constants as protocol
 from device_runtime.clock import RealClock
@@ -21,19 +22,10 @@ from server.coordinator import Coordinator, CoordinatorSettings
 from server.errors import AlreadyExists, CoordinatorError
 from server.evaluation import HeldOutEvaluator
 from server.grpc_service import CoordinatorServer
+from server.pace_steering import PaceSteeringSettings
 from server.sqlite_store import SqliteStore
 
 log = logging.getLogger(__name__)
-
-
-def _window(text: str) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX in seconds, got {text!r}") from None
-    if not 0 <= low <= high:
-        raise argparse.ArgumentTypeError(f"need 0 <= MIN <= MAX, got {text!r}")
-    return low, high
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -63,21 +55,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument(
         "--eval-data", help=".npz with held-out 'x' and 'y' to evaluate each committed round on"
     )
-    defaults = CoordinatorSettings()
+    pace = PaceSteeringSettings()
     serve.add_argument(
-        "--rejected-retry",
-        type=_window,
-        default=defaults.rejected_retry_s,
-        metavar="MIN,MAX",
-        help="retry window for rejected devices, seconds (default %(default)s)",
+        "--min-retry-s",
+        type=float,
+        default=pace.min_delay_s,
+        help="shortest retry window start handed to devices (default %(default)s)",
     )
     serve.add_argument(
-        "--accepted-retry",
-        type=_window,
-        default=defaults.accepted_retry_s,
-        metavar="MIN,MAX",
-        help="retry window after an assignment, seconds (default %(default)s)",
+        "--max-retry-s",
+        type=float,
+        default=pace.max_delay_s,
+        help="longest retry delay handed to devices (default %(default)s)",
     )
+    serve.add_argument("--seed", type=int, help="seed for retry-window jitter")
     serve.set_defaults(func=run_serve)
 
     status = subparsers.add_parser("status", help="show a task's state and round history")
@@ -89,10 +80,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 async def serve(args: argparse.Namespace) -> None:
     store = SqliteStore.in_data_dir(args.data_dir)
     evaluator = HeldOutEvaluator(LocalExamples.load(args.eval_data)) if args.eval_data else None
-    settings = CoordinatorSettings(
-        rejected_retry_s=args.rejected_retry, accepted_retry_s=args.accepted_retry
+    pace = PaceSteeringSettings(min_delay_s=args.min_retry_s, max_delay_s=args.max_retry_s)
+    settings = CoordinatorSettings(pace=pace)
+    coordinator = Coordinator(
+        store, RealClock(), settings, evaluator, np.random.default_rng(args.seed)
     )
-    coordinator = Coordinator(store, RealClock(), settings, evaluator)
     if args.task:
         if not args.model:
             raise SystemExit("--task needs --model")

@@ -18,7 +18,7 @@ from protos import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc
 from server.config import TaskConfig
 from server.coordinator import Coordinator, TaskRuntime, check_protocol_version
 from server.errors import CoordinatorError, InvalidArgument, ResourceExhausted, status_code
-from server.round import RoundInProgress
+from server.rounds.round import RoundInProgress
 from server.store import RoundRecord
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,15 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.TaskStatus:
         check_protocol_version(request.protocol_version)
         return task_status(self._coordinator.task(request.task_id))
+
+    @_abort_on_error
+    async def ListTasks(
+        self, request: admin_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListTasksResponse:
+        check_protocol_version(request.protocol_version)
+        return admin_pb2.ListTasksResponse(
+            tasks=[task_status(t) for t in self._coordinator.tasks()]
+        )
 
     @_abort_on_error
     async def ListRounds(

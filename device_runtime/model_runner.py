@@ -105,12 +105,15 @@ class TrainableModel:
         epochs: int,
         rng: np.random.Generator,
         should_stop: Callable[[], bool] = lambda: False,
+        shuffle: bool = True,
     ) -> TrainResult:
-        """Trains `epochs` shuffled passes over (x, y), polling `should_stop` before each batch."""
+        """Trains `epochs` passes over (x, y), shuffled by `rng` unless `shuffle` is False,
+        polling `should_stop` before each batch."""
         loss_sum = correct = 0.0
         examples = batches = 0
         for _ in range(epochs):
-            for xb, yb, mask, n in self._batches(x, y, rng.permutation(len(x))):
+            order = rng.permutation(len(x)) if shuffle else np.arange(len(x))
+            for xb, yb, mask, n in self._batches(x, y, order):
                 if should_stop():
                     return TrainResult(
                         loss_sum / max(examples, 1),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import logging
 from collections.abc import Callable
 
@@ -156,12 +157,15 @@ class DeviceRuntime:
         train_rng = np.random.default_rng(self._rng.integers(2**63))
         try:
             result = await asyncio.to_thread(
-                model.train,
-                examples.x,
-                examples.y,
-                max(1, assignment.plan.epochs),
-                train_rng,
-                lambda: not self._conditions.current().eligible,
+                functools.partial(
+                    model.train,
+                    examples.x,
+                    examples.y,
+                    max(1, assignment.plan.epochs),
+                    train_rng,
+                    lambda: not self._conditions.current().eligible,
+                    shuffle=not assignment.plan.keep_order,
+                )
             )
         except (ValueError, RuntimeError) as exc:
             return await self._fail(

@@ -42,6 +42,14 @@ class TaskConfig:
     min_examples: int = 1
     min_separation_s: float = 0.0
     min_runtime_version: str = ""
+    # "training", or "evaluation": devices evaluate the latest model of task `evaluates` on
+    # their own data and report metrics only (federated evaluation).
+    kind: str = "training"
+    evaluates: str = ""
+
+    @property
+    def is_evaluation(self) -> bool:
+        return self.kind == "evaluation"
 
     @property
     def effective_min_reports(self) -> int:
@@ -108,6 +116,16 @@ class TaskConfig:
             need(getattr(self, field) >= 0, field, "must be >= 0 (0 = TFF's default)")
         for field in ("server_beta_1", "server_beta_2"):
             need(0 <= getattr(self, field) < 1, field, "must be in [0, 1) (0 = TFF's default)")
+        need(
+            self.kind in ("training", "evaluation"),
+            "kind",
+            f"must be 'training' or 'evaluation', got {self.kind!r}",
+        )
+        need(
+            bool(self.evaluates) == self.is_evaluation,
+            "evaluates",
+            "names the training task an evaluation task tests (and only then)",
+        )
         need(self.min_examples >= 1, "min_examples", "must be >= 1")
         need(self.min_separation_s >= 0, "min_separation_s", "must be >= 0")
         if self.min_runtime_version:
@@ -152,6 +170,8 @@ class TaskConfig:
                 min_separation_s=self.min_separation_s,
                 min_runtime_version=self.min_runtime_version,
             ),
+            kind=self.kind,
+            evaluates=self.evaluates,
         )
 
     @classmethod
@@ -184,6 +204,8 @@ class TaskConfig:
             min_examples=elig.min_examples or d.min_examples,
             min_separation_s=elig.min_separation_s,
             min_runtime_version=elig.min_runtime_version,
+            kind=message.kind or d.kind,
+            evaluates=message.evaluates,
         ).validate()
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from device_runtime.manifest import ManifestError
 from device_runtime.model_file import read_manifest
 from protos import common_pb2, device_pb2
 from server import eligibility
-from server.aggregation import Float32WeightedMean
+from server.aggregation import EvaluationReports, Float32WeightedMean, UpdateAggregator
 from server.config import TaskConfig
 from server.errors import (
     AlreadyExists,
@@ -127,6 +127,8 @@ class Coordinator:
         config.validate()
         if config.task_id in self._tasks:
             raise AlreadyExists(f"task {config.task_id!r} already exists")
+        if config.is_evaluation:
+            return self._register_evaluation(config)
         try:
             manifest = read_manifest(model_bytes)
         except ManifestError as exc:
@@ -158,6 +160,29 @@ class Coordinator:
         self._store.add_task(record)
         self._load_task(record)
         log.info("registered task %s for population %s", config.task_id, config.population)
+        return record
+
+    def _register_evaluation(self, config: TaskConfig) -> TaskRecord:
+        target = self._tasks.get(config.evaluates)
+        if target is None or target.config.is_evaluation:
+            raise InvalidArgument(
+                f"task config field 'evaluates': {config.evaluates!r} is not a training task"
+            )
+        if config.batch_size != target.config.batch_size:
+            raise InvalidArgument(
+                f"task config field 'batch_size' is {config.batch_size} but task "
+                f"{target.task_id!r} uses {target.config.batch_size}"
+            )
+        record = TaskRecord(
+            config=config,
+            model_sha256=target.record.model_sha256,
+            initial_weights_sha256=target.weights_sha256,
+            num_parameters=target.record.num_parameters,
+            created_at=self._clock.now(),
+        )
+        self._store.add_task(record)
+        self._load_task(record)
+        log.info("registered evaluation task %s of %s", config.task_id, config.evaluates)
         return record
 
     def task(self, task_id: str) -> TaskRuntime:
@@ -255,12 +280,19 @@ class Coordinator:
 
     def _selecting_round(self, task: TaskRuntime) -> RoundInProgress | None:
         if task.selecting is None and task.can_open_round():
+            if task.config.is_evaluation:
+                # Evaluate whatever the training task has committed most recently.
+                aggregate: UpdateAggregator = EvaluationReports()
+                base_sha = self._tasks[task.config.evaluates].weights_sha256
+            else:
+                aggregate = Float32WeightedMean(task.record.num_parameters)
+                base_sha = task.weights_sha256
             round_ = RoundInProgress(
                 task.task_id,
                 task.next_round_number,
-                Float32WeightedMean(task.record.num_parameters),
+                aggregate,
                 self._clock.now(),
-                base_weights_sha256=task.weights_sha256,
+                base_weights_sha256=base_sha,
                 base_version=task.committed_rounds,
             )
             task.open_rounds[round_.round_number] = round_
@@ -299,6 +331,11 @@ class Coordinator:
             ),
             plan=task.config.plan(),
             report_deadline_s=max(0.0, deadline - now),
+            kind=(
+                device_pb2.Assignment.EVALUATION
+                if task.config.is_evaluation
+                else device_pb2.Assignment.TRAINING
+            ),
         )
         # After its work the device is welcome back when a later round selects, but not
         # before the task's participation spacing allows.
@@ -439,9 +476,12 @@ class Coordinator:
             round_.state = following
 
     def _commit(self, task: TaskRuntime, round_: RoundInProgress, now: float) -> None:
-        result = aggregating.aggregate(
-            round_, task.weights, task.optimizer, task.optimizer_state, task.committed_rounds
-        )
+        if task.config.is_evaluation:
+            result = aggregating.evaluated(round_, self.resource(round_.base_weights_sha256))
+        else:
+            result = aggregating.aggregate(
+                round_, task.weights, task.optimizer, task.optimizer_state, task.committed_rounds
+            )
         weights_bytes = result.weights.astype("<f4").tobytes()
         broadcasted = task.broadcasted_bits + 8.0 * round_.broadcast_bytes
         aggregated = task.aggregated_bits + 8.0 * round_.upload_bytes

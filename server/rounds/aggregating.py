@@ -17,6 +17,14 @@ class Aggregate:
     metrics: dict[str, float]
 
 
+def evaluated(round_: RoundInProgress, evaluated_weights: bytes) -> Aggregate:
+    """A federated evaluation round: the model is unchanged; the reports are the result."""
+    metrics = round_.client_metrics.finalize(prefix="federated_eval")
+    metrics["aggregator/num_reports"] = float(round_.aggregate.count)
+    weights = np.frombuffer(evaluated_weights, "<f4").astype(np.float32)
+    return Aggregate(weights, {}, metrics)
+
+
 def aggregate(
     round_: RoundInProgress,
     weights: np.ndarray,

@@ -93,6 +93,11 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 continue
             if chunk.WhichOneof("part") != "data":
                 raise InvalidArgument("an upload has exactly one header, first")
+            if len(chunk.data) > protocol.max_upload_chunk_bytes:
+                raise ResourceExhausted(
+                    f"upload chunk of {len(chunk.data)} bytes exceeds the "
+                    f"{protocol.max_upload_chunk_bytes}-byte limit; send smaller chunks"
+                )
             received += len(chunk.data)
             if received > expected:
                 raise ResourceExhausted(

@@ -109,7 +109,7 @@ def export_model(
         optimizer=optimizer_settings.to_manifest(),
         ops=ops,
         exporter_version=EXPORTER_VERSION,
-        flex=bool(non_builtin),
+        flex=flex,
     )
     manifest.check_consistent()
     output_path = pathlib.Path(output_path)

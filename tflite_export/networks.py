@@ -84,10 +84,14 @@ class PlannedNetwork:
         return loss, z, [g for grads in grads_by_plan for g in grads]
 
 
-class KerasNetwork:
-    """The `--flex` network: Keras forward, TensorFlow autodiff."""
+class KerasNetwork(tf.Module):
+    """The `--flex` network: Keras forward, TensorFlow autodiff.
+
+    A tf.Module, so the saved model tracks every Keras variable (e.g. batch-norm statistics).
+    """
 
     def __init__(self, model: tf.keras.Model, loss: Loss) -> None:
+        super().__init__(name="keras_network")
         self._model = model
         self._loss = loss
 

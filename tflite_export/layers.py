@@ -192,8 +192,9 @@ def _layer_plans(
         raise ExportError(
             f"layer {layer.name!r} (BatchNormalization) is refused: its moving statistics "
             "would need per-client state outside the federated weights, and its training-time "
-            "batch statistics break the masked fixed-size batch; use LayerNormalization-free "
-            f"models or remove it. Supported layers: {', '.join(SUPPORTED_LAYERS)}"
+            "batch statistics break the masked fixed-size batch; remove it, or export with "
+            "--flex for devices that ship TensorFlow. "
+            f"Supported layers: {', '.join(SUPPORTED_LAYERS)}"
         )
     if isinstance(layer, layers.Dense):
         return _dense_plan(layer, in_shape) + activation_plan(

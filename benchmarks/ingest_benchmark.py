@@ -109,7 +109,9 @@ def _chunks(token: bytes, payload: bytes, n: int) -> list[device_pb2.UploadChunk
     ]
 
 
-async def _upload_all(address: str, streams: list[list[device_pb2.UploadChunk]], concurrency: int) -> float:
+async def _upload_all(
+    address: str, streams: list[list[device_pb2.UploadChunk]], concurrency: int
+) -> float:
     options = [("grpc.max_send_message_length", constants.max_message_bytes)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = device_pb2_grpc.DeviceServiceStub(channel)
@@ -143,7 +145,11 @@ async def _assignments(address: str, count: int) -> list[bytes]:
 
 def _start(args: list[str]) -> subprocess.Popen[str]:
     process = subprocess.Popen(
-        [sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        [sys.executable, *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     assert process.stdout is not None
     if "listening" not in process.stdout.readline():
@@ -160,7 +166,9 @@ def run(uploads: int, concurrency: int, repeats: int) -> list[str]:
         from device_runtime.model_file import read_manifest
 
         n = read_manifest(model.read_bytes()).num_parameters
-        payload_bytes = payload[:n].tobytes() if n <= NUM_PARAMETERS else np.resize(payload, n).tobytes()
+        payload_bytes = (
+            payload[:n].tobytes() if n <= NUM_PARAMETERS else np.resize(payload, n).tobytes()
+        )
         task = pathlib.Path(tmp) / "task.toml"
         task.write_text(
             f'[task]\ntask_id = "ingest"\npopulation = "bench"\ntotal_rounds = {repeats + 1}\n'
@@ -170,8 +178,19 @@ def run(uploads: int, concurrency: int, repeats: int) -> list[str]:
         bare_port, ours_port = _free_port(), _free_port()
         bare = _start(["-c", BARE_SERVER, f"127.0.0.1:{bare_port}"])
         ours = _start(
-            ["-m", "overnight", "serve", "--address", f"127.0.0.1:{ours_port}", "--data-dir",
-             f"{tmp}/state", "--task", str(task), "--model", str(model)]
+            [
+                "-m",
+                "overnight",
+                "serve",
+                "--address",
+                f"127.0.0.1:{ours_port}",
+                "--data-dir",
+                f"{tmp}/state",
+                "--task",
+                str(task),
+                "--model",
+                str(model),
+            ]
         )
         bare_s: list[float] = []
         ours_s: list[float] = []
@@ -180,13 +199,17 @@ def run(uploads: int, concurrency: int, repeats: int) -> list[str]:
             for repeat in range(repeats):
                 print(f"repeat {repeat + 1}/{repeats}: bare server ...", flush=True)
                 streams = [_chunks(b"t" * 32, payload_bytes, n) for _ in range(uploads)]
-                bare_s.append(asyncio.run(_upload_all(f"127.0.0.1:{bare_port}", streams, concurrency)))
+                bare_s.append(
+                    asyncio.run(_upload_all(f"127.0.0.1:{bare_port}", streams, concurrency))
+                )
                 tokens = asyncio.run(_assignments(f"127.0.0.1:{ours_port}", uploads))
                 streams = [_chunks(t, payload_bytes, n) for t in tokens]
                 idle = _memory_kib(ours.pid, "VmRSS")
                 _reset_peak(ours.pid)
                 print(f"repeat {repeat + 1}/{repeats}: coordinator ...", flush=True)
-                ours_s.append(asyncio.run(_upload_all(f"127.0.0.1:{ours_port}", streams, concurrency)))
+                ours_s.append(
+                    asyncio.run(_upload_all(f"127.0.0.1:{ours_port}", streams, concurrency))
+                )
                 peak = _memory_kib(ours.pid, "VmHWM")
                 peaks.append((peak - idle) * 1024 / len(payload_bytes))
                 del streams
@@ -212,7 +235,9 @@ def run(uploads: int, concurrency: int, repeats: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--uploads", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)

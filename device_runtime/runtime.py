@@ -167,6 +167,7 @@ class DeviceRuntime:
                     train_rng,
                     lambda: not self._conditions.current().eligible,
                     shuffle=not assignment.plan.keep_order,
+                    proximal_mu=assignment.plan.fedprox_mu,
                 )
             )
         except (ValueError, RuntimeError) as exc:

@@ -32,7 +32,7 @@ class UpdateAggregator(Protocol):
         """Checks the header against this round's encoding. Raises InvalidArgument."""
         ...
 
-    def accumulate(self, header: device_pb2.UploadHeader, payload: bytes) -> None:
+    def accumulate(self, header: device_pb2.UploadHeader, payload: bytes | memoryview) -> None:
         """Decodes and adds one update. Raises InvalidArgument, changing nothing."""
         ...
 
@@ -106,7 +106,7 @@ class Float32WeightedMean:
             raise InvalidArgument(f"example_count must be positive, got {header.example_count}")
         return 4 * self._num_parameters
 
-    def accumulate(self, header: device_pb2.UploadHeader, payload: bytes) -> None:
+    def accumulate(self, header: device_pb2.UploadHeader, payload: bytes | memoryview) -> None:
         expected = self.expected_payload_bytes(header)
         if len(payload) != expected:
             raise InvalidArgument(f"update payload is {len(payload)} bytes, expected {expected}")
@@ -152,7 +152,7 @@ class EvaluationReports:
             raise InvalidArgument(f"example_count must be positive, got {header.example_count}")
         return 0
 
-    def accumulate(self, header: device_pb2.UploadHeader, payload: bytes) -> None:
+    def accumulate(self, header: device_pb2.UploadHeader, payload: bytes | memoryview) -> None:
         self.expected_payload_bytes(header)
         if payload:
             raise InvalidArgument("an evaluation report carries no payload")

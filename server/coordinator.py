@@ -408,7 +408,7 @@ class Coordinator:
         return round_.aggregate.expected_payload_bytes(header)
 
     def accept_upload(
-        self, header: device_pb2.UploadHeader, payload: bytes, wire_bytes: int
+        self, header: device_pb2.UploadHeader, payload: bytes | memoryview, wire_bytes: int
     ) -> device_pb2.UploadResponse:
         """Adds one update to its round. Any refusal leaves the round exactly as it was."""
         self.check_upload_header(header)

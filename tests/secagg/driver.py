@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from device_runtime.secagg.client import SecAggClient
+from device_runtime.secagg.client_state import ClientStage
 from device_runtime.secagg.errors import SecAggAborted
 from device_runtime.secagg.parameters import SecAggParameters
 from protos import secagg_pb2
@@ -85,6 +86,8 @@ def run_session(
     hook = after_stage or (lambda name, s: None)
 
     def deliver(client: SecAggClient) -> secagg_pb2.SecAggServerMessage | None:
+        if client.stage == ClientStage.ABORTED:
+            return None
         message = _message(server, client)
         if tamper is not None:
             tamper(client.client_id, message)
@@ -165,6 +168,9 @@ def run_session(
         send_or_abort(client, build_r3)
     _close(server, secagg_pb2.UNMASKING)
     hook("unmasking", server)
+    if server.stage == secagg_pb2.ABORTED:
+        for client in clients.values():  # devices still waiting learn of the abort
+            deliver(client)
     return SessionRun(server, clients)
 
 

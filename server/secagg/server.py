@@ -70,6 +70,22 @@ class SecAggServer:
     def abort_reason(self) -> str:
         return self._state.reason if isinstance(self._state, AbortedState) else ""
 
+    @property
+    def vector_length(self) -> int:
+        return self._data.vector_length
+
+    @property
+    def modulus_bits(self) -> int:
+        return self._data.modulus_bits
+
+    def check_credentials(self, session_id: bytes, client_id: int, token: bytes) -> None:
+        """Raises Unauthenticated unless the three match an enrolled device."""
+        self._authenticate(session_id, client_id, token)
+
+    def waiting_for(self) -> set[int]:
+        """Devices the current stage still waits for (empty once terminal)."""
+        return self._state.waiting_for()
+
     def session_config(self, client_id: int) -> secagg_pb2.SecAggSessionConfig:
         if client_id not in self._data.token_by_client:
             raise InvalidArgument(f"no client {client_id} in this session")

@@ -9,6 +9,7 @@ x is the holder's client id (never 0). Coefficients come from `secrets`, the OS 
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 from collections.abc import Sequence
 
@@ -17,6 +18,8 @@ from device_runtime.secagg.errors import SecAggError
 PRIME = (1 << 521) - 1
 share_value_bytes = 66  # ceil(521 / 8)
 secret_bytes = 32
+# Extra shares checked against the reconstructed polynomial (each costs O(t)).
+checked_extra_shares = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,43 +80,42 @@ class _Interpolation:
 
     def __init__(self, basis: Sequence[Share]) -> None:
         self._basis = basis
-        denominators = []
-        for i, si in enumerate(basis):
-            d = 1
-            for j, sj in enumerate(basis):
-                if i != j:
-                    d = d * (si.x - sj.x) % PRIME
-            denominators.append(d)
+        xs = [s.x for s in basis]
+        # The x are small client ids: multiply them as plain integers and reduce once.
+        denominators = [math.prod([xi - xj for xj in xs if xj != xi]) % PRIME for xi in xs]
         self._weights = [
             s.y * w % PRIME for s, w in zip(basis, _inverses(denominators), strict=True)
         ]
 
     def at(self, x0: int) -> int:
-        n = len(self._basis)
+        differences = [x0 - s.x for s in self._basis]
+        n = len(differences)
         suffix = [1] * (n + 1)
         for i in range(n - 1, -1, -1):
-            suffix[i] = suffix[i + 1] * (x0 - self._basis[i].x) % PRIME
+            suffix[i] = suffix[i + 1] * differences[i]
         total, prefix = 0, 1
         for i in range(n):
-            total = (total + self._weights[i] * prefix * suffix[i + 1]) % PRIME
-            prefix = prefix * (x0 - self._basis[i].x) % PRIME
-        return total
+            total += self._weights[i] * (prefix * suffix[i + 1] % PRIME)
+            prefix *= differences[i]
+        return total % PRIME
 
 
 def reconstruct(shares: Sequence[Share], threshold: int) -> bytes:
     """The secret behind `shares` (at least `threshold` of them, distinct x).
 
-    Extra shares are not wasted: each must lie on the polynomial the first `threshold` define,
-    so a malformed or tampered share is detected (SecAggError) instead of silently giving a
-    wrong secret. With exactly `threshold` shares a bad one cannot be detected here; callers
-    check the secret against what it must match (e.g. an advertised public key).
+    Up to `checked_extra_shares` shares beyond `threshold` must lie on the polynomial the
+    first `threshold` define: a wrong share among those used is then detected (SecAggError)
+    instead of silently giving a wrong secret (a wrong polynomial meets an honest extra share
+    with negligible probability). Shares beyond those are unused, so cannot harm the result.
+    With exactly `threshold` shares a bad one cannot be detected here; callers check the
+    secret against what it must match (e.g. an advertised public key).
     """
     if len(shares) < threshold:
         raise SecAggError(f"{len(shares)} shares cannot reconstruct a {threshold}-of-n secret")
     if len({s.x for s in shares}) != len(shares):
         raise SecAggError("two shares have the same x-coordinate")
     polynomial = _Interpolation(shares[:threshold])
-    for extra in shares[threshold:]:
+    for extra in shares[threshold : threshold + checked_extra_shares]:
         if polynomial.at(extra.x) != extra.y:
             raise SecAggError(f"share from client {extra.x} is inconsistent with the others")
     secret = polynomial.at(0)

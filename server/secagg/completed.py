@@ -13,11 +13,11 @@ class CompletedState(SecAggState):
     stage = secagg_pb2.COMPLETED
 
     def __init__(self, data: SessionData, total: np.ndarray, summed: set[int]) -> None:
-        super().__init__(data)
         self.total = total  # in Z_(2^b), uint32
         self.summed = frozenset(summed)
+        super().__init__(data)
 
-    def participants(self) -> set[int]:
+    def _initial_participants(self) -> set[int]:
         return set(self.summed)
 
     def message_for(self, client_id: int) -> secagg_pb2.SecAggServerMessage:

@@ -25,11 +25,8 @@ log = logging.getLogger(__name__)
 class AdvertiseKeysState(SecAggState):
     stage = secagg_pb2.ADVERTISE_KEYS
 
-    def participants(self) -> set[int]:
-        return set(self.data.token_by_client) - self.data.aborted_clients
-
-    def waiting_for(self) -> set[int]:
-        return self.participants() - set(self.data.advertised)
+    def _initial_participants(self) -> set[int]:
+        return set(self.data.token_by_client)
 
     def handle_advertise_keys(self, client_id: int, message: secagg_pb2.AdvertiseKeys) -> None:
         if client_id in self.data.advertised:
@@ -43,14 +40,17 @@ class AdvertiseKeysState(SecAggState):
             raise InvalidArgument(f"client {client_id} advertised a malformed key: {exc}") from exc
         if pair[0] == pair[1]:
             raise InvalidArgument(f"client {client_id} advertised one key for both purposes")
-        for other, other_keys in self.data.advertised.items():
-            if set(pair) & {other_keys.encryption_public_key, other_keys.mask_public_key}:
+        for key in pair:
+            if key in self.data.key_owners:
                 raise InvalidArgument(
-                    f"client {client_id} advertised a key client {other} already advertised"
+                    f"client {client_id} advertised a key client "
+                    f"{self.data.key_owners[key]} already advertised"
                 )
+        self.data.key_owners.update(dict.fromkeys(pair, client_id))
         self.data.advertised[client_id] = secagg_pb2.PairOfPublicKeys(
             encryption_public_key=pair[0], mask_public_key=pair[1]
         )
+        self._spoke(client_id)
 
     def close(self) -> SecAggState:
         data = self.data

@@ -22,11 +22,8 @@ log = logging.getLogger(__name__)
 class ShareKeysState(SecAggState):
     stage = secagg_pb2.SHARE_KEYS
 
-    def participants(self) -> set[int]:
-        return set(self.data.advertised) - self.data.aborted_clients
-
-    def waiting_for(self) -> set[int]:
-        return self.participants() - self.data.shared_keys
+    def _initial_participants(self) -> set[int]:
+        return set(self.data.advertised)
 
     def message_for(self, client_id: int) -> secagg_pb2.SecAggServerMessage:
         request = secagg_pb2.ShareKeysRequest()
@@ -59,6 +56,7 @@ class ShareKeysState(SecAggState):
                     f"{len(shares.ciphertext)} bytes, expected {share_encryption.ciphertext_bytes}"
                 )
         self.data.shared_keys.add(client_id)
+        self._spoke(client_id)
         for shares in message.shares:
             self.data.mailbox.setdefault(shares.recipient_id, []).append(
                 secagg_pb2.EncryptedKeyShares(

@@ -25,11 +25,8 @@ log = logging.getLogger(__name__)
 class MaskedInputCollectionState(SecAggState):
     stage = secagg_pb2.MASKED_INPUT_COLLECTION
 
-    def participants(self) -> set[int]:
-        return self.data.shared_keys - self.data.aborted_clients
-
-    def waiting_for(self) -> set[int]:
-        return self.participants() - self.data.masked_input_senders
+    def _initial_participants(self) -> set[int]:
+        return set(self.data.shared_keys)
 
     def message_for(self, client_id: int) -> secagg_pb2.SecAggServerMessage:
         inbox = self.data.mailbox.get(client_id, [])
@@ -58,6 +55,7 @@ class MaskedInputCollectionState(SecAggState):
             data.masked_sum = np.zeros(data.vector_length, np.uint32)
         data.masked_sum += masked
         data.masked_input_senders.add(client_id)
+        self._spoke(client_id)
 
     def close(self) -> SecAggState:
         data = self.data

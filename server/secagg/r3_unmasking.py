@@ -29,11 +29,8 @@ log = logging.getLogger(__name__)
 class UnmaskingState(SecAggState):
     stage = secagg_pb2.UNMASKING
 
-    def participants(self) -> set[int]:
-        return self.data.masked_input_senders - self.data.aborted_clients
-
-    def waiting_for(self) -> set[int]:
-        return self.participants() - self.data.unmasking_responders
+    def _initial_participants(self) -> set[int]:
+        return set(self.data.masked_input_senders)
 
     def _dropped_neighbours(self, client_id: int) -> set[int]:
         data = self.data
@@ -85,6 +82,7 @@ class UnmaskingState(SecAggState):
             "mask key",
         )
         self.data.unmasking_responders.add(client_id)
+        self._spoke(client_id)
         for owner, share in seeds.items():
             self.data.self_mask_seed_shares.setdefault(owner, []).append(share)
         for owner, share in keys.items():

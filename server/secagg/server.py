@@ -108,6 +108,8 @@ class SecAggServer:
             or not hmac.compare_digest(expected, token)
         ):
             raise Unauthenticated(f"unknown session, client {client_id} or session token")
+        if client_id in self._data.aborted_clients:
+            raise FailedPrecondition(f"client {client_id} aborted; it takes no further part")
 
     def _refusing(self, client_id: int, what: str, exc: CoordinatorError) -> CoordinatorError:
         log.info("secagg refused %s from client %d: %s %s", what, client_id, exc.code.name, exc)
@@ -156,10 +158,11 @@ class SecAggServer:
             return
         log.warning("secagg client %d aborted at %s: %s", client_id, self._state.name, reason)
         self._data.aborted_clients.add(client_id)
+        self._state.drop(client_id)
 
     def _close_if_complete(self) -> None:
         while self._state.stage not in (secagg_pb2.COMPLETED, secagg_pb2.ABORTED):
-            if self._state.waiting_for():
+            if not self._state.complete():
                 return
             self._advance()
 

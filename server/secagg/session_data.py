@@ -30,6 +30,7 @@ class SessionData:
     token_by_client: dict[int, bytes]
     # R0: U1, the devices that advertised keys.
     advertised: dict[int, secagg_pb2.PairOfPublicKeys] = dataclasses.field(default_factory=dict)
+    key_owners: dict[bytes, int] = dataclasses.field(default_factory=dict)  # no key twice
     # R1: U2, the devices that shared keys, and the ciphertexts waiting for each recipient.
     shared_keys: set[int] = dataclasses.field(default_factory=set)
     mailbox: dict[int, list[secagg_pb2.EncryptedKeyShares]] = dataclasses.field(

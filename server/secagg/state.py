@@ -20,6 +20,9 @@ class SecAggState:
 
     def __init__(self, data: SessionData) -> None:
         self.data = data
+        # Fixed when the stage opens; only aborts remove devices from it.
+        self._participants = self._initial_participants() - data.aborted_clients
+        self._waiting = set(self._participants)
 
     @property
     def name(self) -> str:
@@ -42,13 +45,28 @@ class SecAggState:
     ) -> None:
         raise self._wrong_stage("UnmaskingResponse")
 
+    def _initial_participants(self) -> set[int]:
+        return set()
+
     def participants(self) -> set[int]:
         """Devices this state sends a message to (and, if it collects, expects one from)."""
-        return set()
+        return self._participants
+
+    def drop(self, client_id: int) -> None:
+        """A participant aborted: the stage no longer waits for it."""
+        self._participants.discard(client_id)
+        self._waiting.discard(client_id)
+
+    def _spoke(self, client_id: int) -> None:
+        """Handlers call this once they accepted a participant's message."""
+        self._waiting.discard(client_id)
 
     def waiting_for(self) -> set[int]:
         """Participants that have not spoken yet; empty when the state can close."""
-        return set()
+        return set(self._waiting)
+
+    def complete(self) -> bool:
+        return not self._waiting
 
     def message_for(self, client_id: int) -> secagg_pb2.SecAggServerMessage:
         raise FailedPrecondition(f"client {client_id} takes no part in stage {self.name}")

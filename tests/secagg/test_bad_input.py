@@ -241,3 +241,13 @@ def test_mask_key_shares_not_matching_the_advertised_key_abort() -> None:
 
     assert s.server.stage == secagg_pb2.ABORTED
     assert "do not match its advertised key" in s.server.abort_reason
+
+
+def test_a_device_that_aborted_is_refused_afterwards() -> None:
+    s = Stepper()
+    s.server.receive(s.advertise(1))
+    abort = s.clients[2].envelope()
+    abort.abort.reason = "user picked up the phone"
+    s.server.receive(abort)
+
+    _refused(s, FailedPrecondition, "aborted", lambda: s.server.receive(s.advertise(2)))

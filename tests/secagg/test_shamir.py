@@ -66,3 +66,11 @@ def test_share_bytes_round_trip_and_malformed_bytes_are_refused() -> None:
 def test_split_refuses_bad_arguments(secret: bytes, threshold: int, xs: list[int]) -> None:
     with pytest.raises(ValueError):
         shamir.split(secret, threshold, xs)
+
+
+def test_a_wrong_share_among_those_used_is_detected() -> None:
+    shares = shamir.split(os.urandom(32), 3, [1, 2, 3, 4, 5])
+    bad = shamir.Share(shares[0].x, (shares[0].y + 1) % shamir.PRIME)
+
+    with pytest.raises(SecAggError, match="inconsistent"):
+        shamir.reconstruct([bad, *shares[1:]], 3)

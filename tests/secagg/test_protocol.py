@@ -43,6 +43,7 @@ def test_fifty_devices_with_ten_percent_dropouts_at_each_stage(stage: str) -> No
     _check_sum(50, 24, stage, 5, seed=50)
 
 
+@pytest.mark.e2e  # about 10 s each on 2 shared cores
 @pytest.mark.parametrize("stage", STAGES)
 def test_three_hundred_devices_with_ten_percent_dropouts_at_each_stage(stage: str) -> None:
     _check_sum(300, 32, stage, 30, seed=300)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TaskConfig(_message.Message):
-    __slots__ = ("task_id", "population", "total_rounds", "target_reports", "over_selection", "min_reports", "selection_deadline_s", "reporting_deadline_s", "plan", "server_learning_rate")
+    __slots__ = ("task_id", "population", "total_rounds", "target_reports", "over_selection", "min_reports", "selection_deadline_s", "reporting_deadline_s", "plan", "server_learning_rate", "aggregator")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     POPULATION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class TaskConfig(_message.Message):
     REPORTING_DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     SERVER_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     population: str
     total_rounds: int
@@ -28,7 +29,8 @@ class TaskConfig(_message.Message):
     reporting_deadline_s: float
     plan: _common_pb2.Plan
     server_learning_rate: float
-    def __init__(self, task_id: _Optional[str] = ..., population: _Optional[str] = ..., total_rounds: _Optional[int] = ..., target_reports: _Optional[int] = ..., over_selection: _Optional[float] = ..., min_reports: _Optional[int] = ..., selection_deadline_s: _Optional[float] = ..., reporting_deadline_s: _Optional[float] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., server_learning_rate: _Optional[float] = ...) -> None: ...
+    aggregator: str
+    def __init__(self, task_id: _Optional[str] = ..., population: _Optional[str] = ..., total_rounds: _Optional[int] = ..., target_reports: _Optional[int] = ..., over_selection: _Optional[float] = ..., min_reports: _Optional[int] = ..., selection_deadline_s: _Optional[float] = ..., reporting_deadline_s: _Optional[float] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., server_learning_rate: _Optional[float] = ..., aggregator: _Optional[str] = ...) -> None: ...
 
 class RegisterTaskRequest(_message.Message):
     __slots__ = ("protocol_version", "config", "model_tflite", "initial_weights")

@@ -26,6 +26,7 @@ class TaskConfig:
     batch_size: int = 20
     max_examples: int = 0
     server_learning_rate: float = 1.0
+    aggregator: str = "mean"  # expression: server/aggregators/expression.py
 
     @property
     def effective_min_reports(self) -> int:
@@ -68,6 +69,9 @@ class TaskConfig:
             "server_learning_rate",
             f"must be a positive number, got {self.server_learning_rate}",
         )
+        from server.aggregators.process import check_aggregator_expression
+
+        check_aggregator_expression(self.aggregator)
         return self
 
     def plan(self) -> common_pb2.Plan:
@@ -87,6 +91,7 @@ class TaskConfig:
             reporting_deadline_s=self.reporting_deadline_s,
             plan=self.plan(),
             server_learning_rate=self.server_learning_rate,
+            aggregator=self.aggregator,
         )
 
     @classmethod
@@ -105,6 +110,7 @@ class TaskConfig:
             batch_size=message.plan.batch_size or defaults.batch_size,
             max_examples=message.plan.max_examples,
             server_learning_rate=message.server_learning_rate or defaults.server_learning_rate,
+            aggregator=message.aggregator or defaults.aggregator,
         ).validate()
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from device_runtime.clock import Clock
 from device_runtime.manifest import ManifestError
 from device_runtime.model_file import read_manifest
 from protos import common_pb2, device_pb2
-from server.aggregation import Float32WeightedMean
+from server.aggregators.process import AggregationProcess
 from server.config import TaskConfig
 from server.errors import (
     AlreadyExists,
@@ -51,6 +51,7 @@ class TaskRuntime:
     weights_sha256: str
     committed_rounds: int
     next_round_number: int
+    aggregation: AggregationProcess  # the aggregator across rounds, and its state
     broadcasted_bits: float = 0.0
     aggregated_bits: float = 0.0
     current: RoundInProgress | None = None
@@ -107,6 +108,9 @@ class Coordinator:
             weights_sha256=weights_sha,
             committed_rounds=len(committed),
             next_round_number=(rounds[-1].round_number + 1) if rounds else 1,
+            aggregation=AggregationProcess.for_task(
+                record.config.aggregator, self.resource(record.model_sha256), last_metrics
+            ),
             broadcasted_bits=last_metrics.get("broadcasted_bits", 0.0),
             aggregated_bits=last_metrics.get("aggregated_bits", 0.0),
         )
@@ -214,7 +218,7 @@ class Coordinator:
             task.current = RoundInProgress(
                 task.config.task_id,
                 task.next_round_number,
-                Float32WeightedMean(task.record.num_parameters),
+                task.aggregation.start_round(),
                 self._clock.now(),
             )
             task.next_round_number += 1
@@ -248,6 +252,7 @@ class Coordinator:
             ),
             plan=task.config.plan(),
             report_deadline_s=max(0.0, deadline - now),
+            aggregation=current.aggregate.client_spec(),
         )
         return device_pb2.CheckInResponse(
             assignment=assignment, retry_window=_window(self.settings.accepted_retry_s)

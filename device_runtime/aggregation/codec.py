@@ -317,7 +317,8 @@ class CodecAccumulator:
         np.add(self.domain, scratch, out=self.domain)
 
     def merge(self, other: CodecAccumulator) -> None:
-        if other.codec is not self.codec:
+        a, b = self.codec, other.codec
+        if (a.spec, a.tensor_sizes, a.seed) != (b.spec, b.tensor_sizes, b.seed):
             raise CodecError("cannot merge accumulators of different codecs")
         self.exact += other.exact
         self.domain += other.domain

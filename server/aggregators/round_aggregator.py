@@ -50,10 +50,11 @@ class EncodedRoundAggregator:
         self.state = dict(state)
         self._rng = rng
         self._on_finalize = on_finalize
-        zeroing = norm_bound(config.zeroing, state["zeroing_estimate"]) if config.zeroing else None
-        clipping = None
+        zeroing = clipping = None
+        if config.zeroing is not None:
+            zeroing = norm_bound(config.zeroing, state.get("zeroing_estimate", 0.0))
         if config.clipping is not None:
-            clipping = norm_bound(config.clipping, state["clipping_estimate"])
+            clipping = norm_bound(config.clipping, state.get("clipping_estimate", 0.0))
         elif config.dp is not None:
             clip = config.dp.fixed_clip
             estimate = 0.0 if clip is not None else state["dp_clip"]

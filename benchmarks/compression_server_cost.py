@@ -60,7 +60,8 @@ def measure() -> list[tuple[str, float, float, float]]:
         rows.append((name, 8 * len(payload) / n, ours_s, ours_s / plain_s))
         print(
             f"{name:50s} {8 * len(payload) / n:6.3f} bit/param  accumulate "
-            f"{1e3 * ours_s:7.2f} ms  numpy add {1e3 * plain_s:6.2f} ms  ratio {ours_s / plain_s:5.2f}"
+            f"{1e3 * ours_s:7.2f} ms  numpy add {1e3 * plain_s:6.2f} ms  "
+            f"ratio {ours_s / plain_s:5.2f}"
         )
     return rows
 
@@ -68,7 +69,8 @@ def measure() -> list[tuple[str, float, float, float]]:
 def main() -> None:
     rows = measure()
     lines = [
-        "| codec | bits/param (payload) | accumulate one update (ms, median) | ratio to numpy float32 add |",
+        "| codec | bits/param (payload) | accumulate one update (ms, median) "
+        "| ratio to numpy float32 add |",
         "|---|---|---|---|",
         *(
             f"| {name} | {bits:.3f} | {1e3 * s:.2f} | {ratio:.2f} |"

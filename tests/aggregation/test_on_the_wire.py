@@ -6,15 +6,19 @@ The coordinator counts the bytes that crossed gRPC; compressed uploads must show
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import pathlib
 
+import grpc
 import numpy as np
 import pytest
 
+from device_runtime.aggregation.client import encode_for_upload
 from device_runtime.examples import LocalExamples
 from device_runtime.runtime import DeviceRuntime
-from device_runtime.transport import CoordinatorClient
+from device_runtime.transport import CoordinatorClient, TransportError
 from emulator.data import load_digits
+from protos import common_pb2
 from server.coordinator import Coordinator, CoordinatorSettings
 from server.sqlite_store import SqliteStore
 from tests.fakes import FakeClock, ScriptedConditions
@@ -83,3 +87,40 @@ def test_aggregator_state_is_restored_after_a_restart(
         metrics[-1]["aggregator_state/clipping_estimate"]
     )
     assert state["clipping_estimate"] != 1.0
+
+
+def test_corrupt_encoded_upload_gets_invalid_argument_and_the_token_stays_usable(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    config = task_config(target_reports=1, over_selection=1.0, aggregator="one_bit_aggregator()")
+
+    async def scenario() -> tuple[grpc.StatusCode, int]:
+        async with running_coordinator(
+            str(tmp_path / "c.sqlite"), model_bytes, config, FakeClock(), SETTINGS
+        ) as running:
+            client = CoordinatorClient(running.address)
+            response = await client.check_in(POPULATION, "phone-1", 40)
+            assignment = response.assignment
+            num_parameters = running.coordinator.task("t1").record.num_parameters
+            good = encode_for_upload(
+                assignment.aggregation,
+                np.full(num_parameters, 0.01, np.float32),
+                np.random.default_rng(0),
+            )
+            # Flag bit 0x80 is defined by no codec: a corrupt header.
+            corrupt = dataclasses.replace(
+                good, payload=good.payload[:1] + b"\x80" + good.payload[2:]
+            )
+            metrics = common_pb2.ClientMetrics(loss=1.0, accuracy=0.5, num_examples=40)
+            with pytest.raises(TransportError) as refused:
+                await client.upload(assignment.upload_token, corrupt, 40, metrics)
+            current = running.coordinator.task("t1").current
+            assert current is not None and current.aggregate.count == 0
+            await client.upload(assignment.upload_token, good, 40, metrics)
+            await client.close()
+            return refused.value.code, len(running.store.rounds("t1"))
+
+    code, committed = asyncio.run(scenario())
+
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert committed == 1

@@ -4,6 +4,7 @@ PROTOCOL_VERSION = 1
 RUNTIME_VERSION = "0.1.0"
 UPDATE_ENCODING_FLOAT32_DELTA = "float32_delta"
 REPORT_ENCODING_EVALUATION = "evaluation"  # federated evaluation: metrics, no payload
+UPDATE_ENCODING_V1 = "overnight_encoded_v1"  # layout: device_runtime/aggregation/codec.py
 
 chunk_size_bytes = 1 << 20  # download and upload chunk size; well under gRPC's 4 MiB default
 max_message_bytes = 8 << 20  # any single gRPC message, both directions

@@ -18,6 +18,8 @@ import grpc
 import numpy as np
 
 from device_runtime import constants
+from device_runtime.aggregation.client import encode_for_upload
+from device_runtime.aggregation.codec_spec import CodecError
 from device_runtime.cache import ResourceCache
 from device_runtime.clock import Clock
 from device_runtime.conditions import DeviceConditions
@@ -189,8 +191,17 @@ class DeviceRuntime:
             num_examples=result.num_examples,
             num_batches=result.num_batches,
         )
+        encode_rng = np.random.default_rng(self._rng.integers(2**63))
         try:
-            await self._client.upload(token, delta, len(examples), metrics)
+            update = await asyncio.to_thread(
+                encode_for_upload, assignment.aggregation, delta, encode_rng
+            )
+        except CodecError as exc:
+            return await self._fail(
+                token, device_pb2.FailureReport.TRAINING_ERROR, str(exc), round_number, delay
+            )
+        try:
+            await self._client.upload(token, update, len(examples), metrics)
         except TransportError as exc:
             log.info(
                 "device %s: upload for round %d refused: %s", self._device_id, round_number, exc

@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 
 from device_runtime import constants
+from device_runtime.aggregation.client import EncodedUpload
 from protos import common_pb2, device_pb2, device_pb2_grpc
 
 
@@ -83,17 +84,24 @@ class CoordinatorClient:
     async def upload(
         self,
         token: bytes,
-        delta: np.ndarray,
+        update: np.ndarray | EncodedUpload,
         example_count: int,
         metrics: common_pb2.ClientMetrics,
     ) -> device_pb2.UploadResponse:
-        payload = np.ascontiguousarray(delta, dtype="<f4").tobytes()
+        """Uploads a raw float32 delta, or an update the aggregator's client half encoded."""
+        if isinstance(update, np.ndarray):
+            update = EncodedUpload(
+                np.ascontiguousarray(update, dtype="<f4").tobytes(),
+                constants.UPDATE_ENCODING_FLOAT32_DELTA,
+                int(update.size),
+            )
+        payload = update.payload
         header = device_pb2.UploadHeader(
             protocol_version=constants.PROTOCOL_VERSION,
             upload_token=token,
             example_count=example_count,
-            num_elements=int(delta.size),
-            encoding=constants.UPDATE_ENCODING_FLOAT32_DELTA,
+            num_elements=update.num_elements,
+            encoding=update.encoding,
             metrics=metrics,
         )
 

@@ -1,8 +1,9 @@
 from protos import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Mapping as _Mapping, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -21,7 +22,7 @@ class CheckInRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., population: _Optional[str] = ..., device_id: _Optional[str] = ..., runtime_version: _Optional[str] = ..., example_count: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("task_id", "round_number", "upload_token", "model", "weights", "plan", "report_deadline_s", "kind")
+    __slots__ = ("task_id", "round_number", "upload_token", "model", "weights", "plan", "report_deadline_s", "kind", "aggregation")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         TRAINING: _ClassVar[Assignment.Kind]
@@ -36,6 +37,7 @@ class Assignment(_message.Message):
     PLAN_FIELD_NUMBER: _ClassVar[int]
     REPORT_DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round_number: int
     upload_token: bytes
@@ -44,7 +46,52 @@ class Assignment(_message.Message):
     plan: _common_pb2.Plan
     report_deadline_s: float
     kind: Assignment.Kind
-    def __init__(self, task_id: _Optional[str] = ..., round_number: _Optional[int] = ..., upload_token: _Optional[bytes] = ..., model: _Optional[_Union[_common_pb2.ResourceRef, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.ResourceRef, _Mapping]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., report_deadline_s: _Optional[float] = ..., kind: _Optional[_Union[Assignment.Kind, str]] = ...) -> None: ...
+    aggregation: AggregationSpec
+    def __init__(self, task_id: _Optional[str] = ..., round_number: _Optional[int] = ..., upload_token: _Optional[bytes] = ..., model: _Optional[_Union[_common_pb2.ResourceRef, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.ResourceRef, _Mapping]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., report_deadline_s: _Optional[float] = ..., kind: _Optional[_Union[Assignment.Kind, str]] = ..., aggregation: _Optional[_Union[AggregationSpec, _Mapping]] = ...) -> None: ...
+
+class AggregationSpec(_message.Message):
+    __slots__ = ("encoding", "seed", "tensor_sizes", "zeroing", "clipping", "codec")
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_SIZES_FIELD_NUMBER: _ClassVar[int]
+    ZEROING_FIELD_NUMBER: _ClassVar[int]
+    CLIPPING_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    encoding: str
+    seed: int
+    tensor_sizes: _containers.RepeatedScalarFieldContainer[int]
+    zeroing: NormBound
+    clipping: NormBound
+    codec: CodecParams
+    def __init__(self, encoding: _Optional[str] = ..., seed: _Optional[int] = ..., tensor_sizes: _Optional[_Iterable[int]] = ..., zeroing: _Optional[_Union[NormBound, _Mapping]] = ..., clipping: _Optional[_Union[NormBound, _Mapping]] = ..., codec: _Optional[_Union[CodecParams, _Mapping]] = ...) -> None: ...
+
+class NormBound(_message.Message):
+    __slots__ = ("bound", "norm_order", "estimate")
+    BOUND_FIELD_NUMBER: _ClassVar[int]
+    NORM_ORDER_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    bound: float
+    norm_order: float
+    estimate: float
+    def __init__(self, bound: _Optional[float] = ..., norm_order: _Optional[float] = ..., estimate: _Optional[float] = ...) -> None: ...
+
+class CodecParams(_message.Message):
+    __slots__ = ("name", "bits", "threshold", "rotation", "keep_fraction", "top_k_fraction", "max_block_size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    bits: int
+    threshold: int
+    rotation: bool
+    keep_fraction: float
+    top_k_fraction: float
+    max_block_size: int
+    def __init__(self, name: _Optional[str] = ..., bits: _Optional[int] = ..., threshold: _Optional[int] = ..., rotation: bool = ..., keep_fraction: _Optional[float] = ..., top_k_fraction: _Optional[float] = ..., max_block_size: _Optional[int] = ...) -> None: ...
 
 class Rejection(_message.Message):
     __slots__ = ("reason", "message")

@@ -61,8 +61,9 @@ class DeviceServiceServicer(object):
         UNAUTHENTICATED      the upload token is unknown (never issued, or of a round that is gone)
         ALREADY_EXISTS       an update was already accepted for this token (tokens are single-use)
         FAILED_PRECONDITION  the round no longer takes reports (closed, committed or failed)
-        INVALID_ARGUMENT     wrong payload size, non-positive example count, unknown encoding,
-        or a stream that does not start with a header
+        INVALID_ARGUMENT     wrong payload size, non-positive example count, an encoding that is
+        not the round's, a corrupt encoded update (bad header, flags or
+        bit stream), or a stream that does not start with a header
         An update with NaN or infinite values is accepted and counted, but zeroed and weighted 0
         (as TFF's FedAvg does); the round's metrics count it in aggregator/num_nonfinite_updates.
         RESOURCE_EXHAUSTED   payload larger than the header announced, or a chunk over 4 MiB

@@ -40,6 +40,10 @@ class UpdateAggregator(Protocol):
         """The aggregate (float32, model-sized) and this aggregator's measurements."""
         ...
 
+    def client_spec(self) -> device_pb2.AggregationSpec:
+        """The client half devices run this round (sent in the Assignment)."""
+        ...
+
 
 class WeightedMeanAccumulator:
     """Sum of weight * update and of weights; partial accumulators merge (for sharding)."""
@@ -117,6 +121,14 @@ class Float32WeightedMean:
             self._mean.accumulate(np.zeros_like(delta), 0.0)
             self._num_nonfinite += 1
 
+    def client_spec(self) -> device_pb2.AggregationSpec:
+        return device_pb2.AggregationSpec(encoding=self.encoding)
+
+    def merge(self, other: Float32WeightedMean) -> None:
+        """Adds another shard's partial aggregate of the same round into this one."""
+        self._mean.merge(other._mean)
+        self._num_nonfinite += other._num_nonfinite
+
     def finalize(self) -> tuple[np.ndarray, dict[str, float]]:
         return self._mean.finalize(), {
             "aggregator/num_reports": float(self._mean.count),
@@ -160,6 +172,9 @@ class EvaluationReports:
 
     def finalize(self) -> tuple[np.ndarray, dict[str, float]]:
         return np.zeros(0, np.float32), {"aggregator/num_reports": float(self._count)}
+
+    def client_spec(self) -> device_pb2.AggregationSpec:
+        return device_pb2.AggregationSpec(encoding=self.encoding)
 
 
 class ClientMetricsAccumulator:

@@ -51,6 +51,8 @@ class TaskConfig:
     def is_evaluation(self) -> bool:
         return self.kind == "evaluation"
 
+    aggregator: str = "mean"  # expression: server/aggregators/expression.py
+
     @property
     def effective_min_reports(self) -> int:
         return self.min_reports or self.target_reports
@@ -133,6 +135,9 @@ class TaskConfig:
                 parse_version(self.min_runtime_version)
             except ValueError as exc:
                 need(False, "min_runtime_version", str(exc))
+        from server.aggregators.process import check_aggregator_expression
+
+        check_aggregator_expression(self.aggregator)
         return self
 
     def plan(self) -> common_pb2.Plan:
@@ -172,6 +177,7 @@ class TaskConfig:
             ),
             kind=self.kind,
             evaluates=self.evaluates,
+            aggregator=self.aggregator,
         )
 
     @classmethod
@@ -206,6 +212,7 @@ class TaskConfig:
             min_runtime_version=elig.min_runtime_version,
             kind=message.kind or d.kind,
             evaluates=message.evaluates,
+            aggregator=message.aggregator or d.aggregator,
         ).validate()
 
     def to_dict(self) -> dict[str, Any]:

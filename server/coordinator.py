@@ -22,7 +22,8 @@ from device_runtime.manifest import ManifestError
 from device_runtime.model_file import read_manifest
 from protos import common_pb2, device_pb2
 from server import eligibility
-from server.aggregation import EvaluationReports, Float32WeightedMean, UpdateAggregator
+from server.aggregation import EvaluationReports, UpdateAggregator
+from server.aggregators.process import AggregationProcess
 from server.config import TaskConfig
 from server.errors import (
     AlreadyExists,
@@ -114,6 +115,9 @@ class Coordinator:
             ),
             committed_rounds=len(committed),
             next_round_number=(rounds[-1].round_number + 1) if rounds else 1,
+            aggregation=AggregationProcess.for_task(
+                record.config.aggregator, self.resource(record.model_sha256), last_metrics
+            ),
             broadcasted_bits=last_metrics.get("broadcasted_bits", 0.0),
             aggregated_bits=last_metrics.get("aggregated_bits", 0.0),
         )
@@ -285,7 +289,7 @@ class Coordinator:
                 aggregate: UpdateAggregator = EvaluationReports()
                 base_sha = self._tasks[task.config.evaluates].weights_sha256
             else:
-                aggregate = Float32WeightedMean(task.record.num_parameters)
+                aggregate = task.aggregation.start_round()
                 base_sha = task.weights_sha256
             round_ = RoundInProgress(
                 task.task_id,
@@ -336,6 +340,7 @@ class Coordinator:
                 if task.config.is_evaluation
                 else device_pb2.Assignment.TRAINING
             ),
+            aggregation=round_.aggregate.client_spec(),
         )
         # After its work the device is welcome back when a later round selects, but not
         # before the task's participation spacing allows.

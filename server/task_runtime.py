@@ -8,6 +8,7 @@ import statistics
 
 import numpy as np
 
+from server.aggregators.process import AggregationProcess
 from server.config import TaskConfig
 from server.optimizers import ServerOptimizer, State
 from server.rounds.round import RoundInProgress
@@ -23,6 +24,7 @@ class TaskRuntime:
     optimizer_state: State
     committed_rounds: int
     next_round_number: int
+    aggregation: AggregationProcess  # the aggregator across rounds, and its state
     broadcasted_bits: float = 0.0
     aggregated_bits: float = 0.0
     open_rounds: dict[int, RoundInProgress] = dataclasses.field(default_factory=dict)

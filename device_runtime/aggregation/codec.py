@@ -1,0 +1,351 @@
+"""The encoded update: one implementation of every codec, used by devices and the coordinator.
+
+Payload layout (little-endian), fully determined by the codec spec, the model's tensor sizes
+and the round seed, so its exact length is known before it is read:
+
+    header       4 bytes: format version (1), flags (see `UpdateFlags`), two zero bytes
+    exact        float32 values of every tensor with at most `threshold` elements, in order
+    compressed   the concatenation of the other tensors (the "compressed vector"), as:
+      float32    nothing (every tensor is exact)
+      uniform    float32 (low, high) per segment, then one dense stream of `bits`-bit codes
+      sign       float32 scale per block, then one bit per kept rotated coordinate (1 = minus)
+      top_k      per tensor: k indices at ceil(log2 n) bits (ascending), then k float32 values
+
+Segments are the tensors of the compressed vector, or with rotation the blocks of the rotated
+compressed vector (see rotation.py). Bit streams are packed as bitpack.py describes.
+
+The server side adds decoded updates into a `CodecAccumulator` in the codec's own domain
+(rotated, and compact when coordinates are subsampled), keeping per-segment offsets as scalars;
+the rotation is undone once per round in `finalize`, which is what makes accumulating an
+encoded update about as cheap as adding a float32 vector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+
+from device_runtime.aggregation import bitpack, quantization
+from device_runtime.aggregation.codec_spec import (
+    FLOAT32,
+    SIGN,
+    TOP_K,
+    UNIFORM,
+    CodecError,
+    CodecSpec,
+)
+from device_runtime.aggregation.rotation import RandomizedHadamard, shared_stream
+
+FORMAT_VERSION = 1
+HEADER_BYTES = 4
+SUBSAMPLE_LABEL = b"overnight/subsample/v1"
+_SUBSAMPLE_LEVELS = 1 << 16
+
+
+class UpdateFlags(enum.IntFlag):
+    """What the client half did to the update, for the server halves' measurements."""
+
+    ZEROED = 1  # the update's norm exceeded the zeroing bound; it was sent as zeros
+    CLIPPED = 2  # the update's L2 norm exceeded the clipping bound; it was scaled down
+    BELOW_ZEROING_ESTIMATE = 4  # vote of the adaptive zeroing-norm quantile estimate
+    BELOW_CLIPPING_ESTIMATE = 8  # vote of the adaptive clipping-norm quantile estimate
+
+
+_ALL_FLAGS = int(
+    UpdateFlags.ZEROED
+    | UpdateFlags.CLIPPED
+    | UpdateFlags.BELOW_ZEROING_ESTIMATE
+    | UpdateFlags.BELOW_CLIPPING_ESTIMATE
+)
+
+
+def _index_bits(n: int) -> int:
+    return max(1, (n - 1).bit_length())
+
+
+@dataclasses.dataclass
+class ParsedUpdate:
+    """Views into a payload that passed every structural check."""
+
+    flags: UpdateFlags
+    exact: np.ndarray  # float32
+    scalars: np.ndarray  # float32: (low, high) pairs, scales or top-k values, per codec
+    codes: np.ndarray  # unpacked codes (uniform), sign bits (sign) or indices (top_k)
+
+    @property
+    def finite(self) -> bool:
+        return bool(np.all(np.isfinite(self.exact)) and np.all(np.isfinite(self.scalars)))
+
+
+class UpdateCodec:
+    """The codec of one round for one model layout."""
+
+    def __init__(self, spec: CodecSpec, tensor_sizes: Sequence[int], seed: int) -> None:
+        self.spec = spec.validate()
+        if not tensor_sizes or min(tensor_sizes) < 1:
+            raise CodecError(f"tensor sizes must be positive, got {list(tensor_sizes)}")
+        self.tensor_sizes = tuple(int(s) for s in tensor_sizes)
+        self.num_parameters = sum(self.tensor_sizes)
+        self.seed = seed
+        starts = [0, *itertools.accumulate(self.tensor_sizes)]
+        compress = [spec.name != FLOAT32 and s > spec.threshold for s in self.tensor_sizes]
+        ranges = list(zip(starts[:-1], starts[1:], strict=True))
+        self.exact_ranges = [r for r, c in zip(ranges, compress, strict=True) if not c]
+        self.compressed_ranges = [r for r, c in zip(ranges, compress, strict=True) if c]
+        self.num_exact = sum(b - a for a, b in self.exact_ranges)
+        self.num_compressed = self.num_parameters - self.num_exact
+        self.rotation: RandomizedHadamard | None = None
+        self.kept: np.ndarray | None = None  # sorted kept coordinates of the rotated vector
+        self.keep_probability = 1.0
+        if spec.rotated and self.num_compressed:
+            self.rotation = RandomizedHadamard(self.num_compressed, seed, spec.max_block_size)
+            segment_sizes = self.rotation.sizes
+        else:
+            segment_sizes = [b - a for a, b in self.compressed_ranges]
+        self.segment_starts = np.cumsum([0, *segment_sizes]).astype(np.int64)
+        if spec.name == SIGN and spec.keep_fraction < 1.0 and self.num_compressed:
+            threshold = round(spec.keep_fraction * _SUBSAMPLE_LEVELS)
+            draws = shared_stream(SUBSAMPLE_LABEL, seed, 2 * self.num_compressed).view("<u2")
+            self.kept = np.flatnonzero(draws < threshold)
+            self.keep_probability = threshold / _SUBSAMPLE_LEVELS
+            # Segment boundaries in the compact domain of kept coordinates.
+            self.domain_starts = np.searchsorted(self.kept, self.segment_starts)
+        else:
+            self.domain_starts = self.segment_starts
+        self.num_segments = len(segment_sizes)
+        self.domain_size = int(self.domain_starts[-1])
+        self._layout = self._section_sizes()
+        self.payload_bytes = HEADER_BYTES + sum(self._layout)
+
+    # ----- layout --------------------------------------------------------------------------
+
+    def _section_sizes(self) -> list[int]:
+        """Bytes of: exact values, scalars, code stream."""
+        exact = 4 * self.num_exact
+        name = self.spec.name
+        if name == FLOAT32 or not self.num_compressed:
+            return [exact, 0, 0]
+        if name == UNIFORM:
+            return [
+                exact,
+                8 * self.num_segments,
+                bitpack.packed_size_bytes(self.num_compressed, self.spec.bits),
+            ]
+        if name == SIGN:
+            return [exact, 4 * self.num_segments, bitpack.packed_size_bytes(self.domain_size, 1)]
+        assert name == TOP_K
+        streams = sum(
+            bitpack.packed_size_bytes(self._top_k(b - a), _index_bits(b - a))
+            + 4 * self._top_k(b - a)
+            for a, b in self.compressed_ranges
+        )
+        return [exact, 0, streams]
+
+    def _top_k(self, n: int) -> int:
+        return max(1, int(np.ceil(self.spec.top_k_fraction * n)))
+
+    def _split(self, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        exact = np.concatenate([delta[a:b] for a, b in self.exact_ranges] or [np.zeros(0)])
+        compressed = np.concatenate(
+            [delta[a:b] for a, b in self.compressed_ranges] or [np.zeros(0)]
+        )
+        return exact.astype("<f4"), compressed.astype(np.float32)
+
+    # ----- client half ---------------------------------------------------------------------
+
+    def uniform_draws(self, rng: np.random.Generator) -> np.ndarray:
+        """The private randomness `encode` needs: stochastic rounding draws (uniform codec)."""
+        return rng.random(self.num_compressed) if self.spec.name == UNIFORM else np.zeros(0)
+
+    def encode(self, delta: np.ndarray, flags: UpdateFlags, uniforms: np.ndarray) -> bytes:
+        """Encodes a float32 update of the model's size. Deterministic given `uniforms`."""
+        if delta.shape != (self.num_parameters,):
+            raise CodecError(f"update has shape {delta.shape}, expected ({self.num_parameters},)")
+        exact, compressed = self._split(delta)
+        parts = [bytes([FORMAT_VERSION, int(flags), 0, 0]), exact.tobytes()]
+        name = self.spec.name
+        if name == FLOAT32 or not self.num_compressed:
+            pass
+        elif name == UNIFORM:
+            values = compressed if self.rotation is None else self.rotation.rotate(compressed)
+            bounds = np.empty(2 * self.num_segments, "<f4")
+            codes = np.empty(self.num_compressed, np.uint32)
+            for s in range(self.num_segments):
+                a, b = self.segment_starts[s], self.segment_starts[s + 1]
+                low, high, codes[a:b] = quantization.quantize_stochastic(
+                    values[a:b], self.spec.bits, uniforms[a:b]
+                )
+                bounds[2 * s], bounds[2 * s + 1] = low, high
+            parts += [bounds.tobytes(), bitpack.pack_bits(codes, self.spec.bits)]
+        elif name == SIGN:
+            assert self.rotation is not None
+            rotated = self.rotation.rotate(compressed)
+            scales = np.empty(self.num_segments, "<f4")
+            for s in range(self.num_segments):
+                a, b = self.segment_starts[s], self.segment_starts[s + 1]
+                scale = quantization.sign_scale(rotated[a:b])
+                scales[s] = np.float32(scale / self.keep_probability)
+            kept = rotated if self.kept is None else rotated[self.kept]
+            parts += [scales.tobytes(), bitpack.pack_bits(quantization.sign_bits(kept), 1)]
+        else:
+            assert name == TOP_K
+            offset = 0
+            for a, b in self.compressed_ranges:
+                n = b - a
+                values = compressed[offset : offset + n]
+                offset += n
+                indices = quantization.top_k_indices(values, self._top_k(n))
+                parts.append(bitpack.pack_bits(indices, _index_bits(n)))
+                parts.append(values[indices].astype("<f4").tobytes())
+        payload = b"".join(parts)
+        assert len(payload) == self.payload_bytes
+        return payload
+
+    # ----- server half ---------------------------------------------------------------------
+
+    def parse(self, payload: bytes) -> ParsedUpdate:
+        """Checks a payload's structure. Raises CodecError naming what is wrong."""
+        if len(payload) != self.payload_bytes:
+            raise CodecError(
+                f"encoded update is {len(payload)} bytes, this round's {self.spec.name} codec "
+                f"expects {self.payload_bytes}"
+            )
+        raw = memoryview(payload)
+        version, flags, pad0, pad1 = raw[:HEADER_BYTES]
+        if version != FORMAT_VERSION:
+            raise CodecError(f"encoded update format {version} is not {FORMAT_VERSION}")
+        if flags & ~_ALL_FLAGS or pad0 or pad1:
+            raise CodecError("encoded update header has unknown flags or nonzero padding")
+        exact_bytes, scalar_bytes, stream_bytes = self._layout
+        at = HEADER_BYTES
+        exact = np.frombuffer(raw[at : at + exact_bytes], "<f4")
+        at += exact_bytes
+        scalars = np.frombuffer(raw[at : at + scalar_bytes], "<f4")
+        at += scalar_bytes
+        stream = raw[at : at + stream_bytes]
+        name = self.spec.name
+        try:
+            if name == UNIFORM and self.num_compressed:
+                codes = bitpack.unpack_bits(stream, self.spec.bits, self.num_compressed)
+                if self.spec.bits < 8 and codes.size and codes.max() >= 1 << self.spec.bits:
+                    raise CodecError("code out of range")
+            elif name == SIGN and self.num_compressed:
+                codes = bitpack.unpack_bits(stream, 1, self.domain_size)
+            elif name == TOP_K and self.num_compressed:
+                codes, scalars = self._parse_top_k(stream)
+            else:
+                codes = np.zeros(0, np.uint8)
+        except ValueError as exc:
+            raise CodecError(f"corrupt {name} bit stream: {exc}") from exc
+        return ParsedUpdate(UpdateFlags(flags), exact, scalars, codes)
+
+    def _parse_top_k(self, stream: memoryview) -> tuple[np.ndarray, np.ndarray]:
+        indices, values = [], []
+        at = 0
+        for a, b in self.compressed_ranges:
+            n, k = b - a, self._top_k(b - a)
+            size = bitpack.packed_size_bytes(k, _index_bits(n))
+            idx = bitpack.unpack_bits(stream[at : at + size], _index_bits(n), k).astype(np.int64)
+            at += size
+            if idx.size and (idx.max() >= n or np.any(np.diff(idx) <= 0)):
+                raise ValueError("top-k indices out of range or not strictly ascending")
+            indices.append(idx)
+            values.append(np.frombuffer(stream[at : at + 4 * k], "<f4"))
+            at += 4 * k
+        return np.concatenate(indices), np.concatenate(values)
+
+    def new_accumulator(self) -> CodecAccumulator:
+        return CodecAccumulator(self)
+
+    def decode(self, payload: bytes) -> np.ndarray:
+        """The float32 update a payload stands for (tests, golden vectors)."""
+        accumulator = self.new_accumulator()
+        accumulator.add(self.parse(payload), 1.0)
+        return accumulator.weighted_sum()
+
+
+class CodecAccumulator:
+    """Weighted sum of decoded updates, kept in the codec's domain. Memory O(model)."""
+
+    def __init__(self, codec: UpdateCodec) -> None:
+        self.codec = codec
+        self.exact = np.zeros(codec.num_exact, np.float64)
+        # float32: quantization error dwarfs float32 rounding of the sum, and it halves the
+        # memory traffic of the hot loop.
+        self.domain = np.zeros(codec.domain_size, np.float32)
+        self.offsets = np.zeros(max(codec.num_segments, 0), np.float64)
+        self._scratch = np.empty(codec.domain_size, np.float32)
+
+    def add(self, update: ParsedUpdate, weight: float) -> None:
+        """Adds weight * decoded update. `update` must come from this codec's `parse`."""
+        codec = self.codec
+        if codec.num_exact:
+            self.exact += weight * update.exact
+        name = codec.spec.name
+        if not codec.num_compressed or name == FLOAT32:
+            return
+        starts, scratch = codec.domain_starts, self._scratch
+        if name == UNIFORM:
+            bits = codec.spec.bits
+            for s in range(codec.num_segments):
+                a, b = starts[s], starts[s + 1]
+                low, high = update.scalars[2 * s], update.scalars[2 * s + 1]
+                self.offsets[s] += weight * float(low)
+                step = np.float32(weight * quantization.dequantize_step(low, high, bits))
+                np.multiply(update.codes[a:b], step, out=scratch[a:b])
+        elif name == SIGN:
+            # scale * (1 - 2 * bit) = scale - 2 * scale * bit: the constant goes to offsets.
+            for s in range(codec.num_segments):
+                a, b = starts[s], starts[s + 1]
+                scale = weight * float(update.scalars[s])
+                self.offsets[s] += scale
+                np.multiply(update.codes[a:b], np.float32(-2.0 * scale), out=scratch[a:b])
+        else:
+            assert name == TOP_K
+            scratch[:] = 0.0
+            offset, at = 0, 0
+            for a, b in codec.compressed_ranges:
+                k = codec._top_k(b - a)
+                idx = update.codes[at : at + k]
+                scratch[offset + idx] = weight * update.scalars[at : at + k]
+                offset += b - a
+                at += k
+        np.add(self.domain, scratch, out=self.domain)
+
+    def merge(self, other: CodecAccumulator) -> None:
+        a, b = self.codec, other.codec
+        if (a.spec, a.tensor_sizes, a.seed) != (b.spec, b.tensor_sizes, b.seed):
+            raise CodecError("cannot merge accumulators of different codecs")
+        self.exact += other.exact
+        self.domain += other.domain
+        self.offsets += other.offsets
+
+    def weighted_sum(self) -> np.ndarray:
+        """The sum of weight * update, as a float32 vector of the model's size."""
+        codec = self.codec
+        out = np.zeros(codec.num_parameters, np.float32)
+        at = 0
+        for a, b in codec.exact_ranges:
+            out[a:b] = self.exact[at : at + b - a]
+            at += b - a
+        if not codec.num_compressed:
+            return out
+        domain = self.domain.astype(np.float64)
+        if codec.spec.name in (UNIFORM, SIGN):
+            lengths = np.diff(codec.domain_starts)
+            domain += np.repeat(self.offsets, lengths)
+        if codec.kept is not None:
+            full = np.zeros(codec.num_compressed, np.float64)
+            full[codec.kept] = domain
+            domain = full
+        if codec.rotation is not None:
+            domain = codec.rotation.unrotate(domain)
+        at = 0
+        for a, b in codec.compressed_ranges:
+            out[a:b] = domain[at : at + b - a]
+            at += b - a
+        return out

@@ -1,0 +1,128 @@
+"""What an aggregator is: the stages of a composition and their parameters (no state)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from device_runtime.aggregation.codec_spec import FLOAT32, CodecSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantileEstimatorConfig:
+    """An adaptive norm bound (Andrew et al. 2021): estimate <- estimate * exp(-lr * (b - q)),
+    b the share of clients whose norm is <= the estimate. The bound used is
+    multiplier * estimate + increment (TFF's PrivateQuantileEstimationProcess)."""
+
+    initial_estimate: float
+    target_quantile: float
+    learning_rate: float
+    multiplier: float = 1.0
+    increment: float = 0.0
+
+    def validate(self, where: str) -> None:
+        if not (math.isfinite(self.initial_estimate) and self.initial_estimate > 0):
+            raise ValueError(f"{where}: initial estimate must be positive")
+        if not 0 < self.target_quantile < 1:
+            raise ValueError(f"{where}: target quantile must be in (0, 1)")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"{where}: learning rate must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class NormStageConfig:
+    """Zeroing or clipping: a fixed bound, or an adaptive one."""
+
+    fixed_norm: float | None = None
+    adaptive: QuantileEstimatorConfig | None = None
+    norm_order: float = 2.0
+
+    def validate(self, where: str) -> None:
+        if (self.fixed_norm is None) == (self.adaptive is None):
+            raise ValueError(f"{where}: give either a fixed norm or an adaptive estimate")
+        if self.fixed_norm is not None and not (
+            math.isfinite(self.fixed_norm) and self.fixed_norm > 0
+        ):
+            raise ValueError(f"{where}: norm must be positive, got {self.fixed_norm}")
+        if self.adaptive is not None:
+            self.adaptive.validate(where)
+        if not (self.norm_order in (1.0, 2.0) or math.isinf(self.norm_order)):
+            raise ValueError(f"{where}: norm_order must be 1, 2 or inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class DpConfig:
+    """Gaussian DP (TFF's DifferentiallyPrivateFactory.gaussian_fixed / gaussian_adaptive)."""
+
+    noise_multiplier: float
+    clients_per_round: float
+    fixed_clip: float | None = None  # None: adaptive clip
+    initial_l2_norm_clip: float = 0.1
+    target_unclipped_quantile: float = 0.5
+    learning_rate: float = 0.2
+    clipped_count_stddev: float | None = None  # None: 0.05 * clients_per_round (TFF)
+    target_delta: float = 1e-5  # the delta at which epsilon is reported
+
+    @property
+    def count_stddev(self) -> float:
+        if self.clipped_count_stddev is not None:
+            return self.clipped_count_stddev
+        return 0.05 * self.clients_per_round
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ValueError("dp: noise_multiplier must be >= 0")
+        if not self.clients_per_round > 0:
+            raise ValueError("dp: clients_per_round must be positive")
+        if self.fixed_clip is not None and not self.fixed_clip > 0:
+            raise ValueError("dp: clip must be positive")
+        if not 0 < self.target_delta < 1:
+            raise ValueError("dp: target_delta must be in (0, 1)")
+        if (
+            self.fixed_clip is None
+            and self.noise_multiplier > 0
+            and 2 * self.count_stddev <= self.noise_multiplier
+        ):
+            # TFF's gaussian_adaptive: the clipped-count noise spends part of the privacy.
+            raise ValueError(
+                "dp: clipped_count_stddev too small for the noise multiplier "
+                f"(needs 2 * stddev > {self.noise_multiplier})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregatorConfig:
+    """zeroing(clipping(mean(codec))) or zeroing(dp(codec)); every stage optional."""
+
+    weighted: bool = True
+    zeroing: NormStageConfig | None = None
+    clipping: NormStageConfig | None = None
+    dp: DpConfig | None = None
+    codec: CodecSpec = CodecSpec()
+
+    @property
+    def plain_mean(self) -> bool:
+        """Nothing but a weighted mean of raw float32 deltas (the original wire encoding)."""
+        return (
+            self.weighted
+            and self.zeroing is None
+            and self.clipping is None
+            and self.dp is None
+            and self.codec.name == FLOAT32
+        )
+
+    def validate(self) -> AggregatorConfig:
+        if self.zeroing is not None:
+            self.zeroing.validate("zeroing")
+        if self.clipping is not None:
+            self.clipping.validate("clipping")
+            if self.clipping.norm_order != 2.0:
+                raise ValueError("clipping is L2 only")
+        if self.dp is not None:
+            self.dp.validate()
+            if self.clipping is not None:
+                raise ValueError("dp clips updates itself; do not compose it with clipping")
+            if self.weighted:
+                raise ValueError("dp averages unweighted (as TFF's dp_aggregator)")
+        self.codec.validate()
+        return self

@@ -51,6 +51,7 @@ class WeightedMeanAccumulator:
     def __init__(self, num_parameters: int) -> None:
         # float64: summing thousands of float32 updates loses no precision to the order.
         self._weighted_sum = np.zeros(num_parameters, np.float64)
+        self._scaled = np.empty(num_parameters, np.float32)  # reused: no per-update temporaries
         self.total_weight = 0.0
         self.count = 0
 
@@ -59,7 +60,10 @@ class WeightedMeanAccumulator:
             raise ValueError(
                 f"update has shape {update.shape}, expected {self._weighted_sum.shape}"
             )
-        self._weighted_sum += weight * update.astype(np.float64)
+        # weight * update in float32 (as TFF computes it), then added into the float64 sum;
+        # numpy casts in small buffers, so no model-sized float64 temporary is made.
+        np.multiply(update, np.float32(weight), out=self._scaled)
+        np.add(self._weighted_sum, self._scaled, out=self._weighted_sum)
         self.total_weight += weight
         self.count += 1
 

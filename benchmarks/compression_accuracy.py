@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.compression_common import append_results, describe_machine
+from benchmarks.machine import append_section
 
 CLIENTS = 20
 CLIENTS_PER_ROUND = 10
@@ -346,10 +346,9 @@ def report(runs: list[Run], rounds: int, record: bool) -> None:
     ]
     print("\n".join(lines))
     if record:
-        append_results(
+        append_section(
             "Issue 5 — compression: bits per parameter and accuracy (side by side)",
-            describe_machine(),
-            lines,
+            "\n".join(lines),
         )
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from benchmarks.compression_common import append_results, describe_machine
+from benchmarks.machine import append_section
 from device_runtime.aggregation.codec import UpdateCodec, UpdateFlags
 from device_runtime.aggregation.codec_spec import CodecSpec
 
@@ -81,9 +81,7 @@ def main() -> None:
         f"{REPEATS} interleaved runs; accumulate = parse (all checks) + decode into the sum. "
         f"Goal: ratio <= 3. Python {platform.python_version()}, numpy {np.__version__}.",
     ]
-    append_results(
-        "Issue 5 — server cost of accumulating an encoded update", describe_machine(), lines
-    )
+    append_section("Issue 5 — server cost of accumulating an encoded update", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The machine a benchmark ran on, and appending its figures to benchmarks/RESULTS.md."""
+"""The machine a benchmark ran on, and appending its figures to benchmarks/RESULTS.md.
+
+Every benchmark records through here, so each section names its machine the same way.
+"""
 
 from __future__ import annotations
 
@@ -19,22 +22,22 @@ def describe() -> str:
                 break
     except OSError:
         pass
-    memory = ""
-    try:
-        kib = int(pathlib.Path("/proc/meminfo").read_text().split()[1])
-        memory = f", {kib / 2**20:.0f} GiB RAM"
-    except (OSError, ValueError, IndexError):
-        pass
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
-        f"{cpu}, {os.cpu_count()} cores{memory}, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}"
+        f"{cpu}, {os.cpu_count()} cores, {ram_gib:.1f} GiB RAM, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
     )
 
 
-def append_results(title: str, lines: list[str]) -> None:
-    """Appends a dated section with the machine description and `lines` as bullets."""
+def append_section(title: str, body: str) -> None:
+    """Appends `## title, <UTC time>`, the machine, then `body` (Markdown) to RESULTS.md."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    body = [f"\n## {title}, {stamp}\n", f"Machine: {describe()}\n"]
-    body += [f"- {line}" for line in lines]
     with RESULTS.open("a") as out:
-        out.write("\n".join(body) + "\n")
+        if out.tell() == 0:
+            out.write("# Benchmark results\n")
+        out.write(f"\n## {title}, {stamp}\n\nMachine: {describe()}\n\n{body.strip()}\n")
+
+
+def append_results(title: str, lines: list[str]) -> None:
+    """Appends a section whose body is `lines` as bullets."""
+    append_section(title, "\n".join(f"- {line}" for line in lines))

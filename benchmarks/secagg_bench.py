@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import os
 import pathlib
-import platform
 import time
 
 import numpy as np
 
+from benchmarks.machine import append_section
 from device_runtime import constants
 from device_runtime.secagg import masking
 from device_runtime.secagg.client import SecAggClient
@@ -147,19 +145,6 @@ def run(n: int, m: int, dropout: float) -> Figures:
     )  # fmt: skip
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (OSError, ValueError):
-        ram = float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, Python {platform.python_version()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, no RESULTS.md")
@@ -187,19 +172,18 @@ def main() -> None:
                 lines.append(line)
     if args.quick:
         return
-    section = [
-        "",
-        f"## Secure aggregation (issue 6), {datetime.date.today().isoformat()}",
-        "",
-        f"Machine: {machine()}. `python -m benchmarks.secagg_bench`. Modulus 2^32; 10% of",
-        "devices drop after sharing keys (the server then rebuilds their mask keys and removes",
-        "their pairwise masks). Wall times on a shared machine, one run.",
-        "",
-        *lines,
-        "",
-    ]
-    with RESULTS.open("a") as out:
-        out.write("\n".join(section))
+    append_section(
+        "Secure aggregation (issue 6)",
+        "\n".join(
+            [
+                "`python -m benchmarks.secagg_bench`. Modulus 2^32; 10% of devices drop after",
+                "sharing keys (the server then rebuilds their mask keys and removes their pairwise",
+                "masks). Wall times on a shared machine, one run.",
+                "",
+                *lines,
+            ]
+        ),
+    )
 
 
 if __name__ == "__main__":

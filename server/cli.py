@@ -70,6 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="longest retry delay handed to devices (default %(default)s)",
     )
     serve.add_argument("--seed", type=int, help="seed for retry-window jitter")
+    serve.add_argument(
+        "--max-concurrent-uploads",
+        type=int,
+        default=2,
+        help="uploads staged in memory at once; more wait under flow control (default 2)",
+    )
     serve.set_defaults(func=run_serve)
 
     status = subparsers.add_parser(
@@ -117,7 +123,7 @@ async def serve(args: argparse.Namespace) -> None:
         config = TaskConfig.from_toml(args.task)
         with contextlib.suppress(AlreadyExists):
             coordinator.register_task(config, pathlib.Path(args.model).read_bytes())
-    server = CoordinatorServer(coordinator, args.address)
+    server = CoordinatorServer(coordinator, args.address, args.max_concurrent_uploads)
     await server.start()
     print(f"coordinator listening on {server.address}, data in {args.data_dir}", flush=True)
     stop = asyncio.Event()

@@ -43,7 +43,7 @@ def _abort_on_error(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaita
 
 
 class DeviceService(device_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, coordinator: Coordinator, max_concurrent_uploads: int = 8) -> None:
+    def __init__(self, coordinator: Coordinator, max_concurrent_uploads: int = 2) -> None:
         self._coordinator = coordinator
         self._upload_slots = asyncio.Semaphore(max_concurrent_uploads)
 
@@ -82,7 +82,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     ) -> device_pb2.UploadResponse:
         # At most `max_concurrent_uploads` payloads are staged at once; further streams wait
         # unread, and HTTP/2 flow control holds their senders back. Memory stays
-        # O(model * max_concurrent_uploads) however many devices upload together.
+        # O(model * max_concurrent_uploads) however many devices upload together. Decoding
+        # runs on the one event-loop thread, so more slots add buffering, not throughput;
+        # a slow sender holds its slot at most for its RPC deadline.
         async with self._upload_slots:
             return await self._receive_upload(request_iterator)
 
@@ -207,16 +209,23 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
 class CoordinatorServer:
     """The gRPC server plus the deadline ticker, on the current event loop."""
 
-    def __init__(self, coordinator: Coordinator, address: str = "127.0.0.1:0") -> None:
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        address: str = "127.0.0.1:0",
+        max_concurrent_uploads: int = 2,
+        extra_options: list[tuple[str, int]] | None = None,
+    ) -> None:
         self.coordinator = coordinator
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", admin_max_message_bytes),
                 ("grpc.max_send_message_length", protocol.max_message_bytes),
+                *(extra_options or []),
             ]
         )
         device_pb2_grpc.add_DeviceServiceServicer_to_server(
-            DeviceService(coordinator), self._server
+            DeviceService(coordinator, max_concurrent_uploads), self._server
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(coordinator), self._server)
         self.port = self._server.add_insecure_port(address)

@@ -46,37 +46,54 @@ class UpdateAggregator(Protocol):
 
 
 class WeightedMeanAccumulator:
-    """Sum of weight * update and of weights; partial accumulators merge (for sharding)."""
+    """Sum of weight * update and of weights; partial accumulators merge (for sharding).
+
+    Updates are scaled and summed in float32 (as TFF computes them) in a block of at most
+    `flush_every` updates, and each block is added into a float64 total: the rounding error
+    stays that of `flush_every` float32 additions however many updates arrive, while the
+    per-update cost stays that of float32 adds (a float32 -> float64 add costs ~7x more).
+    """
+
+    flush_every = 16
 
     def __init__(self, num_parameters: int) -> None:
-        # float64: summing thousands of float32 updates loses no precision to the order.
-        self._weighted_sum = np.zeros(num_parameters, np.float64)
+        self._total = np.zeros(num_parameters, np.float64)
+        self._block = np.zeros(num_parameters, np.float32)
+        self._block_count = 0
         self._scaled = np.empty(num_parameters, np.float32)  # reused: no per-update temporaries
         self.total_weight = 0.0
         self.count = 0
 
     def accumulate(self, update: np.ndarray, weight: float) -> None:
-        if update.shape != self._weighted_sum.shape:
-            raise ValueError(
-                f"update has shape {update.shape}, expected {self._weighted_sum.shape}"
-            )
-        # weight * update in float32 (as TFF computes it), then added into the float64 sum;
-        # numpy casts in small buffers, so no model-sized float64 temporary is made.
+        if update.shape != self._total.shape:
+            raise ValueError(f"update has shape {update.shape}, expected {self._total.shape}")
         np.multiply(update, np.float32(weight), out=self._scaled)
-        np.add(self._weighted_sum, self._scaled, out=self._weighted_sum)
+        np.add(self._block, self._scaled, out=self._block)
+        self._block_count += 1
+        if self._block_count >= self.flush_every:
+            self._flush()
         self.total_weight += weight
         self.count += 1
 
+    def _flush(self) -> None:
+        if self._block_count:
+            np.add(self._total, self._block, out=self._total)
+            self._block.fill(0.0)
+            self._block_count = 0
+
     def merge(self, other: WeightedMeanAccumulator) -> None:
-        self._weighted_sum += other._weighted_sum
+        self._flush()
+        other._flush()
+        self._total += other._total
         self.total_weight += other.total_weight
         self.count += other.count
 
     def finalize(self) -> np.ndarray:
         """The weighted mean; zeros when no weight arrived (every update was zero-weighted)."""
+        self._flush()
         if self.total_weight <= 0:
-            return np.zeros(self._weighted_sum.shape, np.float32)
-        return (self._weighted_sum / self.total_weight).astype(np.float32)
+            return np.zeros(self._total.shape, np.float32)
+        return (self._total / self.total_weight).astype(np.float32)
 
 
 class Float32WeightedMean:
@@ -119,7 +136,9 @@ class Float32WeightedMean:
         if len(payload) != expected:
             raise InvalidArgument(f"update payload is {len(payload)} bytes, expected {expected}")
         delta = np.frombuffer(payload, "<f4")
-        if np.all(np.isfinite(delta)):
+        # One BLAS pass: NaN or inf anywhere makes the dot product non-finite. (So does a
+        # value above ~1e19, whose square overflows; such an update is zeroed too.)
+        if np.isfinite(np.dot(delta, delta)):
             self._mean.accumulate(delta, float(header.example_count))
         else:
             self._mean.accumulate(np.zeros_like(delta), 0.0)

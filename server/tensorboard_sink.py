@@ -7,13 +7,20 @@ every task's `client_work/train/*`, `aggregator/*`, `eval/*` and bit counts per 
 from __future__ import annotations
 
 import pathlib
+import sys
 import time
+import types
 
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+# TensorBoard's writer imports TensorFlow, when it is installed, the first time it writes a
+# file, unless its `notf` marker module exists; then it uses its own TensorFlow-free stub.
+# The coordinator must never load TensorFlow (it also cost 13 s at the first commit).
+sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
-from server.store import RoundRecord, RoundState
-from server.task_runtime import TaskRuntime
+from tensorboard.compat.proto import event_pb2, summary_pb2  # noqa: E402
+from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: E402
+
+from server.store import RoundRecord, RoundState  # noqa: E402
+from server.task_runtime import TaskRuntime  # noqa: E402
 
 
 class TensorBoardSink:

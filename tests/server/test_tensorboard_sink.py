@@ -34,3 +34,30 @@ def test_committed_round_metrics_become_scalars(tmp_path: pathlib.Path) -> None:
     [accuracy] = events.Scalars("eval/accuracy")
     assert (accuracy.step, accuracy.value) == (3, 0.75)
     assert events.Scalars("client_work/train/loss")[0].value == 0.5
+
+
+def test_writing_events_never_loads_tensorflow(tmp_path: pathlib.Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from server.tensorboard_sink import TensorBoardSink\n"
+        "from server.store import RoundRecord, RoundState\n"
+        "class T: committed_rounds = 1\n"
+        f"sink = TensorBoardSink({str(tmp_path)!r})\n"
+        "sink(T(), RoundRecord('t', 1, RoundState.COMMITTED, 1, 1, 0, {'m': 1.0}, 0.0, 1.0))\n"
+        "sink.close()\n"
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=pathlib.Path(__file__).resolve().parents[2],
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "t").iterdir())

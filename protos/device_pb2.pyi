@@ -183,11 +183,13 @@ class FailureReport(_message.Message):
         TRAINING_ERROR: _ClassVar[FailureReport.Cause]
         DOWNLOAD_ERROR: _ClassVar[FailureReport.Cause]
         MODEL_REJECTED: _ClassVar[FailureReport.Cause]
+        SECURE_AGGREGATION_ERROR: _ClassVar[FailureReport.Cause]
     CAUSE_UNSPECIFIED: FailureReport.Cause
     INTERRUPTED: FailureReport.Cause
     TRAINING_ERROR: FailureReport.Cause
     DOWNLOAD_ERROR: FailureReport.Cause
     MODEL_REJECTED: FailureReport.Cause
+    SECURE_AGGREGATION_ERROR: FailureReport.Cause
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CAUSE_FIELD_NUMBER: _ClassVar[int]

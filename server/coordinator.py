@@ -317,6 +317,8 @@ class Coordinator:
             AssignmentRecord(digest, task.task_id, round_.round_number, device_id, now)
         )
         round_.assign(device_id, digest)
+        secure = self.secure_rounds.aggregator(round_) is not None
+        enrollment = self.secure_rounds.enroll(round_, digest) if secure else None
         self._issued[digest] = (task.task_id, round_.round_number)
         self._advance(task, round_)
         deadline = (
@@ -345,8 +347,8 @@ class Coordinator:
             ),
             aggregation=round_.aggregate.client_spec(),
         )
-        if self.secure_rounds.aggregator(round_) is not None:
-            assignment.secure_aggregation.CopyFrom(self.secure_rounds.enroll(round_, digest))
+        if enrollment is not None:
+            assignment.secure_aggregation.CopyFrom(enrollment)
         # After its work the device is welcome back when a later round selects, but not
         # before the task's participation spacing allows.
         window = self._steer(task, active, now, not_before_s=max(task.config.min_separation_s, 0.0))

@@ -112,10 +112,9 @@ def test_two_secure_rounds_with_a_dropout_commit_the_survivors_fedavg(
                 # After every message the sessions took: no device's quantized input inside.
                 roots: list[object] = [h.server_or_none for h in service._sessions.values()]
                 roots += [r.aggregate for r in task.open_rounds.values()]
-                for contribution in list(sent.values()):
-                    if contribution.quantized is not None:
-                        if _holds(roots, _window(contribution, contribution.quantized)):
-                            violations.append("an individual quantized input on the coordinator")
+                for c in list(sent.values()):
+                    if c.quantized is not None and _holds(roots, _window(c, c.quantized)):
+                        violations.append("an individual quantized input on the coordinator")
                 checks[0] += 1
                 assert tick is not None
                 tick()

@@ -108,7 +108,10 @@ class SecAggService(secagg_pb2_grpc.SecAggServiceServicer):
                 async with hosted.changed:
                     hosted.changed.notify_all()
                 if self._on_change is not None:
-                    self._on_change()
+                    try:
+                        self._on_change()
+                    except Exception:  # the coordinator's reaction must not fail the RPC
+                        log.exception("reacting to a secure-aggregation change failed")
 
     async def apply(self, session_id: bytes, action: Callable[[SecAggServer], T]) -> T:
         """Runs `action` on an open session, serialized with the devices' messages."""

@@ -5,6 +5,8 @@ RUNTIME_VERSION = "0.1.0"
 UPDATE_ENCODING_FLOAT32_DELTA = "float32_delta"
 REPORT_ENCODING_EVALUATION = "evaluation"  # federated evaluation: metrics, no payload
 UPDATE_ENCODING_V1 = "overnight_encoded_v1"  # layout: device_runtime/aggregation/codec.py
+# secure_aggregator(): the update goes masked through SecAggService; the upload carries metrics.
+UPDATE_ENCODING_SECURE_SUM = "secure_sum_v1"
 
 chunk_size_bytes = 1 << 20  # download and upload chunk size; well under gRPC's 4 MiB default
 max_message_bytes = 8 << 20  # any single gRPC message, both directions

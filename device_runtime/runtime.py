@@ -26,6 +26,8 @@ from device_runtime.conditions import DeviceConditions
 from device_runtime.examples import LocalExamples
 from device_runtime.manifest import ManifestError
 from device_runtime.model_runner import TrainableModel
+from device_runtime.secagg.errors import SecAggError
+from device_runtime.secagg.secure_upload import SecureUpload
 from device_runtime.transport import CoordinatorClient, TransportError
 from protos import common_pb2, device_pb2
 
@@ -158,6 +160,11 @@ class DeviceRuntime:
         examples = self._examples.sample(assignment.plan.max_examples, self._rng)
         if assignment.kind == device_pb2.Assignment.EVALUATION:
             return await self._evaluate(assignment, model, examples, delay)
+        secure = None
+        if assignment.HasField("secure_aggregation"):
+            # Keys are agreed while the device trains.
+            secure = SecureUpload(self._client.channel, assignment)
+            secure.start()
         train_rng = np.random.default_rng(self._rng.integers(2**63))
         try:
             result = await asyncio.to_thread(
@@ -173,10 +180,14 @@ class DeviceRuntime:
                 )
             )
         except (ValueError, RuntimeError) as exc:
+            if secure is not None:
+                secure.cancel()
             return await self._fail(
                 token, device_pb2.FailureReport.TRAINING_ERROR, str(exc), round_number, delay
             )
         if result.interrupted:
+            if secure is not None:
+                secure.cancel()
             now = self._conditions.current().describe()
             detail = f"interrupted after {result.num_batches} batches: {now}"
             attempt = await self._fail(
@@ -192,6 +203,10 @@ class DeviceRuntime:
             num_batches=result.num_batches,
         )
         encode_rng = np.random.default_rng(self._rng.integers(2**63))
+        if secure is not None:
+            return await self._report_securely(
+                secure, assignment, delta, len(examples), metrics, encode_rng, delay
+            )
         try:
             update = await asyncio.to_thread(
                 encode_for_upload, assignment.aggregation, delta, encode_rng
@@ -208,6 +223,33 @@ class DeviceRuntime:
             )
             return Attempt(Outcome.FAILED, delay, round_number, detail=str(exc))
         return Attempt(Outcome.REPORTED, delay, round_number)
+
+    async def _report_securely(
+        self,
+        secure: SecureUpload,
+        assignment: device_pb2.Assignment,
+        delta: np.ndarray,
+        example_count: int,
+        metrics: common_pb2.ClientMetrics,
+        rng: np.random.Generator,
+        delay: float,
+    ) -> Attempt:
+        """Masked input to SecAggService, metrics to the coordinator, then unmasking."""
+        round_number, token = assignment.round_number, assignment.upload_token
+        try:
+            await secure.send_update(delta, float(example_count), rng)
+            await self._client.report_secure_update(token, example_count, delta.size, metrics)
+        except (TransportError, SecAggError) as exc:
+            secure.cancel()
+            cause = device_pb2.FailureReport.SECURE_AGGREGATION_ERROR
+            return await self._fail(token, cause, str(exc), round_number, delay)
+        try:
+            await secure.finish()
+        except (TransportError, SecAggError) as exc:
+            # The update is in the sum and counted; the session may still complete without
+            # this device's shares (it then had t other survivors among its neighbours).
+            log.info("device %s: unmasking in round %d: %s", self._device_id, round_number, exc)
+        return Attempt(Outcome.REPORTED, delay, round_number, detail="secure")
 
     async def _evaluate(
         self,

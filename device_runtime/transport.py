@@ -44,6 +44,11 @@ class CoordinatorClient:
         self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
         self.counters = TransferCounters()
 
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel, shared with the SecAggService calls of secure rounds."""
+        return self._channel
+
     async def close(self) -> None:
         await self._channel.close()
 
@@ -123,12 +128,33 @@ class CoordinatorClient:
         self, token: bytes, example_count: int, metrics: common_pb2.ClientMetrics
     ) -> device_pb2.UploadResponse:
         """Federated evaluation: the report is the header's metrics; there is no payload."""
+        return await self._report_without_payload(
+            token, example_count, metrics, constants.REPORT_ENCODING_EVALUATION, 0
+        )
+
+    async def report_secure_update(
+        self, token: bytes, example_count: int, num_elements: int, metrics: common_pb2.ClientMetrics
+    ) -> device_pb2.UploadResponse:
+        """A secure round: the update went masked through SecAggService; this reports the
+        training metrics (accepted once the masked input is in the session's sum)."""
+        return await self._report_without_payload(
+            token, example_count, metrics, constants.UPDATE_ENCODING_SECURE_SUM, num_elements
+        )
+
+    async def _report_without_payload(
+        self,
+        token: bytes,
+        example_count: int,
+        metrics: common_pb2.ClientMetrics,
+        encoding: str,
+        num_elements: int,
+    ) -> device_pb2.UploadResponse:
         header = device_pb2.UploadHeader(
             protocol_version=constants.PROTOCOL_VERSION,
             upload_token=token,
             example_count=example_count,
-            num_elements=0,
-            encoding=constants.REPORT_ENCODING_EVALUATION,
+            num_elements=num_elements,
+            encoding=encoding,
             metrics=metrics,
         )
 

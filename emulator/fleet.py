@@ -6,12 +6,14 @@ import asyncio
 import collections
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import grpc
 import numpy as np
 
 from device_runtime.cache import ResourceCache
 from device_runtime.clock import Clock, RealClock
+from device_runtime.conditions import DeviceConditions
 from device_runtime.examples import LocalExamples
 from device_runtime.runtime import Attempt, DeviceRuntime
 from device_runtime.transport import CoordinatorClient, channel_options
@@ -39,13 +41,17 @@ class Fleet:
         seed: int = 0,
         conditions: RandomConditionsSettings | None = None,
         clock: Clock | None = None,
+        conditions_of: Callable[[int], DeviceConditions] | None = None,
     ) -> None:
+        """`conditions_of(phone index)`, when given, replaces the random conditions (e.g. to
+        make one phone drop out at a chosen moment)."""
         self._target = target
         self._population = population
         self._datasets = datasets
         self._seed = seed
         self._conditions = conditions or RandomConditionsSettings()
         self._clock = clock or RealClock()
+        self._conditions_of = conditions_of
         self.stats = FleetStats()
         self.clients: list[CoordinatorClient] = []
 
@@ -63,7 +69,11 @@ class Fleet:
                 population=self._population,
                 device_id=f"phone-{index:05d}",
                 examples=examples,
-                conditions=RandomConditions(self._clock, rng, self._conditions),
+                conditions=(
+                    self._conditions_of(index)
+                    if self._conditions_of is not None
+                    else RandomConditions(self._clock, rng, self._conditions)
+                ),
                 clock=self._clock,
                 rng=rng,
                 cache=ResourceCache(),

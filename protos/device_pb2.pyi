@@ -1,4 +1,5 @@
 from protos import common_pb2 as _common_pb2
+from protos import secagg_pb2 as _secagg_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -22,7 +23,7 @@ class CheckInRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., population: _Optional[str] = ..., device_id: _Optional[str] = ..., runtime_version: _Optional[str] = ..., example_count: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("task_id", "round_number", "upload_token", "model", "weights", "plan", "report_deadline_s", "kind", "aggregation")
+    __slots__ = ("task_id", "round_number", "upload_token", "model", "weights", "plan", "report_deadline_s", "kind", "aggregation", "secure_aggregation")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         TRAINING: _ClassVar[Assignment.Kind]
@@ -38,6 +39,7 @@ class Assignment(_message.Message):
     REPORT_DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round_number: int
     upload_token: bytes
@@ -47,23 +49,26 @@ class Assignment(_message.Message):
     report_deadline_s: float
     kind: Assignment.Kind
     aggregation: AggregationSpec
-    def __init__(self, task_id: _Optional[str] = ..., round_number: _Optional[int] = ..., upload_token: _Optional[bytes] = ..., model: _Optional[_Union[_common_pb2.ResourceRef, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.ResourceRef, _Mapping]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., report_deadline_s: _Optional[float] = ..., kind: _Optional[_Union[Assignment.Kind, str]] = ..., aggregation: _Optional[_Union[AggregationSpec, _Mapping]] = ...) -> None: ...
+    secure_aggregation: _secagg_pb2.SecAggSessionConfig
+    def __init__(self, task_id: _Optional[str] = ..., round_number: _Optional[int] = ..., upload_token: _Optional[bytes] = ..., model: _Optional[_Union[_common_pb2.ResourceRef, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.ResourceRef, _Mapping]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., report_deadline_s: _Optional[float] = ..., kind: _Optional[_Union[Assignment.Kind, str]] = ..., aggregation: _Optional[_Union[AggregationSpec, _Mapping]] = ..., secure_aggregation: _Optional[_Union[_secagg_pb2.SecAggSessionConfig, _Mapping]] = ...) -> None: ...
 
 class AggregationSpec(_message.Message):
-    __slots__ = ("encoding", "seed", "tensor_sizes", "zeroing", "clipping", "codec")
+    __slots__ = ("encoding", "seed", "tensor_sizes", "zeroing", "clipping", "codec", "max_weight")
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TENSOR_SIZES_FIELD_NUMBER: _ClassVar[int]
     ZEROING_FIELD_NUMBER: _ClassVar[int]
     CLIPPING_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     encoding: str
     seed: int
     tensor_sizes: _containers.RepeatedScalarFieldContainer[int]
     zeroing: NormBound
     clipping: NormBound
     codec: CodecParams
-    def __init__(self, encoding: _Optional[str] = ..., seed: _Optional[int] = ..., tensor_sizes: _Optional[_Iterable[int]] = ..., zeroing: _Optional[_Union[NormBound, _Mapping]] = ..., clipping: _Optional[_Union[NormBound, _Mapping]] = ..., codec: _Optional[_Union[CodecParams, _Mapping]] = ...) -> None: ...
+    max_weight: float
+    def __init__(self, encoding: _Optional[str] = ..., seed: _Optional[int] = ..., tensor_sizes: _Optional[_Iterable[int]] = ..., zeroing: _Optional[_Union[NormBound, _Mapping]] = ..., clipping: _Optional[_Union[NormBound, _Mapping]] = ..., codec: _Optional[_Union[CodecParams, _Mapping]] = ..., max_weight: _Optional[float] = ...) -> None: ...
 
 class NormBound(_message.Message):
     __slots__ = ("bound", "norm_order", "estimate")
@@ -178,11 +183,13 @@ class FailureReport(_message.Message):
         TRAINING_ERROR: _ClassVar[FailureReport.Cause]
         DOWNLOAD_ERROR: _ClassVar[FailureReport.Cause]
         MODEL_REJECTED: _ClassVar[FailureReport.Cause]
+        SECURE_AGGREGATION_ERROR: _ClassVar[FailureReport.Cause]
     CAUSE_UNSPECIFIED: FailureReport.Cause
     INTERRUPTED: FailureReport.Cause
     TRAINING_ERROR: FailureReport.Cause
     DOWNLOAD_ERROR: FailureReport.Cause
     MODEL_REJECTED: FailureReport.Cause
+    SECURE_AGGREGATION_ERROR: FailureReport.Cause
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CAUSE_FIELD_NUMBER: _ClassVar[int]

@@ -194,15 +194,17 @@ class SessionResult(_message.Message):
     def __init__(self, num_summed: _Optional[int] = ...) -> None: ...
 
 class SecAggServerMessage(_message.Message):
-    __slots__ = ("share_keys_request", "masked_input_request", "unmasking_request", "result", "abort")
+    __slots__ = ("share_keys_request", "masked_input_request", "unmasking_request", "result", "abort", "session_config")
     SHARE_KEYS_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MASKED_INPUT_REQUEST_FIELD_NUMBER: _ClassVar[int]
     UNMASKING_REQUEST_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_CONFIG_FIELD_NUMBER: _ClassVar[int]
     share_keys_request: ShareKeysRequest
     masked_input_request: MaskedInputRequest
     unmasking_request: UnmaskingRequest
     result: SessionResult
     abort: Abort
-    def __init__(self, share_keys_request: _Optional[_Union[ShareKeysRequest, _Mapping]] = ..., masked_input_request: _Optional[_Union[MaskedInputRequest, _Mapping]] = ..., unmasking_request: _Optional[_Union[UnmaskingRequest, _Mapping]] = ..., result: _Optional[_Union[SessionResult, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ...) -> None: ...
+    session_config: SecAggSessionConfig
+    def __init__(self, share_keys_request: _Optional[_Union[ShareKeysRequest, _Mapping]] = ..., masked_input_request: _Optional[_Union[MaskedInputRequest, _Mapping]] = ..., unmasking_request: _Optional[_Union[UnmaskingRequest, _Mapping]] = ..., result: _Optional[_Union[SessionResult, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., session_config: _Optional[_Union[SecAggSessionConfig, _Mapping]] = ...) -> None: ...

@@ -37,6 +37,7 @@ from server.optimizers import deserialize_state, serialize_state
 from server.pace_steering import PaceSteering, PaceSteeringSettings, PopulationActivity
 from server.rounds import aggregating, closed, reporting, selecting
 from server.rounds.round import AssignmentState, RoundInProgress
+from server.secagg.round_bridge import SecureRounds
 from server.store import AssignmentRecord, RoundRecord, RoundState, Store, TaskRecord
 from server.task_runtime import TaskRuntime
 
@@ -82,6 +83,8 @@ class Coordinator:
         # clear; a leaked database cannot be used to upload.
         self._issued: dict[str, tuple[str, int]] = {}
         self.observers: list[RoundObserver] = []
+        # Rounds of secure_aggregator() tasks run a SecAgg session (its gRPC service too).
+        self.secure_rounds = SecureRounds(on_change=self.tick)
         for record in store.tasks():
             self._load_task(record)
 
@@ -314,6 +317,8 @@ class Coordinator:
             AssignmentRecord(digest, task.task_id, round_.round_number, device_id, now)
         )
         round_.assign(device_id, digest)
+        secure = self.secure_rounds.aggregator(round_) is not None
+        enrollment = self.secure_rounds.enroll(round_, digest) if secure else None
         self._issued[digest] = (task.task_id, round_.round_number)
         self._advance(task, round_)
         deadline = (
@@ -342,6 +347,8 @@ class Coordinator:
             ),
             aggregation=round_.aggregate.client_spec(),
         )
+        if enrollment is not None:
+            assignment.secure_aggregation.CopyFrom(enrollment)
         # After its work the device is welcome back when a later round selects, but not
         # before the task's participation spacing allows.
         window = self._steer(task, active, now, not_before_s=max(task.config.min_separation_s, 0.0))
@@ -438,6 +445,7 @@ class Coordinator:
             raise FailedPrecondition(f"assignment already {assignment.state.value}")
         assignment.state = AssignmentState.FAILED
         assignment.failure = device_pb2.FailureReport.Cause.Name(report.cause)
+        self.secure_rounds.device_failed(round_, digest)
         self._advance(task, round_)
         now = self._clock.now()
         active = self._activity.get(task.config.population)
@@ -460,6 +468,8 @@ class Coordinator:
             match state:
                 case RoundState.SELECTING:
                     following = selecting.next_state(round_, task.config, now)
+                case RoundState.REPORTING if self.secure_rounds.aggregator(round_) is not None:
+                    following = self.secure_rounds.next_state(round_, task.config, now)
                 case RoundState.REPORTING:
                     following = reporting.next_state(round_, task.config, now)
                 case RoundState.AGGREGATING:
@@ -476,6 +486,10 @@ class Coordinator:
                 return
             if following is RoundState.REPORTING:
                 reporting.enter(round_, task.config, now)
+                failed = [
+                    t for t, a in round_.assignments.items() if a.state is AssignmentState.FAILED
+                ]
+                self.secure_rounds.selection_closed(round_, failed)
             if state is RoundState.REPORTING and following is not RoundState.FAILED:
                 task.reporting_durations_s.append(now - round_.reporting_started_at)
             round_.state = following
@@ -535,6 +549,7 @@ class Coordinator:
         self._notify(task, record)
 
     def _forget(self, task: TaskRuntime, round_: RoundInProgress) -> None:
+        self.secure_rounds.round_closed(round_)
         task.open_rounds.pop(round_.round_number, None)
         task.last_round = round_
         for digest in round_.assignments:

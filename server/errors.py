@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
 import grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class CoordinatorError(Exception):
@@ -37,3 +45,21 @@ class ResourceExhausted(CoordinatorError):
 
 def status_code(error: CoordinatorError) -> grpc.StatusCode:
     return error.code
+
+
+def abort_on_error(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Wraps a unary gRPC handler: a CoordinatorError becomes its status, with its message.
+
+    Every service (device, admin, secure aggregation) uses this one mapping.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await method(self, request, context)
+        except CoordinatorError as exc:
+            log.info("%s refused: %s %s", method.__name__, status_code(exc).name, exc)
+            await context.abort(status_code(exc), str(exc))
+            raise AssertionError("unreachable") from None
+
+    return wrapper

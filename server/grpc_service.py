@@ -1,23 +1,29 @@
 """gRPC (asyncio) front of the coordinator: the device and admin services.
 
-All CoordinatorErrors become gRPC statuses here, in `_abort_on_error`, and nowhere else.
+All CoordinatorErrors become gRPC statuses through `server.errors.abort_on_error`, the one
+mapping every service (SecAggService too) uses.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import grpc
 
 from device_runtime import constants as protocol
-from protos import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc
+from protos import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, secagg_pb2_grpc
 from server.config import TaskConfig
 from server.coordinator import Coordinator, TaskRuntime, check_protocol_version
-from server.errors import CoordinatorError, InvalidArgument, ResourceExhausted, status_code
+from server.errors import (
+    CoordinatorError,
+    InvalidArgument,
+    ResourceExhausted,
+    abort_on_error,
+    status_code,
+)
 from server.rounds.round import RoundInProgress
 from server.store import RoundRecord
 
@@ -29,25 +35,12 @@ tick_interval_s = 0.25
 admin_max_message_bytes = 256 << 20
 
 
-def _abort_on_error(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
-        try:
-            return await method(self, request, context)
-        except CoordinatorError as exc:
-            log.info("%s refused: %s %s", method.__name__, status_code(exc).name, exc)
-            await context.abort(status_code(exc), str(exc))
-            raise AssertionError("unreachable") from None
-
-    return wrapper
-
-
 class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     def __init__(self, coordinator: Coordinator, max_concurrent_uploads: int = 2) -> None:
         self._coordinator = coordinator
         self._upload_slots = asyncio.Semaphore(max_concurrent_uploads)
 
-    @_abort_on_error
+    @abort_on_error
     async def CheckIn(
         self, request: device_pb2.CheckInRequest, context: grpc.aio.ServicerContext
     ) -> device_pb2.CheckInResponse:
@@ -74,7 +67,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             yield chunk
         self._coordinator.count_broadcast(request.sha256, sent)
 
-    @_abort_on_error
+    @abort_on_error
     async def UploadUpdate(
         self,
         request_iterator: AsyncIterator[device_pb2.UploadChunk],
@@ -120,7 +113,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             raise InvalidArgument("empty upload stream")
         return self._coordinator.accept_upload(header, staging[:received], wire_bytes)
 
-    @_abort_on_error
+    @abort_on_error
     async def ReportFailure(
         self, request: device_pb2.FailureReport, context: grpc.aio.ServicerContext
     ) -> device_pb2.FailureAck:
@@ -166,7 +159,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self._coordinator = coordinator
 
-    @_abort_on_error
+    @abort_on_error
     async def RegisterTask(
         self, request: admin_pb2.RegisterTaskRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RegisterTaskResponse:
@@ -181,14 +174,14 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             num_parameters=record.num_parameters,
         )
 
-    @_abort_on_error
+    @abort_on_error
     async def GetTaskStatus(
         self, request: admin_pb2.GetTaskStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.TaskStatus:
         check_protocol_version(request.protocol_version)
         return task_status(self._coordinator.task(request.task_id))
 
-    @_abort_on_error
+    @abort_on_error
     async def ListTasks(
         self, request: admin_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListTasksResponse:
@@ -197,7 +190,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             tasks=[task_status(t) for t in self._coordinator.tasks()]
         )
 
-    @_abort_on_error
+    @abort_on_error
     async def ListRounds(
         self, request: admin_pb2.ListRoundsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListRoundsResponse:
@@ -228,6 +221,9 @@ class CoordinatorServer:
             DeviceService(coordinator, max_concurrent_uploads), self._server
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(coordinator), self._server)
+        secagg_pb2_grpc.add_SecAggServiceServicer_to_server(
+            coordinator.secure_rounds.service, self._server
+        )
         self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")

@@ -26,6 +26,44 @@ from protos import secagg_pb2, secagg_pb2_grpc
 session_timeout_s = 600.0
 
 
+async def await_session_config(
+    channel: grpc.aio.Channel, enrollment: secagg_pb2.SecAggSessionConfig
+) -> secagg_pb2.SecAggSessionConfig:
+    """The complete config of a session the device was enrolled in before it opened (see
+    "Enrollment in a round" in protos/secagg.proto). Raises TransportError, or SecAggAborted
+    when the server answers with a config for another device."""
+    stub = secagg_pb2_grpc.SecAggServiceStub(channel)
+    request = secagg_pb2.AwaitServerMessageRequest(
+        protocol_version=constants.PROTOCOL_VERSION,
+        session_id=enrollment.session_id,
+        client_id=enrollment.client_id,
+        session_token=enrollment.session_token,
+        after_stage=secagg_pb2.STAGE_UNSPECIFIED,
+    )
+    give_up = time.monotonic() + session_timeout_s
+    while True:
+        try:
+            message = await stub.AwaitServerMessage(request)
+            break
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() < give_up:
+                continue
+            raise TransportError(exc.code(), exc.details() or "") from exc
+    if message.WhichOneof("message") == "abort":
+        raise SecAggAborted(f"server aborted: {message.abort.reason}")
+    config = message.session_config
+    if (config.session_id, config.client_id, config.session_token) != (
+        enrollment.session_id,
+        enrollment.client_id,
+        enrollment.session_token,
+    ) or (config.modulus_bits, config.vector_length) != (
+        enrollment.modulus_bits,
+        enrollment.vector_length,
+    ):
+        raise SecAggAborted("the session config does not match this device's enrollment")
+    return config
+
+
 class SecAggSessionRunner:
     def __init__(self, channel: grpc.aio.Channel, config: secagg_pb2.SecAggSessionConfig) -> None:
         self._stub = secagg_pb2_grpc.SecAggServiceStub(channel)
@@ -105,6 +143,11 @@ class SecAggSessionRunner:
 
     async def contribute(self, quantized: np.ndarray) -> secagg_pb2.SessionResult:
         """R2 and R3: send the masked input, help unmask, return the session's result."""
+        await self.send_masked_input(quantized)
+        return await self.unmask()
+
+    async def send_masked_input(self, quantized: np.ndarray) -> None:
+        """R2: masks the input and sends it."""
         request = await self._await(secagg_pb2.SHARE_KEYS)
         try:
             masked = await asyncio.to_thread(
@@ -113,6 +156,9 @@ class SecAggSessionRunner:
         except SecAggAborted as exc:
             await self._refuse(exc)
         await self._send_masked_input(masked)
+
+    async def unmask(self) -> secagg_pb2.SessionResult:
+        """R3: reveals the shares the server asks for; returns the session's result."""
         request = await self._await(secagg_pb2.MASKED_INPUT_COLLECTION)
         try:
             response = self.client.unmasking_response(request.unmasking_request)

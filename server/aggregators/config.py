@@ -91,20 +91,44 @@ class DpConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SecureSumConfig:
+    """secure_aggregator(): a weighted mean whose numerator and weights are secure-summed.
+
+    Fixed clipping, where TFF's secure_aggregator() adapts it: `clip` bounds the update's L2
+    norm and each element (the field quantization needs a known range), `max_weight` caps an
+    example count (the weight's range in the field). Layout: device_runtime/secagg/secure_mean.py.
+    """
+
+    clip: float = 1.0  # TFF's initial clipping estimate
+    max_weight: float = 10_000.0
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"secure_aggregator: clip must be positive, got {self.clip}")
+        if not (math.isfinite(self.max_weight) and self.max_weight > 0):
+            raise ValueError(
+                f"secure_aggregator: max_weight must be positive, got {self.max_weight}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class AggregatorConfig:
-    """zeroing(clipping(mean(codec))) or zeroing(dp(codec)); every stage optional."""
+    """zeroing(clipping(mean(codec))), zeroing(dp(codec)) or secure_aggregator(); every stage
+    optional."""
 
     weighted: bool = True
     zeroing: NormStageConfig | None = None
     clipping: NormStageConfig | None = None
     dp: DpConfig | None = None
     codec: CodecSpec = CodecSpec()
+    secure: SecureSumConfig | None = None
 
     @property
     def plain_mean(self) -> bool:
         """Nothing but a weighted mean of raw float32 deltas (the original wire encoding)."""
         return (
             self.weighted
+            and self.secure is None
             and self.zeroing is None
             and self.clipping is None
             and self.dp is None
@@ -125,4 +149,13 @@ class AggregatorConfig:
             if self.weighted:
                 raise ValueError("dp averages unweighted (as TFF's dp_aggregator)")
         self.codec.validate()
+        if self.secure is not None:
+            self.secure.validate()
+            if (self.zeroing, self.clipping, self.dp) != (None, None, None) or (
+                self.codec.name != FLOAT32
+            ):
+                raise ValueError(
+                    "secure_aggregator clips with a fixed bound and quantizes itself; it does "
+                    "not compose with zeroing, clipping, dp or a codec"
+                )
         return self

@@ -84,6 +84,12 @@ class AggregationProcess:
         """The aggregator of a new round, with a fresh shared seed."""
         if self.config.plain_mean:
             return Float32WeightedMean(self.num_parameters)
+        if self.config.secure is not None:
+            from server.secagg.round_aggregator import SecureSumRoundAggregator
+
+            return SecureSumRoundAggregator(
+                self.config.secure, self.num_parameters, self.config.weighted
+            )
         seed = int(self._rng.integers(0, 2**64, dtype=np.uint64))
         return EncodedRoundAggregator(
             self.config, self.tensor_sizes, seed, self.state, self._rng, self._adopt

@@ -1,7 +1,10 @@
 """gRPC (asyncio) front of secure aggregation: SecAggService over the sessions it hosts.
 
-The coordinator creates a SecAggServer per round, `add_session`s it here, hands each selected
-device its `session_config`, and calls `close_stage` when a stage's deadline passes. Message
+The coordinator `expect_session`s a round's session when it enrolls the first device (the
+session is pending: only its id and tokens exist), `add_session`s the SecAggServer once
+selection closed, and calls `close_stage` (or `apply`) when a stage's deadline passes. A
+pending session answers AwaitServerMessage(after_stage = STAGE_UNSPECIFIED) with the device's
+full session config once it opens, and FAILED_PRECONDITION to everything else. Message
 handling that may close a stage runs in a worker thread (unmasking a large vector takes
 seconds), one call at a time per session. Status codes are those of protos/secagg.proto.
 """
@@ -25,9 +28,9 @@ from server.errors import (
     InvalidArgument,
     ResourceExhausted,
     Unauthenticated,
+    abort_on_error,
 )
-from server.grpc_service import _abort_on_error
-from server.secagg.server import SecAggServer
+from server.secagg.server import SecAggServer, SessionEnrollment
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,9 +41,16 @@ _terminal = (secagg_pb2.COMPLETED, secagg_pb2.ABORTED)
 
 @dataclasses.dataclass
 class _HostedSession:
-    server: SecAggServer
+    enrollment: SessionEnrollment
+    server_or_none: SecAggServer | None = None
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     changed: asyncio.Condition = dataclasses.field(default_factory=asyncio.Condition)
+
+    @property
+    def server(self) -> SecAggServer:
+        if self.server_or_none is None:
+            raise FailedPrecondition("the secure-aggregation session has not opened yet")
+        return self.server_or_none
 
 
 def _check_version(version: int) -> None:
@@ -52,11 +62,34 @@ def _check_version(version: int) -> None:
 
 
 class SecAggService(secagg_pb2_grpc.SecAggServiceServicer):
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+        """`on_change` runs on the event loop after any message or stage change was taken."""
         self._sessions: dict[bytes, _HostedSession] = {}
+        self._on_change = on_change
+
+    def expect_session(self, enrollment: SessionEnrollment) -> None:
+        """Hosts a pending session: its devices may long-poll for their full config."""
+        self._sessions.setdefault(enrollment.session_id, _HostedSession(enrollment))
 
     def add_session(self, server: SecAggServer) -> None:
-        self._sessions[server.session_id] = _HostedSession(server)
+        """Opens a session (pending or new); devices polling for its config are answered."""
+        hosted = self._sessions.get(server.session_id)
+        if hosted is None:
+            hosted = _HostedSession(server.enrollment)
+            self._sessions[server.session_id] = hosted
+        hosted.server_or_none = server
+        self._notify(hosted)
+
+    def _notify(self, hosted: _HostedSession) -> None:
+        async def wake() -> None:
+            async with hosted.changed:
+                hosted.changed.notify_all()
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop, so nobody is polling
+        loop.create_task(wake())
 
     def remove_session(self, session_id: bytes) -> None:
         self._sessions.pop(session_id, None)
@@ -74,13 +107,24 @@ class SecAggService(secagg_pb2_grpc.SecAggServiceServicer):
             finally:
                 async with hosted.changed:
                     hosted.changed.notify_all()
+                if self._on_change is not None:
+                    try:
+                        self._on_change()
+                    except Exception:  # the coordinator's reaction must not fail the RPC
+                        log.exception("reacting to a secure-aggregation change failed")
+
+    async def apply(self, session_id: bytes, action: Callable[[SecAggServer], T]) -> T:
+        """Runs `action` on an open session, serialized with the devices' messages."""
+        hosted = self._session(session_id)
+        server = hosted.server
+        return await self._apply(hosted, lambda: action(server))
 
     async def close_stage(self, session_id: bytes) -> secagg_pb2.SecAggStage:
         """The current stage's deadline passed: devices that stayed silent are dropped."""
         hosted = self._session(session_id)
         return await self._apply(hosted, hosted.server.close_stage)
 
-    @_abort_on_error
+    @abort_on_error
     async def Send(
         self, request: secagg_pb2.SecAggClientMessage, context: grpc.aio.ServicerContext
     ) -> secagg_pb2.SecAggAck:
@@ -88,7 +132,7 @@ class SecAggService(secagg_pb2_grpc.SecAggServiceServicer):
         stage = await self._apply(hosted, lambda: hosted.server.receive(request))
         return secagg_pb2.SecAggAck(stage=stage)
 
-    @_abort_on_error
+    @abort_on_error
     async def SendMaskedInput(
         self,
         request_iterator: AsyncIterator[secagg_pb2.MaskedInputChunk],
@@ -134,24 +178,39 @@ class SecAggService(secagg_pb2_grpc.SecAggServiceServicer):
         )
         return secagg_pb2.SecAggAck(stage=stage)
 
-    @_abort_on_error
+    @abort_on_error
     async def AwaitServerMessage(
         self, request: secagg_pb2.AwaitServerMessageRequest, context: grpc.aio.ServicerContext
     ) -> secagg_pb2.SecAggServerMessage:
         _check_version(request.protocol_version)
         hosted = self._session(request.session_id)
-        server = hosted.server
-        server.check_credentials(request.session_id, request.client_id, request.session_token)
+        hosted.enrollment.check_credentials(
+            request.session_id, request.client_id, request.session_token
+        )
+        if hosted.server_or_none is None and request.after_stage != secagg_pb2.STAGE_UNSPECIFIED:
+            raise FailedPrecondition("the secure-aggregation session has not opened yet")
 
         def ready() -> bool:
+            server = hosted.server_or_none
+            if server is None:
+                return False
+            if request.after_stage == secagg_pb2.STAGE_UNSPECIFIED:
+                return True
             return server.stage != request.after_stage or server.stage in _terminal
 
         async with hosted.changed:
             try:
                 await asyncio.wait_for(hosted.changed.wait_for(ready), await_server_message_s)
             except TimeoutError:
+                stage = hosted.server_or_none.stage if hosted.server_or_none else 0
                 await context.abort(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"stage {secagg_pb2.SecAggStage.Name(server.stage)} is still open; poll again",
+                    f"stage {secagg_pb2.SecAggStage.Name(stage)} is still open; poll again",
                 )
+        server = hosted.server
+        if request.after_stage == secagg_pb2.STAGE_UNSPECIFIED:
+            server.check_credentials(request.session_id, request.client_id, request.session_token)
+            return secagg_pb2.SecAggServerMessage(
+                session_config=server.session_config(request.client_id)
+            )
         return server.server_message(request.session_id, request.client_id, request.session_token)

@@ -38,8 +38,39 @@ graph_seed_bytes = 32
 session_token_bytes = 16
 
 
+class SessionEnrollment:
+    """A session's id and its devices' tokens, fixed before the session's size is known."""
+
+    def __init__(self) -> None:
+        self.session_id = secrets.token_bytes(session_id_bytes)
+        self.tokens: dict[int, bytes] = {}
+
+    def enroll(self, client_id: int) -> bytes:
+        """The client's session token (issued on first call)."""
+        if client_id not in self.tokens:
+            self.tokens[client_id] = secrets.token_bytes(session_token_bytes)
+        return self.tokens[client_id]
+
+    def check_credentials(self, session_id: bytes, client_id: int, token: bytes) -> None:
+        expected = self.tokens.get(client_id)
+        if (
+            session_id != self.session_id
+            or expected is None
+            or not hmac.compare_digest(expected, token)
+        ):
+            raise Unauthenticated(f"unknown session, client {client_id} or session token")
+
+
 class SecAggServer:
-    def __init__(self, parameters: SecAggParameters, modulus_bits: int, vector_length: int) -> None:
+    def __init__(
+        self,
+        parameters: SecAggParameters,
+        modulus_bits: int,
+        vector_length: int,
+        enrollment: SessionEnrollment | None = None,
+    ) -> None:
+        """`enrollment`: the session id and tokens already handed to the devices (a round
+        enrolls devices before it knows how many there will be); fresh ones otherwise."""
         masking.check_modulus_bits(modulus_bits)
         if vector_length < 1:
             raise ValueError(f"vector_length must be positive, got {vector_length}")
@@ -47,14 +78,19 @@ class SecAggServer:
         # choose to be its victim's neighbours.
         graph_seed = secrets.token_bytes(graph_seed_bytes)
         n = parameters.num_clients
+        self.enrollment = enrollment = enrollment or SessionEnrollment()
+        for client in range(1, n + 1):
+            enrollment.enroll(client)
+        if set(enrollment.tokens) != set(range(1, n + 1)):
+            raise ValueError(f"the enrollment's client ids are not 1..{n}")
         self._data = SessionData(
-            session_id=secrets.token_bytes(session_id_bytes),
+            session_id=enrollment.session_id,
             parameters=parameters,
             graph_seed=graph_seed,
             modulus_bits=modulus_bits,
             vector_length=vector_length,
             graph=NeighbourGraph(graph_seed, n, parameters.num_neighbours),
-            token_by_client={c: secrets.token_bytes(session_token_bytes) for c in range(1, n + 1)},
+            token_by_client=dict(enrollment.tokens),
         )
         self._state: SecAggState = AdvertiseKeysState(self._data)
 
@@ -81,6 +117,33 @@ class SecAggServer:
     def check_credentials(self, session_id: bytes, client_id: int, token: bytes) -> None:
         """Raises Unauthenticated unless the three match an enrolled device."""
         self._authenticate(session_id, client_id, token)
+
+    @property
+    def num_clients(self) -> int:
+        return self._data.parameters.num_clients
+
+    @property
+    def num_neighbours(self) -> int:
+        return self._data.parameters.num_neighbours
+
+    @property
+    def threshold(self) -> int:
+        return self._data.parameters.threshold
+
+    @property
+    def masked_inputs(self) -> int:
+        """Devices whose masked input is in the running sum so far."""
+        return len(self._data.masked_input_senders)
+
+    def took_masked_input(self, client_id: int) -> bool:
+        return client_id in self._data.masked_input_senders
+
+    def drop_client(self, client_id: int, reason: str) -> None:
+        """The coordinator learned the device will not continue (e.g. it reported a
+        failure): as if it had aborted. No-op for unknown ids and finished sessions."""
+        if client_id in self._data.token_by_client:
+            self._client_aborted(client_id, reason)
+            self._close_if_complete()
 
     def waiting_for(self) -> set[int]:
         """Devices the current stage still waits for (empty once terminal)."""

@@ -93,3 +93,13 @@ def test_task_config_aggregator_survives_the_admin_wire_and_toml_dict() -> None:
 
     assert TaskConfig.from_proto(config.to_proto()) == config
     assert TaskConfig.from_dict(config.to_dict()) == config
+
+
+def test_secure_aggregator_is_fixed_clipping_around_a_secure_mean() -> None:
+    from server.aggregators.presets import parse_aggregator
+
+    config = parse_aggregator("secure_aggregator(clip=0.2, weighted=false)")
+
+    assert config.secure is not None and config.secure.clip == 0.2
+    assert config.secure.max_weight == 1.0  # unweighted: every device weighs the same
+    assert not config.plain_mean and config.zeroing is None and config.clipping is None

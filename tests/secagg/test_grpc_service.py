@@ -74,7 +74,13 @@ def test_eight_devices_sum_over_grpc_with_one_dropping_after_sharing_keys(
                 results[c] = await runner.contribute(inputs[c])
 
         devices = asyncio.gather(*(device(c) for c in range(1, N + 1)))
-        await _until(lambda: server.waiting_for() == {dropped})
+        # At the masked-input stage (earlier stages may also briefly wait for it alone).
+        await _until(
+            lambda: (
+                server.stage == secagg_pb2.MASKED_INPUT_COLLECTION
+                and server.waiting_for() == {dropped}
+            )
+        )
         await service.close_stage(server.session_id)  # the stage's deadline passes
         await devices
 
@@ -105,7 +111,12 @@ def test_devices_learn_of_an_abort_below_threshold() -> None:
                     outcomes[c] = str(exc)
 
         devices = asyncio.gather(*(device(c) for c in range(1, N + 1)))
-        await _until(lambda: server.waiting_for() == set(range(3, N + 1)))
+        await _until(
+            lambda: (
+                server.stage == secagg_pb2.MASKED_INPUT_COLLECTION
+                and server.waiting_for() == set(range(3, N + 1))
+            )
+        )
         await service.close_stage(server.session_id)
         await devices
 
@@ -169,3 +180,70 @@ def test_bad_calls_get_their_documented_status_codes() -> None:
         "stream without header": grpc.StatusCode.INVALID_ARGUMENT,
         "unknown session": grpc.StatusCode.UNAUTHENTICATED,
     }
+
+
+def test_a_pending_session_answers_its_config_once_opened_and_refuses_the_rest() -> None:
+    from device_runtime.secagg.session_runner import await_session_config
+    from server.secagg.server import SessionEnrollment
+
+    enrollment = SessionEnrollment()
+    partial = [
+        secagg_pb2.SecAggSessionConfig(
+            session_id=enrollment.session_id,
+            client_id=c,
+            session_token=enrollment.enroll(c),
+            modulus_bits=32,
+            vector_length=LENGTH,
+        )
+        for c in range(1, N + 1)
+    ]
+    codes: dict[str, grpc.StatusCode] = {}
+    received: list[secagg_pb2.SecAggSessionConfig] = []
+
+    async def scenario() -> None:
+        service = SecAggService()
+        service.expect_session(enrollment)
+        grpc_server = grpc.aio.server()
+        secagg_pb2_grpc.add_SecAggServiceServicer_to_server(service, grpc_server)
+        port = grpc_server.add_insecure_port("127.0.0.1:0")
+        await grpc_server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = secagg_pb2_grpc.SecAggServiceStub(channel)
+                poll = asyncio.ensure_future(await_session_config(channel, partial[0]))
+                wrong = secagg_pb2.AwaitServerMessageRequest(
+                    protocol_version=constants.PROTOCOL_VERSION,
+                    session_id=enrollment.session_id,
+                    client_id=2,
+                    session_token=b"x" * 16,
+                )
+                message = secagg_pb2.SecAggClientMessage(
+                    protocol_version=constants.PROTOCOL_VERSION,
+                    session_id=enrollment.session_id,
+                    client_id=2,
+                    session_token=partial[1].session_token,
+                )
+                message.abort.reason = "early"
+                for name, call in (
+                    ("wrong token", stub.AwaitServerMessage(wrong)),
+                    ("send before open", stub.Send(message)),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call
+                    codes[name] = refused.value.code()
+                await asyncio.sleep(0.05)
+                assert not poll.done()
+                server = SecAggServer(choose_parameters(N), 32, LENGTH, enrollment)
+                service.add_session(server)
+                received.append(await asyncio.wait_for(poll, 5.0))
+        finally:
+            await grpc_server.stop(0)
+
+    asyncio.run(scenario())
+
+    assert codes == {
+        "wrong token": grpc.StatusCode.UNAUTHENTICATED,
+        "send before open": grpc.StatusCode.FAILED_PRECONDITION,
+    }
+    assert received[0].num_clients == N and received[0].threshold > 0
+    assert received[0].session_token == partial[0].session_token

@@ -73,14 +73,15 @@ class TrainingModule(tf.Module):
         return self._variables
 
     def _train(self, x: tf.Tensor, y: tf.Tensor, mask: tf.Tensor) -> dict[str, tf.Tensor]:
-        loss, scores, gradients = self._network.loss_and_gradients(x, y, mask)
+        values = [v.read_value() for v in self._variables]
+        loss, scores, gradients = self._network.loss_and_gradients(x, y, mask, values)
         mu = self._proximal_mu.read_value()
         gradients = [
-            g + mu * (v - anchor)
-            for g, v, anchor in zip(gradients, self._variables, self._anchor, strict=True)
+            g + mu * (value - anchor)
+            for g, value, anchor in zip(gradients, values, self._anchor, strict=True)
         ]
         # Every gradient was computed from the pre-step weights; only now do they change.
-        self._optimizer.apply(gradients)
+        self._optimizer.apply(gradients, values)
         correct = tf.reduce_sum(self._loss.correct(scores, y) * mask)
         return {"loss": loss, "correct": correct}
 

@@ -137,6 +137,7 @@ def _export_and_compare(
         optimizer_options=options,
         learning_rate=learning_rate,
         batch_size=int(steps["mask"].shape[1]),
+        fedprox=bool(mu),
     )
     from_logits = reference_model.layers[-1].get_config().get("activation", "linear") == "linear"
     reference = tensorflow_trajectory(

@@ -26,7 +26,7 @@ from tflite_export.networks import KerasNetwork, Network, PlannedNetwork
 from tflite_export.optimizers import optimizer_config
 from tflite_export.training_module import TrainingModule
 
-EXPORTER_VERSION = "0.2.0"
+EXPORTER_VERSION = "0.3.0"
 
 log = logging.getLogger(__name__)
 

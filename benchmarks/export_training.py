@@ -36,8 +36,9 @@ ROUNDS = 5
 THREADS = 2
 # What the exporter does now, for the section heading; edit when the exporter changes.
 EXPORTER_STATE = (
-    "im2col (GATHER) + BATCH_MATMUL convolutions, variables read once per step, FedProx "
-    "opt-in (off here, on both sides), device reads the schema from the `tflite` package"
+    "convolution forward, filter- and (stride 1) input-gradient as im2col (GATHER) + "
+    "BATCH_MATMUL, variables read once per step, FedProx opt-in (off here, on both sides), "
+    "device reads the schema from the `tflite` package"
 )
 
 LITERT_TRAINER = """

@@ -92,8 +92,15 @@ def _pieces() -> dict[str, tuple[Callable, list[list[int]]]]:
             lambda p, dz: tf.matmul(p, dz, transpose_a=True),
             [[BATCH * 196, 800], [BATCH * 196, 64]],
         ),
-        "conv2 input-gradient: TRANSPOSE_CONV (before and now)": (
+        "conv2 input-gradient: TRANSPOSE_CONV (before)": (
             lambda dz, k: tf.nn.conv2d_transpose(dz, k, x2, 1, "SAME"),
+            [z2, k2],
+        ),
+        "conv2 input-gradient: im2col(dz) @ rotated kernel (now)": (
+            lambda dz, k: tf.matmul(
+                patch_matrix(pad(dz), (5, 5), (1, 1), (14, 14)),
+                tf.reshape(tf.transpose(tf.reverse(k, [0, 1]), [0, 1, 3, 2]), [1600, 32]),
+            ),
             [z2, k2],
         ),
         "dense1 FedProx term at mu=0: g + mu*(w - anchor) (before)": (

@@ -5,7 +5,8 @@ For the digits MLP and the McMahan CNN at batch 20, side by side in one run:
 - the same for the `--flex` export (TensorFlow autodiff) under TensorFlow 2.14's interpreter;
 - the median time of Keras `train_on_batch` on the same batch;
 - peak resident memory of a child process that trains with our export and LiteRT only, vs one
-  that must import TensorFlow to run the Flex export.
+  that must import TensorFlow to run the Flex export: 20 train steps, and a device's round
+  (set_weights, 20 train steps, get_weights: every signature a round runs keeps its arena).
 Prints the figures and appends them, with the machine, to benchmarks/RESULTS.md.
 
 Run: .venv/bin/python -m benchmarks.export_training
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,19 +26,33 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
+from benchmarks.machine import describe  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 20
 STEPS = 30
 WARMUP = 3
+ROUNDS = 5
 THREADS = 2
+# What the exporter does now, for the section heading; edit when the exporter changes.
+EXPORTER_STATE = (
+    "convolution forward, filter- and (stride 1) input-gradient as im2col (GATHER) + "
+    "BATCH_MATMUL, variables read once per step, FedProx opt-in (off here, on both sides), "
+    "device reads the schema from the `tflite` package"
+)
 
 LITERT_TRAINER = """
 import sys, numpy as np
 from device_runtime.model_runner import TrainableModel
 model = TrainableModel(open(sys.argv[1], "rb").read(), num_threads=%d)
+round_ = sys.argv[2] == "round"
+if round_:
+    model.set_weights(model.get_weights())
 x = np.random.default_rng(0).random((%d, *model.manifest.input_shape), dtype=np.float32)
 for _ in range(20):
     model.train_step(x, np.zeros(%d, np.int32), np.ones(%d, np.float32))
+if round_:
+    model.get_weights()
 assert not any(m.startswith("tensorflow") for m in sys.modules)
 print(PEAK_RSS)
 """ % (THREADS, BATCH, BATCH, BATCH)  # noqa: UP031
@@ -49,10 +63,16 @@ os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import tensorflow as tf
 interpreter = tf.lite.Interpreter(model_path=sys.argv[1], num_threads=%d)
 train = interpreter.get_signature_runner("train")
+round_ = sys.argv[2] == "round"
+if round_:
+    weights = interpreter.get_signature_runner("get_weights")()["weights"]
+    interpreter.get_signature_runner("set_weights")(weights=weights)
 shape = train.get_input_details()["x"]["shape"]
 x = np.random.default_rng(0).random(shape, dtype=np.float32)
 for _ in range(20):
     train(x=x, y=np.zeros(%d, np.int32), mask=np.ones(%d, np.float32))
+if round_:
+    interpreter.get_signature_runner("get_weights")()
 print(PEAK_RSS)
 """ % (THREADS, BATCH, BATCH)  # noqa: UP031
 
@@ -66,22 +86,6 @@ LITERT_TRAINER = LITERT_TRAINER.replace("PEAK_RSS", PEAK_RSS)
 FLEX_TRAINER = FLEX_TRAINER.replace("PEAK_RSS", PEAK_RSS)
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kb = int(pathlib.Path("/proc/meminfo").read_text().split()[1])
-    except OSError:
-        mem_kb = 0
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {mem_kb / 2**20:.1f} GiB RAM, "
-        f"Python {platform.python_version()}, {platform.system()} {platform.machine()}"
-    )
-
-
 def median_ms(step) -> float:
     for _ in range(WARMUP):
         step()
@@ -93,10 +97,11 @@ def median_ms(step) -> float:
     return 1000 * statistics.median(times)
 
 
-def peak_rss_mib(script: str, model_path: pathlib.Path) -> float:
+def peak_rss_mib(script: str, model_path: pathlib.Path, what: str) -> float:
+    """Peak RSS of a child running `script` on the model; `what`: "steps" or "round"."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run(
-        [sys.executable, "-c", script, str(model_path)],
+        [sys.executable, "-c", script, str(model_path), what],
         env=env,
         cwd=REPO,
         check=True,
@@ -131,7 +136,7 @@ def measure(name: str, make_model, work: pathlib.Path) -> dict[str, float]:
     flex_train = flex.get_signature_runner("train")
     # Interleave the three, round after round, so drift on a shared machine hits all alike.
     results: dict[str, list[float]] = {"ours": [], "flex": [], "keras": []}
-    for _ in range(3):
+    for _ in range(ROUNDS):
         results["ours"].append(median_ms(lambda: ours_train(x=x, y=y, mask=mask)))
         results["flex"].append(median_ms(lambda: flex_train(x=x, y=y, mask=mask)))
         results["keras"].append(median_ms(lambda: keras_model.train_on_batch(x, y)))
@@ -142,8 +147,10 @@ def measure(name: str, make_model, work: pathlib.Path) -> dict[str, float]:
         "keras_ms": min(results["keras"]),
         "ours_bytes": float(ours_path.stat().st_size),
         "flex_bytes": float(flex_path.stat().st_size),
-        "ours_rss": peak_rss_mib(LITERT_TRAINER, ours_path),
-        "flex_rss": peak_rss_mib(FLEX_TRAINER, flex_path),
+        "ours_rss": peak_rss_mib(LITERT_TRAINER, ours_path, "steps"),
+        "flex_rss": peak_rss_mib(FLEX_TRAINER, flex_path, "steps"),
+        "ours_round_rss": peak_rss_mib(LITERT_TRAINER, ours_path, "round"),
+        "flex_round_rss": peak_rss_mib(FLEX_TRAINER, flex_path, "round"),
     }
 
 
@@ -162,23 +169,30 @@ def main() -> None:
                 f"{r['keras_ms']:.2f} | {r['flex_ms'] / r['ours_ms']:.2f}x | "
                 f"{r['ours_bytes'] / 1e6:.3f} | {r['flex_bytes'] / 1e6:.3f} | "
                 f"{r['ours_rss']:.0f} | {r['flex_rss']:.0f} | "
-                f"{r['flex_rss'] / r['ours_rss']:.1f}x |"
+                f"{r['flex_rss'] / r['ours_rss']:.1f}x | "
+                f"{r['ours_round_rss']:.0f} | {r['flex_round_rss']:.0f} | "
+                f"{r['flex_round_rss'] / r['ours_round_rss']:.1f}x |"
             )
     report = "\n".join(
         [
             "",
-            "## TFLite training export: builtin ops (LiteRT) vs Flex (TF 2.14) vs Keras",
+            "## TFLite training export: builtin ops (LiteRT) vs Flex (TF 2.14) vs Keras, "
+            "after the train-step speed-up",
             "",
-            f"Machine: {machine()}. Batch {BATCH}; median of {STEPS} steps after {WARMUP} warm-up "
-            f"steps, best of 3 interleaved rounds; interpreters with {THREADS} threads, Keras "
-            "with its defaults. Peak RSS: a child process that loads the model and trains 20 "
-            "steps (ours: device_runtime + ai_edge_litert, no TensorFlow; Flex: TensorFlow's "
-            "interpreter). Run: `.venv/bin/python -m benchmarks.export_training`.",
+            f"Exporter: {EXPORTER_STATE}.",
+            "",
+            f"Machine: {describe()}. Batch {BATCH}; median of {STEPS} steps after {WARMUP} "
+            f"warm-up steps, best of {ROUNDS} interleaved rounds; interpreters with {THREADS} "
+            "threads (LiteRT with its default XNNPACK delegate), Keras with its defaults. Peak "
+            "RSS: a child process that loads the model and trains 20 steps, and one that runs a "
+            "device's round (set_weights, 20 steps, get_weights); ours: device_runtime + "
+            "ai_edge_litert, no TensorFlow; Flex: TensorFlow's interpreter. "
+            "Run: `.venv/bin/python -m benchmarks.export_training`.",
             "",
             "| model | params | ours ms/step | Flex ms/step | Keras train_on_batch ms | "
             "Flex/ours time | ours MB | Flex MB | ours peak RSS MiB | Flex peak RSS MiB | "
-            "RSS ratio |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "RSS ratio | ours round RSS MiB | Flex round RSS MiB | round RSS ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
         ]

@@ -26,8 +26,13 @@ REQUIRED_SIGNATURES: dict[str, tuple[str, ...]] = {
     "get_weights": (),
     "set_weights": ("weights",),
     "reset_optimizer": (),
-    "set_proximal_mu": ("mu",),
 }
+# Signatures of a model exported with FedProx (`overnight export --fedprox`).
+FEDPROX_SIGNATURES: dict[str, tuple[str, ...]] = {"set_proximal_mu": ("mu",)}
+
+
+def required_signatures(fedprox: bool) -> dict[str, tuple[str, ...]]:
+    return {**REQUIRED_SIGNATURES, **(FEDPROX_SIGNATURES if fedprox else {})}
 
 
 class ManifestError(ValueError):
@@ -65,6 +70,9 @@ class ModelManifest:
     exporter_version: str
     flex: bool = False
     label_shape: tuple[int, ...] = ()  # per example: () for class ids, (units,) otherwise
+    # FedProx's proximal term is in the graph (set_proximal_mu). Manifests written before it
+    # was opt-in always had it, hence the default when the field is absent.
+    fedprox: bool = True
 
     @property
     def num_parameters(self) -> int:
@@ -92,6 +100,7 @@ class ModelManifest:
             "ops": list(self.ops),
             "exporter_version": self.exporter_version,
             "flex": self.flex,
+            "fedprox": self.fedprox,
         }
         return json.dumps(body, indent=2, sort_keys=True)
 
@@ -127,6 +136,7 @@ class ModelManifest:
                 exporter_version=body["exporter_version"],
                 flex=bool(body.get("flex", False)),
                 label_shape=tuple(int(d) for d in body["label"]["shape"]),
+                fedprox=bool(body.get("fedprox", True)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"manifest field missing or malformed: {exc!r}") from exc
@@ -143,7 +153,7 @@ class ModelManifest:
                     "the weight layout must be contiguous"
                 )
             offset += w.size
-        for name, inputs in REQUIRED_SIGNATURES.items():
+        for name, inputs in required_signatures(self.fedprox).items():
             if name not in self.signatures:
                 raise ManifestError(f"manifest lacks the required signature {name!r}")
             if tuple(sorted(self.signatures[name])) != tuple(sorted(inputs)):

@@ -47,7 +47,11 @@ class TrainableModel:
         self._get_weights = self._interpreter.get_signature_runner("get_weights")
         self._set_weights = self._interpreter.get_signature_runner("set_weights")
         self._reset_optimizer = self._interpreter.get_signature_runner("reset_optimizer")
-        self._set_proximal_mu = self._interpreter.get_signature_runner("set_proximal_mu")
+        self._set_proximal_mu = (
+            self._interpreter.get_signature_runner("set_proximal_mu")
+            if self.manifest.fedprox
+            else None
+        )
         self._input_dtype = np.dtype(self.manifest.input_dtype)
         self._label_dtype = np.dtype(self.manifest.label_dtype)
         graph_size = int(self._get_weights()["weights"].size)
@@ -119,9 +123,20 @@ class TrainableModel:
         self._reset_optimizer()
 
     def set_proximal_mu(self, mu: float) -> None:
-        """FedProx's μ for the following train steps; 0 is plain FedAvg."""
+        """FedProx's μ for the following train steps; 0 is plain FedAvg.
+
+        Raises ValueError for a negative or non-finite μ, and for μ > 0 on a model exported
+        without FedProx.
+        """
         if not (np.isfinite(mu) and mu >= 0.0):
             raise ValueError(f"proximal_mu must be a finite number >= 0, got {mu}")
+        if self._set_proximal_mu is None:
+            if mu > 0.0:
+                raise ValueError(
+                    f"proximal_mu is {mu} but the model was exported without FedProx; "
+                    "export it with `overnight export --fedprox`"
+                )
+            return
         self._set_proximal_mu(mu=np.float32(mu))
 
     def train_step(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[float, float]:

@@ -145,6 +145,11 @@ class Coordinator:
                 f"task config field 'batch_size' is {config.batch_size} but the model was "
                 f"exported with batch size {manifest.batch_size}"
             )
+        if config.fedprox_mu > 0 and not manifest.fedprox:
+            raise InvalidArgument(
+                f"task config field 'fedprox_mu' is {config.fedprox_mu} but the model was "
+                "exported without FedProx; export it with `overnight export --fedprox`"
+            )
         if initial_weights is None or len(initial_weights) == 0:
             from device_runtime.model_runner import TrainableModel
 

@@ -43,8 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "Exports a Keras Sequential model (Dense, Conv2D, Max/AveragePooling2D, "
             "GlobalAveragePooling, Embedding, Flatten, Reshape, Dropout; relu, tanh, sigmoid, "
             "softmax) to a .tflite file with train, evaluate, infer, get_weights, set_weights, "
-            "reset_optimizer and set_proximal_mu signatures that run on stock LiteRT without the "
-            "Flex delegate. Writes the manifest into the model and beside it as OUTPUT.json. "
+            "and reset_optimizer signatures (plus set_proximal_mu with --fedprox) that run on "
+            "stock LiteRT without the Flex delegate. Writes the manifest into the model and "
+            "beside it as OUTPUT.json. "
             "--flex exports any Keras model for devices that ship TensorFlow."
         ),
     )
@@ -73,6 +74,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="export any Keras model with select TensorFlow ops (needs TensorFlow on device)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the dropout masks")
+    parser.add_argument(
+        "--fedprox",
+        action="store_true",
+        help="include FedProx's proximal term (set_proximal_mu); needed by tasks with "
+        "fedprox_mu > 0, costs a second copy of the weights on the device",
+    )
     parser.add_argument(
         "--learning-rate", type=float, default=0.02, help="client learning rate (default 0.02)"
     )
@@ -109,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             optimizer_options=options,
             flex=args.flex,
             seed=args.seed,
+            fedprox=args.fedprox,
         )
     except ExportError as exc:
         print(f"export failed: {exc}", file=sys.stderr)

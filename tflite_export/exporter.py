@@ -14,9 +14,9 @@ from ai_edge_litert import schema_py_generated as schema
 
 from device_runtime.manifest import (
     MANIFEST_METADATA_NAME,
-    REQUIRED_SIGNATURES,
     ModelManifest,
     WeightSpec,
+    required_signatures,
 )
 from device_runtime.model_file import operator_names
 from tflite_export.errors import ExportError
@@ -26,7 +26,7 @@ from tflite_export.networks import KerasNetwork, Network, PlannedNetwork
 from tflite_export.optimizers import optimizer_config
 from tflite_export.training_module import TrainingModule
 
-EXPORTER_VERSION = "0.2.0"
+EXPORTER_VERSION = "0.3.0"
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,14 @@ def export_model(
     optimizer_options: dict[str, Any] | None = None,
     flex: bool = False,
     seed: int = 0,
+    fedprox: bool = False,
 ) -> ModelManifest:
     """Exports `model` as a TFLite training model; writes `<output>.json` beside it.
 
     By default the model is built from builtin ops only and runs on stock LiteRT. `flex=True`
     exports any Keras model with TensorFlow's autodiff and select TensorFlow ops; such a model
     needs the Flex delegate and the manifest says so. `seed` seeds the dropout masks.
+    `fedprox=True` adds FedProx's proximal term and its `set_proximal_mu` signature.
 
     Raises ExportError naming the layer, loss or optimizer that cannot be exported.
     """
@@ -79,8 +81,10 @@ def export_model(
         input_shape=input_shape,
         input_dtype=input_dtype,
         batch_size=batch_size,
+        fedprox=fedprox,
     )
-    tflite_bytes = _convert(module, flex)
+    signatures = required_signatures(fedprox)
+    tflite_bytes = _convert(module, flex, signatures)
     ops = tuple(sorted(set(operator_names(tflite_bytes))))
     non_builtin = [op for op in ops if op.startswith("Flex") or op == "CUSTOM"]
     if non_builtin and not flex:
@@ -104,12 +108,13 @@ def export_model(
         num_classes=output_shape[-1] if output_shape else 1,
         batch_size=batch_size,
         weights=tuple(weights),
-        signatures=dict(REQUIRED_SIGNATURES),
+        signatures=signatures,
         loss=loss_spec.name,
         optimizer=optimizer_settings.to_manifest(),
         ops=ops,
         exporter_version=EXPORTER_VERSION,
         flex=flex,
+        fedprox=fedprox,
     )
     manifest.check_consistent()
     output_path = pathlib.Path(output_path)
@@ -131,14 +136,12 @@ def _first_layer_is_embedding(model: tf.keras.Model) -> bool:
     return bool(layers) and isinstance(layers[0], tf.keras.layers.Embedding)
 
 
-def _convert(module: TrainingModule, flex: bool) -> bytes:
+def _convert(module: TrainingModule, flex: bool, names: dict[str, tuple[str, ...]]) -> bytes:
     with tempfile.TemporaryDirectory(prefix="overnight-export-") as saved_model_dir:
-        signatures = {
-            name: getattr(module, name).get_concrete_function() for name in REQUIRED_SIGNATURES
-        }
+        signatures = {name: getattr(module, name).get_concrete_function() for name in names}
         tf.saved_model.save(module, saved_model_dir, signatures=signatures)
         converter = tf.lite.TFLiteConverter.from_saved_model(
-            saved_model_dir, signature_keys=list(REQUIRED_SIGNATURES)
+            saved_model_dir, signature_keys=list(names)
         )
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         if flex:

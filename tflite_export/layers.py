@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tflite_export import spatial_layers
+from tflite_export import convolution, spatial_layers
 from tflite_export.errors import ExportError
 
 Cache = tuple[tf.Tensor, ...]
@@ -201,7 +201,7 @@ def _layer_plans(
             layer.name, activation_name(layer.activation)
         )
     if isinstance(layer, layers.Conv2D) and type(layer) is layers.Conv2D:
-        return spatial_layers.conv2d_plan(layer, batch_size, in_shape) + activation_plan(
+        return convolution.conv2d_plan(layer, batch_size, in_shape) + activation_plan(
             layer.name, activation_name(layer.activation)
         )
     if isinstance(layer, (layers.MaxPooling2D, layers.AveragePooling2D)):

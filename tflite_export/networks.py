@@ -32,9 +32,12 @@ class Network(Protocol):
         ...
 
     def loss_and_gradients(
-        self, x: tf.Tensor, y: tf.Tensor, mask: tf.Tensor
+        self, x: tf.Tensor, y: tf.Tensor, mask: tf.Tensor, values: Sequence[tf.Tensor]
     ) -> tuple[tf.Tensor, tf.Tensor, list[tf.Tensor]]:
-        """(mean loss over real examples, scores, gradient of each variable), training mode."""
+        """(mean loss over real examples, scores, gradient of each variable), training mode.
+
+        `values` are the variables' values, read once by the caller, in `variables` order.
+        """
         ...
 
 
@@ -55,15 +58,25 @@ class PlannedNetwork:
     def variables(self) -> list[tf.Variable]:
         return [v for plan in self._plans for v in plan.params]
 
-    def _forward(self, x: tf.Tensor, training: bool) -> tuple[tf.Tensor, list]:
-        caches = []
+    def _split(self, values: Sequence[tf.Tensor]) -> list[Sequence[tf.Tensor]]:
+        """`values` (one per variable) cut into each plan's parameters."""
+        split, start = [], 0
         for plan in self._plans:
-            x, cache = plan.forward(x, plan.params, training)
+            split.append(values[start : start + len(plan.params)])
+            start += len(plan.params)
+        return split
+
+    def _forward(
+        self, x: tf.Tensor, params: Sequence[Sequence[tf.Tensor]], training: bool
+    ) -> tuple[tf.Tensor, list]:
+        caches = []
+        for plan, plan_params in zip(self._plans, params, strict=True):
+            x, cache = plan.forward(x, plan_params, training)
             caches.append(cache)
         return x, caches
 
     def scores(self, x: tf.Tensor) -> tf.Tensor:
-        return self._forward(x, training=False)[0]
+        return self._forward(x, [plan.params for plan in self._plans], training=False)[0]
 
     def predict(self, x: tf.Tensor) -> tf.Tensor:
         z = self.scores(x)
@@ -71,8 +84,11 @@ class PlannedNetwork:
             z = self._head.forward(z, [], False)[0]
         return z
 
-    def loss_and_gradients(self, x, y, mask):
-        z, caches = self._forward(x, training=True)
+    def loss_and_gradients(self, x, y, mask, values):
+        # Every op reads the values given, not the variables: each variable is read (copied,
+        # in LiteRT) once per step instead of once per use.
+        params = self._split(values)
+        z, caches = self._forward(x, params, training=True)
         per_example, dz = self._loss.per_example(z, y)
         loss, count = _mean_over_real(per_example, mask)
         weight = tf.reshape(mask / count, [-1] + [1] * (len(dz.shape) - 1))
@@ -80,7 +96,7 @@ class PlannedNetwork:
         grads_by_plan: list[list[tf.Tensor]] = [[] for _ in self._plans]
         for index in range(len(self._plans) - 1, -1, -1):
             plan = self._plans[index]
-            grad, grads_by_plan[index] = plan.backward(caches[index], grad, plan.params)
+            grad, grads_by_plan[index] = plan.backward(caches[index], grad, params[index])
         return loss, z, [g for grads in grads_by_plan for g in grads]
 
 
@@ -117,7 +133,8 @@ class KerasNetwork(tf.Module):
     def predict(self, x: tf.Tensor) -> tf.Tensor:
         return self._model(x, training=False)
 
-    def loss_and_gradients(self, x, y, mask):
+    def loss_and_gradients(self, x, y, mask, values):
+        # Keras reads its own variables; `values` only serve the optimizer.
         with tf.GradientTape() as tape:
             z = self._scores(x, training=True)
             per_example, _ = self._loss.per_example(z, y)

@@ -92,7 +92,9 @@ class ClientOptimizer(tf.Module):
     def reset(self) -> None:
         self._step.assign(0.0)
 
-    def apply(self, gradients: Sequence[tf.Tensor]) -> None:
+    def apply(self, gradients: Sequence[tf.Tensor], values: Sequence[tf.Tensor]) -> None:
+        """Updates each variable from its gradient and its pre-step `values` (already read:
+        assigning from them saves LiteRT a second copy of every variable per step)."""
         config = self.config
         lr = config.learning_rate
         previous_step = self._step.read_value()
@@ -106,18 +108,20 @@ class ClientOptimizer(tf.Module):
                 * tf.sqrt(1.0 - tf.pow(config.beta_2, step))
                 / (1.0 - tf.pow(config.beta_1, step))
             )
-        for variable, gradient, slots in zip(self._variables, gradients, self._slots, strict=True):
+        for variable, value, gradient, slots in zip(
+            self._variables, values, gradients, self._slots, strict=True
+        ):
             match config.name:
                 case "sgd":
-                    variable.assign_sub(lr * gradient)
+                    variable.assign(value - lr * gradient)
                 case "momentum":
                     (velocity,) = slots
                     new_velocity = config.momentum * (velocity * has_state) - lr * gradient
                     velocity.assign(new_velocity)
                     if config.nesterov:
-                        variable.assign_add(config.momentum * new_velocity - lr * gradient)
+                        variable.assign(value + (config.momentum * new_velocity - lr * gradient))
                     else:
-                        variable.assign_add(new_velocity)
+                        variable.assign(value + new_velocity)
                 case "adam":
                     m_slot, v_slot = slots
                     m, v = m_slot * has_state, v_slot * has_state
@@ -125,4 +129,4 @@ class ClientOptimizer(tf.Module):
                     new_v = v + (gradient * gradient - v) * (1.0 - config.beta_2)
                     m_slot.assign(new_m)
                     v_slot.assign(new_v)
-                    variable.assign_sub(new_m * alpha / (tf.sqrt(new_v) + config.epsilon))
+                    variable.assign(value - new_m * alpha / (tf.sqrt(new_v) + config.epsilon))

@@ -1,9 +1,7 @@
-"""Convolution, pooling and embedding layers as explicit forward/backward in builtin ops.
+"""Pooling and embedding layers as explicit forward/backward in builtin ops.
 
-The gradients TensorFlow would compute with Flex-only ops are written out:
-- conv input-gradient: a transposed convolution (TRANSPOSE_CONV) with the same padding;
-- conv filter-gradient: a convolution of the transposed (padded) input with the transposed
-  output-gradient, zeros inserted between its rows and columns when the stride is above 1;
+The gradients TensorFlow would compute with Flex-only ops are written out (`convolution`
+holds Conv2D's):
 - max-pool gradient: the upstream gradient routed to the first maximum of each window (ARG_MAX
   then ONE_HOT), exactly as TensorFlow's MaxPoolGrad breaks ties;
 - embedding gradient: one-hot(ids)^T @ dy, a MatMul.
@@ -27,92 +25,23 @@ if TYPE_CHECKING:
 _LOWEST_FLOAT32 = float(np.finfo(np.float32).min)
 
 
-def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
     """TensorFlow's SAME rule: (output size, padding before, padding after)."""
     out = -(-size // stride)
     total = max((out - 1) * stride + kernel - size, 0)
     return out, total // 2, total - total // 2
 
 
-def _valid_size(size: int, kernel: int, stride: int) -> int:
-    return (size - kernel) // stride + 1
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+def pair(value: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
     first, second = value
     return int(first), int(second)
 
 
-def _check_channels_last(layer: tf.keras.layers.Layer) -> None:
+def check_channels_last(layer: tf.keras.layers.Layer) -> None:
     if getattr(layer, "data_format", "channels_last") != "channels_last":
         raise ExportError(f"layer {layer.name!r}: only data_format='channels_last' is supported")
-
-
-def _insert_zeros(dz: tf.Tensor, sh: int, sw: int) -> tf.Tensor:
-    """[B, oh, ow, C] -> [B, (oh-1)*sh+1, (ow-1)*sw+1, C] with zeros between the entries."""
-    if sh == 1 and sw == 1:
-        return dz
-    b, oh, ow, c = (int(d) for d in dz.shape)
-    spread = tf.reshape(dz, [b * oh, 1, ow, c])
-    spread = tf.pad(spread, [[0, 0], [0, sh - 1], [0, 0], [0, 0]])
-    spread = tf.reshape(spread, [b, oh * sh, ow, 1, c])
-    spread = tf.reshape(spread, [b * oh * sh, ow, 1, c])
-    spread = tf.pad(spread, [[0, 0], [0, 0], [0, sw - 1], [0, 0]])
-    spread = tf.reshape(spread, [b, oh * sh, ow * sw, c])
-    return spread[:, : (oh - 1) * sh + 1, : (ow - 1) * sw + 1, :]
-
-
-def conv2d_plan(
-    layer: tf.keras.layers.Conv2D, batch_size: int, in_shape: Sequence[int]
-) -> list[LayerPlan]:
-    from tflite_export.layers import LayerPlan
-
-    _check_channels_last(layer)
-    if tuple(layer.dilation_rate) != (1, 1) or layer.groups != 1:
-        raise ExportError(
-            f"layer {layer.name!r}: Conv2D with dilation {tuple(layer.dilation_rate)} or "
-            f"groups {layer.groups} is not supported; supported: dilation 1, groups 1"
-        )
-    padding = layer.padding.upper()
-    if padding not in ("VALID", "SAME"):
-        raise ExportError(f"layer {layer.name!r}: padding {layer.padding!r} is not supported")
-    height, width, channels = (int(d) for d in in_shape)
-    kh, kw = _pair(layer.kernel_size)
-    sh, sw = _pair(layer.strides)
-    if padding == "SAME":
-        _, top, bottom = _same_padding(height, kh, sh)
-        _, left, right = _same_padding(width, kw, sw)
-    else:
-        top = bottom = left = right = 0
-    kernel_value, *rest = layer.get_weights()
-    params = [tf.Variable(kernel_value.astype(np.float32), name=f"{layer.name}/kernel")]
-    if layer.use_bias:
-        params.append(tf.Variable(rest[0].astype(np.float32), name=f"{layer.name}/bias"))
-    x_shape = [batch_size, height, width, channels]
-
-    def forward(x: tf.Tensor, p: Sequence[tf.Variable], training: bool):
-        z = tf.nn.conv2d(x, p[0], strides=[1, sh, sw, 1], padding=padding)
-        return (z + p[1] if len(p) > 1 else z), (x,)
-
-    def backward(cache: Cache, dz: tf.Tensor, p: Sequence[tf.Variable]):
-        (x,) = cache
-        dx = tf.nn.conv2d_transpose(dz, p[0], x_shape, strides=[1, sh, sw, 1], padding=padding)
-        padded = x
-        if top or bottom or left or right:
-            padded = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
-        # dK[i, j, c, o] = sum_{b, u, v} x_p[b, u*sh + i, v*sw + j, c] * dz[b, u, v, o]:
-        # a convolution with batch and channels of x swapped, dz as the filter.
-        x_t = tf.transpose(padded, [3, 1, 2, 0])
-        dz_t = tf.transpose(_insert_zeros(dz, sh, sw), [1, 2, 0, 3])
-        dk = tf.nn.conv2d(x_t, dz_t, strides=1, padding="VALID")[:, :kh, :kw, :]
-        grads = [tf.transpose(dk, [1, 2, 0, 3])]
-        if len(p) > 1:
-            grads.append(tf.reduce_sum(dz, axis=[0, 1, 2]))
-        return dx, grads
-
-    return [LayerPlan(layer.name, params, forward, backward)]
 
 
 def _to_windows(x: tf.Tensor, oh: int, ow: int, ph: int, pw: int) -> tf.Tensor:
@@ -143,9 +72,9 @@ def pooling_plan(
 ) -> LayerPlan:
     from tflite_export.layers import LayerPlan
 
-    _check_channels_last(layer)
-    ph, pw = _pair(layer.pool_size)
-    if _pair(layer.strides) != (ph, pw):
+    check_channels_last(layer)
+    ph, pw = pair(layer.pool_size)
+    if pair(layer.strides) != (ph, pw):
         raise ExportError(
             f"layer {layer.name!r}: pooling with strides {tuple(layer.strides)} != pool size "
             f"{(ph, pw)} (overlapping windows) is not supported; supported: strides = pool size"
@@ -154,8 +83,8 @@ def pooling_plan(
     height, width, channels = (int(d) for d in in_shape)
     oh, ow = int(out_shape[0]), int(out_shape[1])
     if padding == "SAME":
-        _, top, bottom = _same_padding(height, ph, ph)
-        _, left, right = _same_padding(width, pw, pw)
+        _, top, bottom = same_padding(height, ph, ph)
+        _, left, right = same_padding(width, pw, pw)
     else:  # VALID drops the rows and columns that fill no window
         top = left = 0
         bottom, right = oh * ph - height, ow * pw - width
@@ -163,13 +92,15 @@ def pooling_plan(
 
     def fit_to_windows(x: tf.Tensor, fill: float) -> tf.Tensor:
         """Pads (SAME) or crops (VALID) x to exactly [B, oh*ph, ow*pw, C]."""
-        x = x[:, : height + min(bottom, 0), : width + min(right, 0), :]
+        if bottom < 0 or right < 0:
+            x = x[:, : height + min(bottom, 0), : width + min(right, 0), :]
         pads = [[0, 0], [top, max(bottom, 0)], [left, max(right, 0)], [0, 0]]
         return tf.pad(x, pads, constant_values=fill) if any(max(*p) for p in pads) else x
 
     def back_to_input(windows: tf.Tensor) -> tf.Tensor:
         full = _from_windows(windows, batch_size, oh, ow, ph, pw)
-        full = full[:, top : top + height, left : left + width, :]
+        if top or left or bottom > 0 or right > 0:  # an identity slice would still copy
+            full = full[:, top : top + height, left : left + width, :]
         if bottom < 0 or right < 0:
             full = tf.pad(full, [[0, 0], [0, max(-bottom, 0)], [0, max(-right, 0)], [0, 0]])
         return full
@@ -206,7 +137,7 @@ def global_average_plan(
 ) -> LayerPlan:
     from tflite_export.layers import LayerPlan
 
-    _check_channels_last(layer)
+    check_channels_last(layer)
     channels = int(in_shape[-1])
     cells = int(np.prod(in_shape[:-1]))
     axes = list(range(1, len(in_shape)))

@@ -108,5 +108,14 @@ def test_manifest_records_what_the_device_needs(model_bytes: bytes) -> None:
     assert manifest.loss == "sparse_categorical_crossentropy"
     assert manifest.label_shape == () and manifest.label_dtype == "int32"
     assert manifest.optimizer == {"name": "sgd", "learning_rate": 0.1}
-    assert {"reset_optimizer", "set_proximal_mu"} <= set(manifest.signatures)
+    assert "reset_optimizer" in manifest.signatures
+    # FedProx is opt-in: this model was exported without it.
+    assert manifest.fedprox is False and "set_proximal_mu" not in manifest.signatures
     assert not any(op.startswith("Flex") for op in manifest.ops)
+
+
+def test_a_fedprox_manifest_without_set_proximal_mu_is_refused(model_bytes: bytes) -> None:
+    lying = dataclasses.replace(read_manifest(model_bytes), fedprox=True)
+
+    with pytest.raises(ManifestError, match="required signature 'set_proximal_mu'"):
+        read_manifest(embed_manifest(model_bytes, lying))

@@ -89,12 +89,41 @@ def test_negative_proximal_mu_is_refused(model_bytes: bytes) -> None:
         )
 
 
-def test_fedprox_keeps_the_weights_near_the_round_start(model_bytes: bytes) -> None:
+@pytest.fixture(scope="module")
+def fedprox_model_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The session's digits MLP, exported with FedProx's proximal term."""
+    from tflite_export.exporter import export_model
+    from tflite_export.model_zoo import create_digits_mlp
+
+    path = tmp_path_factory.mktemp("fedprox") / "digits_mlp.tflite"
+    export_model(
+        create_digits_mlp(hidden_units=16, seed=1),
+        path,
+        learning_rate=0.1,
+        batch_size=8,
+        fedprox=True,
+    )
+    return path.read_bytes()
+
+
+def test_fedprox_on_a_model_exported_without_it_is_refused(model_bytes: bytes) -> None:
+    model = TrainableModel(model_bytes)
+    digits = load_digits()
+    before = model.get_weights()
+
+    with pytest.raises(ValueError, match="without FedProx.*--fedprox"):
+        model.train(digits.x[:16], digits.y[:16], 1, np.random.default_rng(0), proximal_mu=0.5)
+
+    assert model.manifest.fedprox is False
+    np.testing.assert_array_equal(model.get_weights(), before)
+
+
+def test_fedprox_keeps_the_weights_near_the_round_start(fedprox_model_bytes: bytes) -> None:
     digits = load_digits()
     x, y = digits.x[:160], digits.y[:160]
     drift = {}
     for mu in (0.0, 5.0):
-        model = TrainableModel(model_bytes)
+        model = TrainableModel(fedprox_model_bytes)
         start = model.get_weights()
         model.set_weights(start)  # the round's global weights: FedProx's anchor
 

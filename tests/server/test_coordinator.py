@@ -329,6 +329,18 @@ def test_register_refuses_a_batch_size_the_model_was_not_exported_with(
         coordinator.register_task(task_config(batch_size=32), model_bytes)
 
 
+def test_register_refuses_fedprox_for_a_model_exported_without_it(
+    store_path, clock, model_bytes
+) -> None:
+    coordinator = _coordinator(store_path, clock)
+
+    with pytest.raises(InvalidArgument, match="'fedprox_mu' is 0.1.*--fedprox"):
+        coordinator.register_task(task_config(fedprox_mu=0.1), model_bytes)
+
+    with pytest.raises(NotFound):
+        coordinator.task("t1")
+
+
 def test_register_refuses_a_file_that_is_not_a_model(store_path, clock) -> None:
     coordinator = _coordinator(store_path, clock)
 

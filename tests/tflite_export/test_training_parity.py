@@ -100,6 +100,21 @@ LAYER_CASES: dict[str, tuple[Callable[[], tf.keras.Sequential], tuple[int, ...],
         (9, 9, 3),
         0,
     ),
+    # Stride-1 convolutions after the first layer: their input-gradient is an im2col matmul
+    # with the rotated kernel; SAME with an even kernel pads unevenly.
+    "conv_stride1_same_even_kernel_then_valid": (
+        lambda: tf.keras.Sequential(
+            [
+                L.Conv2D(3, 3, input_shape=(9, 8, 2)),
+                L.Conv2D(4, (4, 2), padding="same", activation="relu"),
+                L.Conv2D(2, (2, 3)),
+                L.Flatten(),
+                L.Dense(4),
+            ]
+        ),
+        (9, 8, 2),
+        0,
+    ),
     "embedding_global_average_1d": (
         lambda: tf.keras.Sequential(
             [
@@ -137,6 +152,7 @@ def _export_and_compare(
         optimizer_options=options,
         learning_rate=learning_rate,
         batch_size=int(steps["mask"].shape[1]),
+        fedprox=bool(mu),
     )
     from_logits = reference_model.layers[-1].get_config().get("activation", "linear") == "linear"
     reference = tensorflow_trajectory(

@@ -1,0 +1,189 @@
+"""One worker process of a large fleet: an asyncio loop running many emulated phones.
+
+Each phone is a real DeviceRuntime with its own daily routine (on the virtual clock), its own
+network link and device tier (delays on top of real gRPC and real LiteRT training), and its own
+local data. Memory per phone stays small: downloaded bytes are held once per worker (each phone
+still downloads for itself, see PhoneCache), and a phone drops its interpreter after each
+assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import resource
+
+import grpc
+import numpy as np
+
+from device_runtime.cache import ResourceCache, sha256_hex
+from device_runtime.clock import RealClock
+from device_runtime.runtime import Attempt, DeviceRuntime
+from device_runtime.transport import channel_options
+from emulator.daily_routine import DailyConditions, draw_profile
+from emulator.data import ClientDatasets
+from emulator.fleet_config import FleetConfig
+from emulator.participation import ParticipationLog
+from emulator.slowdowns import EmulatedLinkClient, TieredModel
+from emulator.virtual_clock import VirtualClock
+
+log = logging.getLogger(__name__)
+
+phones_per_channel = 256  # phones sharing one HTTP/2 connection, as behind a carrier NAT
+training_threads = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetSpec:
+    """Everything a worker needs to build its phones; picklable, so it crosses processes."""
+
+    target: str
+    population: str
+    config: FleetConfig
+    datasets: ClientDatasets
+    virtual_start_s: float
+    speedup: float
+    anchor_s: float  # wall-clock time at which the virtual clock reads virtual_start_s
+    bin_virtual_s: float = 900.0
+
+
+@dataclasses.dataclass
+class WorkerReport:
+    phones: int
+    participation: ParticipationLog
+    peak_rss_bytes: int
+
+
+class SharedBytes:
+    """Resource bytes held once per worker, by hash, for the few newest resources."""
+
+    def __init__(self, max_entries: int = 8) -> None:
+        self._data: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._max_entries = max_entries
+
+    def get(self, digest: str) -> bytes | None:
+        return self._data.get(digest)
+
+    def put(self, digest: str, data: bytes) -> None:
+        self._data[digest] = data
+        self._data.move_to_end(digest)
+        while len(self._data) > self._max_entries:
+            self._data.popitem(last=False)
+
+
+class PhoneCache(ResourceCache):
+    """A phone's own cache, storing bytes in the worker's SharedBytes.
+
+    A phone hits only what it downloaded itself, so the coordinator sees every download a real
+    fleet would make; the worker keeps one copy of each model instead of one per phone.
+    """
+
+    def __init__(self, shared: SharedBytes) -> None:
+        super().__init__(max_memory_entries=0)
+        self._shared = shared
+        self._mine: set[str] = set()
+
+    def get(self, digest: str) -> bytes | None:
+        data = self._shared.get(digest) if digest in self._mine else None
+        if data is None:
+            self._mine.discard(digest)
+            self.misses += 1
+        else:
+            self.hits += 1
+        return data
+
+    def put(self, digest: str, data: bytes) -> None:
+        if sha256_hex(data) != digest:
+            raise ValueError(f"resource does not match its hash {digest}")
+        self._shared.put(digest, data)
+        self._mine.add(digest)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Phone:
+    runtime: DeviceRuntime
+    first_wait_rng: np.random.Generator
+
+
+class FleetWorker:
+    def __init__(self, spec: FleetSpec, indices: list[int]) -> None:
+        self._spec = spec
+        self._indices = indices
+        self.clock = VirtualClock(spec.virtual_start_s, spec.speedup, spec.anchor_s)
+        self.participation = ParticipationLog(spec.virtual_start_s, spec.bin_virtual_s)
+        self.conditions: list[DailyConditions] = []
+
+    async def run(self, stop: asyncio.Event) -> WorkerReport:
+        spec = self._spec
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(training_threads))
+        shared = SharedBytes()
+        channels: list[grpc.aio.Channel] = []
+        tasks = []
+        poll_s = self.clock.real_seconds(spec.config.condition_poll_virtual_s)
+        for number, index in enumerate(self._indices):
+            if number % phones_per_channel == 0:
+                channels.append(grpc.aio.insecure_channel(spec.target, options=channel_options()))
+            runtime = self._phone(index, channels[-1], shared, poll_s)
+            if runtime is not None:
+                delay_s = float(runtime.first_wait_rng.uniform(0, poll_s))
+                tasks.append(asyncio.create_task(self._run_phone(runtime.runtime, delay_s, stop)))
+        sampler = asyncio.create_task(self._sample_eligible(stop))
+        try:
+            await asyncio.gather(*tasks, sampler)
+        finally:
+            for channel in channels:
+                await channel.close()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return WorkerReport(len(self._indices), self.participation, peak)
+
+    def _phone(
+        self, index: int, channel: grpc.aio.Channel, shared: SharedBytes, poll_s: float
+    ) -> _Phone | None:
+        spec = self._spec
+        profile = draw_profile(spec.config, index)
+        conditions = DailyConditions(spec.config, profile, self.clock)
+        self.conditions.append(conditions)
+        if not conditions.can_train:
+            return None
+        rng = np.random.default_rng([spec.config.seed, index, 3])
+        slowdown = profile.tier.compute_slowdown
+        built: list[DeviceRuntime] = []
+
+        def on_attempt(attempt: Attempt) -> None:
+            self.participation.record(attempt, self.clock.now())
+            built[0].release_model()
+
+        built.append(
+            DeviceRuntime(
+                client=EmulatedLinkClient(spec.target, channel, profile.network),
+                population=spec.population,
+                device_id=profile.device_id,
+                examples=spec.datasets.client(index),
+                conditions=conditions,
+                clock=RealClock(),  # retry windows and deadlines are the coordinator's real time
+                rng=rng,
+                cache=PhoneCache(shared),
+                ineligible_poll_s=poll_s,
+                on_attempt=on_attempt,
+                model_loader=lambda data: TieredModel(data, slowdown),
+            )
+        )
+        return _Phone(built[0], rng)
+
+    async def _run_phone(self, runtime: DeviceRuntime, delay_s: float, stop: asyncio.Event) -> None:
+        await asyncio.sleep(delay_s)  # phones do not all wake at once
+        await runtime.run(stop=stop)
+
+    async def _sample_eligible(self, stop: asyncio.Event) -> None:
+        every_s = self.clock.real_seconds(self._spec.bin_virtual_s) / 3
+        while not stop.is_set():
+            now = self.clock.now()
+            eligible = sum(c.can_train and c.at(now).eligible for c in self.conditions)
+            self.participation.sample_eligible(now, eligible)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_s)

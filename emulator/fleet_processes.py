@@ -16,6 +16,7 @@ from typing import Any
 
 from emulator.fleet_worker import FleetSpec, FleetWorker, WorkerReport
 from emulator.participation import ParticipationLog
+from emulator.slowdowns import LatencyHistogram
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class FleetReport:
     phones: int
     participation: ParticipationLog
     worker_peak_rss_bytes: list[int]
+    check_in_times: LatencyHistogram  # client side, on loopback, without emulated link delay
 
     @property
     def peak_rss_bytes(self) -> int:
@@ -107,10 +109,13 @@ class FleetProcesses:
                 process.terminate()
                 process.join()
         merged = ParticipationLog(self._spec.virtual_start_s, self._spec.bin_virtual_s)
+        times = LatencyHistogram()
         for report in reports:
             merged.merge(report.participation)
+            times.merge(report.check_in_times)
         return FleetReport(
             phones=sum(r.phones for r in reports),
             participation=merged,
             worker_peak_rss_bytes=[r.peak_rss_bytes for r in reports],
+            check_in_times=times,
         )

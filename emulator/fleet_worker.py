@@ -15,7 +15,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import resource
 
 import grpc
 import numpy as np
@@ -28,7 +27,7 @@ from emulator.daily_routine import DailyConditions, draw_profile
 from emulator.data import ClientDatasets
 from emulator.fleet_config import FleetConfig
 from emulator.participation import ParticipationLog
-from emulator.slowdowns import EmulatedLinkClient, TieredModel
+from emulator.slowdowns import EmulatedLinkClient, LatencyHistogram, TieredModel
 from emulator.virtual_clock import VirtualClock
 
 log = logging.getLogger(__name__)
@@ -56,6 +55,16 @@ class WorkerReport:
     phones: int
     participation: ParticipationLog
     peak_rss_bytes: int
+    check_in_times: LatencyHistogram
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss, not inherited over exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class SharedBytes:
@@ -116,6 +125,7 @@ class FleetWorker:
         self.clock = VirtualClock(spec.virtual_start_s, spec.speedup, spec.anchor_s)
         self.participation = ParticipationLog(spec.virtual_start_s, spec.bin_virtual_s)
         self.conditions: list[DailyConditions] = []
+        self.check_in_times = LatencyHistogram()
 
     async def run(self, stop: asyncio.Event) -> WorkerReport:
         spec = self._spec
@@ -138,8 +148,8 @@ class FleetWorker:
         finally:
             for channel in channels:
                 await channel.close()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return WorkerReport(len(self._indices), self.participation, peak)
+        peak = peak_rss_bytes()
+        return WorkerReport(len(self._indices), self.participation, peak, self.check_in_times)
 
     def _phone(
         self, index: int, channel: grpc.aio.Channel, shared: SharedBytes, poll_s: float
@@ -160,7 +170,9 @@ class FleetWorker:
 
         built.append(
             DeviceRuntime(
-                client=EmulatedLinkClient(spec.target, channel, profile.network),
+                client=EmulatedLinkClient(
+                    spec.target, channel, profile.network, self.check_in_times
+                ),
                 population=spec.population,
                 device_id=profile.device_id,
                 examples=spec.datasets.client(index),

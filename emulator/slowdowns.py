@@ -43,18 +43,60 @@ def transfer_delay_s(network: NetworkProfile, num_bytes: int) -> float:
     return network.latency_ms / 1000.0 + 8.0 * num_bytes / (network.bandwidth_mbps * 1e6)
 
 
-class EmulatedLinkClient(CoordinatorClient):
-    """The real gRPC client, plus the latency and bandwidth of the phone's own network."""
+class LatencyHistogram:
+    """Call durations in log-spaced bins from 0.1 ms to 100 s: mergeable, fixed size."""
 
-    def __init__(self, target: str, channel: grpc.aio.Channel, network: NetworkProfile) -> None:
+    edges_s = np.logspace(-4, 2, 601)
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(len(self.edges_s) + 1, dtype=np.int64)
+
+    def add(self, seconds: float) -> None:
+        self.counts[int(np.searchsorted(self.edges_s, seconds))] += 1
+
+    def merge(self, other: LatencyHistogram) -> None:
+        self.counts += other.counts
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def quantile(self, q: float) -> float:
+        """Upper edge of the bin holding the q-quantile (resolution about 2 %)."""
+        if self.total == 0:
+            return float("nan")
+        rank = int(np.searchsorted(np.cumsum(self.counts), q * self.total))
+        return float(self.edges_s[min(rank, len(self.edges_s) - 1)])
+
+
+class EmulatedLinkClient(CoordinatorClient):
+    """The real gRPC client, plus the latency and bandwidth of the phone's own network.
+
+    `check_in_times` receives the duration of each real CheckIn call on loopback, without the
+    emulated link delay.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        channel: grpc.aio.Channel,
+        network: NetworkProfile,
+        check_in_times: LatencyHistogram | None = None,
+    ) -> None:
         super().__init__(target, channel=channel)
         self.network = network
+        self._check_in_times = check_in_times
 
     async def check_in(
         self, population: str, device_id: str, example_count: int
     ) -> device_pb2.CheckInResponse:
         await asyncio.sleep(transfer_delay_s(self.network, 0))
-        return await super().check_in(population, device_id, example_count)
+        started = time.perf_counter()
+        try:
+            return await super().check_in(population, device_id, example_count)
+        finally:
+            if self._check_in_times is not None:
+                self._check_in_times.add(time.perf_counter() - started)
 
     async def download(self, ref: common_pb2.ResourceRef) -> bytes:
         data = await super().download(ref)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -122,6 +123,31 @@ def _coordinator_main(
     asyncio.run(main())
 
 
+def _probe_main(target: str, population: str, every_s: float, stop: Any, out: Any) -> None:
+    """An unloaded client: CheckIn with no examples (always refused after the full check-in
+    path), timed on loopback, so the coordinator's queueing shows without the fleet's own."""
+    import numpy as np
+
+    from device_runtime.transport import CoordinatorClient, TransportError
+    from emulator.slowdowns import LatencyHistogram
+
+    async def main() -> None:
+        times = LatencyHistogram()
+        client = CoordinatorClient(target)
+        number = 0
+        while not stop.is_set():
+            started = time.perf_counter()
+            with contextlib.suppress(TransportError):
+                await client.check_in(population, f"probe-{number}", 0)
+            times.add(time.perf_counter() - started)
+            number += 1
+            await asyncio.sleep(every_s)
+        await client.close()
+        out.put(np.asarray(times.counts))
+
+    asyncio.run(main())
+
+
 def export_model(batch_size: int, path: pathlib.Path) -> bytes:
     from tflite_export.exporter import export_model as export
     from tflite_export.model_zoo import create_digits_mlp
@@ -188,11 +214,20 @@ def main() -> None:
         anchor_s=time.time(),
     )
     fleet = FleetProcesses(spec, args.workers)
+    probe_stop, probe_out = context.Event(), context.Queue()
+    probe = context.Process(
+        target=_probe_main, args=(spec.target, spec.population, 0.1, probe_stop, probe_out)
+    )
     started = time.time()
     fleet.start()
+    probe.start()
     while time.time() - started < args.duration:
         time.sleep(5)
         print(f"  {time.time() - started:5.0f} s", flush=True)
+    probe_stop.set()
+    probe_times = LatencyHistogram()
+    probe_times.counts = probe_out.get(timeout=60)
+    probe.join(timeout=30)
     report = fleet.stop()
     stop.set()
     result = out.get(timeout=120)
@@ -230,6 +265,10 @@ def main() -> None:
         f"- check-in latency, client side on loopback (gRPC round trip incl. both event loops' "
         f"queueing), {client.total} calls: p50 {1000 * client.quantile(0.5):.1f} ms, "
         f"p99 {1000 * client.quantile(0.99):.1f} ms",
+        f"- check-in latency, unloaded probe process on loopback (10 calls/s, a check-in with no "
+        f"examples, refused after the full check-in path), {probe_times.total} calls: "
+        f"p50 {1000 * probe_times.quantile(0.5):.1f} ms, "
+        f"p99 {1000 * probe_times.quantile(0.99):.1f} ms",
         f"- peak memory: emulator {report.peak_rss_bytes / 2**20:.0f} MiB (sum over workers "
         f"{[round(b / 2**20) for b in report.worker_peak_rss_bytes]}), coordinator "
         f"{result['peak_rss'] / 2**20:.0f} MiB",

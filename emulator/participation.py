@@ -115,7 +115,9 @@ class ParticipationLog:
         start_h = rows[0]["virtual_hour_utc"] if rows else 0.0
         per_hour = 3600.0 / self.bin_s
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-        top.plot(elapsed_h, [r["eligible"] for r in rows], color="tab:green", label="eligible")
+        top.plot(
+            elapsed_h, [r["eligible"] for r in rows], ".-", color="tab:green", label="eligible"
+        )
         top.set_ylabel("phones eligible now")
         top.legend(loc="upper right")
         top.set_title(title)
@@ -128,12 +130,14 @@ class ParticipationLog:
             bottom.plot(
                 elapsed_h,
                 [r[column] * per_hour for r in rows],
+                ".-",
                 color=color,
                 label=column.replace("_", " "),
             )
         bottom.set_yscale("symlog", linthresh=10)
         bottom.set_ylabel("events per virtual hour")
-        bottom.set_xlabel(f"virtual hours since {start_h:04.1f} UTC")
+        hh, mm = divmod(int(round(start_h * 60)), 60)
+        bottom.set_xlabel(f"virtual hours since {hh:02d}:{mm:02d} UTC")
         bottom.legend(loc="upper right", ncol=4, fontsize="small")
         fig.tight_layout()
         fig.savefig(path, dpi=80)

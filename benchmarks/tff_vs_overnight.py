@@ -22,6 +22,7 @@ import asyncio
 import multiprocessing
 import os
 import pathlib
+import queue
 import signal
 import tempfile
 import time
@@ -103,8 +104,9 @@ def _tff_main(data: list[tuple[np.ndarray, np.ndarray]], out: Any) -> None:
 
     process = tff.learning.algorithms.build_weighted_fed_avg(
         model_fn,
-        client_optimizer_fn=lambda: tf.keras.optimizers.SGD(learning_rate=CLIENT_LR),
-        server_optimizer_fn=lambda: tf.keras.optimizers.SGD(learning_rate=SERVER_LR),
+        # TFF 0.87 takes its own optimizers; plain SGD as the tutorial's Keras SGD.
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=CLIENT_LR),
+        server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=SERVER_LR),
     )
     state = process.initialize()
     seconds, losses = [], []
@@ -124,7 +126,13 @@ def run_tff(data: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, list[float]]
     out = context.Queue()
     process = context.Process(target=_tff_main, args=(data, out))
     process.start()
-    result: dict[str, list[float]] = out.get(timeout=1800)
+    while True:
+        try:
+            result: dict[str, list[float]] = out.get(timeout=5)
+            break
+        except queue.Empty:
+            if not process.is_alive():
+                raise RuntimeError("the TFF process died; see its traceback above") from None
     process.join(timeout=60)
     return result
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import collections
+import csv
 import dataclasses
 import pathlib
 import signal
 import sys
 import threading
 import time
+
+import grpc
 
 from emulator.data import ClientDatasets, SampledDigits
 from emulator.federated_files import EmnistH5Clients, FederatedFileError, FemnistJsonClients
@@ -69,6 +73,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--report-dir", help="write participation.csv and participation.png here at the end"
     )
     parser.add_argument(
+        "--task",
+        help="with --report-dir: also fetch this task's rounds from the coordinator (rounds.csv)",
+    )
+    parser.add_argument(
         "--save-test-split",
         metavar="NPZ",
         help="digits: write the held-out split (for `overnight serve --eval-data`) and continue",
@@ -87,6 +95,39 @@ def client_datasets(args: argparse.Namespace, seed: int) -> ClientDatasets:
     if kind == "femnist-json" and path:
         return FemnistJsonClients(path)
     raise ValueError(f"--data {args.data!r}: expected digits, emnist-h5:PATH or femnist-json:PATH")
+
+
+def write_causes_csv(causes: collections.Counter[str], path: pathlib.Path) -> None:
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["cause", "dropouts"])
+        writer.writerows(causes.most_common())
+
+
+def write_rounds_csv(server: str, task_id: str, path: pathlib.Path) -> None:
+    """Per-round selection, reports, dropouts and duration, as the coordinator recorded them."""
+    from device_runtime import constants as protocol
+    from protos import admin_pb2, admin_pb2_grpc
+
+    with grpc.insecure_channel(server) as channel:
+        rounds = (
+            admin_pb2_grpc.AdminServiceStub(channel)
+            .ListRounds(
+                admin_pb2.ListRoundsRequest(
+                    protocol_version=protocol.PROTOCOL_VERSION, task_id=task_id
+                ),
+                timeout=30,
+            )
+            .rounds
+        )
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["round", "state", "selected", "reported", "dropped", "seconds"])
+        for r in rounds:
+            seconds = r.finished_at - r.started_at if r.finished_at else float("nan")
+            writer.writerow(
+                [r.round_number, r.state, r.selected, r.reported, r.dropped, f"{seconds:.2f}"]
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,5 +187,13 @@ def run(args: argparse.Namespace) -> int:
         report.participation.write_csv(out / "participation.csv")
         title = f"{args.phones} emulated phones, population {args.population}"
         report.participation.plot(out / "participation.png", title)
-        print(f"participation written to {out}/participation.csv and participation.png")
+        write_causes_csv(report.participation.causes, out / "dropout_causes.csv")
+        written = ["participation.csv", "participation.png", "dropout_causes.csv"]
+        if args.task:
+            try:
+                write_rounds_csv(args.server, args.task, out / "rounds.csv")
+                written.append("rounds.csv")
+            except grpc.RpcError as exc:
+                print(f"emulate: cannot list rounds of {args.task!r}: {exc}", file=sys.stderr)
+        print(f"report written to {out}: {', '.join(written)}")
     return 0

@@ -193,9 +193,11 @@ class FleetWorker:
 
     async def _sample_eligible(self, stop: asyncio.Event) -> None:
         every_s = self.clock.real_seconds(self._spec.bin_virtual_s) / 3
-        while not stop.is_set():
+        while True:  # at least once, and once more when stopped
             now = self.clock.now()
             eligible = sum(c.can_train and c.at(now).eligible for c in self.conditions)
             self.participation.sample_eligible(now, eligible)
+            if stop.is_set():
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every_s)

@@ -75,7 +75,10 @@ class SharedBytes:
         self._max_entries = max_entries
 
     def get(self, digest: str) -> bytes | None:
-        return self._data.get(digest)
+        data = self._data.get(digest)
+        if data is not None:
+            self._data.move_to_end(digest)  # the model stays while weights come and go
+        return data
 
     def put(self, digest: str, data: bytes) -> None:
         self._data[digest] = data

@@ -80,6 +80,14 @@ class Intervals:
         i = bisect.bisect_right(self.starts, t) - 1
         return i >= 0 and t < self.ends[i]
 
+    def next_edge_after(self, t: float) -> float:
+        """The first start or end strictly after t (infinity if none)."""
+        i = bisect.bisect_right(self.starts, t)
+        candidates = [self.starts[i]] if i < len(self.starts) else []
+        if i > 0 and self.ends[i - 1] > t:
+            candidates.append(self.ends[i - 1])
+        return min(candidates, default=float("inf"))
+
     def last_edge_before(self, t: float) -> tuple[float, bool] | None:
         """(time, entering) of the latest span edge at or before t."""
         i = bisect.bisect_right(self.starts, t) - 1
@@ -188,6 +196,22 @@ class DailyConditions:
 
     def current(self) -> ConditionsSnapshot:
         return self.at(self._clock.now())
+
+    def next_change_after(self, virtual_time_s: float) -> float:
+        """The next virtual instant at which charging, idleness or Wi-Fi may change.
+
+        What a phone's job scheduler knows: the app is woken then, instead of polling.
+        """
+        local = virtual_time_s + self.profile.utc_offset_h * HOUR_S
+        day = int(local // DAY_S)
+        window = self._window(day)
+        edges = [
+            window.charging.next_edge_after(local),
+            window.busy.next_edge_after(local),
+            window.unmetered.next_edge_after(local),
+            (day + 1) * DAY_S,  # tomorrow's spans are drawn then
+        ]
+        return min(edges) - self.profile.utc_offset_h * HOUR_S
 
     def battery_level(self, virtual_time_s: float) -> float:
         """Rough state of charge in [0.05, 1]: +40 %/h on the charger, -6 %/h off it."""

@@ -96,8 +96,9 @@ class FleetConfig:
     routine: DailyRoutine = DailyRoutine()
     # Production FL only trains on phones with at least 2 GB of RAM.
     min_memory_mb: int = 2048
-    # How often (virtual seconds) an ineligible phone looks at its conditions again.
-    condition_poll_virtual_s: float = 300.0
+    # Phones first look at their conditions spread over this many virtual seconds, so a fleet
+    # does not start in one burst; after that each is woken when its conditions change.
+    start_spread_virtual_s: float = 300.0
 
     def validate(self) -> FleetConfig:
         def need(ok: bool, field: str, why: str) -> None:
@@ -106,7 +107,7 @@ class FleetConfig:
 
         need(self.phones >= 1, "phones", f"must be >= 1, got {self.phones}")
         need(self.min_memory_mb >= 0, "min_memory_mb", "must be >= 0")
-        need(self.condition_poll_virtual_s > 0, "condition_poll_virtual_s", "must be positive")
+        need(self.start_spread_virtual_s > 0, "start_spread_virtual_s", "must be positive")
         share_lists: dict[str, list[float]] = {
             "time_zones": [z.share for z in self.time_zones],
             "tiers": [t.share for t in self.tiers],

@@ -108,7 +108,7 @@ class FleetProcesses:
             if process.is_alive():
                 process.terminate()
                 process.join()
-        merged = ParticipationLog(self._spec.virtual_start_s, self._spec.bin_virtual_s)
+        merged = ParticipationLog(self._spec.virtual_start_s, self._spec.bin_virtual_s, samplers=0)
         times = LatencyHistogram()
         for report in reports:
             merged.merge(report.participation)

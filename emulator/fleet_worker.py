@@ -21,7 +21,7 @@ import numpy as np
 
 from device_runtime.cache import ResourceCache, sha256_hex
 from device_runtime.clock import RealClock
-from device_runtime.runtime import Attempt, DeviceRuntime
+from device_runtime.runtime import DeviceRuntime
 from device_runtime.transport import channel_options
 from emulator.daily_routine import DailyConditions, draw_profile
 from emulator.data import ClientDatasets
@@ -118,7 +118,8 @@ class PhoneCache(ResourceCache):
 @dataclasses.dataclass(frozen=True)
 class _Phone:
     runtime: DeviceRuntime
-    first_wait_rng: np.random.Generator
+    conditions: DailyConditions
+    rng: np.random.Generator
 
 
 class FleetWorker:
@@ -137,26 +138,26 @@ class FleetWorker:
         shared = SharedBytes()
         channels: list[grpc.aio.Channel] = []
         tasks = []
-        poll_s = self.clock.real_seconds(spec.config.condition_poll_virtual_s)
+        spread_s = self.clock.real_seconds(spec.config.start_spread_virtual_s)
         for number, index in enumerate(self._indices):
             if number % phones_per_channel == 0:
                 channels.append(grpc.aio.insecure_channel(spec.target, options=channel_options()))
-            runtime = self._phone(index, channels[-1], shared, poll_s)
-            if runtime is not None:
-                delay_s = float(runtime.first_wait_rng.uniform(0, poll_s))
-                tasks.append(asyncio.create_task(self._run_phone(runtime.runtime, delay_s, stop)))
+            phone = self._phone(index, channels[-1], shared)
+            if phone is not None:
+                tasks.append(asyncio.create_task(self._run_phone(phone, spread_s)))
         sampler = asyncio.create_task(self._sample_eligible(stop))
-        try:
-            await asyncio.gather(*tasks, sampler)
-        finally:
-            for channel in channels:
-                await channel.close()
+        await stop.wait()
+        # Phones stop where they are, as when the fleet's power goes: mid-round work is lost
+        # and the coordinator counts it at its deadline.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, sampler, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
         peak = peak_rss_bytes()
         return WorkerReport(len(self._indices), self.participation, peak, self.check_in_times)
 
-    def _phone(
-        self, index: int, channel: grpc.aio.Channel, shared: SharedBytes, poll_s: float
-    ) -> _Phone | None:
+    def _phone(self, index: int, channel: grpc.aio.Channel, shared: SharedBytes) -> _Phone | None:
         spec = self._spec
         profile = draw_profile(spec.config, index)
         conditions = DailyConditions(spec.config, profile, self.clock)
@@ -165,34 +166,37 @@ class FleetWorker:
             return None
         rng = np.random.default_rng([spec.config.seed, index, 3])
         slowdown = profile.tier.compute_slowdown
-        built: list[DeviceRuntime] = []
-
-        def on_attempt(attempt: Attempt) -> None:
-            self.participation.record(attempt, self.clock.now())
-            built[0].release_model()
-
-        built.append(
-            DeviceRuntime(
-                client=EmulatedLinkClient(
-                    spec.target, channel, profile.network, self.check_in_times
-                ),
-                population=spec.population,
-                device_id=profile.device_id,
-                examples=spec.datasets.client(index),
-                conditions=conditions,
-                clock=RealClock(),  # retry windows and deadlines are the coordinator's real time
-                rng=rng,
-                cache=PhoneCache(shared),
-                ineligible_poll_s=poll_s,
-                on_attempt=on_attempt,
-                model_loader=lambda data: TieredModel(data, slowdown),
-            )
+        runtime = DeviceRuntime(
+            client=EmulatedLinkClient(spec.target, channel, profile.network, self.check_in_times),
+            population=spec.population,
+            device_id=profile.device_id,
+            examples=spec.datasets.client(index),
+            conditions=conditions,
+            clock=RealClock(),  # retry windows and deadlines are the coordinator's real time
+            rng=rng,
+            cache=PhoneCache(shared),
+            model_loader=lambda data: TieredModel(data, slowdown),
         )
-        return _Phone(built[0], rng)
+        return _Phone(runtime, conditions, rng)
 
-    async def _run_phone(self, runtime: DeviceRuntime, delay_s: float, stop: asyncio.Event) -> None:
-        await asyncio.sleep(delay_s)  # phones do not all wake at once
-        await runtime.run(stop=stop)
+    async def _run_phone(self, phone: _Phone, spread_s: float) -> None:
+        """The phone's job scheduler: wakes the runtime when the phone is eligible.
+
+        Android's JobScheduler does this for a real app (constraints: charging, idle,
+        unmetered), so an ineligible phone costs nothing until its conditions change. Once
+        running, the runtime itself watches the conditions and stops training when they fail.
+        """
+        await asyncio.sleep(float(phone.rng.uniform(0, spread_s)))  # not all at once
+        while True:
+            now = self.clock.now()
+            if not phone.conditions.at(now).eligible:
+                wake = phone.conditions.next_change_after(now) + 1.0
+                await asyncio.sleep(self.clock.real_seconds(wake - now))
+                continue
+            attempt = await phone.runtime.attempt()
+            self.participation.record(attempt, self.clock.now())
+            phone.runtime.release_model()
+            await asyncio.sleep(attempt.next_delay_s)
 
     async def _sample_eligible(self, stop: asyncio.Event) -> None:
         every_s = self.clock.real_seconds(self._spec.bin_virtual_s) / 3

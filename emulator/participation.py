@@ -44,6 +44,10 @@ class ParticipationLog:
     bin_s: float
     bins: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
     eligible_samples: dict[int, int] = dataclasses.field(default_factory=dict)
+    # Merged logs: how many workers' head counts a bin holds, of `samplers` in all. A bin that
+    # misses a worker's count shows no eligible figure rather than a wrong one.
+    samplers: int = 1
+    sampled_by: dict[int, int] = dataclasses.field(default_factory=dict)
     causes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     outcomes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
@@ -73,6 +77,7 @@ class ParticipationLog:
         samples = self.eligible_samples.get(index, 0)
         row["eligible"] = (row["eligible"] * samples + eligible) / (samples + 1)
         self.eligible_samples[index] = samples + 1
+        self.sampled_by[index] = 1
 
     def merge(self, other: ParticipationLog) -> None:
         """Adds another worker's phones (same bins): head counts and events both add up."""
@@ -84,13 +89,18 @@ class ParticipationLog:
                 mine[column] += row[column]
         self.causes.update(other.causes)
         self.outcomes.update(other.outcomes)
+        for index, count in other.sampled_by.items():
+            self.sampled_by[index] = self.sampled_by.get(index, 0) + count
+        self.samplers += other.samplers
 
     def rows(self) -> list[dict[str, float]]:
         if not self.bins:
             return []
         out = []
         for index in range(min(self.bins), max(self.bins) + 1):
-            row = self.bins.get(index, dict.fromkeys(COLUMNS, 0.0))
+            row = dict(self.bins.get(index, dict.fromkeys(COLUMNS, 0.0)))
+            if self.sampled_by.get(index, 0) < self.samplers:
+                row["eligible"] = float("nan")
             out.append({"virtual_hour_utc": self._hour(index), **row})
         return out
 

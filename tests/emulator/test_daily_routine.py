@@ -104,3 +104,15 @@ def test_shares_pick_every_kind_in_proportion(field: str) -> None:
     observed = np.array([picked.count(kind) for kind in kinds]) / len(picked)
 
     assert np.allclose(observed, shares, atol=0.04)
+
+
+def test_conditions_hold_until_the_next_change_the_scheduler_is_told_of() -> None:
+    config = FleetConfig(phones=20, seed=9)
+    for phone in _fleet(config):
+        t = DAY0
+        for _ in range(30):
+            change = phone.next_change_after(t)
+            assert change > t
+            probes = np.linspace(t, change, 7)[:-1]
+            assert len({phone.at(p) for p in probes}) == 1  # nothing changes before `change`
+            t = change + 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import pathlib
 
+import numpy as np
 import pytest
 
 from device_runtime.runtime import Attempt, Outcome
@@ -87,3 +88,30 @@ def test_csv_and_png_are_written(tmp_path: pathlib.Path) -> None:
     assert [float(r["virtual_hour_utc"]) for r in rows[:2]] == [6.0, 6.25]
     assert float(rows[-1]["eligible"]) == 107
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bin_missing_a_workers_head_count_shows_no_eligible_figure() -> None:
+    a, b = ParticipationLog(START, 900.0), ParticipationLog(START, 900.0)
+    a.sample_eligible(START + 1, 10)
+    b.sample_eligible(START + 2, 5)
+    a.sample_eligible(START + 901, 10)  # worker b was too busy to count in the second bin
+    b.record(_attempt(Outcome.REPORTED), START + 902)
+
+    a.merge(b)
+
+    first, second = a.rows()
+    assert first["eligible"] == 15
+    assert np.isnan(second["eligible"])
+    assert second["reported"] == 1
+
+
+def test_an_empty_log_collects_workers_into_the_fleets_figures() -> None:
+    fleet = ParticipationLog(START, 900.0, samplers=0)
+    for count in (3, 4):
+        worker = ParticipationLog(START, 900.0)
+        worker.sample_eligible(START + 1, count)
+        fleet.merge(worker)
+
+    [row] = fleet.rows()
+
+    assert row["eligible"] == 7

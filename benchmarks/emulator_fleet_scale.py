@@ -18,36 +18,20 @@ import dataclasses
 import multiprocessing
 import os
 import pathlib
-import platform
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from benchmarks.machine import append_results
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
 DAY_S = 86400.0
 
 
-def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {ram_gib:.0f} GiB RAM, "
-        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
-    )
-
-
 def _coordinator_main(
-    model_bytes: bytes, task: dict[str, Any], retry: dict[str, Any], ports: Any, stop: Any, out: Any
+    model_bytes: bytes, task: dict[str, Any], pace: dict[str, Any], ports: Any, stop: Any, out: Any
 ) -> None:
     import grpc
     import numpy as np
@@ -60,6 +44,7 @@ def _coordinator_main(
     from server.config import TaskConfig
     from server.coordinator import Coordinator, CoordinatorSettings
     from server.grpc_service import AdminService, DeviceService, tick_interval_s
+    from server.pace_steering import PaceSteeringSettings
     from server.sqlite_store import SqliteStore
 
     handler_times = LatencyHistogram()
@@ -89,7 +74,12 @@ def _coordinator_main(
     async def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             store = SqliteStore(pathlib.Path(tmp) / "coordinator.sqlite")
-            coordinator = Coordinator(store, RealClock(), CoordinatorSettings(**retry))
+            coordinator = Coordinator(
+                store,
+                RealClock(),
+                CoordinatorSettings(pace=PaceSteeringSettings(**pace)),
+                rng=np.random.default_rng(0),
+            )
             coordinator.register_task(TaskConfig(**task).validate(), model_bytes)
             # CoordinatorServer's wiring, plus the timing interceptor.
             server = grpc.aio.server(
@@ -191,15 +181,13 @@ def main() -> None:
         epochs=1,
         batch_size=batch_size,
     )
-    # Pace steering stand-in: rejected phones come back in 10-30 s, which spreads the fleet's
-    # check-ins (a few hundred per second at night) instead of a herd.
-    retry = dict(
-        rejected_retry_s=(10.0, 30.0), accepted_retry_s=(20.0, 60.0), no_task_retry_s=(60.0, 120.0)
-    )
+    # The coordinator's pace steering sizes retry windows from the devices seen over the
+    # horizon; a horizon of 5 real minutes is a sizeable part of a virtual night at 20x.
+    pace = dict(min_delay_s=1.0, horizon_s=300.0)
     context = multiprocessing.get_context("spawn")
     ports, stop, out = context.Queue(), context.Event(), context.Queue()
     coordinator = context.Process(
-        target=_coordinator_main, args=(model_bytes, task, retry, ports, stop, out)
+        target=_coordinator_main, args=(model_bytes, task, pace, ports, stop, out)
     )
     coordinator.start()
     port = ports.get(timeout=60)
@@ -293,12 +281,7 @@ def main() -> None:
             f"{args.phones} emulated phones, {args.target} per round (speedup {args.speedup:g}x)",
         )
     if not args.no_record:
-        with RESULTS.open("a") as results:
-            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-            results.write(
-                f"\n## Emulator fleet scale (issue 7), {when}\n\n"
-                f"Machine: {machine()}\n\n" + "\n".join(lines) + "\n"
-            )
+        append_results("Emulator fleet scale (issue 7)", [line[2:] for line in lines])
 
 
 if __name__ == "__main__":

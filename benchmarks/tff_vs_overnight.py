@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.emulator_fleet_scale import RESULTS, machine
+from benchmarks.machine import append_results
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -147,6 +147,7 @@ async def run_overnight(data: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, 
     from server.config import TaskConfig
     from server.coordinator import Coordinator, CoordinatorSettings
     from server.grpc_service import CoordinatorServer
+    from server.pace_steering import PaceSteeringSettings
     from server.sqlite_store import SqliteStore
     from tflite_export.exporter import export_model
 
@@ -165,9 +166,7 @@ async def run_overnight(data: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, 
         coordinator = Coordinator(
             store,
             RealClock(),
-            CoordinatorSettings(
-                rejected_retry_s=(0.01, 0.05), accepted_retry_s=(0.01, 0.05), no_task_retry_s=(5, 6)
-            ),
+            CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=0.01, min_spread_s=0.04)),
         )
         config = TaskConfig(
             task_id="tutorial",
@@ -234,12 +233,10 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if not args.no_record:
-        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        with RESULTS.open("a") as results:
-            results.write(
-                f"\n## TFF tutorial rounds: TFF simulation vs Overnight (issue 7), {when}\n\n"
-                f"Machine: {machine()}\n\n" + "\n".join(lines) + "\n"
-            )
+        append_results(
+            "TFF tutorial rounds: TFF simulation vs Overnight (issue 7)",
+            [line[2:] for line in lines],
+        )
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 PROTOCOL_VERSION = 1
 RUNTIME_VERSION = "0.1.0"
 UPDATE_ENCODING_FLOAT32_DELTA = "float32_delta"
+REPORT_ENCODING_EVALUATION = "evaluation"  # federated evaluation: metrics, no payload
 
 chunk_size_bytes = 1 << 20  # download and upload chunk size; well under gRPC's 4 MiB default
 max_message_bytes = 8 << 20  # any single gRPC message, both directions
+max_upload_chunk_bytes = 4 << 20  # the coordinator refuses larger upload chunks
 rpc_timeout_s = 30.0
 # How long a device waits before re-checking its conditions when it is not eligible.
 ineligible_poll_s = 60.0

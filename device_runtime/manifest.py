@@ -13,8 +13,10 @@ import json
 from typing import Any
 
 MANIFEST_FORMAT = "overnight-tflite-training"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 MANIFEST_METADATA_NAME = "overnight_manifest"
+# The dtypes a model's inputs and labels may have (numpy names).
+TENSOR_DTYPES = ("float32", "int32")
 
 # Signatures every builtin-ops training model exposes, with their input names.
 REQUIRED_SIGNATURES: dict[str, tuple[str, ...]] = {
@@ -23,6 +25,8 @@ REQUIRED_SIGNATURES: dict[str, tuple[str, ...]] = {
     "infer": ("x",),
     "get_weights": (),
     "set_weights": ("weights",),
+    "reset_optimizer": (),
+    "set_proximal_mu": ("mu",),
 }
 
 
@@ -51,7 +55,7 @@ class ModelManifest:
     input_shape: tuple[int, ...]  # per example, without the batch dimension
     input_dtype: str
     label_dtype: str
-    num_classes: int
+    num_classes: int  # size of the output's last axis
     batch_size: int
     weights: tuple[WeightSpec, ...]
     signatures: dict[str, tuple[str, ...]]
@@ -60,6 +64,7 @@ class ModelManifest:
     ops: tuple[str, ...]
     exporter_version: str
     flex: bool = False
+    label_shape: tuple[int, ...] = ()  # per example: () for class ids, (units,) otherwise
 
     @property
     def num_parameters(self) -> int:
@@ -70,7 +75,11 @@ class ModelManifest:
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
             "input": {"shape": list(self.input_shape), "dtype": self.input_dtype},
-            "label": {"dtype": self.label_dtype, "num_classes": self.num_classes},
+            "label": {
+                "dtype": self.label_dtype,
+                "shape": list(self.label_shape),
+                "num_classes": self.num_classes,
+            },
             "batch_size": self.batch_size,
             "weights": [
                 {"name": w.name, "shape": list(w.shape), "offset": w.offset, "size": w.size}
@@ -117,6 +126,7 @@ class ModelManifest:
                 ops=tuple(body["ops"]),
                 exporter_version=body["exporter_version"],
                 flex=bool(body.get("flex", False)),
+                label_shape=tuple(int(d) for d in body["label"]["shape"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"manifest field missing or malformed: {exc!r}") from exc
@@ -143,3 +153,8 @@ class ModelManifest:
                 )
         if self.batch_size <= 0:
             raise ManifestError(f"batch_size must be positive, got {self.batch_size}")
+        for role, dtype in (("input", self.input_dtype), ("label", self.label_dtype)):
+            if dtype not in TENSOR_DTYPES:
+                raise ManifestError(
+                    f"{role} dtype {dtype!r} is not one of {', '.join(TENSOR_DTYPES)}"
+                )

@@ -5,26 +5,27 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Callable
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 from ai_edge_litert import schema_py_generated as schema
 
 from device_runtime.manifest import MANIFEST_METADATA_NAME, ManifestError, ModelManifest
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _BUILTIN_NAMES = {
     value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")
 }
 
 
-def _corrupt_file_is_manifest_error(reader: Callable[[bytes], T]) -> Callable[[bytes], T]:
+def _corrupt_file_is_manifest_error(reader: Callable[P, T]) -> Callable[P, T]:
     """A truncated or corrupted flatbuffer raises ManifestError, not a struct error."""
 
     @functools.wraps(reader)
-    def wrapper(tflite_bytes: bytes) -> T:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            return reader(tflite_bytes)
+            return reader(*args, **kwargs)
         except (struct.error, IndexError, UnicodeDecodeError, AttributeError, TypeError) as exc:
             raise ManifestError(
                 f"model file is corrupt or truncated ({exc.__class__.__name__})"
@@ -66,6 +67,47 @@ def signature_inputs(tflite_bytes: bytes) -> dict[str, tuple[str, ...]]:
     return signatures
 
 
+_TENSOR_TYPE_NAMES = {
+    value: name.lower()
+    for name, value in vars(schema.TensorType).items()
+    if not name.startswith("_")
+}
+
+
+@_corrupt_file_is_manifest_error
+def signature_input_specs(tflite_bytes: bytes, signature: str) -> dict[str, tuple[tuple, str]]:
+    """Input name -> (shape, dtype name) of one signature, as the graph declares them."""
+    model = _root(tflite_bytes)
+    for i in range(model.SignatureDefsLength()):
+        sig = model.SignatureDefs(i)
+        if sig.SignatureKey().decode() != signature:
+            continue
+        subgraph = model.Subgraphs(sig.SubgraphIndex())
+        specs = {}
+        for j in range(sig.InputsLength()):
+            tensor = subgraph.Tensors(sig.Inputs(j).TensorIndex())
+            shape = tuple(int(d) for d in tensor.ShapeAsNumpy()) if tensor.ShapeLength() else ()
+            specs[sig.Inputs(j).Name().decode()] = (shape, _TENSOR_TYPE_NAMES[tensor.Type()])
+        return specs
+    raise ManifestError(f"graph has no signature {signature!r}")
+
+
+def _check_train_inputs(tflite_bytes: bytes, manifest: ModelManifest) -> None:
+    batch = manifest.batch_size
+    expected = {
+        "x": ((batch, *manifest.input_shape), manifest.input_dtype),
+        "y": ((batch, *manifest.label_shape), manifest.label_dtype),
+        "mask": ((batch,), "float32"),
+    }
+    graph = signature_input_specs(tflite_bytes, "train")
+    for name, (shape, dtype) in expected.items():
+        if graph.get(name) != (shape, dtype):
+            raise ManifestError(
+                f"train input {name!r}: manifest says {dtype} {list(shape)}, "
+                f"graph has {graph.get(name)}"
+            )
+
+
 @_corrupt_file_is_manifest_error
 def read_manifest(tflite_bytes: bytes) -> ModelManifest:
     """Reads the embedded manifest and checks it against the graph.
@@ -96,4 +138,10 @@ def read_manifest(tflite_bytes: bytes) -> ModelManifest:
     graph_ops = sorted(set(operator_names(tflite_bytes)))
     if graph_ops != sorted(manifest.ops):
         raise ManifestError(f"manifest lists ops {sorted(manifest.ops)}, graph uses {graph_ops}")
+    graph_needs_flex = any(op.startswith("Flex") for op in graph_ops)
+    if graph_needs_flex and not manifest.flex:
+        raise ManifestError(
+            "graph uses Flex (select TensorFlow) ops, the manifest says it does not"
+        )
+    _check_train_inputs(tflite_bytes, manifest)
     return manifest

@@ -46,6 +46,10 @@ class TrainableModel:
         self._infer = self._interpreter.get_signature_runner("infer")
         self._get_weights = self._interpreter.get_signature_runner("get_weights")
         self._set_weights = self._interpreter.get_signature_runner("set_weights")
+        self._reset_optimizer = self._interpreter.get_signature_runner("reset_optimizer")
+        self._set_proximal_mu = self._interpreter.get_signature_runner("set_proximal_mu")
+        self._input_dtype = np.dtype(self.manifest.input_dtype)
+        self._label_dtype = np.dtype(self.manifest.label_dtype)
         graph_size = int(self._get_weights()["weights"].size)
         if graph_size != self.manifest.num_parameters:
             raise ManifestError(
@@ -61,6 +65,7 @@ class TrainableModel:
         return np.array(self._get_weights()["weights"], dtype=np.float32, copy=True)
 
     def set_weights(self, weights: np.ndarray) -> None:
+        """Sets the model's weights; they are also the anchor of FedProx's proximal term."""
         weights = np.asarray(weights)
         if weights.dtype != np.float32 or weights.shape != (self.manifest.num_parameters,):
             raise ValueError(
@@ -76,8 +81,8 @@ class TrainableModel:
         for start in range(0, len(order), size):
             index = order[start : start + size]
             n = len(index)
-            xb = np.zeros((size, *self.manifest.input_shape), np.float32)
-            yb = np.zeros((size,), np.int32)
+            xb = np.zeros((size, *self.manifest.input_shape), self._input_dtype)
+            yb = np.zeros((size, *self.manifest.label_shape), self._label_dtype)
             mask = np.zeros((size,), np.float32)
             xb[:n] = x[index]
             yb[:n] = y[index]
@@ -92,6 +97,32 @@ class TrainableModel:
             )
         if len(x) != len(y):
             raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+        if tuple(y.shape[1:]) != tuple(self.manifest.label_shape):
+            raise ValueError(
+                f"labels have shape {tuple(y.shape[1:])}, the model takes "
+                f"{tuple(self.manifest.label_shape)} ({self.manifest.loss})"
+            )
+        if self._label_dtype.kind == "i" and not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"labels must be integer class ids for {self.manifest.loss}")
+        if (
+            self._label_dtype.kind == "i"
+            and len(y)
+            and (y.min() < 0 or y.max() >= self.manifest.num_classes)
+        ):
+            raise ValueError(
+                f"labels must be class ids in [0, {self.manifest.num_classes}), "
+                f"got values in [{y.min()}, {y.max()}]"
+            )
+
+    def reset_optimizer(self) -> None:
+        """Zeroes the optimizer state (momentum, Adam's moments and step count)."""
+        self._reset_optimizer()
+
+    def set_proximal_mu(self, mu: float) -> None:
+        """FedProx's μ for the following train steps; 0 is plain FedAvg."""
+        if not (np.isfinite(mu) and mu >= 0.0):
+            raise ValueError(f"proximal_mu must be a finite number >= 0, got {mu}")
+        self._set_proximal_mu(mu=np.float32(mu))
 
     def train_step(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
         """One step on one full-size batch; returns (mean loss, correct count) over mask == 1."""
@@ -105,12 +136,26 @@ class TrainableModel:
         epochs: int,
         rng: np.random.Generator,
         should_stop: Callable[[], bool] = lambda: False,
+        shuffle: bool = True,
+        proximal_mu: float = 0.0,
+        fresh_optimizer: bool = True,
     ) -> TrainResult:
-        """Trains `epochs` shuffled passes over (x, y), polling `should_stop` before each batch."""
+        """Trains `epochs` passes over (x, y), shuffled by `rng` unless `shuffle` is False,
+        polling `should_stop` before each batch.
+
+        As TFF's client update: the optimizer starts fresh (unless `fresh_optimizer` is False)
+        and, when `proximal_mu` > 0, FedProx pulls the weights towards those last given to
+        `set_weights` (the round's global model).
+        """
+        self._check_examples(x, y)
+        self.set_proximal_mu(proximal_mu)
+        if fresh_optimizer:
+            self.reset_optimizer()
         loss_sum = correct = 0.0
         examples = batches = 0
         for _ in range(epochs):
-            for xb, yb, mask, n in self._batches(x, y, rng.permutation(len(x))):
+            order = rng.permutation(len(x)) if shuffle else np.arange(len(x))
+            for xb, yb, mask, n in self._batches(x, y, order):
                 if should_stop():
                     return TrainResult(
                         loss_sum / max(examples, 1),
@@ -139,10 +184,11 @@ class TrainableModel:
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         outputs = []
-        for xb, _, _, n in self._batches(x, np.zeros(len(x), np.int32), np.arange(len(x))):
+        labels = np.zeros((len(x), *self.manifest.label_shape), self._label_dtype)
+        for xb, _, _, n in self._batches(x, labels, np.arange(len(x))):
             outputs.append(np.array(self._infer(x=xb)["output"][:n]))
         return (
             np.concatenate(outputs)
             if outputs
-            else np.zeros((0, self.manifest.num_classes), np.float32)
+            else np.zeros((0, self.manifest.num_classes), np.float32)  # the output's last axis
         )

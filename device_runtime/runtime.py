@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import logging
 from collections.abc import Callable
 
@@ -156,15 +157,21 @@ class DeviceRuntime:
             )
 
         examples = self._examples.sample(assignment.plan.max_examples, self._rng)
+        if assignment.kind == device_pb2.Assignment.EVALUATION:
+            return await self._evaluate(assignment, model, examples, delay)
         train_rng = np.random.default_rng(self._rng.integers(2**63))
         try:
             result = await asyncio.to_thread(
-                model.train,
-                examples.x,
-                examples.y,
-                max(1, assignment.plan.epochs),
-                train_rng,
-                lambda: not self._conditions.current().eligible,
+                functools.partial(
+                    model.train,
+                    examples.x,
+                    examples.y,
+                    max(1, assignment.plan.epochs),
+                    train_rng,
+                    lambda: not self._conditions.current().eligible,
+                    shuffle=not assignment.plan.keep_order,
+                    proximal_mu=assignment.plan.fedprox_mu,
+                )
             )
         except (ValueError, RuntimeError) as exc:
             return await self._fail(
@@ -193,6 +200,32 @@ class DeviceRuntime:
             )
             return Attempt(Outcome.FAILED, delay, round_number, detail=str(exc))
         return Attempt(Outcome.REPORTED, delay, round_number)
+
+    async def _evaluate(
+        self,
+        assignment: device_pb2.Assignment,
+        model: TrainableModel,
+        examples: LocalExamples,
+        delay: float,
+    ) -> Attempt:
+        round_number, token = assignment.round_number, assignment.upload_token
+        try:
+            result = await asyncio.to_thread(model.evaluate, examples.x, examples.y)
+        except (ValueError, RuntimeError) as exc:
+            cause = device_pb2.FailureReport.TRAINING_ERROR
+            return await self._fail(token, cause, str(exc), round_number, delay)
+        metrics = common_pb2.ClientMetrics(
+            loss=result.loss,
+            accuracy=result.accuracy,
+            num_examples=result.num_examples,
+            num_batches=-(-result.num_examples // model.batch_size),
+        )
+        try:
+            await self._client.report_evaluation(token, len(examples), metrics)
+        except TransportError as exc:
+            log.info("device %s: evaluation report refused: %s", self._device_id, exc)
+            return Attempt(Outcome.FAILED, delay, round_number, detail=str(exc))
+        return Attempt(Outcome.REPORTED, delay, round_number, detail="evaluation")
 
     async def _fail(
         self,

@@ -111,6 +111,27 @@ class CoordinatorClient:
         self.counters.uploaded_bytes += len(payload)
         return response
 
+    async def report_evaluation(
+        self, token: bytes, example_count: int, metrics: common_pb2.ClientMetrics
+    ) -> device_pb2.UploadResponse:
+        """Federated evaluation: the report is the header's metrics; there is no payload."""
+        header = device_pb2.UploadHeader(
+            protocol_version=constants.PROTOCOL_VERSION,
+            upload_token=token,
+            example_count=example_count,
+            num_elements=0,
+            encoding=constants.REPORT_ENCODING_EVALUATION,
+            metrics=metrics,
+        )
+
+        async def chunks() -> AsyncIterator[device_pb2.UploadChunk]:
+            yield device_pb2.UploadChunk(header=header)
+
+        try:
+            return await self._stub.UploadUpdate(chunks(), timeout=constants.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise TransportError(exc.code(), exc.details() or "") from exc
+
     async def report_failure(
         self, token: bytes, cause: device_pb2.FailureReport.Cause, message: str
     ) -> device_pb2.FailureAck:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import grpc
+import numpy as np
 
 from device_runtime import constants as protocol
 from device_runtime.clock import RealClock
@@ -24,6 +25,7 @@ from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
 from server.evaluation import HeldOutEvaluator
 from server.grpc_service import CoordinatorServer
+from server.pace_steering import PaceSteeringSettings
 from server.sqlite_store import SqliteStore
 
 
@@ -104,12 +106,10 @@ async def run_demo(
             store,
             RealClock(),
             # Short windows: the emulated fleet lives minutes, not days.
-            CoordinatorSettings(
-                rejected_retry_s=(0.3, 1.0),
-                accepted_retry_s=(0.1, 0.5),
-                no_task_retry_s=(5.0, 10.0),
-            ),
+            # The emulated fleet lives minutes, not days: retry windows start at 0.1 s.
+            CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=0.1, horizon_s=60.0)),
             HeldOutEvaluator(data.test),
+            np.random.default_rng(settings.seed),
         )
         server = CoordinatorServer(coordinator, "127.0.0.1:0")
         await server.start()
@@ -119,7 +119,7 @@ async def run_demo(
             total_rounds=settings.rounds,
             target_reports=settings.clients_per_round,
             min_reports=max(1, int(0.8 * settings.clients_per_round)),
-            selection_deadline_s=10.0,
+            selection_deadline_s=2.0,
             reporting_deadline_s=30.0,
             epochs=settings.epochs,
             batch_size=settings.batch_size,

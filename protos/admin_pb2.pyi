@@ -6,8 +6,20 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ListTasksRequest(_message.Message):
+    __slots__ = ("protocol_version",)
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
+
+class ListTasksResponse(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[TaskStatus]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ...) -> None: ...
+
 class TaskConfig(_message.Message):
-    __slots__ = ("task_id", "population", "total_rounds", "target_reports", "over_selection", "min_reports", "selection_deadline_s", "reporting_deadline_s", "plan", "server_learning_rate")
+    __slots__ = ("task_id", "population", "total_rounds", "target_reports", "over_selection", "min_reports", "selection_deadline_s", "reporting_deadline_s", "plan", "server_learning_rate", "max_concurrent_rounds", "server_optimizer", "eligibility", "kind", "evaluates")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     POPULATION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +30,11 @@ class TaskConfig(_message.Message):
     REPORTING_DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     SERVER_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    ELIGIBILITY_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EVALUATES_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     population: str
     total_rounds: int
@@ -28,7 +45,38 @@ class TaskConfig(_message.Message):
     reporting_deadline_s: float
     plan: _common_pb2.Plan
     server_learning_rate: float
-    def __init__(self, task_id: _Optional[str] = ..., population: _Optional[str] = ..., total_rounds: _Optional[int] = ..., target_reports: _Optional[int] = ..., over_selection: _Optional[float] = ..., min_reports: _Optional[int] = ..., selection_deadline_s: _Optional[float] = ..., reporting_deadline_s: _Optional[float] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., server_learning_rate: _Optional[float] = ...) -> None: ...
+    max_concurrent_rounds: int
+    server_optimizer: ServerOptimizer
+    eligibility: Eligibility
+    kind: str
+    evaluates: str
+    def __init__(self, task_id: _Optional[str] = ..., population: _Optional[str] = ..., total_rounds: _Optional[int] = ..., target_reports: _Optional[int] = ..., over_selection: _Optional[float] = ..., min_reports: _Optional[int] = ..., selection_deadline_s: _Optional[float] = ..., reporting_deadline_s: _Optional[float] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., server_learning_rate: _Optional[float] = ..., max_concurrent_rounds: _Optional[int] = ..., server_optimizer: _Optional[_Union[ServerOptimizer, _Mapping]] = ..., eligibility: _Optional[_Union[Eligibility, _Mapping]] = ..., kind: _Optional[str] = ..., evaluates: _Optional[str] = ...) -> None: ...
+
+class ServerOptimizer(_message.Message):
+    __slots__ = ("name", "momentum", "beta_1", "beta_2", "epsilon", "initial_preconditioner")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    BETA_1_FIELD_NUMBER: _ClassVar[int]
+    BETA_2_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_PRECONDITIONER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    momentum: float
+    beta_1: float
+    beta_2: float
+    epsilon: float
+    initial_preconditioner: float
+    def __init__(self, name: _Optional[str] = ..., momentum: _Optional[float] = ..., beta_1: _Optional[float] = ..., beta_2: _Optional[float] = ..., epsilon: _Optional[float] = ..., initial_preconditioner: _Optional[float] = ...) -> None: ...
+
+class Eligibility(_message.Message):
+    __slots__ = ("min_examples", "min_separation_s", "min_runtime_version")
+    MIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MIN_SEPARATION_S_FIELD_NUMBER: _ClassVar[int]
+    MIN_RUNTIME_VERSION_FIELD_NUMBER: _ClassVar[int]
+    min_examples: int
+    min_separation_s: float
+    min_runtime_version: str
+    def __init__(self, min_examples: _Optional[int] = ..., min_separation_s: _Optional[float] = ..., min_runtime_version: _Optional[str] = ...) -> None: ...
 
 class RegisterTaskRequest(_message.Message):
     __slots__ = ("protocol_version", "config", "model_tflite", "initial_weights")

@@ -29,6 +29,11 @@ class AdminServiceStub(object):
                 request_serializer=protos_dot_admin__pb2.ListRoundsRequest.SerializeToString,
                 response_deserializer=protos_dot_admin__pb2.ListRoundsResponse.FromString,
                 )
+        self.ListTasks = channel.unary_unary(
+                '/overnight.v1.AdminService/ListTasks',
+                request_serializer=protos_dot_admin__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.ListTasksResponse.FromString,
+                )
 
 
 class AdminServiceServicer(object):
@@ -58,6 +63,13 @@ class AdminServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTasks(self, request, context):
+        """Every task, grouped by nothing; the caller groups by population. Never fails.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListRounds,
                     request_deserializer=protos_dot_admin__pb2.ListRoundsRequest.FromString,
                     response_serializer=protos_dot_admin__pb2.ListRoundsResponse.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=protos_dot_admin__pb2.ListTasksRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.ListTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,5 +151,22 @@ class AdminService(object):
         return grpc.experimental.unary_unary(request, target, '/overnight.v1.AdminService/ListRounds',
             protos_dot_admin__pb2.ListRoundsRequest.SerializeToString,
             protos_dot_admin__pb2.ListRoundsResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/overnight.v1.AdminService/ListTasks',
+            protos_dot_admin__pb2.ListTasksRequest.SerializeToString,
+            protos_dot_admin__pb2.ListTasksResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

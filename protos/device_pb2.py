@@ -15,7 +15,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/device.proto\x12\x0covernight.v1\x1a\x13protos/common.proto\"\x81\x01\n\x0e\x43heckInRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\npopulation\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x17\n\x0fruntime_version\x18\x04 \x01(\t\x12\x15\n\rexample_count\x18\x05 \x01(\x03\"\xdc\x01\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0cround_number\x18\x02 \x01(\x03\x12\x14\n\x0cupload_token\x18\x03 \x01(\x0c\x12(\n\x05model\x18\x04 \x01(\x0b\x32\x19.overnight.v1.ResourceRef\x12*\n\x07weights\x18\x05 \x01(\x0b\x32\x19.overnight.v1.ResourceRef\x12 \n\x04plan\x18\x06 \x01(\x0b\x32\x12.overnight.v1.Plan\x12\x19\n\x11report_deadline_s\x18\x07 \x01(\x01\"\x9d\x01\n\tRejection\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.overnight.v1.Rejection.Reason\x12\x0f\n\x07message\x18\x02 \x01(\t\"O\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x0b\n\x07NO_TASK\x10\x01\x12\x0e\n\nROUND_FULL\x10\x02\x12\x10\n\x0cNOT_ELIGIBLE\x10\x03\"\xab\x01\n\x0f\x43heckInResponse\x12.\n\nassignment\x18\x01 \x01(\x0b\x32\x18.overnight.v1.AssignmentH\x00\x12,\n\trejection\x18\x02 \x01(\x0b\x32\x17.overnight.v1.RejectionH\x00\x12/\n\x0cretry_window\x18\x03 \x01(\x0b\x32\x19.overnight.v1.RetryWindowB\t\n\x07outcome\";\n\x0f\x44ownloadRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"=\n\tDataChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"\xab\x01\n\x0cUploadHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0cupload_token\x18\x02 \x01(\x0c\x12\x15\n\rexample_count\x18\x03 \x01(\x03\x12\x14\n\x0cnum_elements\x18\x04 \x01(\x03\x12\x10\n\x08\x65ncoding\x18\x05 \x01(\t\x12,\n\x07metrics\x18\x06 \x01(\x0b\x32\x1b.overnight.v1.ClientMetrics\"S\n\x0bUploadChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.overnight.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"A\n\x0eUploadResponse\x12/\n\x0cretry_window\x18\x01 \x01(\x0b\x32\x19.overnight.v1.RetryWindow\"\xef\x01\n\rFailureReport\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0cupload_token\x18\x02 \x01(\x0c\x12\x30\n\x05\x63\x61use\x18\x03 \x01(\x0e\x32!.overnight.v1.FailureReport.Cause\x12\x0f\n\x07message\x18\x04 \x01(\t\"k\n\x05\x43\x61use\x12\x15\n\x11\x43\x41USE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bINTERRUPTED\x10\x01\x12\x12\n\x0eTRAINING_ERROR\x10\x02\x12\x12\n\x0e\x44OWNLOAD_ERROR\x10\x03\x12\x12\n\x0eMODEL_REJECTED\x10\x04\"=\n\nFailureAck\x12/\n\x0cretry_window\x18\x01 \x01(\x0b\x32\x19.overnight.v1.RetryWindow2\xb0\x02\n\rDeviceService\x12\x46\n\x07\x43heckIn\x12\x1c.overnight.v1.CheckInRequest\x1a\x1d.overnight.v1.CheckInResponse\x12\x44\n\x08\x44ownload\x12\x1d.overnight.v1.DownloadRequest\x1a\x17.overnight.v1.DataChunk0\x01\x12I\n\x0cUploadUpdate\x12\x19.overnight.v1.UploadChunk\x1a\x1c.overnight.v1.UploadResponse(\x01\x12\x46\n\rReportFailure\x12\x1b.overnight.v1.FailureReport\x1a\x18.overnight.v1.FailureAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/device.proto\x12\x0covernight.v1\x1a\x13protos/common.proto\"\x81\x01\n\x0e\x43heckInRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\npopulation\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x17\n\x0fruntime_version\x18\x04 \x01(\t\x12\x15\n\rexample_count\x18\x05 \x01(\x03\"\xaf\x02\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0cround_number\x18\x02 \x01(\x03\x12\x14\n\x0cupload_token\x18\x03 \x01(\x0c\x12(\n\x05model\x18\x04 \x01(\x0b\x32\x19.overnight.v1.ResourceRef\x12*\n\x07weights\x18\x05 \x01(\x0b\x32\x19.overnight.v1.ResourceRef\x12 \n\x04plan\x18\x06 \x01(\x0b\x32\x12.overnight.v1.Plan\x12\x19\n\x11report_deadline_s\x18\x07 \x01(\x01\x12+\n\x04kind\x18\x08 \x01(\x0e\x32\x1d.overnight.v1.Assignment.Kind\"$\n\x04Kind\x12\x0c\n\x08TRAINING\x10\x00\x12\x0e\n\nEVALUATION\x10\x01\"\x9d\x01\n\tRejection\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.overnight.v1.Rejection.Reason\x12\x0f\n\x07message\x18\x02 \x01(\t\"O\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x0b\n\x07NO_TASK\x10\x01\x12\x0e\n\nROUND_FULL\x10\x02\x12\x10\n\x0cNOT_ELIGIBLE\x10\x03\"\xab\x01\n\x0f\x43heckInResponse\x12.\n\nassignment\x18\x01 \x01(\x0b\x32\x18.overnight.v1.AssignmentH\x00\x12,\n\trejection\x18\x02 \x01(\x0b\x32\x17.overnight.v1.RejectionH\x00\x12/\n\x0cretry_window\x18\x03 \x01(\x0b\x32\x19.overnight.v1.RetryWindowB\t\n\x07outcome\";\n\x0f\x44ownloadRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"=\n\tDataChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"\xab\x01\n\x0cUploadHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0cupload_token\x18\x02 \x01(\x0c\x12\x15\n\rexample_count\x18\x03 \x01(\x03\x12\x14\n\x0cnum_elements\x18\x04 \x01(\x03\x12\x10\n\x08\x65ncoding\x18\x05 \x01(\t\x12,\n\x07metrics\x18\x06 \x01(\x0b\x32\x1b.overnight.v1.ClientMetrics\"S\n\x0bUploadChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.overnight.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"A\n\x0eUploadResponse\x12/\n\x0cretry_window\x18\x01 \x01(\x0b\x32\x19.overnight.v1.RetryWindow\"\xef\x01\n\rFailureReport\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0cupload_token\x18\x02 \x01(\x0c\x12\x30\n\x05\x63\x61use\x18\x03 \x01(\x0e\x32!.overnight.v1.FailureReport.Cause\x12\x0f\n\x07message\x18\x04 \x01(\t\"k\n\x05\x43\x61use\x12\x15\n\x11\x43\x41USE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bINTERRUPTED\x10\x01\x12\x12\n\x0eTRAINING_ERROR\x10\x02\x12\x12\n\x0e\x44OWNLOAD_ERROR\x10\x03\x12\x12\n\x0eMODEL_REJECTED\x10\x04\"=\n\nFailureAck\x12/\n\x0cretry_window\x18\x01 \x01(\x0b\x32\x19.overnight.v1.RetryWindow2\xb0\x02\n\rDeviceService\x12\x46\n\x07\x43heckIn\x12\x1c.overnight.v1.CheckInRequest\x1a\x1d.overnight.v1.CheckInResponse\x12\x44\n\x08\x44ownload\x12\x1d.overnight.v1.DownloadRequest\x1a\x17.overnight.v1.DataChunk0\x01\x12I\n\x0cUploadUpdate\x12\x19.overnight.v1.UploadChunk\x1a\x1c.overnight.v1.UploadResponse(\x01\x12\x46\n\rReportFailure\x12\x1b.overnight.v1.FailureReport\x1a\x18.overnight.v1.FailureAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -25,29 +25,31 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_CHECKINREQUEST']._serialized_start=59
   _globals['_CHECKINREQUEST']._serialized_end=188
   _globals['_ASSIGNMENT']._serialized_start=191
-  _globals['_ASSIGNMENT']._serialized_end=411
-  _globals['_REJECTION']._serialized_start=414
-  _globals['_REJECTION']._serialized_end=571
-  _globals['_REJECTION_REASON']._serialized_start=492
-  _globals['_REJECTION_REASON']._serialized_end=571
-  _globals['_CHECKINRESPONSE']._serialized_start=574
-  _globals['_CHECKINRESPONSE']._serialized_end=745
-  _globals['_DOWNLOADREQUEST']._serialized_start=747
-  _globals['_DOWNLOADREQUEST']._serialized_end=806
-  _globals['_DATACHUNK']._serialized_start=808
-  _globals['_DATACHUNK']._serialized_end=869
-  _globals['_UPLOADHEADER']._serialized_start=872
-  _globals['_UPLOADHEADER']._serialized_end=1043
-  _globals['_UPLOADCHUNK']._serialized_start=1045
-  _globals['_UPLOADCHUNK']._serialized_end=1128
-  _globals['_UPLOADRESPONSE']._serialized_start=1130
-  _globals['_UPLOADRESPONSE']._serialized_end=1195
-  _globals['_FAILUREREPORT']._serialized_start=1198
-  _globals['_FAILUREREPORT']._serialized_end=1437
-  _globals['_FAILUREREPORT_CAUSE']._serialized_start=1330
-  _globals['_FAILUREREPORT_CAUSE']._serialized_end=1437
-  _globals['_FAILUREACK']._serialized_start=1439
-  _globals['_FAILUREACK']._serialized_end=1500
-  _globals['_DEVICESERVICE']._serialized_start=1503
-  _globals['_DEVICESERVICE']._serialized_end=1807
+  _globals['_ASSIGNMENT']._serialized_end=494
+  _globals['_ASSIGNMENT_KIND']._serialized_start=458
+  _globals['_ASSIGNMENT_KIND']._serialized_end=494
+  _globals['_REJECTION']._serialized_start=497
+  _globals['_REJECTION']._serialized_end=654
+  _globals['_REJECTION_REASON']._serialized_start=575
+  _globals['_REJECTION_REASON']._serialized_end=654
+  _globals['_CHECKINRESPONSE']._serialized_start=657
+  _globals['_CHECKINRESPONSE']._serialized_end=828
+  _globals['_DOWNLOADREQUEST']._serialized_start=830
+  _globals['_DOWNLOADREQUEST']._serialized_end=889
+  _globals['_DATACHUNK']._serialized_start=891
+  _globals['_DATACHUNK']._serialized_end=952
+  _globals['_UPLOADHEADER']._serialized_start=955
+  _globals['_UPLOADHEADER']._serialized_end=1126
+  _globals['_UPLOADCHUNK']._serialized_start=1128
+  _globals['_UPLOADCHUNK']._serialized_end=1211
+  _globals['_UPLOADRESPONSE']._serialized_start=1213
+  _globals['_UPLOADRESPONSE']._serialized_end=1278
+  _globals['_FAILUREREPORT']._serialized_start=1281
+  _globals['_FAILUREREPORT']._serialized_end=1520
+  _globals['_FAILUREREPORT_CAUSE']._serialized_start=1413
+  _globals['_FAILUREREPORT_CAUSE']._serialized_end=1520
+  _globals['_FAILUREACK']._serialized_start=1522
+  _globals['_FAILUREACK']._serialized_end=1583
+  _globals['_DEVICESERVICE']._serialized_start=1586
+  _globals['_DEVICESERVICE']._serialized_end=1890
 # @@protoc_insertion_point(module_scope)

@@ -21,7 +21,13 @@ class CheckInRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., population: _Optional[str] = ..., device_id: _Optional[str] = ..., runtime_version: _Optional[str] = ..., example_count: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("task_id", "round_number", "upload_token", "model", "weights", "plan", "report_deadline_s")
+    __slots__ = ("task_id", "round_number", "upload_token", "model", "weights", "plan", "report_deadline_s", "kind")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        TRAINING: _ClassVar[Assignment.Kind]
+        EVALUATION: _ClassVar[Assignment.Kind]
+    TRAINING: Assignment.Kind
+    EVALUATION: Assignment.Kind
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +35,7 @@ class Assignment(_message.Message):
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     REPORT_DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round_number: int
     upload_token: bytes
@@ -36,7 +43,8 @@ class Assignment(_message.Message):
     weights: _common_pb2.ResourceRef
     plan: _common_pb2.Plan
     report_deadline_s: float
-    def __init__(self, task_id: _Optional[str] = ..., round_number: _Optional[int] = ..., upload_token: _Optional[bytes] = ..., model: _Optional[_Union[_common_pb2.ResourceRef, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.ResourceRef, _Mapping]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., report_deadline_s: _Optional[float] = ...) -> None: ...
+    kind: Assignment.Kind
+    def __init__(self, task_id: _Optional[str] = ..., round_number: _Optional[int] = ..., upload_token: _Optional[bytes] = ..., model: _Optional[_Union[_common_pb2.ResourceRef, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.ResourceRef, _Mapping]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., report_deadline_s: _Optional[float] = ..., kind: _Optional[_Union[Assignment.Kind, str]] = ...) -> None: ...
 
 class Rejection(_message.Message):
     __slots__ = ("reason", "message")

@@ -65,7 +65,7 @@ class DeviceServiceServicer(object):
         or a stream that does not start with a header
         An update with NaN or infinite values is accepted and counted, but zeroed and weighted 0
         (as TFF's FedAvg does); the round's metrics count it in aggregator/num_nonfinite_updates.
-        RESOURCE_EXHAUSTED   payload larger than the header announced
+        RESOURCE_EXHAUSTED   payload larger than the header announced, or a chunk over 4 MiB
         A refused upload changes nothing in the round.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -13,7 +13,12 @@ import tempfile
 from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PROTOS = ("protos/common.proto", "protos/device.proto", "protos/admin.proto")
+PROTOS = (
+    "protos/common.proto",
+    "protos/device.proto",
+    "protos/admin.proto",
+    "protos/secagg.proto",
+)
 
 
 def generate(root: pathlib.Path, out_dir: pathlib.Path) -> list[pathlib.Path]:

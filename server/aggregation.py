@@ -32,7 +32,7 @@ class UpdateAggregator(Protocol):
         """Checks the header against this round's encoding. Raises InvalidArgument."""
         ...
 
-    def accumulate(self, header: device_pb2.UploadHeader, payload: bytes) -> None:
+    def accumulate(self, header: device_pb2.UploadHeader, payload: bytes | memoryview) -> None:
         """Decodes and adds one update. Raises InvalidArgument, changing nothing."""
         ...
 
@@ -106,7 +106,7 @@ class Float32WeightedMean:
             raise InvalidArgument(f"example_count must be positive, got {header.example_count}")
         return 4 * self._num_parameters
 
-    def accumulate(self, header: device_pb2.UploadHeader, payload: bytes) -> None:
+    def accumulate(self, header: device_pb2.UploadHeader, payload: bytes | memoryview) -> None:
         expected = self.expected_payload_bytes(header)
         if len(payload) != expected:
             raise InvalidArgument(f"update payload is {len(payload)} bytes, expected {expected}")
@@ -125,6 +125,43 @@ class Float32WeightedMean:
         }
 
 
+class EvaluationReports:
+    """Federated evaluation: reports carry metrics only; there is no update to aggregate."""
+
+    encoding = protocol.REPORT_ENCODING_EVALUATION
+
+    def __init__(self) -> None:
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def total_weight(self) -> float:
+        return 0.0
+
+    def expected_payload_bytes(self, header: device_pb2.UploadHeader) -> int:
+        if header.encoding != self.encoding:
+            raise InvalidArgument(
+                f"report encoding {header.encoding!r} is not this round's ({self.encoding!r})"
+            )
+        if header.num_elements != 0:
+            raise InvalidArgument("an evaluation report carries no update (num_elements 0)")
+        if header.example_count <= 0:
+            raise InvalidArgument(f"example_count must be positive, got {header.example_count}")
+        return 0
+
+    def accumulate(self, header: device_pb2.UploadHeader, payload: bytes | memoryview) -> None:
+        self.expected_payload_bytes(header)
+        if payload:
+            raise InvalidArgument("an evaluation report carries no payload")
+        self._count += 1
+
+    def finalize(self) -> tuple[np.ndarray, dict[str, float]]:
+        return np.zeros(0, np.float32), {"aggregator/num_reports": float(self._count)}
+
+
 class ClientMetricsAccumulator:
     """TFF's `client_work/train` metrics: example-weighted loss and accuracy, summed counts."""
 
@@ -140,11 +177,11 @@ class ClientMetricsAccumulator:
         self.num_examples += metrics.num_examples
         self.num_batches += metrics.num_batches
 
-    def finalize(self) -> dict[str, float]:
+    def finalize(self, prefix: str = "client_work/train") -> dict[str, float]:
         n = max(self.num_examples, 1)
         return {
-            "client_work/train/loss": self._loss_sum / n,
-            "client_work/train/accuracy": self._correct / n,
-            "client_work/train/num_examples": float(self.num_examples),
-            "client_work/train/num_batches": float(self.num_batches),
+            f"{prefix}/loss": self._loss_sum / n,
+            f"{prefix}/accuracy": self._correct / n,
+            f"{prefix}/num_examples": float(self.num_examples),
+            f"{prefix}/num_batches": float(self.num_batches),
         }

@@ -11,6 +11,7 @@ import signal
 import sys
 
 import grpc
+import numpy as np
 
 from device_runtime import constants as protocol
 from device_runtime.clock import RealClock
@@ -20,20 +21,12 @@ from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
 from server.errors import AlreadyExists, CoordinatorError
 from server.evaluation import HeldOutEvaluator
-from server.grpc_service import CoordinatorServer
+from server.grpc_service import CoordinatorServer, admin_max_message_bytes
+from server.pace_steering import PaceSteeringSettings
 from server.sqlite_store import SqliteStore
+from server.tensorboard_sink import TensorBoardSink
 
 log = logging.getLogger(__name__)
-
-
-def _window(text: str) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX in seconds, got {text!r}") from None
-    if not 0 <= low <= high:
-        raise argparse.ArgumentTypeError(f"need 0 <= MIN <= MAX, got {text!r}")
-    return low, high
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -63,36 +56,61 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument(
         "--eval-data", help=".npz with held-out 'x' and 'y' to evaluate each committed round on"
     )
-    defaults = CoordinatorSettings()
+    pace = PaceSteeringSettings()
     serve.add_argument(
-        "--rejected-retry",
-        type=_window,
-        default=defaults.rejected_retry_s,
-        metavar="MIN,MAX",
-        help="retry window for rejected devices, seconds (default %(default)s)",
+        "--min-retry-s",
+        type=float,
+        default=pace.min_delay_s,
+        help="shortest retry window start handed to devices (default %(default)s)",
     )
     serve.add_argument(
-        "--accepted-retry",
-        type=_window,
-        default=defaults.accepted_retry_s,
-        metavar="MIN,MAX",
-        help="retry window after an assignment, seconds (default %(default)s)",
+        "--max-retry-s",
+        type=float,
+        default=pace.max_delay_s,
+        help="longest retry delay handed to devices (default %(default)s)",
     )
+    serve.add_argument("--seed", type=int, help="seed for retry-window jitter")
     serve.set_defaults(func=run_serve)
 
-    status = subparsers.add_parser("status", help="show a task's state and round history")
+    status = subparsers.add_parser(
+        "status",
+        help="show populations, tasks, current rounds and recent history",
+        description="Without --task: every task by population. With --task: its round history.",
+    )
     status.add_argument("--server", default="127.0.0.1:50051", help="coordinator host:port")
-    status.add_argument("--task", required=True, help="task id")
+    status.add_argument("--task", help="show this task's round history")
+    status.add_argument(
+        "--last", type=int, default=20, help="rounds of history to show (default 20)"
+    )
+
+    task = subparsers.add_parser("task", help="manage tasks on a running coordinator")
+    task_commands = task.add_subparsers(dest="task_command", metavar="ACTION", required=True)
+    create = task_commands.add_parser(
+        "create",
+        help="register a task from a TOML config and an exported model",
+        description=(
+            "Registers a task on a running coordinator through its admin API. The config is a "
+            "TOML file with a [task] table; a wrong field is reported by name."
+        ),
+    )
+    create.add_argument("config", help="task config (TOML)")
+    create.add_argument("--model", required=True, help="exported .tflite training model")
+    create.add_argument("--initial-weights", help="optional .npy float32 vector of initial weights")
+    create.add_argument("--server", default="127.0.0.1:50051", help="coordinator host:port")
+    create.set_defaults(func=run_task_create)
     status.set_defaults(func=run_status)
 
 
 async def serve(args: argparse.Namespace) -> None:
     store = SqliteStore.in_data_dir(args.data_dir)
     evaluator = HeldOutEvaluator(LocalExamples.load(args.eval_data)) if args.eval_data else None
-    settings = CoordinatorSettings(
-        rejected_retry_s=args.rejected_retry, accepted_retry_s=args.accepted_retry
+    pace = PaceSteeringSettings(min_delay_s=args.min_retry_s, max_delay_s=args.max_retry_s)
+    settings = CoordinatorSettings(pace=pace)
+    coordinator = Coordinator(
+        store, RealClock(), settings, evaluator, np.random.default_rng(args.seed)
     )
-    coordinator = Coordinator(store, RealClock(), settings, evaluator)
+    tensorboard = TensorBoardSink(pathlib.Path(args.data_dir) / "tensorboard")
+    coordinator.observers.append(tensorboard)
     if args.task:
         if not args.model:
             raise SystemExit("--task needs --model")
@@ -108,6 +126,7 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop()
+    tensorboard.close()
     store.close()
 
 
@@ -120,39 +139,93 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_status(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.server) as channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
-        try:
-            status = stub.GetTaskStatus(
-                admin_pb2.GetTaskStatusRequest(
-                    protocol_version=protocol.PROTOCOL_VERSION, task_id=args.task
-                )
-            )
-            rounds = stub.ListRounds(
-                admin_pb2.ListRoundsRequest(
-                    protocol_version=protocol.PROTOCOL_VERSION, task_id=args.task
-                )
-            ).rounds
-        except grpc.RpcError as exc:
-            print(f"status: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    print(
-        f"task {status.config.task_id} ({status.config.population}): {status.state}, "
-        f"{status.committed_rounds}/{status.config.total_rounds} rounds committed, "
-        f"{status.num_parameters} parameters"
+def _admin(server: str) -> tuple[grpc.Channel, admin_pb2_grpc.AdminServiceStub]:
+    channel = grpc.insecure_channel(
+        server,
+        options=[("grpc.max_send_message_length", admin_max_message_bytes)],
     )
-    if status.HasField("current_round"):
-        r = status.current_round
-        print(
-            f"current round {r.round_number}: {r.state}, "
-            f"{r.selected} selected, {r.reported} reported"
-        )
-    for r in rounds:
-        acc = r.metrics.get("eval/accuracy")
-        print(
-            f"  round {r.round_number:4d} {r.state:9s} "
-            f"reported {r.reported:4d} dropped {r.dropped:4d}"
-            + (f" eval accuracy {acc:.4f}" if acc is not None else "")
-        )
+    return channel, admin_pb2_grpc.AdminServiceStub(channel)
+
+
+def _print_round(r: admin_pb2.RoundSummary) -> None:
+    acc = r.metrics.get("eval/accuracy")
+    loss = r.metrics.get("client_work/train/loss")
+    print(
+        f"  round {r.round_number:4d} {r.state:10s} selected {r.selected:5d} "
+        f"reported {r.reported:5d} dropped {r.dropped:5d}"
+        + (f"  train loss {loss:.4f}" if loss is not None else "")
+        + (f"  eval accuracy {acc:.4f}" if acc is not None else "")
+    )
+
+
+def run_status(args: argparse.Namespace) -> int:
+    channel, stub = _admin(args.server)
+    version = protocol.PROTOCOL_VERSION
+    try:
+        with channel:
+            tasks = stub.ListTasks(admin_pb2.ListTasksRequest(protocol_version=version)).tasks
+            rounds = (
+                stub.ListRounds(
+                    admin_pb2.ListRoundsRequest(protocol_version=version, task_id=args.task)
+                ).rounds
+                if args.task
+                else []
+            )
+    except grpc.RpcError as exc:
+        print(f"status: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    by_population: dict[str, list[admin_pb2.TaskStatus]] = {}
+    for t in tasks:
+        by_population.setdefault(t.config.population, []).append(t)
+    if not tasks:
+        print("no tasks registered")
+    for population, members in sorted(by_population.items()):
+        print(f"population {population}")
+        for t in members:
+            if args.task and t.config.task_id != args.task:
+                continue
+            print(
+                f"  task {t.config.task_id}: {t.state}, {t.committed_rounds}/"
+                f"{t.config.total_rounds} rounds committed, {t.num_parameters} parameters, "
+                f"server optimizer {t.config.server_optimizer.name or 'sgd'}"
+            )
+            if t.HasField("current_round"):
+                r = t.current_round
+                print(
+                    f"    latest round {r.round_number}: {r.state}, {r.selected} selected, "
+                    f"{r.reported} reported"
+                )
+    if args.task:
+        print(f"history of {args.task}:")
+        for r in rounds[-args.last :]:
+            _print_round(r)
+    return 0
+
+
+def run_task_create(args: argparse.Namespace) -> int:
+    try:
+        config = TaskConfig.from_toml(args.config)
+    except CoordinatorError as exc:
+        print(f"task create: {exc}", file=sys.stderr)
+        return 2
+    initial = b""
+    if args.initial_weights:
+        initial = np.load(args.initial_weights).astype("<f4").tobytes()
+    request = admin_pb2.RegisterTaskRequest(
+        protocol_version=protocol.PROTOCOL_VERSION,
+        config=config.to_proto(),
+        model_tflite=pathlib.Path(args.model).read_bytes(),
+        initial_weights=initial,
+    )
+    channel, stub = _admin(args.server)
+    try:
+        with channel:
+            response = stub.RegisterTask(request)
+    except grpc.RpcError as exc:
+        print(f"task create: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(
+        f"registered task {response.task_id}: model {response.model_sha256[:12]}, "
+        f"{response.num_parameters} parameters"
+    )
     return 0

@@ -10,6 +10,7 @@ from typing import Any
 
 from protos import admin_pb2, common_pb2
 from server.errors import InvalidArgument
+from server.optimizers import OPTIMIZERS, ServerOptimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,10 +23,33 @@ class TaskConfig:
     min_reports: int = 0  # 0 = target_reports
     selection_deadline_s: float = 60.0
     reporting_deadline_s: float = 120.0
+    max_concurrent_rounds: int = 1  # >1: the next round selects while this one reports
+    # Client plan.
     epochs: int = 1
     batch_size: int = 20
     max_examples: int = 0
+    fedprox_mu: float = 0.0
+    keep_order: bool = False
+    # Server optimizer (TFF's, with TFF's defaults where a field is 0).
+    server_optimizer: str = "sgd"
     server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
+    server_beta_1: float = 0.0
+    server_beta_2: float = 0.0
+    server_epsilon: float = 0.0
+    server_initial_preconditioner: float = 0.0
+    # Eligibility.
+    min_examples: int = 1
+    min_separation_s: float = 0.0
+    min_runtime_version: str = ""
+    # "training", or "evaluation": devices evaluate the latest model of task `evaluates` on
+    # their own data and report metrics only (federated evaluation).
+    kind: str = "training"
+    evaluates: str = ""
+
+    @property
+    def is_evaluation(self) -> bool:
+        return self.kind == "evaluation"
 
     @property
     def effective_min_reports(self) -> int:
@@ -35,16 +59,29 @@ class TaskConfig:
     def selection_quota(self) -> int:
         return math.ceil(self.target_reports * self.over_selection)
 
+    def optimizer(self) -> ServerOptimizer:
+        overrides = {
+            name: value
+            for name, value in (
+                ("momentum", self.server_momentum),
+                ("beta_1", self.server_beta_1),
+                ("beta_2", self.server_beta_2),
+                ("epsilon", self.server_epsilon),
+                ("initial_preconditioner", self.server_initial_preconditioner),
+            )
+            if value
+        }
+        return ServerOptimizer.with_tff_defaults(
+            self.server_optimizer, self.server_learning_rate, **overrides
+        )
+
     def validate(self) -> TaskConfig:
         def need(ok: bool, field: str, why: str) -> None:
             if not ok:
                 raise InvalidArgument(f"task config field {field!r}: {why}")
 
-        need(
-            bool(self.task_id) and self.task_id.replace("-", "").replace("_", "").isalnum(),
-            "task_id",
-            f"must be a non-empty name of letters, digits, '-' or '_', got {self.task_id!r}",
-        )
+        name_ok = bool(self.task_id) and self.task_id.replace("-", "").replace("_", "").isalnum()
+        need(name_ok, "task_id", f"must be letters, digits, '-' or '_', got {self.task_id!r}")
         need(bool(self.population), "population", "must be set")
         need(self.total_rounds >= 1, "total_rounds", f"must be >= 1, got {self.total_rounds}")
         need(self.target_reports >= 1, "target_reports", f"must be >= 1, got {self.target_reports}")
@@ -60,19 +97,51 @@ class TaskConfig:
         )
         need(self.selection_deadline_s > 0, "selection_deadline_s", "must be positive")
         need(self.reporting_deadline_s > 0, "reporting_deadline_s", "must be positive")
+        need(self.max_concurrent_rounds >= 1, "max_concurrent_rounds", "must be >= 1")
         need(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         need(self.max_examples >= 0, "max_examples", "must be >= 0 (0 = all)")
+        need(self.fedprox_mu >= 0, "fedprox_mu", f"must be >= 0, got {self.fedprox_mu}")
+        need(
+            self.server_optimizer in OPTIMIZERS,
+            "server_optimizer",
+            f"must be one of {', '.join(OPTIMIZERS)}, got {self.server_optimizer!r}",
+        )
         need(
             math.isfinite(self.server_learning_rate) and self.server_learning_rate > 0,
             "server_learning_rate",
             f"must be a positive number, got {self.server_learning_rate}",
         )
+        for field in ("server_momentum", "server_epsilon", "server_initial_preconditioner"):
+            need(getattr(self, field) >= 0, field, "must be >= 0 (0 = TFF's default)")
+        for field in ("server_beta_1", "server_beta_2"):
+            need(0 <= getattr(self, field) < 1, field, "must be in [0, 1) (0 = TFF's default)")
+        need(
+            self.kind in ("training", "evaluation"),
+            "kind",
+            f"must be 'training' or 'evaluation', got {self.kind!r}",
+        )
+        need(
+            bool(self.evaluates) == self.is_evaluation,
+            "evaluates",
+            "names the training task an evaluation task tests (and only then)",
+        )
+        need(self.min_examples >= 1, "min_examples", "must be >= 1")
+        need(self.min_separation_s >= 0, "min_separation_s", "must be >= 0")
+        if self.min_runtime_version:
+            try:
+                parse_version(self.min_runtime_version)
+            except ValueError as exc:
+                need(False, "min_runtime_version", str(exc))
         return self
 
     def plan(self) -> common_pb2.Plan:
         return common_pb2.Plan(
-            epochs=self.epochs, batch_size=self.batch_size, max_examples=self.max_examples
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            max_examples=self.max_examples,
+            fedprox_mu=self.fedprox_mu,
+            keep_order=self.keep_order,
         )
 
     def to_proto(self) -> admin_pb2.TaskConfig:
@@ -87,24 +156,56 @@ class TaskConfig:
             reporting_deadline_s=self.reporting_deadline_s,
             plan=self.plan(),
             server_learning_rate=self.server_learning_rate,
+            max_concurrent_rounds=self.max_concurrent_rounds,
+            server_optimizer=admin_pb2.ServerOptimizer(
+                name=self.server_optimizer,
+                momentum=self.server_momentum,
+                beta_1=self.server_beta_1,
+                beta_2=self.server_beta_2,
+                epsilon=self.server_epsilon,
+                initial_preconditioner=self.server_initial_preconditioner,
+            ),
+            eligibility=admin_pb2.Eligibility(
+                min_examples=self.min_examples,
+                min_separation_s=self.min_separation_s,
+                min_runtime_version=self.min_runtime_version,
+            ),
+            kind=self.kind,
+            evaluates=self.evaluates,
         )
 
     @classmethod
     def from_proto(cls, message: admin_pb2.TaskConfig) -> TaskConfig:
-        defaults = cls(task_id="", population="")
+        """Zero (unset) fields take the defaults."""
+        d = cls(task_id="", population="")
+        opt, elig, plan = message.server_optimizer, message.eligibility, message.plan
         return cls(
             task_id=message.task_id,
             population=message.population,
-            total_rounds=message.total_rounds or defaults.total_rounds,
-            target_reports=message.target_reports or defaults.target_reports,
-            over_selection=message.over_selection or defaults.over_selection,
+            total_rounds=message.total_rounds or d.total_rounds,
+            target_reports=message.target_reports or d.target_reports,
+            over_selection=message.over_selection or d.over_selection,
             min_reports=message.min_reports,
-            selection_deadline_s=message.selection_deadline_s or defaults.selection_deadline_s,
-            reporting_deadline_s=message.reporting_deadline_s or defaults.reporting_deadline_s,
-            epochs=message.plan.epochs or defaults.epochs,
-            batch_size=message.plan.batch_size or defaults.batch_size,
-            max_examples=message.plan.max_examples,
-            server_learning_rate=message.server_learning_rate or defaults.server_learning_rate,
+            selection_deadline_s=message.selection_deadline_s or d.selection_deadline_s,
+            reporting_deadline_s=message.reporting_deadline_s or d.reporting_deadline_s,
+            max_concurrent_rounds=message.max_concurrent_rounds or d.max_concurrent_rounds,
+            epochs=plan.epochs or d.epochs,
+            batch_size=plan.batch_size or d.batch_size,
+            max_examples=plan.max_examples,
+            fedprox_mu=plan.fedprox_mu,
+            keep_order=plan.keep_order,
+            server_optimizer=opt.name or d.server_optimizer,
+            server_learning_rate=message.server_learning_rate or d.server_learning_rate,
+            server_momentum=opt.momentum,
+            server_beta_1=opt.beta_1,
+            server_beta_2=opt.beta_2,
+            server_epsilon=opt.epsilon,
+            server_initial_preconditioner=opt.initial_preconditioner,
+            min_examples=elig.min_examples or d.min_examples,
+            min_separation_s=elig.min_separation_s,
+            min_runtime_version=elig.min_runtime_version,
+            kind=message.kind or d.kind,
+            evaluates=message.evaluates,
         ).validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,8 +213,8 @@ class TaskConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TaskConfig:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
         if unknown:
             raise InvalidArgument(
                 f"unknown task config field(s) {unknown}; known: {sorted(fields)}"
@@ -121,17 +222,24 @@ class TaskConfig:
         for required in ("task_id", "population"):
             if required not in values:
                 raise InvalidArgument(f"task config field {required!r} is required")
+        defaults = cls(task_id="", population="")
         converted: dict[str, Any] = {}
         for name, value in values.items():
-            kind = type(getattr(cls(task_id="", population=""), name))
-            try:
-                if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
-                    raise TypeError
-                converted[name] = kind(value)
-            except (TypeError, ValueError):
+            kind = type(getattr(defaults, name))
+            ok = (
+                isinstance(value, bool)
+                if kind is bool
+                else isinstance(value, int) and not isinstance(value, bool)
+                if kind is int
+                else isinstance(value, int | float) and not isinstance(value, bool)
+                if kind is float
+                else isinstance(value, str)
+            )
+            if not ok:
                 raise InvalidArgument(
                     f"task config field {name!r}: expected {kind.__name__}, got {value!r}"
-                ) from None
+                )
+            converted[name] = kind(value)
         return cls(**converted).validate()
 
     @classmethod
@@ -140,4 +248,17 @@ class TaskConfig:
             values = tomllib.loads(pathlib.Path(path).read_text())
         except tomllib.TOMLDecodeError as exc:
             raise InvalidArgument(f"{path}: not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read task config {path}: {exc.strerror}") from exc
         return cls.from_dict(values.get("task", values))
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'1.2.3' -> (1, 2, 3). Raises ValueError naming the text."""
+    try:
+        parts = tuple(int(p) for p in text.split("."))
+    except ValueError:
+        raise ValueError(f"version {text!r} is not dotted integers like 0.1.0") from None
+    if not parts:
+        raise ValueError("empty version")
+    return parts

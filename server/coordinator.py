@@ -11,6 +11,8 @@ import dataclasses
 import hashlib
 import logging
 import secrets
+from collections.abc import Callable
+from typing import assert_never
 
 import numpy as np
 
@@ -19,7 +21,8 @@ from device_runtime.clock import Clock
 from device_runtime.manifest import ManifestError
 from device_runtime.model_file import read_manifest
 from protos import common_pb2, device_pb2
-from server.aggregation import Float32WeightedMean
+from server import eligibility
+from server.aggregation import EvaluationReports, Float32WeightedMean, UpdateAggregator
 from server.config import TaskConfig
 from server.errors import (
     AlreadyExists,
@@ -29,39 +32,25 @@ from server.errors import (
     Unauthenticated,
 )
 from server.evaluation import HeldOutEvaluator
-from server.round import AssignmentState, RoundInProgress
-from server.store import RoundRecord, RoundState, Store, TaskRecord
+from server.optimizers import deserialize_state, serialize_state
+from server.pace_steering import PaceSteering, PaceSteeringSettings, PopulationActivity
+from server.rounds import aggregating, closed, reporting, selecting
+from server.rounds.round import AssignmentState, RoundInProgress
+from server.store import AssignmentRecord, RoundRecord, RoundState, Store, TaskRecord
+from server.task_runtime import TaskRuntime
 
 log = logging.getLogger(__name__)
+
+RoundObserver = Callable[[TaskRuntime, RoundRecord], None]
 
 
 @dataclasses.dataclass(frozen=True)
 class CoordinatorSettings:
-    # Retry windows (seconds) handed to devices. Pace steering proper comes later; these are
-    # fixed windows with uniform jitter picked by the device.
-    rejected_retry_s: tuple[float, float] = (30.0, 90.0)
-    accepted_retry_s: tuple[float, float] = (60.0, 180.0)
+    pace: PaceSteeringSettings = PaceSteeringSettings()
+    # Devices of a population whose tasks are all done come back rarely.
     no_task_retry_s: tuple[float, float] = (600.0, 1200.0)
-
-
-@dataclasses.dataclass
-class TaskRuntime:
-    record: TaskRecord
-    weights: np.ndarray
-    weights_sha256: str
-    committed_rounds: int
-    next_round_number: int
-    broadcasted_bits: float = 0.0
-    aggregated_bits: float = 0.0
-    current: RoundInProgress | None = None
-
-    @property
-    def config(self) -> TaskConfig:
-        return self.record.config
-
-    @property
-    def completed(self) -> bool:
-        return self.committed_rounds >= self.config.total_rounds
+    # Fraction of the selection deadline in which pace steering aims to fill a round.
+    fill_fraction: float = 0.5
 
 
 def _window(bounds: tuple[float, float]) -> common_pb2.RetryWindow:
@@ -79,38 +68,56 @@ class Coordinator:
         clock: Clock,
         settings: CoordinatorSettings | None = None,
         evaluator: HeldOutEvaluator | None = None,
+        rng: np.random.Generator | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
         self.settings = settings or CoordinatorSettings()
         self._evaluator = evaluator
+        self._pace = PaceSteering(self.settings.pace, rng or np.random.default_rng())
+        self._activity: dict[str, PopulationActivity] = {}
         self._tasks: dict[str, TaskRuntime] = {}
-        # Every token issued by this process: hash -> (task, round). Tokens are never stored in
-        # the clear; a leaked database cannot be used to upload.
+        # Tokens issued by this process: hash -> (task, round). Tokens are never stored in the
+        # clear; a leaked database cannot be used to upload.
         self._issued: dict[str, tuple[str, int]] = {}
+        self.observers: list[RoundObserver] = []
         for record in store.tasks():
             self._load_task(record)
 
     # ----- tasks ---------------------------------------------------------------------------
 
     def _load_task(self, record: TaskRecord) -> TaskRuntime:
-        rounds = self._store.rounds(record.config.task_id)
+        task_id = record.config.task_id
+        now = self._clock.now()
+        # Rounds that were open when a previous process died: their updates are gone.
+        for number in self._store.unrecorded_rounds(task_id):
+            self._store.record_closed_round(closed.abandoned(task_id, number, 0, now))
+            log.warning("task %s: round %d abandoned by a coordinator restart", task_id, number)
+        rounds = self._store.rounds(task_id)
         committed = [r for r in rounds if r.state is RoundState.COMMITTED]
         weights_sha = committed[-1].weights_sha256 if committed else record.initial_weights_sha256
         weights_bytes = self._store.get_resource(weights_sha)
         if weights_bytes is None:
-            raise RuntimeError(f"store lacks weights {weights_sha} of task {record.config.task_id}")
+            raise RuntimeError(f"store lacks weights {weights_sha} of task {task_id}")
+        optimizer = record.config.optimizer()
+        state_bytes = self._store.server_state(task_id) if committed else b""
         last_metrics = committed[-1].metrics if committed else {}
         runtime = TaskRuntime(
             record=record,
             weights=np.frombuffer(weights_bytes, "<f4").astype(np.float32),
             weights_sha256=weights_sha,
+            optimizer=optimizer,
+            optimizer_state=(
+                deserialize_state(state_bytes)
+                if state_bytes
+                else optimizer.initialize(record.num_parameters)
+            ),
             committed_rounds=len(committed),
             next_round_number=(rounds[-1].round_number + 1) if rounds else 1,
             broadcasted_bits=last_metrics.get("broadcasted_bits", 0.0),
             aggregated_bits=last_metrics.get("aggregated_bits", 0.0),
         )
-        self._tasks[record.config.task_id] = runtime
+        self._tasks[task_id] = runtime
         return runtime
 
     def register_task(
@@ -120,14 +127,16 @@ class Coordinator:
         config.validate()
         if config.task_id in self._tasks:
             raise AlreadyExists(f"task {config.task_id!r} already exists")
+        if config.is_evaluation:
+            return self._register_evaluation(config)
         try:
             manifest = read_manifest(model_bytes)
         except ManifestError as exc:
             raise InvalidArgument(f"model rejected: {exc}") from exc
         if manifest.batch_size != config.batch_size:
             raise InvalidArgument(
-                f"task config field 'batch_size' is {config.batch_size} but the model was exported "
-                f"with batch size {manifest.batch_size}"
+                f"task config field 'batch_size' is {config.batch_size} but the model was "
+                f"exported with batch size {manifest.batch_size}"
             )
         if initial_weights is None or len(initial_weights) == 0:
             from device_runtime.model_runner import TrainableModel
@@ -153,11 +162,37 @@ class Coordinator:
         log.info("registered task %s for population %s", config.task_id, config.population)
         return record
 
+    def _register_evaluation(self, config: TaskConfig) -> TaskRecord:
+        target = self._tasks.get(config.evaluates)
+        if target is None or target.config.is_evaluation:
+            raise InvalidArgument(
+                f"task config field 'evaluates': {config.evaluates!r} is not a training task"
+            )
+        if config.batch_size != target.config.batch_size:
+            raise InvalidArgument(
+                f"task config field 'batch_size' is {config.batch_size} but task "
+                f"{target.task_id!r} uses {target.config.batch_size}"
+            )
+        record = TaskRecord(
+            config=config,
+            model_sha256=target.record.model_sha256,
+            initial_weights_sha256=target.weights_sha256,
+            num_parameters=target.record.num_parameters,
+            created_at=self._clock.now(),
+        )
+        self._store.add_task(record)
+        self._load_task(record)
+        log.info("registered evaluation task %s of %s", config.task_id, config.evaluates)
+        return record
+
     def task(self, task_id: str) -> TaskRuntime:
         try:
             return self._tasks[task_id]
         except KeyError:
             raise NotFound(f"unknown task {task_id!r}") from None
+
+    def tasks(self) -> list[TaskRuntime]:
+        return list(self._tasks.values())
 
     def task_ids(self) -> list[str]:
         return list(self._tasks)
@@ -177,81 +212,135 @@ class Coordinator:
         tasks = [t for t in self._tasks.values() if t.config.population == request.population]
         if not tasks:
             raise NotFound(f"unknown population {request.population!r}")
+        now = self._clock.now()
+        activity = self._activity.setdefault(
+            request.population, PopulationActivity(self.settings.pace.horizon_s)
+        )
+        activity.record(request.device_id, now)
         self.tick()
         running = [t for t in tasks if not t.completed]
         if not running:
             return self._reject(
-                device_pb2.Rejection.NO_TASK, "no running task", self.settings.no_task_retry_s
+                device_pb2.Rejection.NO_TASK,
+                "no running task",
+                _window(self.settings.no_task_retry_s),
             )
-        if request.example_count == 0:
-            return self._reject(
-                device_pb2.Rejection.NOT_ELIGIBLE,
-                "device has no examples",
-                self.settings.no_task_retry_s,
-            )
+        # Serve the task whose selecting round is furthest from full first.
+        running.sort(
+            key=lambda t: t.selecting.selected / t.config.selection_quota if t.selecting else 0.0
+        )
+        ineligible: list[eligibility.Ineligible] = []
         for task in running:
-            current = self._ensure_round(task)
-            if current.state is not RoundState.SELECTING or request.device_id in current.devices:
+            verdict = eligibility.check(
+                task.config,
+                request.example_count,
+                request.runtime_version,
+                self._store.last_assignment_time(task.task_id, request.device_id),
+                now,
+            )
+            if verdict is not None:
+                ineligible.append(verdict)
                 continue
-            return self._assign(task, current, request.device_id)
-        return self._reject(
-            device_pb2.Rejection.ROUND_FULL, "round is full", self.settings.rejected_retry_s
+            round_ = self._selecting_round(task)
+            if (
+                round_ is not None
+                and selecting.takes_devices(round_, task.config)
+                and request.device_id not in round_.devices
+            ):
+                return self._assign(task, round_, request.device_id, activity.active_devices(now))
+        soonest = min(running, key=lambda t: t.next_selection_in_s(now))
+        window = self._steer(soonest, activity.active_devices(now), now)
+        if len(ineligible) == len(running):
+            wait = min(v.retry_after_s for v in ineligible) or self.settings.no_task_retry_s[0]
+            window = self._steer(soonest, activity.active_devices(now), now, not_before_s=wait)
+            reason = "; ".join(v.reason for v in ineligible)
+            return self._reject(device_pb2.Rejection.NOT_ELIGIBLE, reason, window)
+        return self._reject(device_pb2.Rejection.ROUND_FULL, "round is full", window)
+
+    def _steer(
+        self, task: TaskRuntime, active: int, now: float, not_before_s: float = 0.0
+    ) -> common_pb2.RetryWindow:
+        return self._pace.window(
+            active_devices=active,
+            devices_wanted=task.config.selection_quota,
+            fill_time_s=self.settings.fill_fraction * task.config.selection_deadline_s,
+            next_selection_in_s=task.next_selection_in_s(now),
+            not_before_s=not_before_s,
         )
 
     def _reject(
         self,
         reason: device_pb2.Rejection.Reason,
         message: str,
-        window: tuple[float, float],
+        window: common_pb2.RetryWindow,
     ) -> device_pb2.CheckInResponse:
         return device_pb2.CheckInResponse(
-            rejection=device_pb2.Rejection(reason=reason, message=message),
-            retry_window=_window(window),
+            rejection=device_pb2.Rejection(reason=reason, message=message), retry_window=window
         )
 
-    def _ensure_round(self, task: TaskRuntime) -> RoundInProgress:
-        if task.current is None or not task.current.open:
-            task.current = RoundInProgress(
-                task.config.task_id,
+    def _selecting_round(self, task: TaskRuntime) -> RoundInProgress | None:
+        if task.selecting is None and task.can_open_round():
+            if task.config.is_evaluation:
+                # Evaluate whatever the training task has committed most recently.
+                aggregate: UpdateAggregator = EvaluationReports()
+                base_sha = self._tasks[task.config.evaluates].weights_sha256
+            else:
+                aggregate = Float32WeightedMean(task.record.num_parameters)
+                base_sha = task.weights_sha256
+            round_ = RoundInProgress(
+                task.task_id,
                 task.next_round_number,
-                Float32WeightedMean(task.record.num_parameters),
+                aggregate,
                 self._clock.now(),
+                base_weights_sha256=base_sha,
+                base_version=task.committed_rounds,
             )
+            task.open_rounds[round_.round_number] = round_
             task.next_round_number += 1
-            log.info("task %s: round %d selecting", task.config.task_id, task.current.round_number)
-        return task.current
+            log.info("task %s: round %d selecting", task.task_id, round_.round_number)
+        return task.selecting
 
     def _assign(
-        self, task: TaskRuntime, current: RoundInProgress, device_id: str
+        self, task: TaskRuntime, round_: RoundInProgress, device_id: str, active: int
     ) -> device_pb2.CheckInResponse:
         token = secrets.token_bytes(32)
         digest = token_digest(token)
-        current.assign(device_id, digest)
-        self._issued[digest] = (task.config.task_id, current.round_number)
         now = self._clock.now()
-        if current.selected >= task.config.selection_quota:
-            current.close_selection(now, task.config.reporting_deadline_s)
+        self._store.add_assignment(
+            AssignmentRecord(digest, task.task_id, round_.round_number, device_id, now)
+        )
+        round_.assign(device_id, digest)
+        self._issued[digest] = (task.task_id, round_.round_number)
+        self._advance(task, round_)
         deadline = (
-            current.reporting_deadline
-            if current.state is RoundState.REPORTING
-            else current.started_at
+            round_.reporting_deadline
+            if round_.state is RoundState.REPORTING
+            else round_.started_at
             + task.config.selection_deadline_s
             + task.config.reporting_deadline_s
         )
         assignment = device_pb2.Assignment(
-            task_id=task.config.task_id,
-            round_number=current.round_number,
+            task_id=task.task_id,
+            round_number=round_.round_number,
             upload_token=token,
             model=common_pb2.ResourceRef(sha256=task.record.model_sha256, kind="model"),
             weights=common_pb2.ResourceRef(
-                sha256=task.weights_sha256, size_bytes=4 * task.weights.size, kind="weights"
+                sha256=round_.base_weights_sha256,
+                size_bytes=4 * task.record.num_parameters,
+                kind="weights",
             ),
             plan=task.config.plan(),
             report_deadline_s=max(0.0, deadline - now),
+            kind=(
+                device_pb2.Assignment.EVALUATION
+                if task.config.is_evaluation
+                else device_pb2.Assignment.TRAINING
+            ),
         )
-        return device_pb2.CheckInResponse(
-            assignment=assignment, retry_window=_window(self.settings.accepted_retry_s)
-        )
+        # After its work the device is welcome back when a later round selects, but not
+        # before the task's participation spacing allows.
+        window = self._steer(task, active, now, not_before_s=max(task.config.min_separation_s, 0.0))
+        return device_pb2.CheckInResponse(assignment=assignment, retry_window=window)
 
     # ----- download ------------------------------------------------------------------------
 
@@ -262,13 +351,15 @@ class Coordinator:
         return data
 
     def count_broadcast(self, sha256: str, wire_bytes: int) -> None:
-        """Attributes bytes that crossed the wire in a download to the rounds that use them."""
+        """Attributes bytes that crossed the wire in a download to the round that uses them."""
         for task in self._tasks.values():
-            if task.current is not None and sha256 in (
-                task.record.model_sha256,
-                task.weights_sha256,
-            ):
-                task.current.broadcast_bytes += wire_bytes
+            users = [
+                r
+                for r in task.open_rounds.values()
+                if sha256 in (task.record.model_sha256, r.base_weights_sha256)
+            ]
+            if users:
+                max(users, key=lambda r: r.round_number).broadcast_bytes += wire_bytes
 
     # ----- upload --------------------------------------------------------------------------
 
@@ -276,170 +367,180 @@ class Coordinator:
         """The task, open round and token hash an upload or failure report is for.
 
         Raises Unauthenticated (unknown token), AlreadyExists (already counted),
-        FailedPrecondition (round no longer open).
+        FailedPrecondition (round no longer open, including rounds lost in a restart).
         """
         if not token:
             raise Unauthenticated("missing upload token")
         digest = token_digest(token)
         issued = self._issued.get(digest)
         if issued is None:
-            if self._store.is_counted(digest):
-                raise AlreadyExists("an update for this upload token was already counted")
-            raise Unauthenticated("unknown upload token (never issued, or issued before a restart)")
+            stored = self._store.assignment(digest)
+            if stored is None:
+                raise Unauthenticated("unknown upload token")
+            issued = (stored.task_id, stored.round_number)
         task = self._tasks[issued[0]]
-        current = task.current
-        if current is None or current.round_number != issued[1] or not current.open:
+        round_ = task.open_rounds.get(issued[1])
+        if round_ is None or not round_.open:
             if self._store.is_counted(digest):
                 raise AlreadyExists("an update for this upload token was already counted")
-            raise FailedPrecondition(
-                f"round {issued[1]} of task {issued[0]!r} no longer takes reports"
+            state = next(
+                (
+                    r.state.value
+                    for r in self._store.rounds(issued[0])
+                    if r.round_number == issued[1]
+                ),
+                "closed",
             )
-        return task, current, digest
+            raise FailedPrecondition(
+                f"round {issued[1]} of task {issued[0]!r} is {state} and takes no reports"
+            )
+        return task, round_, digest
 
     def check_upload_header(self, header: device_pb2.UploadHeader) -> int:
         """Validates a header before the payload is read; returns the payload size in bytes."""
         check_protocol_version(header.protocol_version)
-        task, current, digest = self._open_assignment(header.upload_token)
-        assignment = current.assignments[digest]
+        _, round_, digest = self._open_assignment(header.upload_token)
+        assignment = round_.assignments[digest]
         if assignment.state is AssignmentState.REPORTED:
             raise AlreadyExists("an update for this upload token was already accepted")
         if assignment.state is AssignmentState.FAILED:
             raise FailedPrecondition("this assignment was reported as failed")
-        return current.aggregate.expected_payload_bytes(header)
+        return round_.aggregate.expected_payload_bytes(header)
 
     def accept_upload(
-        self, header: device_pb2.UploadHeader, payload: bytes, wire_bytes: int
+        self, header: device_pb2.UploadHeader, payload: bytes | memoryview, wire_bytes: int
     ) -> device_pb2.UploadResponse:
         """Adds one update to its round. Any refusal leaves the round exactly as it was."""
         self.check_upload_header(header)
         metrics = header.metrics
         if not (np.isfinite(metrics.loss) and np.isfinite(metrics.accuracy)):
             raise InvalidArgument("client metrics contain NaN or infinite values")
-        task, current, digest = self._open_assignment(header.upload_token)
-        current.aggregate.accumulate(header, payload)
-        current.client_metrics.accumulate(metrics)
-        current.upload_bytes += wire_bytes
-        current.assignments[digest].state = AssignmentState.REPORTED
-        log.debug(
-            "task %s round %d: %d/%d reports",
-            task.config.task_id,
-            current.round_number,
-            current.reported,
-            task.config.target_reports,
-        )
-        self._maybe_finish(task)
-        return device_pb2.UploadResponse(retry_window=_window(self.settings.accepted_retry_s))
+        if metrics.num_examples < 0 or metrics.num_batches < 0:
+            raise InvalidArgument("client metrics counts must be >= 0")
+        task, round_, digest = self._open_assignment(header.upload_token)
+        round_.aggregate.accumulate(header, payload)
+        round_.client_metrics.accumulate(metrics)
+        round_.upload_bytes += wire_bytes
+        round_.assignments[digest].state = AssignmentState.REPORTED
+        self._advance(task, round_)
+        return device_pb2.UploadResponse(retry_window=self._steer(task, 0, self._clock.now()))
 
     def report_failure(self, report: device_pb2.FailureReport) -> device_pb2.FailureAck:
         check_protocol_version(report.protocol_version)
-        task, current, digest = self._open_assignment(report.upload_token)
-        assignment = current.assignments[digest]
+        task, round_, digest = self._open_assignment(report.upload_token)
+        assignment = round_.assignments[digest]
         if assignment.state is not AssignmentState.ASSIGNED:
             raise FailedPrecondition(f"assignment already {assignment.state.value}")
         assignment.state = AssignmentState.FAILED
         assignment.failure = device_pb2.FailureReport.Cause.Name(report.cause)
-        self._maybe_finish(task)
-        return device_pb2.FailureAck(retry_window=_window(self.settings.rejected_retry_s))
+        self._advance(task, round_)
+        now = self._clock.now()
+        active = self._activity.get(task.config.population)
+        window = self._steer(task, active.active_devices(now) if active else 0, now)
+        return device_pb2.FailureAck(retry_window=window)
 
-    # ----- deadlines and commit ------------------------------------------------------------
+    # ----- the round state machine ---------------------------------------------------------
 
     def tick(self) -> None:
         """Applies deadlines. Called by the service's ticker and before each check-in."""
-        now = self._clock.now()
         for task in self._tasks.values():
-            current = task.current
-            if current is None or not current.open:
-                continue
-            if (
-                current.state is RoundState.SELECTING
-                and now >= current.started_at + task.config.selection_deadline_s
-                and current.selected >= task.config.effective_min_reports
-            ):
-                current.close_selection(now, task.config.reporting_deadline_s)
-            if current.state is RoundState.REPORTING and now >= current.reporting_deadline:
-                self._finish(task, current)
-            else:
-                self._maybe_finish(task)
+            for round_ in list(task.open_rounds.values()):
+                self._advance(task, round_)
 
-    def _maybe_finish(self, task: TaskRuntime) -> None:
-        current = task.current
-        if current is None or not current.open:
-            return
-        if current.reported >= task.config.target_reports:
-            self._finish(task, current)
-        elif current.state is RoundState.REPORTING and current.outstanding == 0:
-            # Nobody left to wait for: commit with what we have, or fail now.
-            self._finish(task, current)
-
-    def _finish(self, task: TaskRuntime, current: RoundInProgress) -> None:
+    def _advance(self, task: TaskRuntime, round_: RoundInProgress) -> None:
+        """Moves the round through as many states as its situation allows."""
         now = self._clock.now()
-        if current.reported < task.config.effective_min_reports:
-            current.state = RoundState.FAILED
-            record = self._round_record(task, current, now, {}, "")
-            self._store.record_failed_round(record)
-            log.warning(
-                "task %s round %d failed: %d reports, %d needed",
-                task.config.task_id,
-                current.round_number,
-                current.reported,
-                task.config.effective_min_reports,
+        while True:
+            state = round_.state
+            match state:
+                case RoundState.SELECTING:
+                    following = selecting.next_state(round_, task.config, now)
+                case RoundState.REPORTING:
+                    following = reporting.next_state(round_, task.config, now)
+                case RoundState.AGGREGATING:
+                    self._commit(task, round_, now)
+                    following = RoundState.COMMITTED
+                case RoundState.FAILED:
+                    self._close_failed(task, round_, now)
+                    return
+                case RoundState.COMMITTED | RoundState.ABANDONED:
+                    return
+                case _:
+                    assert_never(state)
+            if following is state:
+                return
+            if following is RoundState.REPORTING:
+                reporting.enter(round_, task.config, now)
+            if state is RoundState.REPORTING and following is not RoundState.FAILED:
+                task.reporting_durations_s.append(now - round_.reporting_started_at)
+            round_.state = following
+
+    def _commit(self, task: TaskRuntime, round_: RoundInProgress, now: float) -> None:
+        if task.config.is_evaluation:
+            result = aggregating.evaluated(round_, self.resource(round_.base_weights_sha256))
+        else:
+            result = aggregating.aggregate(
+                round_, task.weights, task.optimizer, task.optimizer_state, task.committed_rounds
             )
-            return
-        update, aggregator_metrics = current.aggregate.finalize()
-        new_weights = (task.weights + task.config.server_learning_rate * update).astype(np.float32)
-        weights_bytes = new_weights.astype("<f4").tobytes()
-        broadcasted = task.broadcasted_bits + 8.0 * current.broadcast_bytes
-        aggregated = task.aggregated_bits + 8.0 * current.upload_bytes
-        metrics = current.client_metrics.finalize()
-        metrics.update(
-            {
-                **aggregator_metrics,
-                "broadcasted_bits": broadcasted,
-                "aggregated_bits": aggregated,
-            }
-        )
+        weights_bytes = result.weights.astype("<f4").tobytes()
+        broadcasted = task.broadcasted_bits + 8.0 * round_.broadcast_bytes
+        aggregated = task.aggregated_bits + 8.0 * round_.upload_bytes
+        metrics = dict(result.metrics)
+        metrics["broadcasted_bits"] = broadcasted
+        metrics["aggregated_bits"] = aggregated
         if self._evaluator is not None:
             model_bytes = self.resource(task.record.model_sha256)
             metrics.update(
-                self._evaluator.evaluate(task.record.model_sha256, model_bytes, new_weights)
+                self._evaluator.evaluate(task.record.model_sha256, model_bytes, result.weights)
             )
-        current.state = RoundState.COMMITTED
-        record = self._round_record(
-            task, current, now, metrics, hashlib.sha256(weights_bytes).hexdigest()
+        sha = hashlib.sha256(weights_bytes).hexdigest()
+        record = closed.record(round_, RoundState.COMMITTED, now, metrics, sha)
+        self._store.commit_round(
+            record,
+            weights_bytes,
+            round_.counted_tokens(),
+            serialize_state(result.optimizer_state),
         )
-        self._store.commit_round(record, weights_bytes, current.counted_tokens())
-        task.weights = new_weights
-        task.weights_sha256 = record.weights_sha256
+        task.weights = result.weights
+        task.weights_sha256 = sha
+        task.optimizer_state = result.optimizer_state
         task.committed_rounds += 1
         task.broadcasted_bits, task.aggregated_bits = broadcasted, aggregated
+        self._forget(task, round_)
         log.info(
             "task %s round %d committed: %d reports, eval accuracy %s",
-            task.config.task_id,
-            current.round_number,
-            current.reported,
+            task.task_id,
+            round_.round_number,
+            round_.reported,
             metrics.get("eval/accuracy", "n/a"),
         )
+        self._notify(task, record)
 
-    def _round_record(
-        self,
-        task: TaskRuntime,
-        current: RoundInProgress,
-        now: float,
-        metrics: dict[str, float],
-        sha: str,
-    ) -> RoundRecord:
-        return RoundRecord(
-            task_id=task.config.task_id,
-            round_number=current.round_number,
-            state=current.state,
-            selected=current.selected,
-            reported=current.reported,
-            dropped=current.dropped,
-            metrics=metrics,
-            started_at=current.started_at,
-            finished_at=now,
-            weights_sha256=sha,
+    def _close_failed(self, task: TaskRuntime, round_: RoundInProgress, now: float) -> None:
+        record = closed.record(round_, RoundState.FAILED, now)
+        self._store.record_closed_round(record)
+        self._forget(task, round_)
+        log.warning(
+            "task %s round %d failed: %d reports, %d needed",
+            task.task_id,
+            round_.round_number,
+            round_.reported,
+            task.config.effective_min_reports,
         )
+        self._notify(task, record)
+
+    def _forget(self, task: TaskRuntime, round_: RoundInProgress) -> None:
+        task.open_rounds.pop(round_.round_number, None)
+        task.last_round = round_
+        for digest in round_.assignments:
+            self._issued.pop(digest, None)
+
+    def _notify(self, task: TaskRuntime, record: RoundRecord) -> None:
+        for observer in self.observers:
+            try:
+                observer(task, record)
+            except Exception:  # an observer (e.g. TensorBoard) must not break a commit
+                log.exception("round observer failed")
 
 
 def check_protocol_version(version: int) -> None:

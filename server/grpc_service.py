@@ -18,7 +18,7 @@ from protos import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc
 from server.config import TaskConfig
 from server.coordinator import Coordinator, TaskRuntime, check_protocol_version
 from server.errors import CoordinatorError, InvalidArgument, ResourceExhausted, status_code
-from server.round import RoundInProgress
+from server.rounds.round import RoundInProgress
 from server.store import RoundRecord
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,9 @@ def _abort_on_error(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaita
 
 
 class DeviceService(device_pb2_grpc.DeviceServiceServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, max_concurrent_uploads: int = 8) -> None:
         self._coordinator = coordinator
+        self._upload_slots = asyncio.Semaphore(max_concurrent_uploads)
 
     @_abort_on_error
     async def CheckIn(
@@ -79,9 +80,17 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         request_iterator: AsyncIterator[device_pb2.UploadChunk],
         context: grpc.aio.ServicerContext,
     ) -> device_pb2.UploadResponse:
+        # At most `max_concurrent_uploads` payloads are staged at once; further streams wait
+        # unread, and HTTP/2 flow control holds their senders back. Memory stays
+        # O(model * max_concurrent_uploads) however many devices upload together.
+        async with self._upload_slots:
+            return await self._receive_upload(request_iterator)
+
+    async def _receive_upload(
+        self, request_iterator: AsyncIterator[device_pb2.UploadChunk]
+    ) -> device_pb2.UploadResponse:
         header: device_pb2.UploadHeader | None = None
-        expected = 0
-        parts: list[bytes] = []
+        staging = memoryview(bytearray())
         received = wire_bytes = 0
         async for chunk in request_iterator:
             wire_bytes += chunk.ByteSize()
@@ -89,19 +98,25 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 if chunk.WhichOneof("part") != "header":
                     raise InvalidArgument("an upload must start with an UploadHeader")
                 header = chunk.header
-                expected = self._coordinator.check_upload_header(header)
+                staging = memoryview(bytearray(self._coordinator.check_upload_header(header)))
                 continue
             if chunk.WhichOneof("part") != "data":
                 raise InvalidArgument("an upload has exactly one header, first")
-            received += len(chunk.data)
-            if received > expected:
+            data = chunk.data
+            if len(data) > protocol.max_upload_chunk_bytes:
                 raise ResourceExhausted(
-                    f"payload exceeds the {expected} bytes the header announced"
+                    f"upload chunk of {len(data)} bytes exceeds the "
+                    f"{protocol.max_upload_chunk_bytes}-byte limit; send smaller chunks"
                 )
-            parts.append(chunk.data)
+            if received + len(data) > len(staging):
+                raise ResourceExhausted(
+                    f"payload exceeds the {len(staging)} bytes the header announced"
+                )
+            staging[received : received + len(data)] = data
+            received += len(data)
         if header is None:
             raise InvalidArgument("empty upload stream")
-        return self._coordinator.accept_upload(header, b"".join(parts), wire_bytes)
+        return self._coordinator.accept_upload(header, staging[:received], wire_bytes)
 
     @_abort_on_error
     async def ReportFailure(
@@ -170,6 +185,15 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.TaskStatus:
         check_protocol_version(request.protocol_version)
         return task_status(self._coordinator.task(request.task_id))
+
+    @_abort_on_error
+    async def ListTasks(
+        self, request: admin_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListTasksResponse:
+        check_protocol_version(request.protocol_version)
+        return admin_pb2.ListTasksResponse(
+            tasks=[task_status(t) for t in self._coordinator.tasks()]
+        )
 
     @_abort_on_error
     async def ListRounds(

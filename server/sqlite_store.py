@@ -10,7 +10,7 @@ import threading
 
 from server.config import TaskConfig
 from server.errors import AlreadyExists
-from server.store import RoundRecord, RoundState, Store, TaskRecord
+from server.store import AssignmentRecord, RoundRecord, RoundState, Store, TaskRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -25,6 +25,14 @@ CREATE TABLE IF NOT EXISTS rounds (
   weights_sha256 TEXT NOT NULL, PRIMARY KEY (task_id, round_number));
 CREATE TABLE IF NOT EXISTS counted_uploads (
   token_sha256 TEXT PRIMARY KEY, task_id TEXT NOT NULL, round_number INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS server_state (
+  task_id TEXT NOT NULL, round_number INTEGER NOT NULL, state BLOB NOT NULL,
+  PRIMARY KEY (task_id, round_number));
+CREATE TABLE IF NOT EXISTS assignments (
+  token_sha256 TEXT PRIMARY KEY, task_id TEXT NOT NULL, round_number INTEGER NOT NULL,
+  device_id TEXT NOT NULL, issued_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS assignments_by_device ON assignments (task_id, device_id, issued_at);
+CREATE INDEX IF NOT EXISTS assignments_by_round ON assignments (task_id, round_number);
 """
 
 
@@ -36,8 +44,9 @@ class SqliteStore(Store):
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         if str(path) != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a committed round survives power loss, not only a process crash.
-        self._db.execute("PRAGMA synchronous=FULL")
+        # WAL + NORMAL: every committed transaction survives a process crash (kill -9); an OS
+        # crash may lose the latest transactions but never corrupts the database.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 
     @classmethod
@@ -87,7 +96,13 @@ class SqliteStore(Store):
             for _, config, model, weights, num, created in rows
         ]
 
-    def commit_round(self, record: RoundRecord, weights: bytes, counted_tokens: list[str]) -> None:
+    def commit_round(
+        self,
+        record: RoundRecord,
+        weights: bytes,
+        counted_tokens: list[str],
+        server_state: bytes = b"",
+    ) -> None:
         digest = hashlib.sha256(weights).hexdigest()
         if record.state is not RoundState.COMMITTED or record.weights_sha256 != digest:
             raise ValueError("commit_round needs a committed record naming the weights it commits")
@@ -103,6 +118,10 @@ class SqliteStore(Store):
                     "INSERT INTO counted_uploads VALUES (?, ?, ?)",
                     [(token, record.task_id, record.round_number) for token in counted_tokens],
                 )
+                self._db.execute(
+                    "INSERT INTO server_state VALUES (?, ?, ?)",
+                    (record.task_id, record.round_number, server_state),
+                )
                 self._db.execute("COMMIT")
             except sqlite3.IntegrityError:
                 self._db.execute("ROLLBACK")
@@ -114,7 +133,11 @@ class SqliteStore(Store):
                 self._db.execute("ROLLBACK")
                 raise
 
-    def record_failed_round(self, record: RoundRecord) -> None:
+    def record_closed_round(self, record: RoundRecord) -> None:
+        if record.state not in (RoundState.FAILED, RoundState.ABANDONED):
+            raise ValueError(
+                f"record_closed_round takes failed or abandoned rounds, not {record.state}"
+            )
         with self._lock:
             try:
                 self._insert_round(record)
@@ -167,6 +190,52 @@ class SqliteStore(Store):
                 "SELECT 1 FROM counted_uploads WHERE token_sha256 = ?", (token_sha256,)
             ).fetchone()
         return row is not None
+
+    def server_state(self, task_id: str) -> bytes:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state FROM server_state WHERE task_id = ? "
+                "ORDER BY round_number DESC LIMIT 1",
+                (task_id,),
+            ).fetchone()
+        return bytes(row[0]) if row else b""
+
+    def add_assignment(self, assignment: AssignmentRecord) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO assignments VALUES (?, ?, ?, ?, ?)",
+                (
+                    assignment.token_sha256,
+                    assignment.task_id,
+                    assignment.round_number,
+                    assignment.device_id,
+                    assignment.issued_at,
+                ),
+            )
+
+    def assignment(self, token_sha256: str) -> AssignmentRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM assignments WHERE token_sha256 = ?", (token_sha256,)
+            ).fetchone()
+        return AssignmentRecord(*row) if row else None
+
+    def last_assignment_time(self, task_id: str, device_id: str) -> float | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MAX(issued_at) FROM assignments WHERE task_id = ? AND device_id = ?",
+                (task_id, device_id),
+            ).fetchone()
+        return row[0] if row and row[0] is not None else None
+
+    def unrecorded_rounds(self, task_id: str) -> list[int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT round_number FROM assignments WHERE task_id = ? AND round_number "
+                "NOT IN (SELECT round_number FROM rounds WHERE task_id = ?) ORDER BY round_number",
+                (task_id, task_id),
+            ).fetchall()
+        return [row[0] for row in rows]
 
     def close(self) -> None:
         with self._lock:

@@ -17,10 +17,14 @@ from server.config import TaskConfig
 
 
 class RoundState(enum.Enum):
-    SELECTING = "selecting"
-    REPORTING = "reporting"
-    COMMITTED = "committed"
-    FAILED = "failed"
+    """A round's lifecycle; each state's rules live in `server/rounds/<state>.py`."""
+
+    SELECTING = "selecting"  # taking devices (early reports accepted)
+    REPORTING = "reporting"  # selection closed; waiting for reports
+    AGGREGATING = "aggregating"  # closed to reports; finalizing and committing
+    COMMITTED = "committed"  # terminal: new global weights stored
+    FAILED = "failed"  # terminal: too few reports; the task retries with a new round
+    ABANDONED = "abandoned"  # terminal: the coordinator died while the round was open
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,15 @@ class RoundRecord:
     weights_sha256: str = ""  # committed rounds: the global weights after this round
 
 
+@dataclasses.dataclass(frozen=True)
+class AssignmentRecord:
+    token_sha256: str
+    task_id: str
+    round_number: int
+    device_id: str
+    issued_at: float
+
+
 class Store(abc.ABC):
     @abc.abstractmethod
     def put_resource(self, kind: str, data: bytes) -> str:
@@ -64,16 +77,46 @@ class Store(abc.ABC):
         """All tasks, in creation order."""
 
     @abc.abstractmethod
-    def commit_round(self, record: RoundRecord, weights: bytes, counted_tokens: list[str]) -> None:
-        """Atomically records a committed round, its new weights and the uploads it counted.
+    def commit_round(
+        self,
+        record: RoundRecord,
+        weights: bytes,
+        counted_tokens: list[str],
+        server_state: bytes = b"",
+    ) -> None:
+        """Atomically records a committed round, its new weights, the uploads it counted and
+        the server state (optimizer moments) after it.
 
         Raises AlreadyExists (and changes nothing) if the round number or a token was already
         committed.
         """
 
     @abc.abstractmethod
-    def record_failed_round(self, record: RoundRecord) -> None:
-        """Records a round that failed (too few reports); its uploads stay uncounted."""
+    def record_closed_round(self, record: RoundRecord) -> None:
+        """Records a round that ended without a commit (failed or abandoned).
+
+        Raises AlreadyExists if the round was already recorded.
+        """
+
+    @abc.abstractmethod
+    def server_state(self, task_id: str) -> bytes:
+        """The server state committed with the task's latest committed round (b"" if none)."""
+
+    @abc.abstractmethod
+    def add_assignment(self, assignment: AssignmentRecord) -> None:
+        """Remembers an issued upload token (by hash), so a restart can answer for it."""
+
+    @abc.abstractmethod
+    def assignment(self, token_sha256: str) -> AssignmentRecord | None:
+        """The assignment an upload token was issued for, or None."""
+
+    @abc.abstractmethod
+    def last_assignment_time(self, task_id: str, device_id: str) -> float | None:
+        """When the device was last selected for the task, or None."""
+
+    @abc.abstractmethod
+    def unrecorded_rounds(self, task_id: str) -> list[int]:
+        """Round numbers that issued assignments but were never recorded (open at a crash)."""
 
     @abc.abstractmethod
     def rounds(self, task_id: str) -> list[RoundRecord]:

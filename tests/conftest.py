@@ -1,9 +1,11 @@
-"""Shared fixtures: one exported model per session, a fake clock, a coordinator on loopback."""
+"""Shared fixtures: one exported model per session; cleanup of TFF's worker processes."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import signal
+from collections.abc import Iterator
 
 import pytest
 
@@ -28,3 +30,32 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def model_bytes(model_path: pathlib.Path) -> bytes:
     return model_path.read_bytes()
+
+
+# TFF's execution context starts `worker_binary` child processes that outlive the test
+# session unless stopped; this fixture stops the ones this process started.
+def _worker_children() -> list[int]:
+    pids = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == os.getpid() and b"worker_binary" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_tff_workers() -> Iterator[None]:
+    yield
+    for pid in _worker_children():
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass

@@ -87,3 +87,57 @@ def test_emulate_refuses_an_unknown_data_source() -> None:
 
     assert result.returncode == 2
     assert "expected digits, emnist-h5:PATH or femnist-json:PATH" in result.stderr
+
+
+def test_serve_task_create_and_status_against_a_running_coordinator(
+    tmp_path: pathlib.Path, model_path: pathlib.Path
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    config = tmp_path / "task.toml"
+    config.write_text('[task]\ntask_id = "cli-task"\npopulation = "phones"\nbatch_size = 8\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[task]\ntask_id = "x"\npopulation = "phones"\ntarget_reports = -1\n')
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "overnight",
+            "serve",
+            "--address",
+            address,
+            "--data-dir",
+            str(tmp_path / "state"),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and "listening" in server.stdout.readline()
+
+        created = _overnight(
+            "task", "create", str(config), "--model", str(model_path), "--server", address
+        )
+        again = _overnight(
+            "task", "create", str(config), "--model", str(model_path), "--server", address
+        )
+        invalid = _overnight(
+            "task", "create", str(bad), "--model", str(model_path), "--server", address
+        )
+        status = _overnight("status", "--server", address, "--task", "cli-task")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    assert created.returncode == 0, created.stderr
+    assert "registered task cli-task" in created.stdout
+    assert again.returncode == 1 and "ALREADY_EXISTS" in again.stderr
+    assert invalid.returncode == 2 and "'target_reports'" in invalid.stderr
+    assert "population phones" in status.stdout
+    assert "task cli-task: running, 0/10 rounds committed" in status.stdout
+    assert (tmp_path / "state" / "coordinator.sqlite").exists()

@@ -40,10 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "export",
         help="export a Keras model as a TFLite training model (builtin ops only)",
         description=(
-            "Exports a Keras Sequential model (Dense, ReLU, Flatten, Reshape; softmax "
-            "cross-entropy; SGD) to a .tflite file with train, evaluate, infer, get_weights and "
-            "set_weights signatures that run on stock LiteRT without the Flex delegate. Writes "
-            "the manifest into the model and beside it as OUTPUT.json."
+            "Exports a Keras Sequential model (Dense, Conv2D, Max/AveragePooling2D, "
+            "GlobalAveragePooling, Embedding, Flatten, Reshape, Dropout; relu, tanh, sigmoid, "
+            "softmax) to a .tflite file with train, evaluate, infer, get_weights, set_weights, "
+            "reset_optimizer and set_proximal_mu signatures that run on stock LiteRT without the "
+            "Flex delegate. Writes the manifest into the model and beside it as OUTPUT.json. "
+            "--flex exports any Keras model for devices that ship TensorFlow."
         ),
     )
     parser.add_argument(
@@ -52,8 +54,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "e.g. tflite_export.model_zoo:create_digits_mlp",
     )
     parser.add_argument("-o", "--output", required=True, help="path of the .tflite file to write")
-    parser.add_argument("--loss", default="sparse_categorical_crossentropy")
-    parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument(
+        "--loss",
+        default="sparse_categorical_crossentropy",
+        help="sparse_categorical_crossentropy (default), categorical_crossentropy, "
+        "binary_crossentropy or mean_squared_error; logits or probabilities follow the "
+        "model's last activation",
+    )
+    parser.add_argument("--optimizer", default="sgd", help="sgd (default), momentum or adam")
+    parser.add_argument("--momentum", type=float, help="momentum optimizer: its momentum")
+    parser.add_argument("--nesterov", action="store_true", help="momentum optimizer: Nesterov")
+    parser.add_argument("--beta-1", type=float, help="adam: beta_1 (default 0.9)")
+    parser.add_argument("--beta-2", type=float, help="adam: beta_2 (default 0.999)")
+    parser.add_argument("--epsilon", type=float, help="adam: epsilon (default 1e-7)")
+    parser.add_argument(
+        "--flex",
+        action="store_true",
+        help="export any Keras model with select TensorFlow ops (needs TensorFlow on device)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the dropout masks")
     parser.add_argument(
         "--learning-rate", type=float, default=0.02, help="client learning rate (default 0.02)"
     )
@@ -72,6 +91,13 @@ def run(args: argparse.Namespace) -> int:
     from tflite_export.exporter import export_model
 
     model = load_model_factory(args.model)()
+    options = {
+        name: getattr(args, name)
+        for name in ("momentum", "beta_1", "beta_2", "epsilon")
+        if getattr(args, name) is not None
+    }
+    if args.nesterov:
+        options["nesterov"] = True
     try:
         manifest = export_model(
             model,
@@ -80,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
             optimizer=args.optimizer,
             learning_rate=args.learning_rate,
             batch_size=args.batch_size,
+            optimizer_options=options,
+            flex=args.flex,
+            seed=args.seed,
         )
     except ExportError as exc:
         print(f"export failed: {exc}", file=sys.stderr)

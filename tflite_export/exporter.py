@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import tempfile
+from typing import Any
 
 import flatbuffers
 import numpy as np
@@ -20,11 +21,12 @@ from device_runtime.manifest import (
 from device_runtime.model_file import operator_names
 from tflite_export.errors import ExportError
 from tflite_export.layers import final_activation, plan_layers
+from tflite_export.losses import resolve_loss
+from tflite_export.networks import KerasNetwork, Network, PlannedNetwork
+from tflite_export.optimizers import optimizer_config
 from tflite_export.training_module import TrainingModule
 
-EXPORTER_VERSION = "0.1.0"
-SUPPORTED_LOSSES = ("sparse_categorical_crossentropy",)
-SUPPORTED_OPTIMIZERS = ("sgd",)
+EXPORTER_VERSION = "0.2.0"
 
 log = logging.getLogger(__name__)
 
@@ -37,44 +39,53 @@ def export_model(
     optimizer: str = "sgd",
     learning_rate: float = 0.02,
     batch_size: int = 20,
+    optimizer_options: dict[str, Any] | None = None,
+    flex: bool = False,
+    seed: int = 0,
 ) -> ModelManifest:
-    """Exports `model` as a builtin-ops TFLite training model; writes `<output>.json` beside it.
+    """Exports `model` as a TFLite training model; writes `<output>.json` beside it.
+
+    By default the model is built from builtin ops only and runs on stock LiteRT. `flex=True`
+    exports any Keras model with TensorFlow's autodiff and select TensorFlow ops; such a model
+    needs the Flex delegate and the manifest says so. `seed` seeds the dropout masks.
 
     Raises ExportError naming the layer, loss or optimizer that cannot be exported.
     """
-    if loss not in SUPPORTED_LOSSES:
-        raise ExportError(
-            f"loss {loss!r} is not supported; supported: {', '.join(SUPPORTED_LOSSES)}"
-        )
-    if optimizer not in SUPPORTED_OPTIMIZERS:
-        raise ExportError(
-            f"optimizer {optimizer!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_OPTIMIZERS)}"
-        )
     if batch_size <= 0:
         raise ExportError(f"batch size must be positive, got {batch_size}")
-    if not learning_rate > 0:
-        raise ExportError(f"learning rate must be positive, got {learning_rate}")
+    optimizer_settings = optimizer_config(optimizer, learning_rate, **(optimizer_options or {}))
     if not model.built:
         raise ExportError("model is not built: give its first layer an input_shape")
+    if isinstance(model.output_shape, list) or isinstance(model.input_shape, list):
+        raise ExportError("models with several inputs or outputs are not supported")
 
     input_shape = tuple(int(d) for d in model.input_shape[1:])
-    num_classes = int(model.output_shape[-1])
-    plans = plan_layers(model, batch_size)
+    output_shape = tuple(int(d) for d in model.output_shape[1:])
+    # Layers first: an unsupported layer or activation is the more useful error.
+    plans = None if flex else plan_layers(model, batch_size, seed)
+    loss_spec = resolve_loss(loss, final_activation(model), output_shape)
+    network: Network
+    if plans is None:
+        network = KerasNetwork(model, loss_spec)
+        input_dtype = tf.as_dtype(model.inputs[0].dtype) if model.inputs else tf.float32
+    else:
+        network = PlannedNetwork(plans, loss_spec)
+        embedded = _first_layer_is_embedding(model)
+        input_dtype = tf.int32 if embedded else tf.float32
     module = TrainingModule(
-        plans,
+        network,
+        loss_spec,
+        optimizer_settings,
         input_shape=input_shape,
-        num_classes=num_classes,
+        input_dtype=input_dtype,
         batch_size=batch_size,
-        learning_rate=learning_rate,
-        output_softmax=final_activation(model) == "softmax",
     )
-    tflite_bytes = _convert(module)
+    tflite_bytes = _convert(module, flex)
     ops = tuple(sorted(set(operator_names(tflite_bytes))))
-    flex_ops = [op for op in ops if op.startswith("Flex") or op == "CUSTOM"]
-    if flex_ops:
+    non_builtin = [op for op in ops if op.startswith("Flex") or op == "CUSTOM"]
+    if non_builtin and not flex:
         raise ExportError(
-            f"conversion produced non-builtin ops {flex_ops}; this is an exporter bug"
+            f"conversion produced non-builtin ops {non_builtin}; this is an exporter bug"
         )
 
     weights: list[WeightSpec] = []
@@ -87,16 +98,18 @@ def export_model(
         offset += spec.size
     manifest = ModelManifest(
         input_shape=input_shape,
-        input_dtype="float32",
-        label_dtype="int32",
-        num_classes=num_classes,
+        input_dtype=input_dtype.name,
+        label_dtype=loss_spec.label_dtype.name,
+        label_shape=loss_spec.label_shape,
+        num_classes=output_shape[-1] if output_shape else 1,
         batch_size=batch_size,
         weights=tuple(weights),
         signatures=dict(REQUIRED_SIGNATURES),
-        loss=loss,
-        optimizer={"name": optimizer, "learning_rate": learning_rate},
+        loss=loss_spec.name,
+        optimizer=optimizer_settings.to_manifest(),
         ops=ops,
         exporter_version=EXPORTER_VERSION,
+        flex=flex,
     )
     manifest.check_consistent()
     output_path = pathlib.Path(output_path)
@@ -113,7 +126,12 @@ def export_model(
     return manifest
 
 
-def _convert(module: TrainingModule) -> bytes:
+def _first_layer_is_embedding(model: tf.keras.Model) -> bool:
+    layers = [la for la in model.layers if not isinstance(la, tf.keras.layers.InputLayer)]
+    return bool(layers) and isinstance(layers[0], tf.keras.layers.Embedding)
+
+
+def _convert(module: TrainingModule, flex: bool) -> bytes:
     with tempfile.TemporaryDirectory(prefix="overnight-export-") as saved_model_dir:
         signatures = {
             name: getattr(module, name).get_concrete_function() for name in REQUIRED_SIGNATURES
@@ -123,6 +141,8 @@ def _convert(module: TrainingModule) -> bytes:
             saved_model_dir, signature_keys=list(REQUIRED_SIGNATURES)
         )
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if flex:
+            converter.target_spec.supported_ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
         converter.experimental_enable_resource_variables = True
         try:
             return bytes(converter.convert())

@@ -76,3 +76,37 @@ def test_flex_model_is_refused_without_tensorflow(model_bytes: bytes) -> None:
 
     with pytest.raises(ManifestError, match="Flex delegate"):
         TrainableModel(embed_manifest(model_bytes, flex))
+
+
+def test_label_shape_that_disagrees_with_graph_is_named(model_bytes: bytes) -> None:
+    manifest = read_manifest(model_bytes)
+    lying = dataclasses.replace(manifest, label_shape=(10,), label_dtype="float32")
+
+    with pytest.raises(ManifestError, match=r"train input 'y'.*float32 \[8, 10\]"):
+        read_manifest(embed_manifest(model_bytes, lying))
+
+
+def test_input_shape_that_disagrees_with_graph_is_named(model_bytes: bytes) -> None:
+    manifest = read_manifest(model_bytes)
+    lying = dataclasses.replace(manifest, input_shape=(64,))
+
+    with pytest.raises(ManifestError, match=r"train input 'x'.*\[8, 64\]"):
+        read_manifest(embed_manifest(model_bytes, lying))
+
+
+def test_unknown_input_dtype_is_refused(model_bytes: bytes) -> None:
+    manifest = read_manifest(model_bytes)
+    lying = dataclasses.replace(manifest, input_dtype="complex64")
+
+    with pytest.raises(ManifestError, match="input dtype 'complex64'"):
+        read_manifest(embed_manifest(model_bytes, lying))
+
+
+def test_manifest_records_what_the_device_needs(model_bytes: bytes) -> None:
+    manifest = read_manifest(model_bytes)
+
+    assert manifest.loss == "sparse_categorical_crossentropy"
+    assert manifest.label_shape == () and manifest.label_dtype == "int32"
+    assert manifest.optimizer == {"name": "sgd", "learning_rate": 0.1}
+    assert {"reset_optimizer", "set_proximal_mu"} <= set(manifest.signatures)
+    assert not any(op.startswith("Flex") for op in manifest.ops)

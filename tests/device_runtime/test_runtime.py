@@ -13,11 +13,12 @@ from device_runtime.runtime import Attempt, DeviceRuntime, Outcome
 from device_runtime.transport import CoordinatorClient
 from emulator.data import load_digits
 from server.coordinator import CoordinatorSettings
-from server.round import AssignmentState
+from server.pace_steering import PaceSteeringSettings
+from server.rounds.round import AssignmentState
 from tests.fakes import FakeClock, ScriptedConditions
 from tests.harness import POPULATION, running_coordinator, task_config
 
-SETTINGS = CoordinatorSettings(rejected_retry_s=(30.0, 90.0), accepted_retry_s=(100.0, 200.0))
+SETTINGS = CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=30.0))
 EXAMPLES = 40
 
 
@@ -40,7 +41,7 @@ def _runtime(
     )
 
 
-def test_rejected_device_waits_inside_its_retry_window(
+def test_rejected_device_waits_for_the_next_round_as_told(
     tmp_path: pathlib.Path, model_bytes: bytes
 ) -> None:
     clock = FakeClock()
@@ -67,9 +68,13 @@ def test_rejected_device_waits_inside_its_retry_window(
 
     asyncio.run(scenario())
 
-    assert [a.outcome for a in attempts] == [Outcome.REJECTED, Outcome.REJECTED]
-    assert 30.0 <= attempts[0].next_delay_s <= 90.0
+    # The only seat is taken and the round may report for 1000 s: pace steering tells the
+    # device to come back when the next round can select (spread = 2 devices * 0.5 * 10 s
+    # selection deadline / 1 wanted = 10 s, plus up to 10% jitter).
+    assert [a.outcome for a in attempts] == [Outcome.REJECTED, Outcome.REPORTED]
+    assert 1000.0 <= attempts[0].next_delay_s <= 1011.0
     assert clock.sleeps[0] == attempts[0].next_delay_s
+    assert attempts[1].round_number == 2
 
 
 def test_interruption_reaches_the_coordinator_as_a_dropout(

@@ -15,6 +15,7 @@ from emulator.fleet_config import DailyRoutine, FleetConfig, TimeZoneShare
 from emulator.fleet_processes import FleetProcesses, FleetReport
 from emulator.fleet_worker import FleetSpec
 from server.coordinator import CoordinatorSettings
+from server.pace_steering import PaceSteeringSettings
 from tests.harness import POPULATION, running_coordinator, task_config
 
 pytestmark = pytest.mark.e2e
@@ -49,9 +50,7 @@ def test_worker_processes_train_rounds_and_report_participation(
     tmp_path: pathlib.Path, model_bytes: bytes
 ) -> None:
     config = task_config(total_rounds=2, target_reports=4, over_selection=1.5)
-    settings = CoordinatorSettings(
-        rejected_retry_s=(0.2, 0.5), accepted_retry_s=(0.2, 0.5), no_task_retry_s=(5.0, 10.0)
-    )
+    settings = CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=0.2, horizon_s=30.0))
 
     async def scenario() -> tuple[list, FleetReport, list[int]]:
         async with running_coordinator(

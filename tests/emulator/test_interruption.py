@@ -18,7 +18,7 @@ from emulator.daily_routine import DailyConditions, draw_day, draw_profile
 from emulator.data import SampledDigits
 from emulator.fleet_config import FleetConfig
 from emulator.participation import dropout_cause
-from server.round import AssignmentState
+from server.rounds.round import AssignmentState
 from tests.harness import POPULATION, running_coordinator, task_config
 
 STEP_S = 20.0  # virtual seconds that pass between two looks at the conditions

@@ -53,3 +53,26 @@ def test_proto_round_trip() -> None:
     )
 
     assert TaskConfig.from_proto(config.to_proto()) == config
+
+
+def test_optimizer_and_eligibility_fields_round_trip_through_toml_and_proto(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "task.toml"
+    path.write_text(
+        '[task]\ntask_id = "t"\npopulation = "p"\nserver_optimizer = "yogi"\n'
+        "server_learning_rate = 0.01\nkeep_order = true\nmin_separation_s = 86400\n"
+        'min_runtime_version = "0.1.0"\nmax_concurrent_rounds = 2\n'
+    )
+
+    config = TaskConfig.from_toml(path)
+
+    assert config.keep_order is True
+    assert config.optimizer().epsilon == 1e-3  # TFF's Yogi default
+    assert config.optimizer().initial_preconditioner == 1e-6
+    assert TaskConfig.from_proto(config.to_proto()) == config
+
+
+def test_unknown_server_optimizer_is_named() -> None:
+    with pytest.raises(InvalidArgument, match="'server_optimizer': must be one of"):
+        TaskConfig.from_dict({"task_id": "t", "population": "p", "server_optimizer": "lamb"})

@@ -239,7 +239,7 @@ def test_late_report_after_commit_is_refused(store_path, clock, model_bytes) -> 
     _upload(coordinator, early, delta)
     weights_after_commit = coordinator.task("t1").weights.copy()
 
-    with pytest.raises(FailedPrecondition, match="no longer takes reports"):
+    with pytest.raises(FailedPrecondition, match="round 1 of task 't1' is committed"):
         _upload(coordinator, late, delta)
 
     np.testing.assert_array_equal(coordinator.task("t1").weights, weights_after_commit)
@@ -291,7 +291,7 @@ def test_restart_resumes_from_the_last_committed_round(store_path, clock, model_
     _upload(
         coordinator, token, np.full(coordinator.task("t1").record.num_parameters, 0.5, np.float32)
     )
-    _check_in(coordinator, "e")  # round 2 in flight when the process dies
+    in_flight = _check_in(coordinator, "e").assignment  # round 2 open when the process dies
     committed = coordinator.task("t1").weights.copy()
 
     restarted = Coordinator(SqliteStore(store_path), clock)
@@ -299,7 +299,13 @@ def test_restart_resumes_from_the_last_committed_round(store_path, clock, model_
     task = restarted.task("t1")
     np.testing.assert_array_equal(task.weights, committed)
     assert task.committed_rounds == 1
-    assert _check_in(restarted, "e").assignment.round_number == 2
+    assert [(r.round_number, r.state) for r in restarted.rounds("t1")] == [
+        (1, RoundState.COMMITTED),
+        (2, RoundState.ABANDONED),
+    ]
+    with pytest.raises(FailedPrecondition, match="round 2 of task 't1' is abandoned"):
+        _upload(restarted, in_flight.upload_token, np.zeros(task.record.num_parameters, np.float32))
+    assert _check_in(restarted, "e").assignment.round_number == 3
 
 
 def test_completed_task_rejects_with_no_task(store_path, clock, model_bytes) -> None:
@@ -335,3 +341,134 @@ def test_register_refuses_initial_weights_of_the_wrong_size(store_path, clock, m
 
     with pytest.raises(InvalidArgument, match="initial weights must be"):
         coordinator.register_task(task_config(), model_bytes, initial_weights=b"\0" * 12)
+
+
+def test_device_with_too_few_examples_is_not_eligible(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(store_path, clock, model_bytes, min_examples=50)
+
+    answer = _check_in(coordinator, "d")  # holds 10 examples
+
+    assert answer.rejection.reason == device_pb2.Rejection.NOT_ELIGIBLE
+    assert "at least 50 examples" in answer.rejection.message
+
+
+def test_old_runtime_is_not_eligible(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(store_path, clock, model_bytes, min_runtime_version="9.0.0")
+
+    answer = _check_in(coordinator, "d")
+
+    assert answer.rejection.reason == device_pb2.Rejection.NOT_ELIGIBLE
+    assert "runtime >= 9.0.0" in answer.rejection.message
+
+
+def test_minimum_separation_samples_without_replacement(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(
+        store_path,
+        clock,
+        model_bytes,
+        target_reports=1,
+        over_selection=1.0,
+        min_separation_s=3600.0,
+    )
+    token = _check_in(coordinator, "d").assignment.upload_token
+    _upload(coordinator, token, np.zeros(coordinator.task("t1").record.num_parameters, np.float32))
+    clock.advance(600.0)
+
+    too_soon = _check_in(coordinator, "d")
+    clock.advance(3000.0)
+    later = _check_in(coordinator, "d")
+
+    assert too_soon.rejection.reason == device_pb2.Rejection.NOT_ELIGIBLE
+    assert too_soon.retry_window.min_delay_s >= 3000.0
+    assert later.HasField("assignment")
+
+
+def test_next_round_selects_while_the_current_one_reports(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(
+        store_path,
+        clock,
+        model_bytes,
+        target_reports=1,
+        over_selection=1.0,
+        max_concurrent_rounds=2,
+    )
+    first = _check_in(coordinator, "a").assignment
+    second = _check_in(coordinator, "b").assignment  # round 1 is reporting: round 2 selects
+    third = _check_in(coordinator, "c")  # two rounds open: nothing more
+    n = coordinator.task("t1").record.num_parameters
+
+    _upload(coordinator, first.upload_token, np.full(n, 1.0, np.float32))
+    _upload(coordinator, second.upload_token, np.full(n, 2.0, np.float32))
+
+    assert (first.round_number, second.round_number) == (1, 2)
+    assert second.weights.sha256 == first.weights.sha256  # both train from the initial model
+    assert third.rejection.reason == device_pb2.Rejection.ROUND_FULL
+    records = coordinator.rounds("t1")
+    assert [r.metrics["round/staleness"] for r in records] == [0.0, 1.0]
+
+
+def test_selection_deadline_closes_selection_with_enough_devices(
+    store_path, clock, model_bytes
+) -> None:
+    coordinator = _coordinator(
+        store_path,
+        clock,
+        model_bytes,
+        target_reports=3,
+        over_selection=1.0,
+        min_reports=2,
+        selection_deadline_s=10.0,
+    )
+    _check_in(coordinator, "a")
+    _check_in(coordinator, "b")
+
+    clock.advance(10.0)
+    late = _check_in(coordinator, "c")
+
+    assert coordinator.task("t1").current.state is RoundState.REPORTING
+    assert late.rejection.reason == device_pb2.Rejection.ROUND_FULL
+
+
+def test_adam_server_state_is_checkpointed_with_the_commit(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(
+        store_path,
+        clock,
+        model_bytes,
+        target_reports=1,
+        over_selection=1.0,
+        server_optimizer="adam",
+        server_learning_rate=0.01,
+    )
+    n = coordinator.task("t1").record.num_parameters
+    _upload(
+        coordinator, _check_in(coordinator, "a").assignment.upload_token, np.ones(n, np.float32)
+    )
+    state = coordinator.task("t1").optimizer_state
+
+    restarted = Coordinator(SqliteStore(store_path), clock)
+
+    restored = restarted.task("t1").optimizer_state
+    assert int(restored["step"]) == 1
+    np.testing.assert_array_equal(restored["accumulator"], state["accumulator"])
+    np.testing.assert_array_equal(restored["preconditioner"], state["preconditioner"])
+
+
+def test_dropout_causes_are_recorded_per_round(store_path, clock, model_bytes) -> None:
+    coordinator = _coordinator(store_path, clock, model_bytes, target_reports=1, over_selection=3.0)
+    tokens = [_check_in(coordinator, f"d{i}").assignment.upload_token for i in range(3)]
+    coordinator.report_failure(
+        device_pb2.FailureReport(
+            protocol_version=constants.PROTOCOL_VERSION,
+            upload_token=tokens[0],
+            cause=device_pb2.FailureReport.INTERRUPTED,
+        )
+    )
+    _upload(
+        coordinator, tokens[1], np.zeros(coordinator.task("t1").record.num_parameters, np.float32)
+    )
+
+    [record] = coordinator.rounds("t1")
+
+    assert record.metrics["round/dropouts/interrupted"] == 1
+    assert record.metrics["round/dropouts/no_report"] == 1
+    assert record.dropped == 2

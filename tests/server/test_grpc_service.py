@@ -149,6 +149,43 @@ def test_malformed_upload_gets_its_status_and_leaves_the_round(
     assert current.reported == 0 and current.aggregate.count == 0
 
 
+def test_oversized_chunk_is_resource_exhausted(tmp_path, model_bytes) -> None:
+    async def call(running, channel):
+        assignment = await _assignment(channel)
+        n = running.coordinator.task("t1").record.num_parameters
+        chunks = [
+            device_pb2.UploadChunk(header=_header(assignment.upload_token, n)),
+            device_pb2.UploadChunk(data=b"\0" * (constants.max_upload_chunk_bytes + 1)),
+        ]
+        await device_pb2_grpc.DeviceServiceStub(channel).UploadUpdate(iter(chunks))
+
+    code, details, running = _status_of(tmp_path, model_bytes, call)
+
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and "smaller chunks" in details
+    assert running.coordinator.task("t1").current.reported == 0
+
+
+def test_populations_are_kept_apart(tmp_path, model_bytes) -> None:
+    async def body(running, channel):
+        running.coordinator.register_task(
+            task_config(task_id="t2", population="watches"), model_bytes
+        )
+        stub = device_pb2_grpc.DeviceServiceStub(channel)
+        answers = {}
+        for population in (POPULATION, "watches"):
+            answers[population] = await stub.CheckIn(
+                device_pb2.CheckInRequest(
+                    protocol_version=V, population=population, device_id="d", example_count=10
+                )
+            )
+        return answers
+
+    answers = _run(tmp_path, model_bytes, body)
+
+    assert answers[POPULATION].assignment.task_id == "t1"
+    assert answers["watches"].assignment.task_id == "t2"
+
+
 def test_reused_token_is_already_exists(tmp_path, model_bytes) -> None:
     async def call(running, channel):
         assignment = await _assignment(channel)

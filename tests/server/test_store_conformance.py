@@ -93,7 +93,7 @@ class StoreConformance:
         store.add_task(_task())
         store.commit_round(_committed(2, b"w2"), b"w2", [])
 
-        store.record_failed_round(RoundRecord("t1", 1, RoundState.FAILED, 3, 0, 3, {}, 1.0, 2.0))
+        store.record_closed_round(RoundRecord("t1", 1, RoundState.FAILED, 3, 0, 3, {}, 1.0, 2.0))
 
         assert [(r.round_number, r.state) for r in store.rounds("t1")] == [
             (1, RoundState.FAILED),

@@ -24,20 +24,29 @@ class DeviceAssignment:
 
 
 class RoundInProgress:
-    """A round between selection and commit. Lives in memory; only its commit is persisted.
-
-    States: SELECTING (taking devices; early reports are accepted) -> REPORTING (selection
-    closed) -> COMMITTED or FAILED (the coordinator then drops this object).
+    """A round between selection and commit. Lives in memory; only its outcome is persisted
+    (plus the hashes of the tokens it issued, so a restarted coordinator can answer for them).
     """
 
     def __init__(
-        self, task_id: str, round_number: int, aggregate: UpdateAggregator, started_at: float
+        self,
+        task_id: str,
+        round_number: int,
+        aggregate: UpdateAggregator,
+        started_at: float,
+        base_weights_sha256: str,
+        base_version: int,
     ) -> None:
         self.task_id = task_id
         self.round_number = round_number
         self.state = RoundState.SELECTING
         self.started_at = started_at
+        self.reporting_started_at = float("inf")
         self.reporting_deadline = float("inf")
+        # The global model this round trains from, and how many commits preceded it: with
+        # overlapping rounds, a round may commit on top of a newer model (staleness).
+        self.base_weights_sha256 = base_weights_sha256
+        self.base_version = base_version
         self.assignments: dict[str, DeviceAssignment] = {}
         self.devices: set[str] = set()
         self.aggregate = aggregate
@@ -69,13 +78,16 @@ class RoundInProgress:
         """Failure reports, plus (once the round is over) assignments that never reported."""
         return self.count(AssignmentState.FAILED) + (0 if self.open else self.outstanding)
 
+    def dropout_causes(self) -> dict[str, int]:
+        causes: dict[str, int] = {}
+        for a in self.assignments.values():
+            if a.state is AssignmentState.FAILED:
+                causes[a.failure] = causes.get(a.failure, 0) + 1
+        return causes
+
     def counted_tokens(self) -> list[str]:
         return [t for t, a in self.assignments.items() if a.state is AssignmentState.REPORTED]
 
     def assign(self, device_id: str, token_sha256: str) -> None:
         self.assignments[token_sha256] = DeviceAssignment(device_id, token_sha256)
         self.devices.add(device_id)
-
-    def close_selection(self, now: float, reporting_deadline_s: float) -> None:
-        self.state = RoundState.REPORTING
-        self.reporting_deadline = now + reporting_deadline_s

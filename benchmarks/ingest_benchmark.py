@@ -1,0 +1,253 @@
+"""Upload ingest: the coordinator vs a bare gRPC server receiving the same bytes.
+
+Both servers run as separate processes on loopback. 100 clients upload an update of a
+McMahan-CNN-sized model (1,663,370 float32 values, 6.65 MB) in 1 MiB chunks, `concurrency` at
+a time. The bare server implements the same UploadUpdate RPC and discards the bytes; the
+coordinator validates, decodes and accumulates each update and commits the round when the
+last one arrives. Also reported: the coordinator's peak resident memory above idle during the
+uploads, in model sizes (goal: under 20; a list of updates would need 100).
+
+Run: .venv/bin/python -m benchmarks.ingest_benchmark [--uploads 100 --concurrency 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pathlib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+import numpy as np
+
+from benchmarks.machine import append_results
+from device_runtime import constants
+from protos import common_pb2, device_pb2, device_pb2_grpc
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NUM_PARAMETERS = 1_663_370  # the McMahan et al. CNN for 10 classes
+
+BARE_SERVER = """
+import asyncio, sys, grpc
+from protos import device_pb2, device_pb2_grpc
+from device_runtime import constants
+
+class Bare(device_pb2_grpc.DeviceServiceServicer):
+    async def UploadUpdate(self, request_iterator, context):
+        async for _ in request_iterator:
+            pass
+        return device_pb2.UploadResponse()
+
+async def main():
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", constants.max_message_bytes)])
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(Bare(), server)
+    server.add_insecure_port(sys.argv[1])
+    await server.start()
+    print("listening", flush=True)
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _memory_kib(pid: int, field: str) -> int:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found")
+
+
+def _reset_peak(pid: int) -> None:
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    pathlib.Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def _export_model(path: pathlib.Path) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    from tflite_export.exporter import export_model
+
+    # A dense model with exactly the CNN's parameter count: 64 -> 25,344 -> 1 -> 10 would be
+    # odd; instead 8x8 -> Dense(h) -> Dense(10) with h chosen so the count is within 0.1%.
+    hidden = round((NUM_PARAMETERS - 10) / (64 + 1 + 10))
+    model = tf.keras.Sequential(
+        [
+            tf.keras.layers.Flatten(input_shape=(8, 8)),
+            tf.keras.layers.Dense(hidden, activation="relu"),
+            tf.keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    export_model(model, path, batch_size=20)
+
+
+def _chunks(token: bytes, payload: bytes, n: int) -> list[device_pb2.UploadChunk]:
+    header = device_pb2.UploadHeader(
+        protocol_version=constants.PROTOCOL_VERSION,
+        upload_token=token,
+        example_count=10,
+        num_elements=n,
+        encoding=constants.UPDATE_ENCODING_FLOAT32_DELTA,
+        metrics=common_pb2.ClientMetrics(loss=1.0, accuracy=0.5, num_examples=10, num_batches=1),
+    )
+    size = constants.chunk_size_bytes
+    return [device_pb2.UploadChunk(header=header)] + [
+        device_pb2.UploadChunk(data=payload[i : i + size]) for i in range(0, len(payload), size)
+    ]
+
+
+async def _upload_all(
+    address: str, streams: list[list[device_pb2.UploadChunk]], concurrency: int
+) -> float:
+    options = [("grpc.max_send_message_length", constants.max_message_bytes)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        stub = device_pb2_grpc.DeviceServiceStub(channel)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(stream: list[device_pb2.UploadChunk]) -> None:
+            async with gate:
+                await stub.UploadUpdate(iter(stream), timeout=300)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(s) for s in streams))
+        return time.perf_counter() - start
+
+
+async def _assignments(address: str, count: int) -> list[bytes]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = device_pb2_grpc.DeviceServiceStub(channel)
+        tokens = []
+        for i in range(count):
+            answer = await stub.CheckIn(
+                device_pb2.CheckInRequest(
+                    protocol_version=constants.PROTOCOL_VERSION,
+                    population="bench",
+                    device_id=f"d{i}",
+                    example_count=10,
+                )
+            )
+            tokens.append(answer.assignment.upload_token)
+        return tokens
+
+
+def _start(args: list[str]) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    if "listening" not in process.stdout.readline():
+        raise RuntimeError(f"server {args} did not start")
+    return process
+
+
+def run(uploads: int, concurrency: int, repeats: int) -> list[str]:
+    payload = np.random.default_rng(0).normal(size=NUM_PARAMETERS).astype("<f4")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = pathlib.Path(tmp) / "big.tflite"
+        print("exporting a model of the McMahan CNN's size ...", flush=True)
+        _export_model(model)
+        from device_runtime.model_file import read_manifest
+
+        n = read_manifest(model.read_bytes()).num_parameters
+        payload_bytes = (
+            payload[:n].tobytes() if n <= NUM_PARAMETERS else np.resize(payload, n).tobytes()
+        )
+        task = pathlib.Path(tmp) / "task.toml"
+        task.write_text(
+            f'[task]\ntask_id = "ingest"\npopulation = "bench"\ntotal_rounds = {repeats + 1}\n'
+            f"target_reports = {uploads}\nover_selection = 1.0\nbatch_size = 20\n"
+            "selection_deadline_s = 600\nreporting_deadline_s = 600\n"
+        )
+        bare_port, ours_port = _free_port(), _free_port()
+        bare = _start(["-c", BARE_SERVER, f"127.0.0.1:{bare_port}"])
+        ours = _start(
+            [
+                "-m",
+                "overnight",
+                "serve",
+                "--address",
+                f"127.0.0.1:{ours_port}",
+                "--data-dir",
+                f"{tmp}/state",
+                "--task",
+                str(task),
+                "--model",
+                str(model),
+            ]
+        )
+        bare_s: list[float] = []
+        ours_s: list[float] = []
+        peaks: list[float] = []
+        try:
+            for repeat in range(repeats):
+                print(f"repeat {repeat + 1}/{repeats}: bare server ...", flush=True)
+                streams = [_chunks(b"t" * 32, payload_bytes, n) for _ in range(uploads)]
+                bare_s.append(
+                    asyncio.run(_upload_all(f"127.0.0.1:{bare_port}", streams, concurrency))
+                )
+                tokens = asyncio.run(_assignments(f"127.0.0.1:{ours_port}", uploads))
+                streams = [_chunks(t, payload_bytes, n) for t in tokens]
+                idle = _memory_kib(ours.pid, "VmRSS")
+                _reset_peak(ours.pid)
+                print(f"repeat {repeat + 1}/{repeats}: coordinator ...", flush=True)
+                ours_s.append(
+                    asyncio.run(_upload_all(f"127.0.0.1:{ours_port}", streams, concurrency))
+                )
+                peak = _memory_kib(ours.pid, "VmHWM")
+                peaks.append((peak - idle) * 1024 / len(payload_bytes))
+                del streams
+        finally:
+            for process in (bare, ours):
+                process.terminate()
+                process.wait(timeout=30)
+    total_mb = uploads * len(payload_bytes) / 1e6
+    bare_best, ours_best = min(bare_s), min(ours_s)
+    ratio = bare_best / ours_best
+    return [
+        f"setting: {uploads} uploads of {n:,} float32 ({len(payload_bytes) / 1e6:.2f} MB) in "
+        f"1 MiB chunks, {concurrency} concurrent, loopback, each server in its own process; "
+        f"{repeats} alternating repeats, best of each",
+        f"bare gRPC server: {bare_best:.2f} s, {total_mb / bare_best:.0f} MB/s "
+        f"(all: {', '.join(f'{s:.2f}' for s in bare_s)} s)",
+        f"coordinator (validate + accumulate + commit): {ours_best:.2f} s, "
+        f"{total_mb / ours_best:.0f} MB/s (all: {', '.join(f'{s:.2f}' for s in ours_s)} s)",
+        f"throughput ratio coordinator / bare: {ratio:.2f} (goal >= 0.8)",
+        f"coordinator peak RSS above idle during the uploads: "
+        f"{statistics.median(peaks):.1f} model sizes (median over repeats; goal < 20)",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--uploads", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-record", action="store_true", help="print only")
+    args = parser.parse_args()
+    lines = run(args.uploads, args.concurrency, args.repeats)
+    print("\n".join(lines))
+    if not args.no_record:
+        append_results("Upload ingest: coordinator vs bare gRPC server (issue 4)", lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Runs one secure-aggregation session for a device over gRPC (SecAggService).
+
+The device sends each round's message, then long-polls for the next server message; a
+DEADLINE_EXCEEDED poll is simply repeated until `session_timeout_s`. Key agreement, sharing
+and masking run in a worker thread, off the event loop. A server Abort, or a server message
+this device refuses (it then tells the server it aborts), ends the run with SecAggAborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import NoReturn
+
+import grpc
+import numpy as np
+
+from device_runtime import constants
+from device_runtime.secagg import masking
+from device_runtime.secagg.client import SecAggClient
+from device_runtime.secagg.errors import SecAggAborted
+from device_runtime.transport import TransportError
+from protos import secagg_pb2, secagg_pb2_grpc
+
+session_timeout_s = 600.0
+
+
+class SecAggSessionRunner:
+    def __init__(self, channel: grpc.aio.Channel, config: secagg_pb2.SecAggSessionConfig) -> None:
+        self._stub = secagg_pb2_grpc.SecAggServiceStub(channel)
+        self.client = SecAggClient(config)
+        self._config = config
+        self.sent_bytes = 0
+
+    async def _send(self, message: secagg_pb2.SecAggClientMessage) -> None:
+        self.sent_bytes += message.ByteSize()
+        try:
+            await self._stub.Send(message, timeout=constants.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise TransportError(exc.code(), exc.details() or "") from exc
+
+    async def _await(self, after: secagg_pb2.SecAggStage) -> secagg_pb2.SecAggServerMessage:
+        request = secagg_pb2.AwaitServerMessageRequest(
+            protocol_version=constants.PROTOCOL_VERSION,
+            session_id=self._config.session_id,
+            client_id=self._config.client_id,
+            session_token=self._config.session_token,
+            after_stage=after,
+        )
+        give_up = time.monotonic() + session_timeout_s
+        while True:
+            try:
+                message = await self._stub.AwaitServerMessage(request)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() < give_up:
+                    continue
+                raise TransportError(exc.code(), exc.details() or "") from exc
+            if message.WhichOneof("message") == "abort":
+                self.client.server_aborted(message.abort.reason)
+                raise SecAggAborted(f"server aborted: {message.abort.reason}")
+            return message
+
+    async def _refuse(self, exc: SecAggAborted) -> NoReturn:
+        await self._send(self.client.abort_message())
+        raise exc
+
+    async def _send_masked_input(self, masked: np.ndarray) -> None:
+        payload = masking.to_bytes(masked)
+        header = secagg_pb2.MaskedInputHeader(
+            protocol_version=constants.PROTOCOL_VERSION,
+            session_id=self._config.session_id,
+            client_id=self._config.client_id,
+            session_token=self._config.session_token,
+            vector_length=masked.size,
+        )
+        chunks = [secagg_pb2.MaskedInputChunk(header=header)]
+        for start in range(0, len(payload), constants.chunk_size_bytes):
+            data = payload[start : start + constants.chunk_size_bytes]
+            chunks.append(secagg_pb2.MaskedInputChunk(data=data))
+        self.sent_bytes += sum(c.ByteSize() for c in chunks)
+
+        async def stream() -> AsyncIterator[secagg_pb2.MaskedInputChunk]:
+            for chunk in chunks:
+                yield chunk
+
+        try:
+            await self._stub.SendMaskedInput(stream(), timeout=constants.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise TransportError(exc.code(), exc.details() or "") from exc
+
+    async def advertise_and_share_keys(self) -> None:
+        """R0 and R1; may run before the input is ready (e.g. while training)."""
+        message = self.client.envelope()
+        message.advertise_keys.CopyFrom(self.client.advertise_keys())
+        await self._send(message)
+        request = await self._await(secagg_pb2.ADVERTISE_KEYS)
+        try:
+            shares = await asyncio.to_thread(self.client.share_keys, request.share_keys_request)
+        except SecAggAborted as exc:
+            await self._refuse(exc)
+        message = self.client.envelope()
+        message.share_keys.CopyFrom(shares)
+        await self._send(message)
+
+    async def contribute(self, quantized: np.ndarray) -> secagg_pb2.SessionResult:
+        """R2 and R3: send the masked input, help unmask, return the session's result."""
+        request = await self._await(secagg_pb2.SHARE_KEYS)
+        try:
+            masked = await asyncio.to_thread(
+                self.client.masked_input, request.masked_input_request, quantized
+            )
+        except SecAggAborted as exc:
+            await self._refuse(exc)
+        await self._send_masked_input(masked)
+        request = await self._await(secagg_pb2.MASKED_INPUT_COLLECTION)
+        try:
+            response = self.client.unmasking_response(request.unmasking_request)
+        except SecAggAborted as exc:
+            await self._refuse(exc)
+        message = self.client.envelope()
+        message.unmasking_response.CopyFrom(response)
+        await self._send(message)
+        return (await self._await(secagg_pb2.UNMASKING)).result

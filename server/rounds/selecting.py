@@ -1,0 +1,28 @@
+"""SELECTING: the round takes devices until it has `target * over_selection` of them.
+
+Devices selected early may report while selection is still open (training can be faster
+than selection); a round that reaches its target that way goes straight to aggregation.
+"""
+
+from __future__ import annotations
+
+from server.config import TaskConfig
+from server.rounds.round import RoundInProgress
+from server.store import RoundState
+
+
+def next_state(round_: RoundInProgress, config: TaskConfig, now: float) -> RoundState:
+    if round_.reported >= config.target_reports:
+        return RoundState.AGGREGATING
+    if round_.selected >= config.selection_quota:
+        return RoundState.REPORTING
+    deadline_passed = now >= round_.started_at + config.selection_deadline_s
+    if deadline_passed and round_.selected >= config.effective_min_reports:
+        return RoundState.REPORTING
+    # Past the deadline with too few devices the round keeps selecting: failing it would only
+    # start an identical round. Its devices' reporting deadlines still bound their work.
+    return RoundState.SELECTING
+
+
+def takes_devices(round_: RoundInProgress, config: TaskConfig) -> bool:
+    return round_.state is RoundState.SELECTING and round_.selected < config.selection_quota

@@ -1,0 +1,197 @@
+"""One secure-aggregation session on the coordinator: authentication, dispatch, stages.
+
+Call order: create with the enrolled device count (ids 1..n) and hand each device its
+`session_config`; then feed client messages to `receive` / `receive_masked_input` in any
+order. A stage closes by itself once every participant has spoken, or when `close_stage` is
+called at its deadline (those who stayed silent count as dropped). `server_message(id)` gives
+a device the message of the current stage. Every refusal is a CoordinatorError (mapped to a
+gRPC status in one place), is logged, and changes nothing:
+  UNAUTHENTICATED      wrong session, unknown client id or wrong session token
+  FAILED_PRECONDITION  a message of another stage, or a device that is no longer a participant
+  ALREADY_EXISTS       a second message of one stage from one device
+  INVALID_ARGUMENT     malformed or inconsistent content
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+
+import numpy as np
+
+from device_runtime import constants
+from device_runtime.secagg import masking
+from device_runtime.secagg.graph import NeighbourGraph
+from device_runtime.secagg.parameters import SecAggParameters
+from protos import secagg_pb2
+from server.errors import CoordinatorError, FailedPrecondition, InvalidArgument, Unauthenticated
+from server.secagg.aborted import AbortedState
+from server.secagg.completed import CompletedState
+from server.secagg.r0_advertise_keys import AdvertiseKeysState
+from server.secagg.session_data import SessionData
+from server.secagg.state import SecAggState
+
+log = logging.getLogger(__name__)
+session_id_bytes = 16
+graph_seed_bytes = 32
+session_token_bytes = 16
+
+
+class SecAggServer:
+    def __init__(self, parameters: SecAggParameters, modulus_bits: int, vector_length: int) -> None:
+        masking.check_modulus_bits(modulus_bits)
+        if vector_length < 1:
+            raise ValueError(f"vector_length must be positive, got {vector_length}")
+        # Seeds and tokens come from the OS CSPRNG: a predictable graph would let a client
+        # choose to be its victim's neighbours.
+        graph_seed = secrets.token_bytes(graph_seed_bytes)
+        n = parameters.num_clients
+        self._data = SessionData(
+            session_id=secrets.token_bytes(session_id_bytes),
+            parameters=parameters,
+            graph_seed=graph_seed,
+            modulus_bits=modulus_bits,
+            vector_length=vector_length,
+            graph=NeighbourGraph(graph_seed, n, parameters.num_neighbours),
+            token_by_client={c: secrets.token_bytes(session_token_bytes) for c in range(1, n + 1)},
+        )
+        self._state: SecAggState = AdvertiseKeysState(self._data)
+
+    @property
+    def session_id(self) -> bytes:
+        return self._data.session_id
+
+    @property
+    def stage(self) -> secagg_pb2.SecAggStage:
+        return self._state.stage
+
+    @property
+    def abort_reason(self) -> str:
+        return self._state.reason if isinstance(self._state, AbortedState) else ""
+
+    @property
+    def vector_length(self) -> int:
+        return self._data.vector_length
+
+    @property
+    def modulus_bits(self) -> int:
+        return self._data.modulus_bits
+
+    def check_credentials(self, session_id: bytes, client_id: int, token: bytes) -> None:
+        """Raises Unauthenticated unless the three match an enrolled device."""
+        self._authenticate(session_id, client_id, token)
+
+    def waiting_for(self) -> set[int]:
+        """Devices the current stage still waits for (empty once terminal)."""
+        return self._state.waiting_for()
+
+    def session_config(self, client_id: int) -> secagg_pb2.SecAggSessionConfig:
+        if client_id not in self._data.token_by_client:
+            raise InvalidArgument(f"no client {client_id} in this session")
+        return self._data.session_config(client_id)
+
+    def result(self) -> tuple[np.ndarray, int]:
+        """The sum in Z_(2^b) (uint32) and how many devices it sums.
+
+        Raises FailedPrecondition until the session completed (or when it aborted).
+        """
+        if not isinstance(self._state, CompletedState):
+            raise FailedPrecondition(f"no result: the session is at stage {self._state.name}")
+        return self._state.total, len(self._state.summed)
+
+    def _authenticate(self, session_id: bytes, client_id: int, token: bytes) -> None:
+        expected = self._data.token_by_client.get(client_id)
+        if (
+            session_id != self._data.session_id
+            or expected is None
+            or not hmac.compare_digest(expected, token)
+        ):
+            raise Unauthenticated(f"unknown session, client {client_id} or session token")
+        if client_id in self._data.aborted_clients:
+            raise FailedPrecondition(f"client {client_id} aborted; it takes no further part")
+
+    def _refusing(self, client_id: int, what: str, exc: CoordinatorError) -> CoordinatorError:
+        log.info("secagg refused %s from client %d: %s %s", what, client_id, exc.code.name, exc)
+        return exc
+
+    def receive(self, message: secagg_pb2.SecAggClientMessage) -> secagg_pb2.SecAggStage:
+        """Takes one unary client message; returns the stage afterwards."""
+        kind = message.WhichOneof("message")
+        try:
+            if message.protocol_version != constants.PROTOCOL_VERSION:
+                raise FailedPrecondition(
+                    f"protocol version {message.protocol_version} is not spoken; "
+                    f"this server speaks {constants.PROTOCOL_VERSION}"
+                )
+            self._authenticate(message.session_id, message.client_id, message.session_token)
+            client = message.client_id
+            match kind:
+                case "advertise_keys":
+                    self._state.handle_advertise_keys(client, message.advertise_keys)
+                case "share_keys":
+                    self._state.handle_share_keys(client, message.share_keys)
+                case "unmasking_response":
+                    self._state.handle_unmasking_response(client, message.unmasking_response)
+                case "abort":
+                    self._client_aborted(client, message.abort.reason)
+                case _:
+                    raise InvalidArgument("the client message carries no content")
+        except CoordinatorError as exc:
+            raise self._refusing(message.client_id, kind or "an empty message", exc) from None
+        self._close_if_complete()
+        return self._state.stage
+
+    def receive_masked_input(
+        self, session_id: bytes, client_id: int, token: bytes, masked: np.ndarray
+    ) -> secagg_pb2.SecAggStage:
+        try:
+            self._authenticate(session_id, client_id, token)
+            self._state.handle_masked_input(client_id, masked)
+        except CoordinatorError as exc:
+            raise self._refusing(client_id, "a masked input", exc) from None
+        self._close_if_complete()
+        return self._state.stage
+
+    def _client_aborted(self, client_id: int, reason: str) -> None:
+        if self._state.stage in (secagg_pb2.COMPLETED, secagg_pb2.ABORTED):
+            return
+        log.warning("secagg client %d aborted at %s: %s", client_id, self._state.name, reason)
+        self._data.aborted_clients.add(client_id)
+        self._state.drop(client_id)
+
+    def _close_if_complete(self) -> None:
+        while self._state.stage not in (secagg_pb2.COMPLETED, secagg_pb2.ABORTED):
+            if not self._state.complete():
+                return
+            self._advance()
+
+    def _advance(self) -> None:
+        before = self._state.name
+        self._state = self._state.close()
+        log.info("secagg session %s: %s -> %s", self.session_id.hex()[:8], before, self._state.name)
+
+    def close_stage(self) -> secagg_pb2.SecAggStage:
+        """The current stage's deadline passed: silent devices count as dropped."""
+        if self._state.stage not in (secagg_pb2.COMPLETED, secagg_pb2.ABORTED):
+            self._advance()
+            self._close_if_complete()
+        return self._state.stage
+
+    def abort(self, reason: str) -> None:
+        """The coordinator gives up on the session (e.g. its round failed)."""
+        if self._state.stage != secagg_pb2.COMPLETED:
+            self._state = AbortedState(self._data, reason)
+
+    def server_message(
+        self, session_id: bytes, client_id: int, token: bytes
+    ) -> secagg_pb2.SecAggServerMessage:
+        """The current stage's message for a device. FAILED_PRECONDITION if it dropped out."""
+        self._authenticate(session_id, client_id, token)
+        if isinstance(self._state, AbortedState):
+            return self._state.message_for(client_id)
+        if client_id not in self._state.participants():
+            raise FailedPrecondition(
+                f"client {client_id} takes no part in stage {self._state.name} (it dropped out)"
+            )
+        return self._state.message_for(client_id)

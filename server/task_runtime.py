@@ -1,0 +1,86 @@
+"""A task as the coordinator holds it in memory: the global model, optimizer state, open rounds."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import statistics
+
+import numpy as np
+
+from server.config import TaskConfig
+from server.optimizers import ServerOptimizer, State
+from server.rounds.round import RoundInProgress
+from server.store import RoundState, TaskRecord
+
+
+@dataclasses.dataclass
+class TaskRuntime:
+    record: TaskRecord
+    weights: np.ndarray
+    weights_sha256: str
+    optimizer: ServerOptimizer
+    optimizer_state: State
+    committed_rounds: int
+    next_round_number: int
+    broadcasted_bits: float = 0.0
+    aggregated_bits: float = 0.0
+    open_rounds: dict[int, RoundInProgress] = dataclasses.field(default_factory=dict)
+    # Recent time from the end of selection to the close of a round, for pace steering.
+    reporting_durations_s: collections.deque[float] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=20)
+    )
+    last_round: RoundInProgress | None = None
+
+    @property
+    def config(self) -> TaskConfig:
+        return self.record.config
+
+    @property
+    def task_id(self) -> str:
+        return self.record.config.task_id
+
+    @property
+    def completed(self) -> bool:
+        return self.committed_rounds >= self.config.total_rounds
+
+    @property
+    def selecting(self) -> RoundInProgress | None:
+        for round_ in self.open_rounds.values():
+            if round_.state is RoundState.SELECTING:
+                return round_
+        return None
+
+    @property
+    def current(self) -> RoundInProgress | None:
+        """The newest open round, else the last closed one (for status displays)."""
+        if self.open_rounds:
+            return self.open_rounds[max(self.open_rounds)]
+        return self.last_round
+
+    def can_open_round(self) -> bool:
+        in_flight = self.committed_rounds + len(self.open_rounds)
+        return (
+            not self.completed
+            and self.selecting is None
+            and len(self.open_rounds) < self.config.max_concurrent_rounds
+            and in_flight < self.config.total_rounds
+        )
+
+    def next_selection_in_s(self, now: float) -> float:
+        """Estimated seconds until this task selects devices again (0 if it does now)."""
+        if self.completed:
+            return float("inf")
+        if self.selecting is not None or self.can_open_round():
+            return 0.0
+        typical = (
+            statistics.median(self.reporting_durations_s)
+            if self.reporting_durations_s
+            else self.config.reporting_deadline_s
+        )
+        ends = [
+            min(r.reporting_deadline, r.reporting_started_at + typical)
+            for r in self.open_rounds.values()
+            if r.state is RoundState.REPORTING
+        ]
+        return max(0.0, min(ends) - now) if ends else 0.0

@@ -1,0 +1,171 @@
+"""SecAggService over real gRPC on loopback: devices run whole sessions through the RPCs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import numpy as np
+import pytest
+
+from device_runtime import constants
+from device_runtime.secagg.errors import SecAggAborted
+from device_runtime.secagg.parameters import choose_parameters
+from device_runtime.secagg.session_runner import SecAggSessionRunner
+from protos import secagg_pb2, secagg_pb2_grpc
+from server.secagg.grpc_service import SecAggService
+from server.secagg.server import SecAggServer
+
+LENGTH = 3000
+N = 8
+
+Body = Callable[[SecAggService, SecAggServer, str], Awaitable[None]]
+
+
+def _inputs(seed: int) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {c: rng.integers(0, 1 << 20, LENGTH, dtype=np.uint32) for c in range(1, N + 1)}
+
+
+def _serve(body: Body) -> SecAggServer:
+    server = SecAggServer(choose_parameters(N), 32, LENGTH)
+
+    async def scenario() -> None:
+        service = SecAggService()
+        service.add_session(server)
+        grpc_server = grpc.aio.server()
+        secagg_pb2_grpc.add_SecAggServiceServicer_to_server(service, grpc_server)
+        port = grpc_server.add_insecure_port("127.0.0.1:0")
+        await grpc_server.start()
+        try:
+            await body(service, server, f"127.0.0.1:{port}")
+        finally:
+            await grpc_server.stop(0)
+
+    asyncio.run(scenario())
+    return server
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
+def _expected(inputs: dict[int, np.ndarray], survivors: set[int]) -> np.ndarray:
+    return np.sum([inputs[c] for c in sorted(survivors)], axis=0, dtype=np.uint32)
+
+
+def test_eight_devices_sum_over_grpc_with_one_dropping_after_sharing_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(constants, "chunk_size_bytes", 4096)  # several chunks per input
+    inputs = _inputs(1)
+    dropped = 3
+    results: dict[int, secagg_pb2.SessionResult] = {}
+
+    async def body(service: SecAggService, server: SecAggServer, address: str) -> None:
+        async def device(c: int) -> None:
+            async with grpc.aio.insecure_channel(address) as channel:
+                runner = SecAggSessionRunner(channel, server.session_config(c))
+                await runner.advertise_and_share_keys()
+                if c == dropped:
+                    return  # the phone goes away before sending its masked input
+                results[c] = await runner.contribute(inputs[c])
+
+        devices = asyncio.gather(*(device(c) for c in range(1, N + 1)))
+        await _until(lambda: server.waiting_for() == {dropped})
+        await service.close_stage(server.session_id)  # the stage's deadline passes
+        await devices
+
+    server = _serve(body)
+
+    survivors = set(range(1, N + 1)) - {dropped}
+    assert set(results) == survivors
+    assert {r.num_summed for r in results.values()} == {N - 1}
+    total, count = server.result()
+    assert count == N - 1
+    assert np.array_equal(total, _expected(inputs, survivors))
+
+
+def test_devices_learn_of_an_abort_below_threshold() -> None:
+    inputs = _inputs(2)
+    outcomes: dict[int, str] = {}
+
+    async def body(service: SecAggService, server: SecAggServer, address: str) -> None:
+        async def device(c: int) -> None:
+            async with grpc.aio.insecure_channel(address) as channel:
+                runner = SecAggSessionRunner(channel, server.session_config(c))
+                await runner.advertise_and_share_keys()
+                if c > 2:
+                    return  # six of eight vanish: fewer than t masked inputs
+                try:
+                    await runner.contribute(inputs[c])
+                except SecAggAborted as exc:
+                    outcomes[c] = str(exc)
+
+        devices = asyncio.gather(*(device(c) for c in range(1, N + 1)))
+        await _until(lambda: server.waiting_for() == set(range(3, N + 1)))
+        await service.close_stage(server.session_id)
+        await devices
+
+    server = _serve(body)
+
+    assert server.stage == secagg_pb2.ABORTED
+    assert set(outcomes) == {1, 2}
+    assert all("server aborted" in reason for reason in outcomes.values())
+
+
+def test_bad_calls_get_their_documented_status_codes() -> None:
+    codes: dict[str, grpc.StatusCode] = {}
+
+    async def body(service: SecAggService, server: SecAggServer, address: str) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = secagg_pb2_grpc.SecAggServiceStub(channel)
+            config = server.session_config(1)
+
+            async def code(name: str, call: Awaitable[object]) -> None:
+                try:
+                    await call
+                    codes[name] = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    codes[name] = exc.code()
+
+            runner = SecAggSessionRunner(channel, config)
+            good = runner.client.envelope()
+            good.advertise_keys.CopyFrom(runner.client.advertise_keys())
+            forged = secagg_pb2.SecAggClientMessage()
+            forged.CopyFrom(good)
+            forged.session_token = b"f" * 16
+            await code("forged token", stub.Send(forged))
+            await code("first advertise", stub.Send(good))
+            await code("second advertise", stub.Send(good))
+            bad_key = server.session_config(2)
+            other = SecAggSessionRunner(channel, bad_key).client
+            message = other.envelope()
+            message.advertise_keys.CopyFrom(other.advertise_keys())
+            message.advertise_keys.keys.mask_public_key = b"short"
+            await code("malformed key", stub.Send(message))
+
+            async def no_header() -> AsyncIterator[secagg_pb2.MaskedInputChunk]:
+                yield secagg_pb2.MaskedInputChunk(data=b"\x00" * 8)
+
+            await code("stream without header", stub.SendMaskedInput(no_header()))
+            poll = secagg_pb2.AwaitServerMessageRequest(
+                protocol_version=constants.PROTOCOL_VERSION,
+                session_id=b"unknown",
+                client_id=1,
+                session_token=config.session_token,
+            )
+            await code("unknown session", stub.AwaitServerMessage(poll))
+
+    _serve(body)
+
+    assert codes == {
+        "forged token": grpc.StatusCode.UNAUTHENTICATED,
+        "first advertise": grpc.StatusCode.OK,
+        "second advertise": grpc.StatusCode.ALREADY_EXISTS,
+        "malformed key": grpc.StatusCode.INVALID_ARGUMENT,
+        "stream without header": grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown session": grpc.StatusCode.UNAUTHENTICATED,
+    }

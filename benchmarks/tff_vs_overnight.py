@@ -174,6 +174,10 @@ async def run_overnight(data: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, 
             total_rounds=ROUNDS,
             target_reports=CLIENTS,
             over_selection=1.0,
+            # Pace steering spreads check-ins over half the selection deadline; the tutorial's
+            # 10 clients are always there, so a short deadline lets each round fill at once.
+            selection_deadline_s=0.2,
+            reporting_deadline_s=30.0,
             epochs=EPOCHS,
             batch_size=BATCH,
             server_learning_rate=SERVER_LR,

@@ -70,6 +70,7 @@ class DeviceRuntime:
         cache: ResourceCache | None = None,
         ineligible_poll_s: float = constants.ineligible_poll_s,
         on_attempt: Callable[[Attempt], None] | None = None,
+        model_loader: Callable[[bytes], TrainableModel] = TrainableModel,
     ) -> None:
         self._client = client
         self._population = population
@@ -84,6 +85,8 @@ class DeviceRuntime:
         self._unreachable_backoff_s = constants.unreachable_backoff_min_s
         self._ineligible_poll_s = ineligible_poll_s
         self._on_attempt = on_attempt
+        # Injected so the emulator can wrap the real model (slower device tiers).
+        self._model_loader = model_loader
 
     async def run(self, max_reports: int | None = None, stop: asyncio.Event | None = None) -> None:
         """Loops until `max_reports` updates were accepted or `stop` is set."""
@@ -304,6 +307,15 @@ class DeviceRuntime:
     async def _load_model(self, ref: common_pb2.ResourceRef) -> TrainableModel:
         if self._model is None or self._model_sha256 != ref.sha256:
             model_bytes = await self._fetch(ref)
-            self._model = TrainableModel(model_bytes)
+            self._model = self._model_loader(model_bytes)
             self._model_sha256 = ref.sha256
         return self._model
+
+    def release_model(self) -> None:
+        """Drops the loaded interpreter; the next assignment rebuilds it from the cache.
+
+        Between rounds a phone's OS may evict the app; the emulator does the same so that
+        10,000 phones do not each hold an interpreter.
+        """
+        self._model = None
+        self._model_sha256 = ""

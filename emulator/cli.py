@@ -1,13 +1,24 @@
-"""`overnight emulate`: a fleet of virtual phones against a running coordinator."""
+"""`overnight emulate`: a fleet of realistic virtual phones against a running coordinator."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
+import collections
+import csv
+import dataclasses
+import pathlib
 import signal
+import sys
+import threading
+import time
 
-from emulator.phone import RandomConditionsSettings
+import grpc
+
+from emulator.data import ClientDatasets, SampledDigits
+from emulator.federated_files import EmnistH5Clients, FederatedFileError, FemnistJsonClients
+from emulator.fleet_config import FleetConfig, FleetConfigError
+
+DAY_S = 86400.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -15,59 +26,174 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "emulate",
         help="run N virtual phones (real device runtime, real gRPC) against a coordinator",
         description=(
-            "Runs N virtual phones in one process. Each holds a non-IID share of the handwritten "
-            "digits shipped with scikit-learn (Dirichlet label skew) and runs the real device "
-            "runtime, training only while its random conditions say charging, idle and "
-            "unmetered. Runs until interrupted or for --duration seconds."
+            "Runs N virtual phones over worker processes, each phone the real device runtime. "
+            "Phones live in their own time zones and train only while charging, idle and on "
+            "Wi-Fi, mostly at night; their availability follows a virtual clock that runs "
+            "--speedup times faster than real time (training and gRPC stay real). Slow device "
+            "tiers and networks add delays on top. Runs until interrupted or for --duration "
+            "seconds, then writes participation over the simulated time (CSV and PNG)."
         ),
     )
     parser.add_argument("--server", default="127.0.0.1:50051", help="coordinator host:port")
     parser.add_argument("--population", default="digits", help="population to check in with")
     parser.add_argument("--phones", type=int, default=50, help="number of phones (default 50)")
     parser.add_argument(
-        "--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha (default 0.5)"
+        "--workers", type=int, default=1, help="worker processes, each an asyncio loop of phones"
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed for data split and phone behaviour"
+        "--speedup",
+        type=float,
+        default=60.0,
+        help="virtual seconds per real second for availability (default 60: a day in 24 min)",
     )
-    parser.add_argument("--duration", type=float, help="stop after this many seconds")
+    parser.add_argument(
+        "--start-hour-utc",
+        type=float,
+        default=6.0,
+        help="virtual UTC hour at start (default 6: night across the Americas)",
+    )
+    parser.add_argument("--fleet-config", help="TOML file with a [fleet] table (see emulator/)")
+    parser.add_argument(
+        "--data",
+        default="digits",
+        help=(
+            "client data: 'digits' (shipped, sampled per phone with label and quantity skew), "
+            "'emnist-h5:PATH' (TFF's federated EMNIST file) or 'femnist-json:PATH' (LEAF)"
+        ),
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=0.5, help="digits: Dirichlet label-skew alpha"
+    )
+    parser.add_argument(
+        "--mean-examples", type=float, default=40.0, help="digits: mean examples per phone"
+    )
+    parser.add_argument("--seed", type=int, help="fleet seed (overrides the fleet config)")
+    parser.add_argument("--duration", type=float, help="stop after this many real seconds")
+    parser.add_argument(
+        "--report-dir", help="write participation.csv and participation.png here at the end"
+    )
+    parser.add_argument(
+        "--task",
+        help="with --report-dir: also fetch this task's rounds from the coordinator (rounds.csv)",
+    )
     parser.add_argument(
         "--save-test-split",
         metavar="NPZ",
-        help="write the held-out split (for `overnight serve --eval-data`) and continue",
+        help="digits: write the held-out split (for `overnight serve --eval-data`) and continue",
     )
     parser.set_defaults(func=run)
 
 
-async def _run(args: argparse.Namespace) -> None:
-    from emulator.data import federated_digits
-    from emulator.fleet import Fleet
+def client_datasets(args: argparse.Namespace, seed: int) -> ClientDatasets:
+    kind, _, path = args.data.partition(":")
+    if kind == "digits":
+        return SampledDigits(alpha=args.alpha, mean_examples=args.mean_examples, seed=seed)
+    if kind == "emnist-h5" and path:
+        source = EmnistH5Clients(path)
+        source.client_ids()  # fail now, not in a worker
+        return source
+    if kind == "femnist-json" and path:
+        return FemnistJsonClients(path)
+    raise ValueError(f"--data {args.data!r}: expected digits, emnist-h5:PATH or femnist-json:PATH")
 
-    data = federated_digits(args.phones, alpha=args.alpha, seed=args.seed)
-    if args.save_test_split:
-        data.test.save(args.save_test_split)
-    fleet = Fleet(
-        args.server,
-        args.population,
-        data.clients,
-        seed=args.seed,
-        conditions=RandomConditionsSettings(),
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if args.duration:
-        loop.call_later(args.duration, stop.set)
-    print(
-        f"{args.phones} phones checking in with {args.server} (population {args.population!r})",
-        flush=True,
-    )
-    await fleet.run(stop)
-    print("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(fleet.stats.outcomes.items())))
+
+def write_causes_csv(causes: collections.Counter[str], path: pathlib.Path) -> None:
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["cause", "dropouts"])
+        writer.writerows(causes.most_common())
+
+
+def write_rounds_csv(server: str, task_id: str, path: pathlib.Path) -> None:
+    """Per-round selection, reports, dropouts and duration, as the coordinator recorded them."""
+    from device_runtime import constants as protocol
+    from protos import admin_pb2, admin_pb2_grpc
+
+    with grpc.insecure_channel(server) as channel:
+        rounds = (
+            admin_pb2_grpc.AdminServiceStub(channel)
+            .ListRounds(
+                admin_pb2.ListRoundsRequest(
+                    protocol_version=protocol.PROTOCOL_VERSION, task_id=task_id
+                ),
+                timeout=30,
+            )
+            .rounds
+        )
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["round", "state", "selected", "reported", "dropped", "seconds"])
+        for r in rounds:
+            seconds = r.finished_at - r.started_at if r.finished_at else float("nan")
+            writer.writerow(
+                [r.round_number, r.state, r.selected, r.reported, r.dropped, f"{seconds:.2f}"]
+            )
 
 
 def run(args: argparse.Namespace) -> int:
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(args))
+    from emulator.fleet_processes import FleetProcesses
+    from emulator.fleet_worker import FleetSpec
+
+    try:
+        config = FleetConfig.from_toml(args.fleet_config) if args.fleet_config else FleetConfig()
+        config = dataclasses.replace(
+            config,
+            phones=args.phones,
+            seed=config.seed if args.seed is None else args.seed,
+        ).validate()
+        datasets = client_datasets(args, config.seed)
+        if args.save_test_split:
+            if not isinstance(datasets, SampledDigits):
+                raise ValueError("--save-test-split needs --data digits")
+            datasets.test().save(args.save_test_split)
+        if args.speedup <= 0 or args.workers < 1:
+            raise ValueError("--speedup must be positive and --workers >= 1")
+    except (FleetConfigError, FederatedFileError, ValueError, OSError) as exc:
+        print(f"emulate: {exc}", file=sys.stderr)
+        return 2
+
+    day = int(time.time() // DAY_S)
+    spec = FleetSpec(
+        target=args.server,
+        population=args.population,
+        config=config,
+        datasets=datasets,
+        virtual_start_s=day * DAY_S + args.start_hour_utc * 3600.0,
+        speedup=args.speedup,
+        anchor_s=time.time(),
+    )
+    fleet = FleetProcesses(spec, args.workers)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(
+        f"{args.phones} phones in {args.workers} worker(s) checking in with {args.server} "
+        f"(population {args.population!r}); a virtual day lasts {DAY_S / args.speedup / 60:.1f} "
+        "real minutes",
+        flush=True,
+    )
+    fleet.start()
+    stop.wait(args.duration)
+    report = fleet.stop()
+    outcomes = report.participation.outcomes
+    print("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+    causes = report.participation.causes
+    if causes:
+        print("dropout causes: " + ", ".join(f"{k} {v}" for k, v in causes.most_common()))
+    print(f"emulator peak memory (sum of workers): {report.peak_rss_bytes / 2**20:.0f} MiB")
+    if args.report_dir:
+        out = pathlib.Path(args.report_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        report.participation.write_csv(out / "participation.csv")
+        title = f"{args.phones} emulated phones, population {args.population}"
+        report.participation.plot(out / "participation.png", title)
+        write_causes_csv(report.participation.causes, out / "dropout_causes.csv")
+        written = ["participation.csv", "participation.png", "dropout_causes.csv"]
+        if args.task:
+            try:
+                write_rounds_csv(args.server, args.task, out / "rounds.csv")
+                written.append("rounds.csv")
+            except grpc.RpcError as exc:
+                print(f"emulate: cannot list rounds of {args.task!r}: {exc}", file=sys.stderr)
+        print(f"report written to {out}: {', '.join(written)}")
     return 0

@@ -1,8 +1,12 @@
-"""Client datasets for emulated phones: the digits shipped with scikit-learn, split non-IID."""
+"""Client datasets for emulated phones: the digits shipped with scikit-learn, split non-IID.
+
+Federated EMNIST and LEAF FEMNIST files load through `emulator.federated_files`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import numpy as np
 
@@ -77,3 +81,74 @@ def federated_digits(
     return FederatedDigits(
         clients=clients, test=LocalExamples(digits.x[test_index], digits.y[test_index])
     )
+
+
+class ClientDatasets(Protocol):
+    """Where each emulated phone's local examples come from. Picklable: workers rebuild it."""
+
+    def client(self, index: int) -> LocalExamples:
+        """The examples of phone `index` (any index >= 0; sources wrap around their clients)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledDigits:
+    """Many phones sharing the 1,797 digits: each draws its own sample, skewed two ways.
+
+    Label skew: a phone's class proportions ~ Dirichlet(alpha). Quantity skew: its example
+    count ~ LogNormal(log(mean_examples), sigma). Examples are drawn from the training part only
+    (the held-out part, `test()`, is for the coordinator), independently per phone, so any
+    number of phones can be built and phone i is the same whichever process builds it.
+    """
+
+    alpha: float = 0.5
+    mean_examples: float = 40.0
+    sigma: float = 0.8
+    min_examples: int = 5
+    test_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if not self.mean_examples >= 1:
+            raise ValueError(f"mean_examples must be >= 1, got {self.mean_examples}")
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+
+    def _split(self) -> tuple[LocalExamples, LocalExamples]:
+        cached = _DIGITS_SPLITS.get((self.test_fraction, self.seed))
+        if cached is None:
+            digits = load_digits()
+            order = np.random.default_rng(self.seed).permutation(len(digits))
+            num_test = int(round(self.test_fraction * len(digits)))
+            test, train = order[:num_test], order[num_test:]
+            cached = (
+                LocalExamples(digits.x[train], digits.y[train]),
+                LocalExamples(digits.x[test], digits.y[test]),
+            )
+            _DIGITS_SPLITS[(self.test_fraction, self.seed)] = cached
+        return cached
+
+    def test(self) -> LocalExamples:
+        return self._split()[1]
+
+    def client(self, index: int) -> LocalExamples:
+        train = self._split()[0]
+        rng = np.random.default_rng([self.seed, index, 2])
+        classes = np.unique(train.y)
+        proportions = rng.dirichlet(np.full(len(classes), self.alpha))
+        count = max(self.min_examples, int(rng.lognormal(np.log(self.mean_examples), self.sigma)))
+        per_class = rng.multinomial(count, proportions)
+        index_parts = []
+        for cls, n in zip(classes, per_class, strict=True):
+            if n:
+                members = np.flatnonzero(train.y == cls)
+                index_parts.append(rng.choice(members, size=n, replace=n > len(members)))
+        chosen = np.concatenate(index_parts)
+        return LocalExamples(train.x[chosen], train.y[chosen])
+
+
+_DIGITS_SPLITS: dict[tuple[float, int], tuple[LocalExamples, LocalExamples]] = {}

@@ -1,7 +1,8 @@
 """A virtual phone's conditions: charging, idle and Wi-Fi as simple random states.
 
-Each state lasts an exponentially distributed time on the given clock, then is redrawn. Realistic
-daily patterns (time zones, overnight charging) replace this in a later version.
+Each state lasts an exponentially distributed time on the given clock, then is redrawn. Used by
+the single-process `Fleet` of the demo and quick tests; realistic days (time zones, overnight
+charging, pickups) are `emulator.daily_routine`.
 """
 
 from __future__ import annotations

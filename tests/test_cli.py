@@ -72,6 +72,23 @@ def test_export_with_a_malformed_model_spec_says_how_to_write_it(tmp_path: pathl
     assert "FILE.py:FUNCTION" in result.stderr
 
 
+def test_emulate_refuses_a_bad_fleet_config_and_names_the_field(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "fleet.toml"
+    config.write_text("[fleet]\n[fleet.routine]\np_home_wifi = 2.0\n")
+
+    result = _overnight("emulate", "--fleet-config", str(config), "--duration", "1")
+
+    assert result.returncode == 2
+    assert "routine.p_home_wifi" in result.stderr
+
+
+def test_emulate_refuses_an_unknown_data_source() -> None:
+    result = _overnight("emulate", "--data", "mnist", "--duration", "1")
+
+    assert result.returncode == 2
+    assert "expected digits, emnist-h5:PATH or femnist-json:PATH" in result.stderr
+
+
 def test_serve_task_create_and_status_against_a_running_coordinator(
     tmp_path: pathlib.Path, model_path: pathlib.Path
 ) -> None:

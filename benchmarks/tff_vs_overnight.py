@@ -1,0 +1,248 @@
+"""Benchmark: the TFF image-classification tutorial's rounds, TFF simulation vs Overnight.
+
+Setting of the tutorial: 10 clients, 10 rounds, 5 local epochs, batch 20, a single dense
+softmax layer over the flattened 28x28 image (zeros init), client SGD 0.02, server SGD 1.0.
+EMNIST is not shipped, so both sides use the same real data: the scikit-learn digits, scaled
+up to 28x28 (each pixel 3x3, padded by 2), about 486 examples per client as in the tutorial.
+
+- TFF: `tff.learning.algorithms.build_weighted_fed_avg` in its own process (its C++ executor
+  starts `worker_binary` children, which are ended by pid before that process exits).
+- Overnight: the real stack in this process: coordinator on loopback gRPC with SQLite, 10
+  emulated phones running the device runtime with LiteRT, always eligible.
+
+Prints seconds per round side by side and the ratio; appends them to benchmarks/RESULTS.md.
+
+    .venv/bin/python -m benchmarks.tff_vs_overnight
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import pathlib
+import queue
+import signal
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from benchmarks.machine import append_results
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+CLIENTS = 10
+ROUNDS = 10
+EPOCHS = 5
+BATCH = 20
+EXAMPLES_PER_CLIENT = 486  # the tutorial's 4,860 examples per round over 10 clients
+CLIENT_LR = 0.02
+SERVER_LR = 1.0
+
+
+def upscaled(x: np.ndarray) -> np.ndarray:
+    """8x8 digits -> 28x28 images: each pixel becomes 3x3, then 2 pixels of padding."""
+    big = np.kron(x, np.ones((1, 3, 3), np.float32))
+    return np.pad(big, ((0, 0), (2, 2), (2, 2))).astype(np.float32)
+
+
+def client_data(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from emulator.data import SampledDigits
+
+    source = SampledDigits(mean_examples=EXAMPLES_PER_CLIENT, sigma=0.0, seed=seed)
+    return [(upscaled(source.client(i).x), source.client(i).y) for i in range(CLIENTS)]
+
+
+def _children(pid: int, name: str) -> list[int]:
+    found = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and name.encode() in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _tff_main(data: list[tuple[np.ndarray, np.ndarray]], out: Any) -> None:
+    import collections
+
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    def dataset(x: np.ndarray, y: np.ndarray) -> tf.data.Dataset:
+        flat = collections.OrderedDict(x=x.reshape(-1, 784), y=y.reshape(-1, 1).astype(np.int32))
+        return (
+            tf.data.Dataset.from_tensor_slices(flat)
+            .repeat(EPOCHS)
+            .shuffle(100, seed=1)
+            .batch(BATCH)
+            .prefetch(10)
+        )
+
+    federated = [dataset(x, y) for x, y in data]
+
+    def model_fn() -> Any:
+        keras_model = tf.keras.models.Sequential(
+            [
+                tf.keras.layers.InputLayer(input_shape=(784,)),
+                tf.keras.layers.Dense(10, kernel_initializer="zeros"),
+                tf.keras.layers.Softmax(),
+            ]
+        )
+        return tff.learning.models.from_keras_model(
+            keras_model,
+            input_spec=federated[0].element_spec,
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(),
+            metrics=[tf.keras.metrics.SparseCategoricalAccuracy()],
+        )
+
+    process = tff.learning.algorithms.build_weighted_fed_avg(
+        model_fn,
+        # TFF 0.87 takes its own optimizers; plain SGD as the tutorial's Keras SGD.
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=CLIENT_LR),
+        server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=SERVER_LR),
+    )
+    state = process.initialize()
+    seconds, losses = [], []
+    for _ in range(ROUNDS):
+        started = time.perf_counter()
+        result = process.next(state, federated)
+        seconds.append(time.perf_counter() - started)
+        state = result.state
+        losses.append(float(result.metrics["client_work"]["train"]["loss"]))
+    for pid in _children(os.getpid(), "worker_binary"):
+        os.kill(pid, signal.SIGTERM)
+    out.put({"seconds": seconds, "losses": losses})
+
+
+def run_tff(data: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, list[float]]:
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    process = context.Process(target=_tff_main, args=(data, out))
+    process.start()
+    while True:
+        try:
+            result: dict[str, list[float]] = out.get(timeout=5)
+            break
+        except queue.Empty:
+            if not process.is_alive():
+                raise RuntimeError("the TFF process died; see its traceback above") from None
+    process.join(timeout=60)
+    return result
+
+
+async def run_overnight(data: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, list[float]]:
+    import tensorflow as tf
+
+    from device_runtime.clock import RealClock
+    from device_runtime.examples import LocalExamples
+    from emulator.fleet import Fleet
+    from emulator.phone import RandomConditionsSettings
+    from server.config import TaskConfig
+    from server.coordinator import Coordinator, CoordinatorSettings
+    from server.grpc_service import CoordinatorServer
+    from server.pace_steering import PaceSteeringSettings
+    from server.sqlite_store import SqliteStore
+    from tflite_export.exporter import export_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = tf.keras.models.Sequential(
+            [
+                tf.keras.layers.Flatten(input_shape=(28, 28)),
+                tf.keras.layers.Dense(10, kernel_initializer="zeros"),
+                tf.keras.layers.Softmax(),
+            ]
+        )
+        path = pathlib.Path(tmp) / "softmax.tflite"
+        export_model(model, path, learning_rate=CLIENT_LR, batch_size=BATCH)
+        store = SqliteStore(pathlib.Path(tmp) / "coordinator.sqlite")
+        # Devices come straight back: the tutorial's clients are always available.
+        coordinator = Coordinator(
+            store,
+            RealClock(),
+            CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=0.01, min_spread_s=0.04)),
+        )
+        config = TaskConfig(
+            task_id="tutorial",
+            population="tutorial",
+            total_rounds=ROUNDS,
+            target_reports=CLIENTS,
+            over_selection=1.0,
+            # Pace steering spreads check-ins over half the selection deadline, and until it
+            # has measured a round it expects reporting to take the whole reporting deadline.
+            # The tutorial's clients are always there and train in well under a second.
+            selection_deadline_s=0.2,
+            reporting_deadline_s=2.0,
+            epochs=EPOCHS,
+            batch_size=BATCH,
+            server_learning_rate=SERVER_LR,
+        )
+        coordinator.register_task(config, path.read_bytes())
+        server = CoordinatorServer(coordinator)
+        await server.start()
+        fleet = Fleet(
+            server.address,
+            "tutorial",
+            [LocalExamples(x, y) for x, y in data],
+            conditions=RandomConditionsSettings(p_charging=1.0, p_idle=1.0, p_unmetered=1.0),
+        )
+        stop = asyncio.Event()
+        started = time.perf_counter()
+        fleet_task = asyncio.create_task(fleet.run(stop))
+        while coordinator.task("tutorial").committed_rounds < ROUNDS:
+            await asyncio.sleep(0.01)
+        wall = time.perf_counter() - started
+        stop.set()
+        await fleet_task
+        await server.stop()
+        rounds = store.rounds("tutorial")
+        store.close()
+    committed = [r for r in rounds if r.state.value == "committed"]
+    return {
+        "seconds": [r.finished_at - r.started_at for r in committed],
+        "losses": [r.metrics["client_work/train/loss"] for r in committed],
+        "wall": [wall],
+        "failed": [float(len(rounds) - len(committed))],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    data = client_data(seed=0)
+    tff_result = run_tff(data)
+    ours = asyncio.run(run_overnight(data))
+    tff_per_round = float(np.mean(tff_result["seconds"]))
+    tff_after_first = float(np.mean(tff_result["seconds"][1:]))
+    our_per_round = ours["wall"][0] / ROUNDS
+    our_after_first = float(np.mean(ours["seconds"][1:]))
+    lines = [
+        f"- setting: {CLIENTS} clients x {EXAMPLES_PER_CLIENT} examples (digits upscaled to "
+        f"28x28), {ROUNDS} rounds, {EPOCHS} epochs, batch {BATCH}, Dense(10)+softmax over 784",
+        f"- TFF 0.87 simulation: {tff_per_round:.3f} s/round over all {ROUNDS} rounds "
+        f"(first {tff_result['seconds'][0]:.2f} s), {tff_after_first:.3f} s/round after the first",
+        f"- Overnight (gRPC + LiteRT + 10 emulated phones): {our_per_round:.3f} s/round wall "
+        f"clock for {ROUNDS} rounds incl. model download, {our_after_first:.3f} s/round "
+        f"(round start to commit) after the first; failed rounds {ours['failed'][0]:.0f}",
+        f"- ratio Overnight / TFF: {our_per_round / tff_per_round:.2f} (all rounds), "
+        f"{our_after_first / tff_after_first:.2f} (after the first); goal <= 1.0",
+        f"- last-round train loss: TFF {tff_result['losses'][-1]:.4f}, "
+        f"Overnight {ours['losses'][-1]:.4f} (same data, model and optimizers)",
+    ]
+    print("\n".join(lines))
+    if not args.no_record:
+        append_results(
+            "TFF tutorial rounds: TFF simulation vs Overnight (issue 7)",
+            [line[2:] for line in lines],
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -307,7 +307,9 @@ class DeviceRuntime:
     async def _load_model(self, ref: common_pb2.ResourceRef) -> TrainableModel:
         if self._model is None or self._model_sha256 != ref.sha256:
             model_bytes = await self._fetch(ref)
-            self._model = self._model_loader(model_bytes)
+            # Building an interpreter (manifest checks, allocation) is CPU work: off the event
+            # loop, which in the emulator serves thousands of phones' check-ins.
+            self._model = await asyncio.to_thread(self._model_loader, model_bytes)
             self._model_sha256 = ref.sha256
         return self._model
 

@@ -6,7 +6,7 @@ UV := .tools/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: demo test test-fast lint protos install clean
+.PHONY: demo test test-fast lint protos requirements install clean
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -34,6 +34,9 @@ lint: .venv/.synced
 
 protos: .venv/.synced
 	.venv/bin/python -m protos.generate
+
+requirements: .venv/.synced
+	$(UV) export --frozen --no-dev --no-emit-project --format requirements-txt -o requirements/device.txt
 
 clean:
 	rm -rf .venv .tools

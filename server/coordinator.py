@@ -261,12 +261,13 @@ class Coordinator:
             ):
                 return self._assign(task, round_, request.device_id, activity.active_devices(now))
         soonest = min(running, key=lambda t: t.next_selection_in_s(now))
-        window = self._steer(soonest, activity.active_devices(now), now)
+        active = activity.active_devices(now)
         if len(ineligible) == len(running):
             wait = min(v.retry_after_s for v in ineligible) or self.settings.no_task_retry_s[0]
-            window = self._steer(soonest, activity.active_devices(now), now, not_before_s=wait)
+            window = self._steer(soonest, active, now, not_before_s=wait)
             reason = "; ".join(v.reason for v in ineligible)
             return self._reject(device_pb2.Rejection.NOT_ELIGIBLE, reason, window)
+        window = self._steer(soonest, active, now)
         return self._reject(device_pb2.Rejection.ROUND_FULL, "round is full", window)
 
     def _steer(
@@ -413,28 +414,35 @@ class Coordinator:
             )
         return task, round_, digest
 
-    def check_upload_header(self, header: device_pb2.UploadHeader) -> int:
-        """Validates a header before the payload is read; returns the payload size in bytes."""
+    def _reportable(
+        self, header: device_pb2.UploadHeader
+    ) -> tuple[TaskRuntime, RoundInProgress, str]:
+        """The open assignment a header reports for, if it may still report."""
         check_protocol_version(header.protocol_version)
-        _, round_, digest = self._open_assignment(header.upload_token)
+        task, round_, digest = self._open_assignment(header.upload_token)
         assignment = round_.assignments[digest]
         if assignment.state is AssignmentState.REPORTED:
             raise AlreadyExists("an update for this upload token was already accepted")
         if assignment.state is AssignmentState.FAILED:
             raise FailedPrecondition("this assignment was reported as failed")
+        return task, round_, digest
+
+    def check_upload_header(self, header: device_pb2.UploadHeader) -> int:
+        """Validates a header before the payload is read; returns the payload size in bytes."""
+        _, round_, _ = self._reportable(header)
         return round_.aggregate.expected_payload_bytes(header)
 
     def accept_upload(
         self, header: device_pb2.UploadHeader, payload: bytes | memoryview, wire_bytes: int
     ) -> device_pb2.UploadResponse:
         """Adds one update to its round. Any refusal leaves the round exactly as it was."""
-        self.check_upload_header(header)
+        task, round_, digest = self._reportable(header)
         metrics = header.metrics
         if not (np.isfinite(metrics.loss) and np.isfinite(metrics.accuracy)):
             raise InvalidArgument("client metrics contain NaN or infinite values")
         if metrics.num_examples < 0 or metrics.num_batches < 0:
             raise InvalidArgument("client metrics counts must be >= 0")
-        task, round_, digest = self._open_assignment(header.upload_token)
+        # The aggregator checks the header against its encoding before it decodes.
         round_.aggregate.accumulate(header, payload)
         round_.client_metrics.accumulate(metrics)
         round_.upload_bytes += wire_bytes

@@ -121,25 +121,18 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
 
 
 def round_summary(record: RoundRecord | RoundInProgress) -> admin_pb2.RoundSummary:
-    if isinstance(record, RoundInProgress):
-        return admin_pb2.RoundSummary(
-            round_number=record.round_number,
-            state=record.state.value,
-            selected=record.selected,
-            reported=record.reported,
-            dropped=record.dropped,
-            started_at=record.started_at,
-        )
-    return admin_pb2.RoundSummary(
+    summary = admin_pb2.RoundSummary(
         round_number=record.round_number,
         state=record.state.value,
         selected=record.selected,
         reported=record.reported,
         dropped=record.dropped,
-        metrics=record.metrics,
         started_at=record.started_at,
-        finished_at=record.finished_at,
     )
+    if isinstance(record, RoundRecord):  # a closed round also has metrics and an end
+        summary.metrics.update(record.metrics)
+        summary.finished_at = record.finished_at
+    return summary
 
 
 def task_status(task: TaskRuntime) -> admin_pb2.TaskStatus:

@@ -448,7 +448,9 @@ class Coordinator:
         round_.upload_bytes += wire_bytes
         round_.assignments[digest].state = AssignmentState.REPORTED
         self._advance(task, round_)
-        return device_pb2.UploadResponse(retry_window=self._steer(task, 0, self._clock.now()))
+        now = self._clock.now()
+        window = self._steer(task, self._active_devices(task, now), now)
+        return device_pb2.UploadResponse(retry_window=window)
 
     def report_failure(self, report: device_pb2.FailureReport) -> device_pb2.FailureAck:
         check_protocol_version(report.protocol_version)
@@ -461,9 +463,12 @@ class Coordinator:
         self.secure_rounds.device_failed(round_, digest)
         self._advance(task, round_)
         now = self._clock.now()
-        active = self._activity.get(task.config.population)
-        window = self._steer(task, active.active_devices(now) if active else 0, now)
+        window = self._steer(task, self._active_devices(task, now), now)
         return device_pb2.FailureAck(retry_window=window)
+
+    def _active_devices(self, task: TaskRuntime, now: float) -> int:
+        activity = self._activity.get(task.config.population)
+        return activity.active_devices(now) if activity else 0
 
     # ----- the round state machine ---------------------------------------------------------
 

@@ -484,3 +484,26 @@ def test_dropout_causes_are_recorded_per_round(store_path, clock, model_bytes) -
     assert record.metrics["round/dropouts/interrupted"] == 1
     assert record.metrics["round/dropouts/no_report"] == 1
     assert record.dropped == 2
+
+
+def test_upload_answer_spreads_the_device_by_population_size(
+    store_path, clock, model_bytes
+) -> None:
+    coordinator = _coordinator(
+        store_path,
+        clock,
+        model_bytes,
+        target_reports=2,
+        over_selection=1.0,
+        selection_deadline_s=10.0,
+    )
+    token = _check_in(coordinator, "d0").assignment.upload_token
+    for i in range(1, 40):  # 40 distinct devices seen; only d1 finds a seat
+        _check_in(coordinator, f"d{i}")
+    n = coordinator.task("t1").record.num_parameters
+    payload = np.zeros(n, "<f4").tobytes()
+
+    answer = coordinator.accept_upload(_header(token, n), payload, len(payload))
+
+    spread = answer.retry_window.max_delay_s - answer.retry_window.min_delay_s
+    assert spread == pytest.approx(40 * 0.5 * 10.0 / 2)  # N * fill time / quota

@@ -35,6 +35,13 @@ tick_interval_s = 0.25
 admin_max_message_bytes = 256 << 20
 
 
+def data_chunk_wire_bytes(size: int) -> int:
+    """Serialized size of an UploadChunk carrying `size` payload bytes (tag, length varint,
+    bytes): what ByteSize() returns, without protobuf walking a 1 MiB field per chunk
+    (0.15 ms each, ~1 ms per CNN-sized upload)."""
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size
+
+
 class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     def __init__(self, coordinator: Coordinator, max_concurrent_uploads: int = 2) -> None:
         self._coordinator = coordinator
@@ -88,10 +95,10 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         staging = memoryview(bytearray())
         received = wire_bytes = 0
         async for chunk in request_iterator:
-            wire_bytes += chunk.ByteSize()
             if header is None:
                 if chunk.WhichOneof("part") != "header":
                     raise InvalidArgument("an upload must start with an UploadHeader")
+                wire_bytes += chunk.ByteSize()
                 header = chunk.header
                 staging = memoryview(bytearray(self._coordinator.check_upload_header(header)))
                 continue
@@ -107,6 +114,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 raise ResourceExhausted(
                     f"payload exceeds the {len(staging)} bytes the header announced"
                 )
+            wire_bytes += data_chunk_wire_bytes(len(data))
             staging[received : received + len(data)] = data
             received += len(data)
         if header is None:

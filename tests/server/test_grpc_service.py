@@ -276,3 +276,12 @@ def test_admin_status_and_rounds(tmp_path, model_bytes) -> None:
     assert status.state == "running"
     assert status.current_round.selected == 1
     assert missing is grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 1 << 20, (1 << 21) + 5])
+def test_data_chunk_wire_bytes_equals_protobuf_byte_size(size: int) -> None:
+    from server.grpc_service import data_chunk_wire_bytes
+
+    chunk = device_pb2.UploadChunk(data=b"\0" * size)
+
+    assert data_chunk_wire_bytes(size) == chunk.ByteSize()

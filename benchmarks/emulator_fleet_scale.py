@@ -40,10 +40,15 @@ def _coordinator_main(
     from device_runtime.clock import RealClock
     from emulator.fleet_worker import peak_rss_bytes
     from emulator.slowdowns import LatencyHistogram
-    from protos import admin_pb2_grpc, device_pb2_grpc
+    from protos import admin_pb2_grpc
     from server.config import TaskConfig
     from server.coordinator import Coordinator, CoordinatorSettings
-    from server.grpc_service import AdminService, DeviceService, tick_interval_s
+    from server.grpc_service import (
+        AdminService,
+        DeviceService,
+        add_device_service,
+        tick_interval_s,
+    )
     from server.pace_steering import PaceSteeringSettings
     from server.sqlite_store import SqliteStore
 
@@ -89,7 +94,7 @@ def _coordinator_main(
                     ("grpc.max_send_message_length", protocol.max_message_bytes),
                 ],
             )
-            device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceService(coordinator), server)
+            add_device_service(DeviceService(coordinator), server)
             admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(coordinator), server)
             port = server.add_insecure_port("127.0.0.1:0")
             await server.start()

@@ -8,7 +8,8 @@ aggregator exactly as it was.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -45,6 +46,39 @@ class UpdateAggregator(Protocol):
         ...
 
 
+Buffer = bytes | memoryview
+
+
+@runtime_checkable
+class TakesChunks(Protocol):
+    """An aggregator that decodes an update straight from the chunks it arrived in, saving
+    the copy that joins them."""
+
+    def accumulate_chunks(self, header: device_pb2.UploadHeader, chunks: Sequence[Buffer]) -> None:
+        """As `accumulate(header, b"".join(chunks))`."""
+        ...
+
+
+def joined(parts: Sequence[Buffer]) -> Buffer:
+    """The payload the chunks make up (copied once, unless it is one chunk)."""
+    if len(parts) == 1:
+        return parts[0]
+    out = np.empty(sum(len(p) for p in parts), np.uint8)
+    if len(out):
+        np.concatenate([np.frombuffer(p, np.uint8) for p in parts], out=out)
+    return out.data
+
+
+def accumulate_received(
+    aggregator: UpdateAggregator, header: device_pb2.UploadHeader, chunks: Sequence[Buffer]
+) -> None:
+    """Adds an update given as the chunks it was received in, to any aggregator."""
+    if isinstance(aggregator, TakesChunks):
+        aggregator.accumulate_chunks(header, chunks)
+    else:
+        aggregator.accumulate(header, joined(chunks))
+
+
 class WeightedMeanAccumulator:
     """Sum of weight * update and of weights; partial accumulators merge (for sharding).
 
@@ -67,8 +101,24 @@ class WeightedMeanAccumulator:
     def accumulate(self, update: np.ndarray, weight: float) -> None:
         if update.shape != self._total.shape:
             raise ValueError(f"update has shape {update.shape}, expected {self._total.shape}")
-        np.multiply(update, np.float32(weight), out=self._scaled)
-        np.add(self._block, self._scaled, out=self._block)
+        self.accumulate_pieces([update], weight)
+
+    def accumulate_pieces(self, pieces: Sequence[np.ndarray], weight: float) -> None:
+        """Adds weight * the update the float32 pieces make up, in order.
+
+        Each piece is scaled into its slice of a reused buffer and added there: no temporary
+        and no joined copy. (BLAS axpy would be one pass instead of two, but its fused
+        multiply-add rounds differently depending on alignment and length, and the sum
+        should not depend on how an update was chunked.)
+        """
+        if sum(len(p) for p in pieces) != len(self._block):
+            raise ValueError(f"update pieces do not add up to {len(self._block)} values")
+        start, w = 0, np.float32(weight)
+        for piece in pieces:
+            end = start + len(piece)
+            np.multiply(piece, w, out=self._scaled[start:end])
+            np.add(self._block[start:end], self._scaled[start:end], out=self._block[start:end])
+            start = end
         self._block_count += 1
         if self._block_count >= self.flush_every:
             self._flush()
@@ -132,16 +182,22 @@ class Float32WeightedMean:
         return 4 * self._num_parameters
 
     def accumulate(self, header: device_pb2.UploadHeader, payload: bytes | memoryview) -> None:
+        self.accumulate_chunks(header, [payload])
+
+    def accumulate_chunks(self, header: device_pb2.UploadHeader, chunks: Sequence[Buffer]) -> None:
         expected = self.expected_payload_bytes(header)
-        if len(payload) != expected:
-            raise InvalidArgument(f"update payload is {len(payload)} bytes, expected {expected}")
-        delta = np.frombuffer(payload, "<f4")
-        # One BLAS pass: NaN or inf anywhere makes the dot product non-finite. (So does a
-        # value above ~1e19, whose square overflows; such an update is zeroed too.)
-        if np.isfinite(np.dot(delta, delta)):
-            self._mean.accumulate(delta, float(header.example_count))
+        received = sum(len(c) for c in chunks)
+        if received != expected:
+            raise InvalidArgument(f"update payload is {received} bytes, expected {expected}")
+        if any(len(c) % 4 for c in chunks):  # a value split across chunks: join them first
+            chunks = [joined(chunks)]
+        pieces = [np.frombuffer(c, "<f4") for c in chunks]
+        # NaN or inf anywhere makes a dot product non-finite. (So does a value above ~1e19,
+        # whose square overflows; such an update is zeroed too.)
+        if np.isfinite(sum(float(np.dot(p, p)) for p in pieces)):
+            self._mean.accumulate_pieces(pieces, float(header.example_count))
         else:
-            self._mean.accumulate(np.zeros_like(delta), 0.0)
+            self._mean.accumulate_pieces([np.zeros(self._num_parameters, np.float32)], 0.0)
             self._num_nonfinite += 1
 
     def client_spec(self) -> device_pb2.AggregationSpec:

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import assert_never
 
 import numpy as np
@@ -22,7 +22,12 @@ from device_runtime.manifest import ManifestError
 from device_runtime.model_file import read_manifest
 from protos import common_pb2, device_pb2
 from server import eligibility
-from server.aggregation import EvaluationReports, UpdateAggregator
+from server.aggregation import (
+    Buffer,
+    EvaluationReports,
+    UpdateAggregator,
+    accumulate_received,
+)
 from server.aggregators.process import AggregationProcess
 from server.config import TaskConfig
 from server.errors import (
@@ -425,6 +430,12 @@ class Coordinator:
             raise AlreadyExists("an update for this upload token was already accepted")
         if assignment.state is AssignmentState.FAILED:
             raise FailedPrecondition("this assignment was reported as failed")
+        # The ticker closes the round within a tick of its deadline; nothing late gets in.
+        if self._clock.now() >= round_.reporting_deadline:
+            raise FailedPrecondition(
+                f"round {round_.round_number} of task {task.task_id!r} passed its reporting "
+                "deadline"
+            )
         return task, round_, digest
 
     def check_upload_header(self, header: device_pb2.UploadHeader) -> int:
@@ -433,9 +444,13 @@ class Coordinator:
         return round_.aggregate.expected_payload_bytes(header)
 
     def accept_upload(
-        self, header: device_pb2.UploadHeader, payload: bytes | memoryview, wire_bytes: int
+        self,
+        header: device_pb2.UploadHeader,
+        payload: Buffer | Sequence[Buffer],
+        wire_bytes: int,
     ) -> device_pb2.UploadResponse:
-        """Adds one update to its round. Any refusal leaves the round exactly as it was."""
+        """Adds one update (the payload, or the chunks it arrived in) to its round. Any
+        refusal leaves the round exactly as it was."""
         task, round_, digest = self._reportable(header)
         metrics = header.metrics
         if not (np.isfinite(metrics.loss) and np.isfinite(metrics.accuracy)):
@@ -443,10 +458,11 @@ class Coordinator:
         if metrics.num_examples < 0 or metrics.num_batches < 0:
             raise InvalidArgument("client metrics counts must be >= 0")
         # The aggregator checks the header against its encoding before it decodes.
-        round_.aggregate.accumulate(header, payload)
+        chunks = [payload] if isinstance(payload, bytes | memoryview) else payload
+        accumulate_received(round_.aggregate, header, chunks)
         round_.client_metrics.accumulate(metrics)
         round_.upload_bytes += wire_bytes
-        round_.assignments[digest].state = AssignmentState.REPORTED
+        round_.set_state(digest, AssignmentState.REPORTED)
         self._advance(task, round_)
         now = self._clock.now()
         window = self._steer(task, self._active_devices(task, now), now)
@@ -458,8 +474,9 @@ class Coordinator:
         assignment = round_.assignments[digest]
         if assignment.state is not AssignmentState.ASSIGNED:
             raise FailedPrecondition(f"assignment already {assignment.state.value}")
-        assignment.state = AssignmentState.FAILED
-        assignment.failure = device_pb2.FailureReport.Cause.Name(report.cause)
+        round_.set_state(
+            digest, AssignmentState.FAILED, device_pb2.FailureReport.Cause.Name(report.cause)
+        )
         self.secure_rounds.device_failed(round_, digest)
         self._advance(task, round_)
         now = self._clock.now()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 
@@ -48,6 +49,7 @@ class RoundInProgress:
         self.base_weights_sha256 = base_weights_sha256
         self.base_version = base_version
         self.assignments: dict[str, DeviceAssignment] = {}
+        self._state_counts: collections.Counter[AssignmentState] = collections.Counter()
         self.devices: set[str] = set()
         self.aggregate = aggregate
         self.client_metrics = ClientMetricsAccumulator()
@@ -63,7 +65,7 @@ class RoundInProgress:
         return len(self.assignments)
 
     def count(self, state: AssignmentState) -> int:
-        return sum(1 for a in self.assignments.values() if a.state is state)
+        return self._state_counts[state]
 
     @property
     def reported(self) -> int:
@@ -90,4 +92,13 @@ class RoundInProgress:
 
     def assign(self, device_id: str, token_sha256: str) -> None:
         self.assignments[token_sha256] = DeviceAssignment(device_id, token_sha256)
+        self._state_counts[AssignmentState.ASSIGNED] += 1
         self.devices.add(device_id)
+
+    def set_state(self, token_sha256: str, state: AssignmentState, failure: str = "") -> None:
+        """Moves one assignment to `state` (the only way its state changes: counts stay O(1))."""
+        assignment = self.assignments[token_sha256]
+        self._state_counts[assignment.state] -= 1
+        self._state_counts[state] += 1
+        assignment.state = state
+        assignment.failure = failure

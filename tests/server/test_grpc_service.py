@@ -12,6 +12,7 @@ import pytest
 
 from device_runtime import constants
 from protos import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2, device_pb2_grpc
+from server.grpc_service import parse_upload_chunk
 from tests.harness import POPULATION, RunningCoordinator, running_coordinator, task_config
 
 V = constants.PROTOCOL_VERSION
@@ -285,3 +286,40 @@ def test_data_chunk_wire_bytes_equals_protobuf_byte_size(size: int) -> None:
     chunk = device_pb2.UploadChunk(data=b"\0" * size)
 
     assert data_chunk_wire_bytes(size) == chunk.ByteSize()
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 1 << 20])
+def test_a_data_chunk_is_read_as_a_view_of_its_payload(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    raw = device_pb2.UploadChunk(data=data).SerializeToString()
+
+    part = parse_upload_chunk(raw)
+
+    assert isinstance(part, memoryview) and part.obj is raw and bytes(part) == data
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        device_pb2.UploadChunk(header=_header(b"t", 3)).SerializeToString(),
+        b"",
+        # data twice (protobuf keeps the last), and data followed by a header (oneof: last wins)
+        device_pb2.UploadChunk(data=b"ab").SerializeToString()
+        + device_pb2.UploadChunk(data=b"xyz").SerializeToString(),
+        device_pb2.UploadChunk(data=b"ab").SerializeToString()
+        + device_pb2.UploadChunk(header=_header(b"t", 3)).SerializeToString(),
+    ],
+    ids=["header", "empty", "data-twice", "data-then-header"],
+)
+def test_any_other_chunk_is_parsed_by_protobuf(raw: bytes) -> None:
+    assert parse_upload_chunk(raw) == device_pb2.UploadChunk.FromString(raw)
+
+
+def test_a_truncated_data_chunk_is_refused_like_protobuf_refuses_it() -> None:
+    raw = device_pb2.UploadChunk(data=b"x" * 300).SerializeToString()[:-1]
+
+    with pytest.raises(Exception) as ours:
+        parse_upload_chunk(raw)
+    with pytest.raises(Exception) as protobufs:
+        device_pb2.UploadChunk.FromString(raw)
+    assert type(ours.value) is type(protobufs.value)

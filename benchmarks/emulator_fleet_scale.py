@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import multiprocessing
 import os
 import pathlib
@@ -36,23 +37,35 @@ def _coordinator_main(
     import grpc
     import numpy as np
 
-    from device_runtime import constants as protocol
     from device_runtime.clock import RealClock
     from emulator.fleet_worker import peak_rss_bytes
     from emulator.slowdowns import LatencyHistogram
-    from protos import admin_pb2_grpc
     from server.config import TaskConfig
     from server.coordinator import Coordinator, CoordinatorSettings
-    from server.grpc_service import (
-        AdminService,
-        DeviceService,
-        add_device_service,
-        tick_interval_s,
-    )
+    from server.grpc_service import CoordinatorServer, freeze_startup_heap
     from server.pace_steering import PaceSteeringSettings
     from server.sqlite_store import SqliteStore
 
     handler_times = LatencyHistogram()
+    # Where a slow answer can come from inside the coordinator: the event loop held up (its
+    # lag: how late a 10 ms timer fires) and garbage-collection pauses.
+    loop_lag = LatencyHistogram()
+    gc_pauses = LatencyHistogram()
+    gc_started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_started[0] = time.perf_counter()
+        else:
+            gc_pauses.add(time.perf_counter() - gc_started[0])
+
+    gc.callbacks.append(on_gc)
+
+    async def watch_loop_lag() -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(0.01)
+            loop_lag.add(max(time.perf_counter() - started - 0.01, 0.0))
 
     class CheckInTimer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def intercept_service(
@@ -86,23 +99,16 @@ def _coordinator_main(
                 rng=np.random.default_rng(0),
             )
             coordinator.register_task(TaskConfig(**task).validate(), model_bytes)
-            # CoordinatorServer's wiring, plus the timing interceptor.
-            server = grpc.aio.server(
-                interceptors=[CheckInTimer()],
-                options=[
-                    ("grpc.max_receive_message_length", protocol.max_message_bytes),
-                    ("grpc.max_send_message_length", protocol.max_message_bytes),
-                ],
-            )
-            add_device_service(DeviceService(coordinator), server)
-            admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(coordinator), server)
-            port = server.add_insecure_port("127.0.0.1:0")
+            # What `overnight serve` runs, plus the timing interceptor.
+            server = CoordinatorServer(coordinator, "127.0.0.1:0", interceptors=[CheckInTimer()])
             await server.start()
-            ports.put(port)
+            freeze_startup_heap()
+            lag_watcher = asyncio.create_task(watch_loop_lag())
+            ports.put(server.port)
             while not stop.is_set():
-                await asyncio.sleep(tick_interval_s)
-                coordinator.tick()
-            await server.stop(1)
+                await asyncio.sleep(0.2)
+            lag_watcher.cancel()
+            await server.stop(1.0)
             rounds = [dataclasses.asdict(r) for r in store.rounds(task["task_id"])]
             for r in rounds:
                 r["state"] = r["state"].value
@@ -111,6 +117,8 @@ def _coordinator_main(
                 {
                     "rounds": rounds,
                     "handler_counts": np.asarray(handler_times.counts),
+                    "loop_lag_counts": np.asarray(loop_lag.counts),
+                    "gc_pause_counts": np.asarray(gc_pauses.counts),
                     "peak_rss": peak_rss_bytes(),
                 }
             )
@@ -156,6 +164,13 @@ def main() -> None:
     parser.add_argument("--phones", type=int, default=10_000)
     parser.add_argument("--target", type=int, default=1000, help="reports per round")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--emulator-nice",
+        type=int,
+        default=10,
+        help="CPU priority decrement of the fleet's workers (default 10): on real phones the "
+        "emulated load would not compete with the coordinator for its CPUs",
+    )
     parser.add_argument("--duration", type=float, default=300.0, help="real seconds to run")
     parser.add_argument("--speedup", type=float, default=20.0, help="virtual s per real s")
     parser.add_argument("--start-hour-utc", type=float, default=5.0)
@@ -206,7 +221,7 @@ def main() -> None:
         speedup=args.speedup,
         anchor_s=time.time(),
     )
-    fleet = FleetProcesses(spec, args.workers)
+    fleet = FleetProcesses(spec, args.workers, args.emulator_nice)
     probe_stop, probe_out = context.Event(), context.Queue()
     probe = context.Process(
         target=_probe_main, args=(spec.target, spec.population, 0.1, probe_stop, probe_out)
@@ -231,14 +246,17 @@ def main() -> None:
     durations = np.array([r["finished_at"] - r["started_at"] for r in committed])
     full = [r for r in committed if r["reported"] >= args.target]
     full_durations = np.array([r["finished_at"] - r["started_at"] for r in full])
-    handler = LatencyHistogram()
+    handler, lag, pauses = LatencyHistogram(), LatencyHistogram(), LatencyHistogram()
     handler.counts = result["handler_counts"]
+    lag.counts = result["loop_lag_counts"]
+    pauses.counts = result["gc_pause_counts"]
     client = report.check_in_times
     selected = sum(r["selected"] for r in rounds)
     dropped = sum(r["dropped"] for r in rounds)
     lines = [
         f"- phones {args.phones} ({report.phones} reported back) in {args.workers} worker "
-        f"processes; target {args.target} reports/round, over-selection 1.3; speedup "
+        f"processes at nice {args.emulator_nice}; target {args.target} reports/round, "
+        "over-selection 1.3; speedup "
         f"{args.speedup:g}x from {args.start_hour_utc:g}:00 UTC; {args.duration:.0f} s real",
         f"- rounds: {len(committed)} committed ({len(full)} reached the target), "
         f"{len(rounds) - len(committed)} failed or open at the end",
@@ -262,6 +280,10 @@ def main() -> None:
         f"examples, refused after the full check-in path), {probe_times.total} calls: "
         f"p50 {1000 * probe_times.quantile(0.5):.1f} ms, "
         f"p99 {1000 * probe_times.quantile(0.99):.1f} ms",
+        f"- coordinator event-loop lag (a 10 ms timer, {lag.total} samples): "
+        f"p50 {1000 * lag.quantile(0.5):.1f} ms, p99 {1000 * lag.quantile(0.99):.1f} ms, "
+        f"max {1000 * lag.quantile(1.0):.0f} ms; GC pauses: {pauses.total}, "
+        f"p99 {1000 * pauses.quantile(0.99):.1f} ms, max {1000 * pauses.quantile(1.0):.0f} ms",
         f"- peak memory: emulator {report.peak_rss_bytes / 2**20:.0f} MiB (sum over workers "
         f"{[round(b / 2**20) for b in report.worker_peak_rss_bytes]}), coordinator "
         f"{result['peak_rss'] / 2**20:.0f} MiB",

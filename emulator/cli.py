@@ -41,6 +41,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--workers", type=int, default=1, help="worker processes, each an asyncio loop of phones"
     )
     parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help=(
+            "lower the workers' CPU priority by this much (0-19; default 0). Use e.g. 10 when "
+            "the coordinator runs on the same machine, so the emulated load does not starve it"
+        ),
+    )
+    parser.add_argument(
         "--speedup",
         type=float,
         default=60.0,
@@ -148,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
             datasets.test().save(args.save_test_split)
         if args.speedup <= 0 or args.workers < 1:
             raise ValueError("--speedup must be positive and --workers >= 1")
+        if not 0 <= args.nice <= 19:
+            raise ValueError(f"--nice must be within 0..19, got {args.nice}")
     except (FleetConfigError, FederatedFileError, ValueError, OSError) as exc:
         print(f"emulate: {exc}", file=sys.stderr)
         return 2
@@ -162,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         speedup=args.speedup,
         anchor_s=time.time(),
     )
-    fleet = FleetProcesses(spec, args.workers)
+    fleet = FleetProcesses(spec, args.workers, args.nice)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

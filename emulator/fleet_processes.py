@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.synchronize
+import os
 import queue as queue_module
 from typing import Any
 
@@ -42,7 +43,10 @@ def _worker_main(
     stop: multiprocessing.synchronize.Event,
     reports: Any,
     log_level: int,
+    nice: int,
 ) -> None:
+    if nice:
+        os.nice(nice)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def main() -> WorkerReport:
@@ -62,9 +66,15 @@ def _worker_main(
 
 
 class FleetProcesses:
-    def __init__(self, spec: FleetSpec, workers: int) -> None:
+    """`nice` lowers the workers' scheduling priority (os.nice increment, 0-19): when the
+    coordinator under test shares the machine, the emulated load then does not starve it of
+    CPU, as it would not on real phones."""
+
+    def __init__(self, spec: FleetSpec, workers: int, nice: int = 0) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if not 0 <= nice <= 19:
+            raise ValueError(f"nice must be within 0..19, got {nice}")
         self._spec = spec
         context = multiprocessing.get_context("spawn")
         self._stop = context.Event()
@@ -79,6 +89,7 @@ class FleetProcesses:
                     self._stop,
                     self._reports,
                     logging.getLogger().level,
+                    nice,
                 ),
                 name=f"fleet-worker-{w}",
                 daemon=True,

@@ -21,7 +21,7 @@ from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
 from server.errors import AlreadyExists, CoordinatorError
 from server.evaluation import HeldOutEvaluator
-from server.grpc_service import CoordinatorServer, admin_max_message_bytes
+from server.grpc_service import CoordinatorServer, admin_max_message_bytes, freeze_startup_heap
 from server.pace_steering import PaceSteeringSettings
 from server.sqlite_store import SqliteStore
 from server.tensorboard_sink import TensorBoardSink
@@ -125,6 +125,7 @@ async def serve(args: argparse.Namespace) -> None:
             coordinator.register_task(config, pathlib.Path(args.model).read_bytes())
     server = CoordinatorServer(coordinator, args.address, args.max_concurrent_uploads)
     await server.start()
+    freeze_startup_heap()
     print(f"coordinator listening on {server.address}, data in {args.data_dir}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

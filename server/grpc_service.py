@@ -7,8 +7,9 @@ mapping every service (SecAggService too) uses.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TypeVar
 
 import grpc
@@ -264,6 +265,15 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.ListRoundsResponse(rounds=[round_summary(r) for r in rounds])
 
 
+def freeze_startup_heap() -> None:
+    """Takes what start-up allocated (modules, gRPC, tasks and their models) out of the cyclic
+    garbage collector's passes: it lives as long as the process, and full collections walking
+    it paused the event loop for up to 182 ms with 10,000 emulated phones. For a serving
+    process's entry point, once start-up is done; not for processes that run other work."""
+    gc.collect()
+    gc.freeze()
+
+
 class CoordinatorServer:
     """The gRPC server plus the deadline ticker, on the current event loop."""
 
@@ -273,14 +283,16 @@ class CoordinatorServer:
         address: str = "127.0.0.1:0",
         max_concurrent_uploads: int = 2,
         extra_options: list[tuple[str, int]] | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.coordinator = coordinator
         self._server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", admin_max_message_bytes),
                 ("grpc.max_send_message_length", protocol.max_message_bytes),
                 *(extra_options or []),
-            ]
+            ],
         )
         add_device_service(DeviceService(coordinator, max_concurrent_uploads), self._server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(coordinator), self._server)

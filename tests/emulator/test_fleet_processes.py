@@ -67,16 +67,17 @@ def test_worker_processes_train_rounds_and_report_participation(
                 anchor_s=time.time(),
                 bin_virtual_s=5.0,
             )
-            fleet = FleetProcesses(spec, workers=2)
+            fleet = FleetProcesses(spec, workers=2, nice=3)
             fleet.start()
             pids = fleet.pids
             deadline = time.monotonic() + 120
             while len(running.store.rounds("t1")) < 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.5)
+            priorities = [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids]
             report = await asyncio.to_thread(fleet.stop)
-            return running.store.rounds("t1"), report, pids
+            return running.store.rounds("t1"), report, pids, priorities
 
-    rounds, report, pids = asyncio.run(scenario())
+    rounds, report, pids, priorities = asyncio.run(scenario())
 
     assert [r.state.value for r in rounds] == ["committed", "committed"]
     assert all(r.reported == 4 for r in rounds)
@@ -87,3 +88,20 @@ def test_worker_processes_train_rounds_and_report_participation(
     assert np.nanmax([r["eligible"] for r in rows]) > 0
     assert report.check_in_times.total >= 8
     assert not any(_alive(pid) for pid in pids)
+    assert priorities == [os.getpriority(os.PRIO_PROCESS, 0) + 3] * 2
+
+
+@pytest.mark.parametrize("nice", [-1, 20])
+def test_a_priority_outside_what_an_unprivileged_user_may_set_is_refused(nice: int) -> None:
+    spec = FleetSpec(
+        target="127.0.0.1:1",
+        population=POPULATION,
+        config=QUIET_NIGHT,
+        datasets=SampledDigits(seed=0),
+        virtual_start_s=0.0,
+        speedup=1.0,
+        anchor_s=0.0,
+    )
+
+    with pytest.raises(ValueError, match="nice must be within 0..19"):
+        FleetProcesses(spec, workers=1, nice=nice)

@@ -60,7 +60,8 @@ class DeviceServiceServicer(object):
         """Uploads an update: the first message is an UploadHeader, the rest carry the payload.
         UNAUTHENTICATED      the upload token is unknown (never issued, or of a round that is gone)
         ALREADY_EXISTS       an update was already accepted for this token (tokens are single-use)
-        FAILED_PRECONDITION  the round no longer takes reports (closed, committed or failed)
+        FAILED_PRECONDITION  the round no longer takes reports (its reporting deadline passed,
+        or it closed, committed or failed)
         INVALID_ARGUMENT     wrong payload size, non-positive example count, an encoding that is
         not the round's, a corrupt encoded update (bad header, flags or
         bit stream), or a stream that does not start with a header

@@ -1,19 +1,27 @@
-"""Conv2D as an explicit forward/backward in builtin ops, built around one patch matrix.
+"""Conv2D as an explicit forward/backward in builtin ops, built around patch matrices.
 
 The forward pass lays the (padded) input out as a patch matrix (im2col) and multiplies it by
-the kernel reshaped to [kh*kw*C, F]; the filter-gradient is the same patch matrix, transposed,
-times the output-gradient. Both are BATCH_MATMULs, which LiteRT hands to XNNPACK even though
+the kernel reshaped to [kh*kw*C, F], a BATCH_MATMUL, which LiteRT hands to XNNPACK even though
 the kernel is a variable. CONV_2D is not handed over with a variable filter (XNNPACK wants a
-constant one), and its fallback kernel was about half as fast on the McMahan CNN; the earlier
-filter-gradient, a CONV_2D with the output-gradient as a 14x14 filter, was slower still.
-Keeping the patches from the forward pass means the filter-gradient costs one matmul.
+constant one), and its fallback kernel was about half as fast on the McMahan CNN.
 
 The input-gradient of a stride-1 convolution is the same scheme once more: the output-gradient,
 padded, convolved with the kernel rotated by 180 degrees and its channel axes swapped, as
-patches @ kernel. The TRANSPOSE_CONV it replaces (LiteRT's own kernel, a variable filter again)
-took ~12 ms of the CNN's ~29 ms step; the patches cost ~11 MiB more resident memory. Strided
-convolutions keep TRANSPOSE_CONV (their input-gradient would need zeros between the rows of the
-output-gradient). The first layer's input-gradient is never used; the converter prunes it.
+columns @ kernel. The TRANSPOSE_CONV it replaces (LiteRT's own kernel, a variable filter again)
+took ~12 ms of the CNN's ~29 ms step. The filter-gradient reads the same columns: it is the
+layer's input, transposed, times the columns. So the forward pass keeps only its input, not its
+patches, and no patch matrix outlives the matmuls that read it.
+
+Patch matrices are the largest tensors of a training step (the CNN's second layer: 12 MiB of
+patches and 24 MiB of columns at batch 20), so both passes build them a chunk of the batch at a
+time (`constants.patch_chunk_bytes`): each chunk's matrix dies after its matmuls and the arena
+gives every chunk the same slot. The device runtime turns LiteRT's delegate clustering off so
+that the chunks run in this order (see `device_runtime.model_runner`).
+
+Strided convolutions, and the first layer (whose input-gradient is never used), keep the
+forward's patches for a filter-gradient of patches^T @ output-gradient; strided ones keep
+TRANSPOSE_CONV for the input-gradient (it would need zeros between the rows of the
+output-gradient).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tensorflow as tf
 
+from tflite_export.constants import patch_chunk_bytes
 from tflite_export.errors import ExportError
 from tflite_export.spatial_layers import check_channels_last, pair, same_padding
 
@@ -63,8 +72,23 @@ def patch_matrix(
     return tf.reshape(patches, [batch * out[0] * out[1], kernel[0] * kernel[1] * channels])
 
 
+def batch_chunks(batch_size: int, bytes_per_example: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges cutting the batch so each chunk's patch matrix stays under
+    `patch_chunk_bytes` (one chunk when the whole batch fits; one example when none does)."""
+    per_chunk = max(1, min(batch_size, patch_chunk_bytes // max(bytes_per_example, 1)))
+    count = -(-batch_size // per_chunk)
+    # Even chunks: the planner reuses one arena slot for every chunk of the same size.
+    per_chunk = -(-batch_size // count)
+    return [
+        (start, min(start + per_chunk, batch_size)) for start in range(0, batch_size, per_chunk)
+    ]
+
+
 def conv2d_plan(
-    layer: tf.keras.layers.Conv2D, batch_size: int, in_shape: Sequence[int]
+    layer: tf.keras.layers.Conv2D,
+    batch_size: int,
+    in_shape: Sequence[int],
+    needs_input_gradient: bool = True,
 ) -> list[LayerPlan]:
     from tflite_export.layers import LayerPlan
 
@@ -93,42 +117,75 @@ def conv2d_plan(
         params.append(tf.Variable(rest[0].astype(np.float32), name=f"{layer.name}/bias"))
     x_shape = [batch_size, height, width, channels]
     kernel_rows = kh * kw * channels
+    # Stride 1 with an input-gradient: the filter-gradient reads the input-gradient's columns
+    # and needs no patches after the forward pass. Otherwise the forward keeps its patches.
+    from_columns = needs_input_gradient and (sh, sw) == (1, 1)
+    forward_chunks = (
+        batch_chunks(batch_size, 4 * oh * ow * kernel_rows) if from_columns else [(0, batch_size)]
+    )
+    column_chunks = batch_chunks(batch_size, 4 * height * width * kh * kw * filters)
 
     def forward(x: tf.Tensor, p: Sequence[tf.Variable], training: bool):
         padded = x
         if top or bottom or left or right:
             padded = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
-        patches = patch_matrix(padded, (kh, kw), (sh, sw), (oh, ow))
+        kernel = tf.reshape(p[0], [kernel_rows, filters])
+        rows, patches = [], None
+        # Chunk by chunk: each chunk's patches die after its matmul.
+        for a, b in forward_chunks:
+            part = padded if (a, b) == (0, batch_size) else padded[a:b]
+            patches = patch_matrix(part, (kh, kw), (sh, sw), (oh, ow))
+            rows.append(tf.matmul(patches, kernel))
         z = tf.reshape(
-            tf.matmul(patches, tf.reshape(p[0], [kernel_rows, filters])),
-            [batch_size, oh, ow, filters],
+            rows[0] if len(rows) == 1 else tf.concat(rows, 0), [batch_size, oh, ow, filters]
         )
-        return (z + p[1] if len(p) > 1 else z), (patches,)
+        z = z + p[1] if len(p) > 1 else z
+        return z, ((x,) if from_columns else (patches,))
 
-    def input_gradient(dz: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
-        if (sh, sw) != (1, 1):
-            return tf.nn.conv2d_transpose(
-                dz, kernel, x_shape, strides=[1, sh, sw, 1], padding=padding
-            )
-        # dx[b, y, x, c] = sum_{i, j, o} dz_p[b, y + i, x + j, o] * K[kh-1-i, kw-1-j, c, o],
-        # dz_p padded so that it is (height + kh - 1) x (width + kw - 1).
+    def patches_backward(cache: Cache, dz: tf.Tensor, kernel: tf.Tensor):
+        (patches,) = cache
+        # dK[i, j, c, o] = sum_{b, u, v} padded[b, u*sh + i, v*sw + j, c] * dz[b, u, v, o].
+        dz_rows = tf.reshape(dz, [batch_size * oh * ow, filters])
+        dk = tf.reshape(tf.matmul(patches, dz_rows, transpose_a=True), [kh, kw, channels, filters])
+        dx = (
+            tf.nn.conv2d_transpose(dz, kernel, x_shape, strides=[1, sh, sw, 1], padding=padding)
+            if needs_input_gradient
+            else tf.zeros(x_shape)  # never read: the training module drops it
+        )
+        return dx, dk
+
+    def columns_backward(cache: Cache, dz: tf.Tensor, kernel: tf.Tensor):
+        (x,) = cache
+        # Columns of the output-gradient, padded so that it is (height + kh - 1) x
+        # (width + kw - 1): row (b, y, x), column (i, j, o) holds dz[b, y + i - kh + 1 + top,
+        # x + j - kw + 1 + left, o] (zero outside). Both gradients read them:
+        #   dx[b, y, x, c] = sum_{i, j, o} columns[(b, y, x), (i, j, o)] * K[kh-1-i, kw-1-j, c, o]
+        #   dK[kh-1-i, kw-1-j, c, o] = sum_{b, y, x} x[b, y, x, c] * columns[(b, y, x), (i, j, o)]
         before_h, before_w = kh - 1 - top, kw - 1 - left
         after_h, after_w = height + kh - 1 - oh - before_h, width + kw - 1 - ow - before_w
         padded = tf.pad(dz, [[0, 0], [before_h, after_h], [before_w, after_w], [0, 0]])
         rotated = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])  # [kh, kw, F, C]
-        columns = patch_matrix(padded, (kh, kw), (1, 1), (height, width))
-        dx = tf.matmul(columns, tf.reshape(rotated, [kh * kw * filters, channels]))
-        return tf.reshape(dx, x_shape)
+        rotated = tf.reshape(rotated, [kh * kw * filters, channels])
+        x_rows = tf.reshape(x, [batch_size * height * width, channels])
+        dx_parts, dk_flipped = [], None
+        # Chunk by chunk: the planner gives every chunk's columns the same arena slot.
+        for a, b in column_chunks:
+            part = padded if (a, b) == (0, batch_size) else padded[a:b]
+            columns = patch_matrix(part, (kh, kw), (1, 1), (height, width))
+            dx_parts.append(tf.matmul(columns, rotated))
+            x_part = x_rows[a * height * width : b * height * width]
+            term = tf.matmul(x_part, columns, transpose_a=True)  # [C, kh*kw*F]
+            dk_flipped = term if dk_flipped is None else dk_flipped + term
+        dx = dx_parts[0] if len(dx_parts) == 1 else tf.concat(dx_parts, 0)
+        dk = tf.reverse(tf.reshape(dk_flipped, [channels, kh, kw, filters]), [1, 2])
+        return tf.reshape(dx, x_shape), tf.transpose(dk, [1, 2, 0, 3])
 
     def backward(cache: Cache, dz: tf.Tensor, p: Sequence[tf.Variable]):
-        (patches,) = cache
-        dx = input_gradient(dz, p[0])
-        # dK[i, j, c, o] = sum_{b, u, v} padded[b, u*sh + i, v*sw + j, c] * dz[b, u, v, o].
-        dz_rows = tf.reshape(dz, [batch_size * oh * ow, filters])
-        dk = tf.matmul(patches, dz_rows, transpose_a=True)
-        grads = [tf.reshape(dk, [kh, kw, channels, filters])]
+        gradients = columns_backward if from_columns else patches_backward
+        dx, dk = gradients(cache, dz, p[0])
+        grads = [dk]
         if len(p) > 1:
-            grads.append(tf.reduce_sum(dz_rows, axis=0))
+            grads.append(tf.reduce_sum(tf.reshape(dz, [-1, filters]), axis=0))
         return dx, grads
 
     return [LayerPlan(layer.name, params, forward, backward)]

@@ -94,10 +94,8 @@ def export_model(
 
     weights: list[WeightSpec] = []
     offset = 0
-    for variable in module.weight_variables:
-        spec = WeightSpec(
-            name=variable.name.split(":")[0], shape=tuple(variable.shape), offset=offset
-        )
+    for name, shape in module.weight_tensors:
+        spec = WeightSpec(name=name, shape=shape, offset=offset)
         weights.append(spec)
         offset += spec.size
     manifest = ModelManifest(

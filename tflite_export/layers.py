@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tflite_export import convolution, spatial_layers
+from tflite_export.constants import variable_block_bytes
 from tflite_export.errors import ExportError
 
 Cache = tuple[tf.Tensor, ...]
@@ -50,12 +51,22 @@ class LayerPlan:
     `forward(x, params, training)` returns the output and a cache of what the backward pass
     needs; `backward(cache, dy, params)` returns the gradient with respect to the input and the
     gradients of `params` (same order).
+
+    `tensors` names the layer's weights as Keras has them, (name, shape) in flat-vector order,
+    when they are not one variable each: a large kernel is stored as blocks of rows, which lie
+    one after another in the flat vector exactly as the whole kernel's rows do.
     """
 
     name: str
     params: list[tf.Variable]
     forward: Forward
     backward: Backward
+    tensors: list[tuple[str, tuple[int, ...]]] | None = None
+
+    def weight_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        if self.tensors is not None:
+            return self.tensors
+        return [(v.name.split(":")[0], tuple(int(d) for d in v.shape)) for v in self.params]
 
 
 def stateless_plan(
@@ -114,6 +125,13 @@ def _reshape_plan(name: str, batch_size: int, in_shape: Sequence[int], out_shape
     )
 
 
+def row_blocks(rows: int, bytes_per_row: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of rows, as even as may be, none over `variable_block_bytes`."""
+    count = -(-rows * bytes_per_row // variable_block_bytes)
+    per_block = -(-rows // max(count, 1))
+    return [(start, min(start + per_block, rows)) for start in range(0, rows, per_block)]
+
+
 def _dense_plan(layer: tf.keras.layers.Dense, in_shape: Sequence[int]) -> list[LayerPlan]:
     if len(in_shape) != 1:
         raise ExportError(
@@ -121,23 +139,42 @@ def _dense_plan(layer: tf.keras.layers.Dense, in_shape: Sequence[int]) -> list[L
             "supported; add a Flatten before it"
         )
     kernel_value, *rest = layer.get_weights()
-    kernel = tf.Variable(kernel_value.astype(np.float32), name=f"{layer.name}/kernel")
-    params = [kernel]
+    inputs, units = (int(d) for d in kernel_value.shape)
+    blocks = row_blocks(inputs, 4 * units)
+    whole = len(blocks) == 1
+    params = [
+        tf.Variable(
+            kernel_value[a:b].astype(np.float32),
+            name=f"{layer.name}/kernel" if whole else f"{layer.name}/kernel/rows_{a}_{b}",
+        )
+        for a, b in blocks
+    ]
+    tensors: list[tuple[str, tuple[int, ...]]] = [(f"{layer.name}/kernel", (inputs, units))]
     if layer.use_bias:
         params.append(tf.Variable(rest[0].astype(np.float32), name=f"{layer.name}/bias"))
+        tensors.append((f"{layer.name}/bias", (units,)))
+    kernels = len(blocks)
 
+    def rows_of(x: tf.Tensor, a: int, b: int) -> tf.Tensor:
+        return x if whole else x[:, a:b]
+
+    # x @ W as a sum over blocks of rows: x[:, a:b] @ W[a:b].
     def forward(x: tf.Tensor, p: Sequence[tf.Variable], training: bool):
-        z = tf.matmul(x, p[0])
-        return (z + p[1] if len(p) > 1 else z), (x,)
+        z = None
+        for (a, b), block in zip(blocks, p[:kernels], strict=True):
+            part = tf.matmul(rows_of(x, a, b), block)
+            z = part if z is None else z + part
+        return (z + p[kernels] if len(p) > kernels else z), (x,)
 
     def backward(cache: Cache, dz: tf.Tensor, p: Sequence[tf.Variable]):
         (x,) = cache
-        grads = [tf.matmul(x, dz, transpose_a=True)]
-        if len(p) > 1:
+        grads = [tf.matmul(rows_of(x, a, b), dz, transpose_a=True) for a, b in blocks]
+        if len(p) > kernels:
             grads.append(tf.reduce_sum(dz, axis=0))
-        return tf.matmul(dz, p[0], transpose_b=True), grads
+        dx = [tf.matmul(dz, block, transpose_b=True) for block in p[:kernels]]
+        return (dx[0] if whole else tf.concat(dx, axis=1)), grads
 
-    return [LayerPlan(layer.name, params, forward, backward)]
+    return [LayerPlan(layer.name, params, forward, backward, None if whole else tensors)]
 
 
 def _dropout_plan(
@@ -183,7 +220,11 @@ def _check_plain_relu(layer: tf.keras.layers.ReLU) -> None:
 
 
 def _layer_plans(
-    layer: tf.keras.layers.Layer, index: int, batch_size: int, seed: int
+    layer: tf.keras.layers.Layer,
+    index: int,
+    batch_size: int,
+    seed: int,
+    needs_input_gradient: bool = True,
 ) -> list[LayerPlan]:
     in_shape = tuple(int(d) for d in layer.input_shape[1:])
     out_shape = tuple(int(d) for d in layer.output_shape[1:])
@@ -201,9 +242,9 @@ def _layer_plans(
             layer.name, activation_name(layer.activation)
         )
     if isinstance(layer, layers.Conv2D) and type(layer) is layers.Conv2D:
-        return convolution.conv2d_plan(layer, batch_size, in_shape) + activation_plan(
-            layer.name, activation_name(layer.activation)
-        )
+        return convolution.conv2d_plan(
+            layer, batch_size, in_shape, needs_input_gradient
+        ) + activation_plan(layer.name, activation_name(layer.activation))
     if isinstance(layer, (layers.MaxPooling2D, layers.AveragePooling2D)):
         return [spatial_layers.pooling_plan(layer, batch_size, in_shape, out_shape)]
     if isinstance(layer, (layers.GlobalAveragePooling1D, layers.GlobalAveragePooling2D)):
@@ -244,7 +285,9 @@ def plan_layers(model: tf.keras.Model, batch_size: int, seed: int = 0) -> list[L
     plans: list[LayerPlan] = []
     trainable_layers = [la for la in model.layers if not isinstance(la, tf.keras.layers.InputLayer)]
     for index, layer in enumerate(trainable_layers):
-        plans.extend(_layer_plans(layer, index, batch_size, seed))
+        # Below the first trainable layer no gradient flows further back.
+        needs_input_gradient = any(plan.params for plan in plans)
+        plans.extend(_layer_plans(layer, index, batch_size, seed, needs_input_gradient))
     if not any(plan.params for plan in plans):
         raise ExportError("model has no trainable layer")
     return plans

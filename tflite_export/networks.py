@@ -23,6 +23,12 @@ class Network(Protocol):
     @property
     def variables(self) -> list[tf.Variable]: ...
 
+    @property
+    def weight_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The model's weights as Keras has them, (name, shape) in flat-vector order: what the
+        manifest records. The variables may cut a tensor into blocks; they never reorder."""
+        ...
+
     def scores(self, x: tf.Tensor) -> tf.Tensor:
         """What the loss reads, in inference mode: logits when the loss fuses the activation."""
         ...
@@ -57,6 +63,10 @@ class PlannedNetwork:
     @property
     def variables(self) -> list[tf.Variable]:
         return [v for plan in self._plans for v in plan.params]
+
+    @property
+    def weight_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [tensor for plan in self._plans for tensor in plan.weight_tensors()]
 
     def _split(self, values: Sequence[tf.Tensor]) -> list[Sequence[tf.Tensor]]:
         """`values` (one per variable) cut into each plan's parameters."""
@@ -114,6 +124,10 @@ class KerasNetwork(tf.Module):
     @property
     def variables(self) -> list[tf.Variable]:
         return list(self._model.trainable_variables)
+
+    @property
+    def weight_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [(v.name.split(":")[0], tuple(int(d) for d in v.shape)) for v in self.variables]
 
     def _scores(self, x: tf.Tensor, training: bool) -> tf.Tensor:
         output = self._model(x, training=training)

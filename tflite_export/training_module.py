@@ -76,8 +76,8 @@ class TrainingModule(tf.Module):
             )
 
     @property
-    def weight_variables(self) -> list[tf.Variable]:
-        return self._variables
+    def weight_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        return self._network.weight_tensors
 
     def _train(self, x: tf.Tensor, y: tf.Tensor, mask: tf.Tensor) -> dict[str, tf.Tensor]:
         values = [v.read_value() for v in self._variables]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from device_runtime.model_file import read_manifest
 from tests.tflite_export.parity import (
     assert_trajectories_match,
     keras_loss,
@@ -22,6 +23,7 @@ from tests.tflite_export.parity import (
     random_steps,
     tensorflow_trajectory,
 )
+from tflite_export import convolution, layers
 from tflite_export.exporter import export_model
 from tflite_export.model_zoo import create_digits_mlp, create_mcmahan_cnn
 
@@ -234,6 +236,31 @@ def test_every_optimizer_and_fedprox_step_as_tensorflow_does(
         mu=mu,
         learning_rate=0.01,
     )
+
+
+def test_chunked_convolution_and_blocked_dense_train_as_tensorflow_does(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Budgets small enough that a batch of 5 runs the second convolution's forward and
+    # backward in chunks of 2, 2 and 1 examples, and the Dense kernel (64 rows of 5) is stored
+    # as blocks of 22, 22 and 20 rows.
+    monkeypatch.setattr(convolution, "patch_chunk_bytes", 2 * 4 * 4 * 9 * 4 * 4)
+    monkeypatch.setattr(layers, "variable_block_bytes", 30 * 5 * 4)
+    make_model = _sequential(
+        L.Conv2D(3, 3, input_shape=(6, 6, 2)),
+        L.Conv2D(4, 3, padding="same", activation="relu"),
+        L.Flatten(),
+        L.Dense(5, name="head"),
+    )
+    steps = random_steps(np.random.default_rng(6), 3, 5, (6, 6, 2), "sparse", 5)
+
+    _export_and_compare(tmp_path, make_model, steps)
+
+    manifest = read_manifest((tmp_path / "model.tflite").read_bytes())
+    assert [(w.name, w.shape) for w in manifest.weights][-2:] == [
+        ("head/kernel", (64, 5)),
+        ("head/bias", (5,)),
+    ]
 
 
 def test_tutorial_mlp_matches_over_twenty_steps(tmp_path: pathlib.Path) -> None:

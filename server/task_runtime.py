@@ -15,6 +15,11 @@ from server.rounds.round import RoundInProgress
 from server.store import RoundState, TaskRecord
 
 
+# Before any round of a task has been measured, pace steering expects reporting to take this
+# fraction of the reporting deadline (see TaskRuntime._expected_reporting_s).
+unmeasured_reporting_fraction = 0.25
+
+
 @dataclasses.dataclass
 class TaskRuntime:
     record: TaskRecord
@@ -75,14 +80,22 @@ class TaskRuntime:
             return float("inf")
         if self.selecting is not None or self.can_open_round():
             return 0.0
-        typical = (
-            statistics.median(self.reporting_durations_s)
-            if self.reporting_durations_s
-            else self.config.reporting_deadline_s
-        )
         ends = [
-            min(r.reporting_deadline, r.reporting_started_at + typical)
+            r.reporting_started_at + self._expected_reporting_s(now - r.reporting_started_at)
             for r in self.open_rounds.values()
             if r.state is RoundState.REPORTING
         ]
         return max(0.0, min(ends) - now) if ends else 0.0
+
+    def _expected_reporting_s(self, elapsed_s: float) -> float:
+        """How long a round that has been reporting for `elapsed_s` will report in all.
+
+        From the task's recent rounds once one has closed. Before that, a guess that errs
+        early: a quarter of the deadline, then twice the time elapsed. A device told to come
+        back too early only checks in again; one told too late (e.g. at the deadline, when a
+        small population's round is done in seconds) holds back the next round.
+        """
+        deadline = self.config.reporting_deadline_s
+        if self.reporting_durations_s:
+            return min(deadline, statistics.median(self.reporting_durations_s))
+        return min(deadline, max(unmeasured_reporting_fraction * deadline, 2.0 * elapsed_s))

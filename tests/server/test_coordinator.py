@@ -555,3 +555,35 @@ def test_an_update_received_in_uneven_chunks_is_joined_exactly(cuts: list[int]) 
     parts = [memoryview(payload)[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
     assert bytes(joined(parts)) == payload
+
+
+def test_pace_steering_guesses_early_until_a_round_has_been_measured(
+    store_path, clock, model_bytes
+) -> None:
+    coordinator = _coordinator(
+        store_path,
+        clock,
+        model_bytes,
+        target_reports=2,
+        over_selection=1.0,
+        reporting_deadline_s=600.0,
+    )
+    tokens = [_check_in(coordinator, f"d{i}").assignment.upload_token for i in range(2)]
+    delta = np.ones(coordinator.task("t1").record.num_parameters, np.float32)
+
+    # Nothing measured: a quarter of the deadline (150 s), not the deadline (600 s) ...
+    first = _check_in(coordinator, "late-0").retry_window.min_delay_s
+    clock.advance(200.0)
+    # ... and once that has passed, twice the time elapsed (ends at 400 s: 200 s from now).
+    second = _check_in(coordinator, "late-1").retry_window.min_delay_s
+    clock.advance(40.0)
+    for token in tokens:
+        _upload(coordinator, token, delta)  # round 1 reported for 240 s
+    round_two = [_check_in(coordinator, f"e{i}").assignment.upload_token for i in range(2)]
+    measured = _check_in(coordinator, "late-2").retry_window.min_delay_s
+
+    # Jitter: at most 10 % of the spread, 7 devices * 5 s fill time / 2 wanted = 17.5 s.
+    jitter = 1.75
+    assert 150.0 <= first < 150.0 + jitter
+    assert 200.0 <= second < 200.0 + jitter
+    assert len(round_two) == 2 and 240.0 <= measured < 240.0 + jitter

@@ -14,7 +14,6 @@ from server.optimizers import ServerOptimizer, State
 from server.rounds.round import RoundInProgress
 from server.store import RoundState, TaskRecord
 
-
 # Before any round of a task has been measured, pace steering expects reporting to take this
 # fraction of the reporting deadline (see TaskRuntime._expected_reporting_s).
 unmeasured_reporting_fraction = 0.25

@@ -243,9 +243,16 @@ def run(uploads: int, concurrency: int, repeats: int) -> list[str]:
         timing("bare gRPC server (generated stub, chunks parsed by protobuf)", bare_best, bare_s),
         timing("bare gRPC server (raw bytes, nothing parsed)", raw_best, raw_s),
         timing("coordinator (validate + accumulate + commit)", ours_best, ours_s),
-        f"throughput ratio coordinator / bare: {bare_best / ours_best:.2f} against the "
-        f"generated-stub server, {raw_best / ours_best:.2f} against the raw-bytes server "
-        "(goal >= 0.8)",
+        f"throughput ratio coordinator / bare, best of each: {bare_best / ours_best:.2f} "
+        f"against the generated-stub server, {raw_best / ours_best:.2f} against the raw-bytes "
+        "server (goal >= 0.8)",
+        # Each repeat runs the three servers back to back: its ratios share the machine's
+        # load at that moment, which best-of-each across repeats does not.
+        f"throughput ratio per repeat (median over repeats): "
+        f"{statistics.median(b / o for b, o in zip(bare_s, ours_s, strict=True)):.2f} against "
+        f"the generated-stub server, "
+        f"{statistics.median(r / o for r, o in zip(raw_s, ours_s, strict=True)):.2f} against the "
+        "raw-bytes server",
         f"coordinator peak RSS above idle during the uploads: "
         f"{statistics.median(peaks):.1f} model sizes (median over repeats; goal < 20)",
     ]

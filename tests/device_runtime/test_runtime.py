@@ -59,7 +59,7 @@ def test_rejected_device_waits_for_the_next_round_as_told(
 
             def record(attempt: Attempt) -> None:
                 attempts.append(attempt)
-                if len(attempts) == 2:
+                if attempt.outcome is not Outcome.REJECTED or len(attempts) == 6:
                     stop.set()
 
             await _runtime(client, clock, ScriptedConditions(), record).run(stop=stop)
@@ -68,13 +68,19 @@ def test_rejected_device_waits_for_the_next_round_as_told(
 
     asyncio.run(scenario())
 
-    # The only seat is taken and the round may report for 1000 s: pace steering tells the
-    # device to come back when the next round can select (spread = 2 devices * 0.5 * 10 s
-    # selection deadline / 1 wanted = 10 s, plus up to 10% jitter).
-    assert [a.outcome for a in attempts] == [Outcome.REJECTED, Outcome.REPORTED]
-    assert 1000.0 <= attempts[0].next_delay_s <= 1011.0
-    assert clock.sleeps[0] == attempts[0].next_delay_s
-    assert attempts[1].round_number == 2
+    # The only seat is taken by a device that never reports, and the round may report for
+    # 1000 s. With no round measured yet, pace steering expects the round to end a quarter of
+    # the deadline after it started (250 s), then at twice the time elapsed, at most at the
+    # deadline: the device comes back each time, and round 2 selects it. It returns within
+    # its window: the expected end plus up to 10 % jitter plus the spread (2 devices * 0.5 *
+    # 10 s selection deadline / 1 wanted = 10 s), so within 11 s of the expected end.
+    assert [a.outcome for a in attempts] == [Outcome.REJECTED] * 3 + [Outcome.REPORTED]
+    t1, t2, t3 = np.cumsum([a.next_delay_s for a in attempts[:3]])
+    assert 250.0 <= t1 <= 261.0
+    assert 2 * t1 <= t2 <= 2 * t1 + 11.0
+    assert 1000.0 <= t3 <= 1011.0
+    assert clock.sleeps[:3] == [a.next_delay_s for a in attempts[:3]]
+    assert attempts[3].round_number == 2
 
 
 def test_interruption_reaches_the_coordinator_as_a_dropout(

@@ -166,7 +166,7 @@ def _start(args: list[str]) -> subprocess.Popen[str]:
     return process
 
 
-def run(uploads: int, concurrency: int, repeats: int) -> list[str]:
+def run(uploads: int, concurrency: int, repeats: int, slots: int | None = None) -> list[str]:
     payload = np.random.default_rng(0).normal(size=NUM_PARAMETERS).astype("<f4")
     with tempfile.TemporaryDirectory() as tmp:
         model = pathlib.Path(tmp) / "big.tflite"
@@ -200,6 +200,7 @@ def run(uploads: int, concurrency: int, repeats: int) -> list[str]:
                 str(task),
                 "--model",
                 str(model),
+                *(["--max-concurrent-uploads", str(slots)] if slots else []),
             ]
         )
         bare_s: list[float] = []
@@ -265,9 +266,14 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--max-concurrent-uploads",
+        type=int,
+        help="the coordinator's upload slots (default: overnight serve's default)",
+    )
     parser.add_argument("--no-record", action="store_true", help="print only")
     args = parser.parse_args()
-    lines = run(args.uploads, args.concurrency, args.repeats)
+    lines = run(args.uploads, args.concurrency, args.repeats, args.max_concurrent_uploads)
     print("\n".join(lines))
     if not args.no_record:
         append_results("Upload ingest: coordinator vs bare gRPC server (issue 4)", lines)

@@ -175,7 +175,8 @@ async def run_overnight(data: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, 
             target_reports=CLIENTS,
             over_selection=1.0,
             # Pace steering spreads check-ins over half the selection deadline, and until it
-            # has measured a round it expects reporting to take the whole reporting deadline.
+            # has measured a round it expects reporting to take a quarter of the reporting
+            # deadline.
             # The tutorial's clients are always there and train in well under a second.
             selection_deadline_s=0.2,
             reporting_deadline_s=2.0,

@@ -77,6 +77,36 @@ def parse_upload_chunk(raw: bytes) -> UploadPart:
     return device_pb2.UploadChunk.FromString(raw)
 
 
+class PayloadChunks:
+    """One upload's payload as received. Chunks of at least `min_kept_bytes` are kept as they
+    arrived (views into gRPC's message bytes, no copy); runs of smaller ones are copied
+    together, so a sender of tiny chunks cannot make the list outgrow the payload."""
+
+    min_kept_bytes = 64 << 10
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._parts: list[Buffer] = []
+        self._small = bytearray()
+
+    def add(self, data: Buffer) -> None:
+        if len(data) >= self.min_kept_bytes:
+            self._close_small_run()
+            self._parts.append(data)
+        else:
+            self._small += data
+        self.size += len(data)
+
+    def finish(self) -> list[Buffer]:
+        self._close_small_run()
+        return self._parts
+
+    def _close_small_run(self) -> None:
+        if self._small:
+            self._parts.append(memoryview(self._small))
+            self._small = bytearray()
+
+
 def add_device_service(service: DeviceService, server: grpc.aio.Server) -> None:
     """Registers the device service, with UploadUpdate reading chunks by `parse_upload_chunk`
     (the generated registration parses every chunk into a message, copying each payload)."""
@@ -147,10 +177,10 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         self, request_iterator: AsyncIterator[UploadPart]
     ) -> tuple[device_pb2.UploadHeader, list[Buffer], int]:
         """Reads and checks the header, then collects the payload it announces, as received
-        (data chunks stay views into gRPC's message bytes: nothing is copied here)."""
+        (large data chunks stay views into gRPC's message bytes: see PayloadChunks)."""
         header: device_pb2.UploadHeader | None = None
-        parts: list[Buffer] = []
-        expected = received = wire_bytes = 0
+        payload = PayloadChunks()
+        expected = wire_bytes = 0
         async for part in request_iterator:
             if isinstance(part, device_pb2.UploadChunk):
                 kind = part.WhichOneof("part")
@@ -175,16 +205,15 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                     f"upload chunk of {len(data)} bytes exceeds the "
                     f"{protocol.max_upload_chunk_bytes}-byte limit; send smaller chunks"
                 )
-            if received + len(data) > expected:
+            if payload.size + len(data) > expected:
                 raise ResourceExhausted(
                     f"payload exceeds the {expected} bytes the header announced"
                 )
             wire_bytes += data_chunk_wire_bytes(len(data))
-            parts.append(data)
-            received += len(data)
+            payload.add(data)
         if header is None:
             raise InvalidArgument("empty upload stream")
-        return header, parts, wire_bytes
+        return header, payload.finish(), wire_bytes
 
     @abort_on_error
     async def ReportFailure(

@@ -12,7 +12,7 @@ import pytest
 
 from device_runtime import constants
 from protos import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2, device_pb2_grpc
-from server.grpc_service import parse_upload_chunk
+from server.grpc_service import PayloadChunks, parse_upload_chunk
 from tests.harness import POPULATION, RunningCoordinator, running_coordinator, task_config
 
 V = constants.PROTOCOL_VERSION
@@ -323,3 +323,18 @@ def test_a_truncated_data_chunk_is_refused_like_protobuf_refuses_it() -> None:
     with pytest.raises(Exception) as protobufs:
         device_pb2.UploadChunk.FromString(raw)
     assert type(ours.value) is type(protobufs.value)
+
+
+def test_tiny_chunks_are_gathered_so_the_payload_list_stays_small() -> None:
+    payload = bytes(range(256)) * 1024  # 256 KiB
+    sizes = [1] * 1000 + [PayloadChunks.min_kept_bytes] + [3] * 1000
+    chunks, start = PayloadChunks(), 0
+    for size in [*sizes, len(payload) - sum(sizes)]:
+        chunks.add(memoryview(payload)[start : start + size])
+        start += size
+
+    parts = chunks.finish()
+
+    assert len(parts) == 4 and chunks.size == len(payload)
+    assert parts[1].obj is payload  # the large chunk is kept as received, not copied
+    assert b"".join(parts) == payload

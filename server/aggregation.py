@@ -125,6 +125,10 @@ class WeightedMeanAccumulator:
         self.total_weight += weight
         self.count += 1
 
+    def count_zero_weight(self) -> None:
+        """Counts an update that adds nothing (weight 0), without a model-sized pass."""
+        self.count += 1
+
     def _flush(self) -> None:
         if self._block_count:
             np.add(self._total, self._block, out=self._total)
@@ -197,7 +201,7 @@ class Float32WeightedMean:
         if np.isfinite(sum(float(np.dot(p, p)) for p in pieces)):
             self._mean.accumulate_pieces(pieces, float(header.example_count))
         else:
-            self._mean.accumulate_pieces([np.zeros(self._num_parameters, np.float32)], 0.0)
+            self._mean.count_zero_weight()
             self._num_nonfinite += 1
 
     def client_spec(self) -> device_pb2.AggregationSpec:

@@ -14,7 +14,7 @@ patches, and no patch matrix outlives the matmuls that read it.
 
 Patch matrices are the largest tensors of a training step (the CNN's second layer: 12 MiB of
 patches and 24 MiB of columns at batch 20), so both passes build them a chunk of the batch at a
-time (`constants.patch_chunk_bytes`): each chunk's matrix dies after its matmuls and the arena
+time (`chunking.patch_chunk_bytes`): each chunk's matrix dies after its matmuls and the arena
 gives every chunk the same slot. The device runtime turns LiteRT's delegate clustering off so
 that the chunks run in this order (see `device_runtime.model_runner`).
 
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tensorflow as tf
 
-from tflite_export.constants import patch_chunk_bytes
+from tflite_export.chunking import even_ranges, patch_chunk_bytes
 from tflite_export.errors import ExportError
 from tflite_export.spatial_layers import check_channels_last, pair, same_padding
 
@@ -72,18 +72,6 @@ def patch_matrix(
     return tf.reshape(patches, [batch * out[0] * out[1], kernel[0] * kernel[1] * channels])
 
 
-def batch_chunks(batch_size: int, bytes_per_example: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges cutting the batch so each chunk's patch matrix stays under
-    `patch_chunk_bytes` (one chunk when the whole batch fits; one example when none does)."""
-    per_chunk = max(1, min(batch_size, patch_chunk_bytes // max(bytes_per_example, 1)))
-    count = -(-batch_size // per_chunk)
-    # Even chunks: the planner reuses one arena slot for every chunk of the same size.
-    per_chunk = -(-batch_size // count)
-    return [
-        (start, min(start + per_chunk, batch_size)) for start in range(0, batch_size, per_chunk)
-    ]
-
-
 def conv2d_plan(
     layer: tf.keras.layers.Conv2D,
     batch_size: int,
@@ -121,9 +109,13 @@ def conv2d_plan(
     # and needs no patches after the forward pass. Otherwise the forward keeps its patches.
     from_columns = needs_input_gradient and (sh, sw) == (1, 1)
     forward_chunks = (
-        batch_chunks(batch_size, 4 * oh * ow * kernel_rows) if from_columns else [(0, batch_size)]
+        even_ranges(batch_size, 4 * oh * ow * kernel_rows, patch_chunk_bytes)
+        if from_columns
+        else [(0, batch_size)]
     )
-    column_chunks = batch_chunks(batch_size, 4 * height * width * kh * kw * filters)
+    column_chunks = even_ranges(
+        batch_size, 4 * height * width * kh * kw * filters, patch_chunk_bytes
+    )
 
     def forward(x: tf.Tensor, p: Sequence[tf.Variable], training: bool):
         padded = x

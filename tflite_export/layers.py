@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tflite_export import convolution, spatial_layers
-from tflite_export.constants import variable_block_bytes
+from tflite_export.chunking import even_ranges, variable_block_bytes
 from tflite_export.errors import ExportError
 
 Cache = tuple[tf.Tensor, ...]
@@ -125,13 +125,6 @@ def _reshape_plan(name: str, batch_size: int, in_shape: Sequence[int], out_shape
     )
 
 
-def row_blocks(rows: int, bytes_per_row: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges of rows, as even as may be, none over `variable_block_bytes`."""
-    count = -(-rows * bytes_per_row // variable_block_bytes)
-    per_block = -(-rows // max(count, 1))
-    return [(start, min(start + per_block, rows)) for start in range(0, rows, per_block)]
-
-
 def _dense_plan(layer: tf.keras.layers.Dense, in_shape: Sequence[int]) -> list[LayerPlan]:
     if len(in_shape) != 1:
         raise ExportError(
@@ -140,7 +133,7 @@ def _dense_plan(layer: tf.keras.layers.Dense, in_shape: Sequence[int]) -> list[L
         )
     kernel_value, *rest = layer.get_weights()
     inputs, units = (int(d) for d in kernel_value.shape)
-    blocks = row_blocks(inputs, 4 * units)
+    blocks = even_ranges(inputs, 4 * units, variable_block_bytes)
     whole = len(blocks) == 1
     params = [
         tf.Variable(

@@ -3,7 +3,7 @@ import pytest
 
 from device_runtime import constants
 from protos import device_pb2
-from server.aggregation import Float32WeightedMean, WeightedMeanAccumulator
+from server.aggregation import Float32WeightedMean, WeightedMeanAccumulator, joined
 from server.errors import InvalidArgument
 
 
@@ -85,3 +85,12 @@ def test_chunks_that_do_not_add_up_are_refused_and_change_nothing() -> None:
         mean.accumulate_chunks(_float32_header(1000, 5), [bytes(2000), bytes(1996)])
 
     assert (mean.count, mean.total_weight) == (0, 0.0)
+
+
+@pytest.mark.parametrize("cuts", [[], [0], [3], [1, 1, 7], [5, 4094]], ids=str)
+def test_an_update_received_in_uneven_chunks_is_joined_exactly(cuts: list[int]) -> None:
+    payload = np.arange(1024, dtype="<f4").tobytes()
+    bounds = [0, *cuts, len(payload)]
+    parts = [memoryview(payload)[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+    assert bytes(joined(parts)) == payload

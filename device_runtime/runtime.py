@@ -122,6 +122,8 @@ class DeviceRuntime:
         except TransportError as exc:
             delay = self._unreachable_backoff_s
             self._unreachable_backoff_s = min(delay * 2, constants.unreachable_backoff_max_s)
+            if exc.retry_after_s is not None:  # the coordinator said when it can serve again
+                delay = max(delay, exc.retry_after_s)
             log.warning("device %s: check-in failed: %s", self._device_id, exc)
             return Attempt(Outcome.UNREACHABLE, delay, detail=str(exc))
         self._unreachable_backoff_s = constants.unreachable_backoff_min_s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 from collections.abc import AsyncIterator
@@ -17,10 +18,24 @@ from protos import common_pb2, device_pb2, device_pb2_grpc
 class TransportError(RuntimeError):
     """A call to the coordinator failed; `code` is the gRPC status code."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, details: str, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        # From an UNAVAILABLE answer's `retry-after-s` trailing metadata: when to come back.
+        self.retry_after_s = retry_after_s
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.aio.AioRpcError) -> TransportError:
+        retry_after_s = None
+        for key, value in exc.trailing_metadata() or ():
+            if key == constants.retry_after_metadata:
+                # A malformed hint is no hint: the device's own backoff applies.
+                with contextlib.suppress(ValueError):
+                    retry_after_s = min(float(value), constants.unreachable_backoff_max_s)
+        return cls(exc.code(), exc.details() or "", retry_after_s)
 
 
 def channel_options() -> list[tuple[str, int]]:
@@ -65,7 +80,7 @@ class CoordinatorClient:
         try:
             return await self._stub.CheckIn(request, timeout=constants.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise TransportError(exc.code(), exc.details() or "") from exc
+            raise TransportError.from_rpc(exc) from exc
 
     async def download(self, ref: common_pb2.ResourceRef) -> bytes:
         """Downloads a resource in chunks and checks it against its hash."""

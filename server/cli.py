@@ -19,6 +19,7 @@ from device_runtime.examples import LocalExamples
 from protos import admin_pb2, admin_pb2_grpc
 from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
+from server.data_dir import DataDirectory, DataDirError, default_full_check_below_bytes
 from server.errors import AlreadyExists, CoordinatorError
 from server.evaluation import HeldOutEvaluator
 from server.grpc_service import CoordinatorServer, admin_max_message_bytes, freeze_startup_heap
@@ -48,6 +49,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--data-dir",
         default="overnight-data",
         help="directory for the SQLite store (default ./overnight-data)",
+    )
+    serve.add_argument(
+        "--repair",
+        action="store_true",
+        help=(
+            "if the store fails its start-up check, rebuild it from what is readable, keeping "
+            "each task's last good committed round (the damaged file is kept beside it)"
+        ),
+    )
+    serve.add_argument(
+        "--full-check-below-mb",
+        type=float,
+        default=default_full_check_below_bytes / (1 << 20),
+        help=(
+            "at start, stores smaller than this get SQLite's full integrity_check, larger ones "
+            "the faster quick_check (default %(default)g)"
+        ),
     )
     serve.add_argument(
         "--task", help="task config (TOML) to register at start, if not yet registered"
@@ -108,7 +126,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 async def serve(args: argparse.Namespace) -> None:
-    store = SqliteStore.in_data_dir(args.data_dir)
+    data_dir = DataDirectory.open(
+        args.data_dir, int(args.full_check_below_mb * (1 << 20)), repair=args.repair
+    )
+    try:
+        await _serve_in(data_dir, args)
+    finally:
+        data_dir.close()
+
+
+async def _serve_in(data_dir: DataDirectory, args: argparse.Namespace) -> None:
+    store = SqliteStore(data_dir.store_path)
     evaluator = HeldOutEvaluator(LocalExamples.load(args.eval_data)) if args.eval_data else None
     pace = PaceSteeringSettings(min_delay_s=args.min_retry_s, max_delay_s=args.max_retry_s)
     settings = CoordinatorSettings(pace=pace)
@@ -138,9 +166,13 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    """Expected failures end with one line on stderr and exit status 2, never a traceback."""
     try:
         asyncio.run(serve(args))
-    except CoordinatorError as exc:
+    except (CoordinatorError, DataDirError) as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a missing --task/--model file, a port in use
         print(f"serve: {exc}", file=sys.stderr)
         return 2
     return 0

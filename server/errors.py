@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import grpc
 
+from device_runtime import constants as protocol
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -43,6 +45,23 @@ class ResourceExhausted(CoordinatorError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class Unavailable(CoordinatorError):
+    """The coordinator cannot serve the request now (its store failed, or it is draining).
+    Nothing changed; the caller retries after `retry_after_s`, which reaches devices as the
+    `retry-after-s` trailing metadata (see protos/device.proto)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after_s: float = 30.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StoreUnavailable(Unavailable):
+    """A store read or write failed for a reason outside the request (disk full, read-only
+    file, I/O error, a database locked by another process). The store changed nothing."""
+
+
 def status_code(error: CoordinatorError) -> grpc.StatusCode:
     return error.code
 
@@ -59,6 +78,10 @@ def abort_on_error(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitab
             return await method(self, request, context)
         except CoordinatorError as exc:
             log.info("%s refused: %s %s", method.__name__, status_code(exc).name, exc)
+            if isinstance(exc, Unavailable):
+                context.set_trailing_metadata(
+                    ((protocol.retry_after_metadata, f"{exc.retry_after_s:g}"),)
+                )
             await context.abort(status_code(exc), str(exc))
             raise AssertionError("unreachable") from None
 

@@ -7,6 +7,7 @@ mapping every service (SecAggService too) uses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -32,7 +33,6 @@ from server.store import RoundRecord
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-tick_interval_s = 0.25
 DEVICE_SERVICE = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
 # The admin service takes whole models in one message; devices never send anything this big.
 admin_max_message_bytes = 256 << 20
@@ -237,10 +237,16 @@ def round_summary(record: RoundRecord | RoundInProgress) -> admin_pb2.RoundSumma
     return summary
 
 
+def task_state(task: TaskRuntime) -> str:
+    if task.fault:
+        return f"failed: {task.fault}"
+    return "completed" if task.completed else "running"
+
+
 def task_status(task: TaskRuntime) -> admin_pb2.TaskStatus:
     status = admin_pb2.TaskStatus(
         config=task.config.to_proto(),
-        state="completed" if task.completed else "running",
+        state=task_state(task),
         committed_rounds=task.committed_rounds,
         model_sha256=task.record.model_sha256,
         num_parameters=task.record.num_parameters,
@@ -304,7 +310,7 @@ def freeze_startup_heap() -> None:
 
 
 class CoordinatorServer:
-    """The gRPC server plus the deadline ticker, on the current event loop."""
+    """The gRPC server plus the round driver, on the current event loop."""
 
     def __init__(
         self,
@@ -333,24 +339,18 @@ class CoordinatorServer:
             raise OSError(f"cannot listen on {address}")
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
-        self._ticker: asyncio.Task[None] | None = None
+        self._driver: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self._server.start()
-        self._ticker = asyncio.create_task(self._tick_forever())
+        self._driver = asyncio.create_task(self.coordinator.driver.run())
         log.info("coordinator listening on %s", self.address)
 
-    async def _tick_forever(self) -> None:
-        while True:
-            await asyncio.sleep(tick_interval_s)
-            try:
-                self.coordinator.tick()
-            except Exception:  # a failing tick must not kill the server; it is logged
-                log.exception("deadline tick failed")
-
     async def stop(self, grace_s: float = 1.0) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
+        if self._driver is not None:
+            self._driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._driver
         await self._server.stop(grace_s)
 
     async def wait(self) -> None:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import pathlib
 import sqlite3
 import threading
+from collections.abc import Iterator
 
 from server.config import TaskConfig
-from server.errors import AlreadyExists
-from server.store import AssignmentRecord, RoundRecord, RoundState, Store, TaskRecord
+from server.errors import AlreadyExists, StoreUnavailable
+from server.store import (
+    AssignmentRecord,
+    RoundRecord,
+    RoundState,
+    Store,
+    TaskRecord,
+    UnrecordedRound,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -56,6 +65,19 @@ class SqliteStore(Store):
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serializes access, and turns SQLite's operational failures (disk full, read-only
+        file, I/O error, corruption) into StoreUnavailable naming the real cause. Constraint
+        violations stay sqlite3.IntegrityError for the caller to map."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"the coordinator's store failed: {exc}") from exc
+
     @classmethod
     def in_data_dir(cls, data_dir: str | pathlib.Path) -> SqliteStore:
         directory = pathlib.Path(data_dir)
@@ -64,7 +86,7 @@ class SqliteStore(Store):
 
     def put_resource(self, kind: str, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
-        with self._lock:
+        with self._locked():
             self._db.execute(
                 "INSERT OR IGNORE INTO resources (sha256, kind, data) VALUES (?, ?, ?)",
                 (digest, kind, data),
@@ -72,14 +94,14 @@ class SqliteStore(Store):
         return digest
 
     def get_resource(self, sha256: str) -> bytes | None:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT data FROM resources WHERE sha256 = ?", (sha256,)
             ).fetchone()
         return bytes(row[0]) if row else None
 
     def add_task(self, task: TaskRecord) -> None:
-        with self._lock:
+        with self._locked():
             try:
                 self._db.execute(
                     "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?)",
@@ -96,7 +118,7 @@ class SqliteStore(Store):
                 raise AlreadyExists(f"task {task.config.task_id!r} already exists") from None
 
     def tasks(self) -> list[TaskRecord]:
-        with self._lock:
+        with self._locked():
             rows = self._db.execute("SELECT * FROM tasks ORDER BY created_at, task_id").fetchall()
         return [
             TaskRecord(TaskConfig.from_dict(json.loads(config)), model, weights, num, created)
@@ -113,7 +135,7 @@ class SqliteStore(Store):
         digest = hashlib.sha256(weights).hexdigest()
         if record.state is not RoundState.COMMITTED or record.weights_sha256 != digest:
             raise ValueError("commit_round needs a committed record naming the weights it commits")
-        with self._lock:
+        with self._locked():
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute(
@@ -131,21 +153,28 @@ class SqliteStore(Store):
                 )
                 self._db.execute("COMMIT")
             except sqlite3.IntegrityError:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise AlreadyExists(
                     f"task {record.task_id!r} round {record.round_number}: "
                     "the round or one of its uploads was already committed"
                 ) from None
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
+
+    def _rollback(self) -> None:
+        """Undoes an open transaction. SQLite may already have rolled it back itself (it does
+        on a full disk), and a second ROLLBACK would then hide the real error."""
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
     def record_closed_round(self, record: RoundRecord) -> None:
         if record.state not in (RoundState.FAILED, RoundState.ABANDONED):
             raise ValueError(
                 f"record_closed_round takes failed or abandoned rounds, not {record.state}"
             )
-        with self._lock:
+        with self._locked():
             try:
                 self._insert_round(record)
             except sqlite3.IntegrityError:
@@ -171,7 +200,7 @@ class SqliteStore(Store):
         )
 
     def rounds(self, task_id: str) -> list[RoundRecord]:
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(
                 "SELECT * FROM rounds WHERE task_id = ? ORDER BY round_number", (task_id,)
             ).fetchall()
@@ -192,14 +221,14 @@ class SqliteStore(Store):
         ]
 
     def is_counted(self, token_sha256: str) -> bool:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT 1 FROM counted_uploads WHERE token_sha256 = ?", (token_sha256,)
             ).fetchone()
         return row is not None
 
     def server_state(self, task_id: str) -> bytes:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT state FROM server_state WHERE task_id = ? "
                 "ORDER BY round_number DESC LIMIT 1",
@@ -208,7 +237,7 @@ class SqliteStore(Store):
         return bytes(row[0]) if row else b""
 
     def add_assignment(self, assignment: AssignmentRecord) -> None:
-        with self._lock:
+        with self._locked():
             self._db.execute(
                 "INSERT OR IGNORE INTO assignments VALUES (?, ?, ?, ?, ?)",
                 (
@@ -221,29 +250,31 @@ class SqliteStore(Store):
             )
 
     def assignment(self, token_sha256: str) -> AssignmentRecord | None:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT * FROM assignments WHERE token_sha256 = ?", (token_sha256,)
             ).fetchone()
         return AssignmentRecord(*row) if row else None
 
     def last_assignment_time(self, task_id: str, device_id: str) -> float | None:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT MAX(issued_at) FROM assignments WHERE task_id = ? AND device_id = ?",
                 (task_id, device_id),
             ).fetchone()
         return row[0] if row and row[0] is not None else None
 
-    def unrecorded_rounds(self, task_id: str) -> list[int]:
-        with self._lock:
+    def unrecorded_rounds(self, task_id: str) -> list[UnrecordedRound]:
+        with self._locked():
             rows = self._db.execute(
-                "SELECT DISTINCT round_number FROM assignments WHERE task_id = ? AND round_number "
-                "NOT IN (SELECT round_number FROM rounds WHERE task_id = ?) ORDER BY round_number",
+                "SELECT round_number, COUNT(*), MIN(issued_at) FROM assignments "
+                "WHERE task_id = ? AND round_number "
+                "NOT IN (SELECT round_number FROM rounds WHERE task_id = ?) "
+                "GROUP BY round_number ORDER BY round_number",
                 (task_id, task_id),
             ).fetchall()
-        return [row[0] for row in rows]
+        return [UnrecordedRound(number, selected, started) for number, selected, started in rows]
 
     def close(self) -> None:
-        with self._lock:
+        with self._locked():
             self._db.close()

@@ -59,7 +59,20 @@ class AssignmentRecord:
     issued_at: float
 
 
+@dataclasses.dataclass(frozen=True)
+class UnrecordedRound:
+    """A round that issued assignments but has no outcome in the store: it was open when a
+    coordinator process ended."""
+
+    round_number: int
+    selected: int  # assignments it issued
+    started_at: float  # its first assignment
+
+
 class Store(abc.ABC):
+    """Every method may raise server.errors.StoreUnavailable when the storage underneath
+    fails (disk full, read-only, I/O error); it then changed nothing."""
+
     @abc.abstractmethod
     def put_resource(self, kind: str, data: bytes) -> str:
         """Stores bytes under their SHA-256 (hex), which it returns. Idempotent."""
@@ -115,8 +128,8 @@ class Store(abc.ABC):
         """When the device was last selected for the task, or None."""
 
     @abc.abstractmethod
-    def unrecorded_rounds(self, task_id: str) -> list[int]:
-        """Round numbers that issued assignments but were never recorded (open at a crash)."""
+    def unrecorded_rounds(self, task_id: str) -> list[UnrecordedRound]:
+        """Rounds that issued assignments but were never recorded (open at a crash)."""
 
     @abc.abstractmethod
     def rounds(self, task_id: str) -> list[RoundRecord]:

@@ -37,6 +37,12 @@ class TaskRuntime:
         default_factory=lambda: collections.deque(maxlen=20)
     )
     last_round: RoundInProgress | None = None
+    # Why the task stopped, if its round logic raised (a defect): it takes no more devices.
+    fault: str = ""
+    # After a failed store write, the round driver leaves the task alone until this time,
+    # with a backoff of `store_retry_s` that doubles while writes keep failing.
+    store_retry_at: float = float("-inf")
+    store_retry_s: float = 0.0
 
     @property
     def config(self) -> TaskConfig:
@@ -49,6 +55,11 @@ class TaskRuntime:
     @property
     def completed(self) -> bool:
         return self.committed_rounds >= self.config.total_rounds
+
+    @property
+    def running(self) -> bool:
+        """Takes devices: neither done nor stopped by a fault."""
+        return not self.completed and not self.fault
 
     @property
     def selecting(self) -> RoundInProgress | None:

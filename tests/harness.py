@@ -42,6 +42,10 @@ class RunningCoordinator:
     def address(self) -> str:
         return self.server.address
 
+    async def settled(self) -> None:
+        """Waits until the round driver has ended every round the reports so far completed."""
+        await self.coordinator.driver.settled()
+
 
 @contextlib.asynccontextmanager
 async def running_coordinator(

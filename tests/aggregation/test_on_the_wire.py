@@ -53,6 +53,7 @@ def _run_rounds(
             )
             await runtime.run(max_reports=rounds)
             await client.close()
+            await running.settled()
             return [r.metrics for r in running.store.rounds("t1")]
 
     return asyncio.run(scenario())

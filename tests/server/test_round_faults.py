@@ -1,0 +1,208 @@
+"""Faults short of a crash: a store on a full disk, a task whose logic raises, a restart
+with rounds open. The full disk is real: a small tmpfs filled to its last byte."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+
+import grpc
+import numpy as np
+import pytest
+
+from device_runtime import constants
+from device_runtime.transport import CoordinatorClient, TransportError
+from protos import common_pb2, device_pb2
+from server.config import TaskConfig
+from server.coordinator import Coordinator, CoordinatorSettings
+from server.errors import StoreUnavailable
+from server.sqlite_store import SqliteStore
+from server.store import RoundState, TaskRecord
+from tests.fakes import FakeClock
+from tests.harness import POPULATION, running_coordinator, task_config
+from tests.small_disk import SmallDisk
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def _check_in(
+    coordinator: Coordinator, device_id: str, population: str = POPULATION
+) -> device_pb2.CheckInResponse:
+    return coordinator.check_in(
+        device_pb2.CheckInRequest(
+            protocol_version=constants.PROTOCOL_VERSION,
+            population=population,
+            device_id=device_id,
+            example_count=10,
+        )
+    )
+
+
+def _upload(coordinator: Coordinator, token: bytes, values: np.ndarray) -> None:
+    payload = values.astype("<f4").tobytes()
+    header = device_pb2.UploadHeader(
+        protocol_version=constants.PROTOCOL_VERSION,
+        upload_token=token,
+        example_count=10,
+        num_elements=values.size,
+        encoding="float32_delta",
+        metrics=common_pb2.ClientMetrics(loss=1.0, accuracy=0.5, num_examples=10, num_batches=2),
+    )
+    coordinator.accept_upload(header, payload, len(payload))
+
+
+def _reported_round(coordinator: Coordinator, n_params: int, devices: int = 2) -> list[bytes]:
+    tokens = [_check_in(coordinator, f"d{i}").assignment.upload_token for i in range(devices)]
+    for token in tokens:
+        _upload(coordinator, token, np.full(n_params, 0.25, np.float32))
+    return tokens
+
+
+def test_a_failed_commit_is_retried_and_counts_each_upload_once(
+    small_disk: SmallDisk, clock: FakeClock, model_bytes: bytes, caplog
+) -> None:
+    store = SqliteStore(small_disk.path / "store.sqlite")
+    coordinator = Coordinator(store, clock)
+    coordinator.register_task(task_config(target_reports=2, over_selection=1.0), model_bytes)
+    task = coordinator.task("t1")
+    before = task.weights.copy()
+    _reported_round(coordinator, before.size)
+
+    with small_disk.filled(), caplog.at_level(logging.ERROR):
+        coordinator.tick()
+
+    assert "database or disk is full" in caplog.text
+    assert "rollback" not in caplog.text  # the real cause, not the failed ROLLBACK
+    assert task.current is not None and task.current.state is RoundState.AGGREGATING
+    assert task.committed_rounds == 0 and store.rounds("t1") == []
+    np.testing.assert_array_equal(task.weights, before)
+
+    clock.advance(60)  # past the retry backoff; the disk has room again
+    coordinator.tick()
+
+    [record] = store.rounds("t1")
+    assert (record.state, record.reported) == (RoundState.COMMITTED, 2)
+    assert task.committed_rounds == 1
+    np.testing.assert_allclose(task.weights, before + 0.25, atol=1e-6)
+    assert _check_in(coordinator, "d9").HasField("assignment")  # the task goes on
+
+
+def test_a_failed_commit_is_not_retried_before_its_backoff(
+    small_disk: SmallDisk, clock: FakeClock, model_bytes: bytes
+) -> None:
+    store = SqliteStore(small_disk.path / "store.sqlite")
+    coordinator = Coordinator(store, clock)
+    coordinator.register_task(task_config(target_reports=2, over_selection=1.0), model_bytes)
+    _reported_round(coordinator, coordinator.task("t1").record.num_parameters)
+    with small_disk.filled():
+        coordinator.tick()
+
+    coordinator.tick()  # the disk has room, but the backoff has not passed
+
+    assert store.rounds("t1") == []
+
+
+def test_a_store_failure_at_check_in_is_unavailable_with_a_retry_window(
+    small_disk: SmallDisk, clock: FakeClock, model_bytes: bytes
+) -> None:
+    store = SqliteStore(small_disk.path / "store.sqlite")
+    coordinator = Coordinator(store, clock)
+    coordinator.register_task(task_config(), model_bytes)
+    with small_disk.filled(), pytest.raises(StoreUnavailable, match="disk is full") as refused:
+        _check_in(coordinator, "d1")
+
+    low, high = coordinator.settings.store_unavailable_retry_s
+    assert low <= refused.value.retry_after_s <= high
+    assert coordinator.task("t1").current is None or coordinator.task("t1").current.selected == 0
+    assert _check_in(coordinator, "d1").HasField("assignment")  # nothing was half-done
+
+
+def _broken_task(store: SqliteStore, model_bytes: bytes, clock: FakeClock) -> None:
+    """A task whose config passed no validation (an older release stored it): selecting
+    for it raises OverflowError."""
+    good = Coordinator(store, clock)
+    good.register_task(task_config(task_id="template", population="spare"), model_bytes)
+    template = good.task("template").record
+    broken = TaskConfig(**{**task_config().to_dict(), "task_id": "broken", "over_selection": 1e400})
+    store.add_task(
+        TaskRecord(
+            broken,
+            template.model_sha256,
+            template.initial_weights_sha256,
+            template.num_parameters,
+            clock.now(),
+        )
+    )
+
+
+def test_a_task_whose_logic_raises_fails_alone(
+    tmp_path: pathlib.Path, clock: FakeClock, model_bytes: bytes
+) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite")
+    _broken_task(store, model_bytes, clock)
+    coordinator = Coordinator(store, clock)
+    coordinator.register_task(
+        task_config(task_id="healthy", target_reports=1, over_selection=1.0), model_bytes
+    )
+
+    answer = _check_in(coordinator, "d1")
+
+    assert answer.assignment.task_id == "healthy"
+    assert "OverflowError" in coordinator.task("broken").fault
+    _upload(
+        coordinator,
+        answer.assignment.upload_token,
+        np.zeros(answer.assignment.weights.size_bytes // 4, np.float32),
+    )
+    coordinator.tick()
+    assert [r.state for r in store.rounds("healthy")] == [RoundState.COMMITTED]
+    assert _check_in(coordinator, "d2", population="spare").HasField("assignment")
+
+
+def test_a_restart_records_open_rounds_abandoned_with_their_true_counts(
+    tmp_path: pathlib.Path, clock: FakeClock, model_bytes: bytes
+) -> None:
+    path = tmp_path / "store.sqlite"
+    coordinator = Coordinator(SqliteStore(path), clock)
+    coordinator.register_task(task_config(target_reports=3, over_selection=1.0), model_bytes)
+    for i in range(3):
+        _check_in(coordinator, f"d{i}")
+    started = clock.now()
+    clock.advance(5)
+
+    restarted = Coordinator(SqliteStore(path), clock)
+
+    [record] = restarted.rounds("t1")
+    assert record.state is RoundState.ABANDONED
+    assert (record.selected, record.reported, record.dropped) == (3, 0, 3)
+    assert record.started_at == started and record.finished_at == clock.now()
+
+
+def test_a_store_failure_reaches_a_device_as_unavailable_with_retry_after(
+    small_disk: SmallDisk, model_bytes: bytes
+) -> None:
+    async def scenario() -> TransportError:
+        async with running_coordinator(
+            str(small_disk.path / "store.sqlite"), model_bytes, task_config()
+        ) as running:
+            client = CoordinatorClient(running.address)
+            try:
+                with small_disk.filled():
+                    try:
+                        await client.check_in(POPULATION, "d1", 10)
+                    except TransportError as exc:
+                        return exc
+                raise AssertionError("a check-in on a full disk was served")
+            finally:
+                await client.close()
+
+    refused = asyncio.run(scenario())
+
+    assert refused.code is grpc.StatusCode.UNAVAILABLE
+    assert "database or disk is full" in refused.details
+    low, high = CoordinatorSettings().store_unavailable_retry_s
+    assert refused.retry_after_s is not None and low <= refused.retry_after_s <= high

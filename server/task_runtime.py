@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import statistics
+from typing import assert_never
 
 import numpy as np
 
@@ -12,7 +13,7 @@ from server.aggregators.process import AggregationProcess
 from server.config import TaskConfig
 from server.optimizers import ServerOptimizer, State
 from server.rounds.round import RoundInProgress
-from server.store import RoundState, TaskRecord
+from server.store import RoundState, TaskRecord, TaskState
 
 # Before any round of a task has been measured, pace steering expects reporting to take this
 # fraction of the reporting deadline (see TaskRuntime._expected_reporting_s).
@@ -37,6 +38,7 @@ class TaskRuntime:
         default_factory=lambda: collections.deque(maxlen=20)
     )
     last_round: RoundInProgress | None = None
+    state: TaskState = TaskState.RUNNING  # the operator's decision, as stored
 
     @property
     def config(self) -> TaskConfig:
@@ -49,6 +51,26 @@ class TaskRuntime:
     @property
     def completed(self) -> bool:
         return self.committed_rounds >= self.config.total_rounds
+
+    @property
+    def takes_devices(self) -> bool:
+        """Whether check-ins may be assigned to this task."""
+        match self.state:
+            case TaskState.RUNNING:
+                return not self.completed
+            case TaskState.PAUSED | TaskState.CANCELLED:
+                return False
+            case _:
+                assert_never(self.state)
+
+    @property
+    def status(self) -> str:
+        """What the admin API and `overnight status` show."""
+        if self.state is TaskState.CANCELLED:
+            return "cancelled"
+        if self.completed:
+            return "completed"
+        return self.state.value
 
     @property
     def selecting(self) -> RoundInProgress | None:

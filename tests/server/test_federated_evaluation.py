@@ -51,7 +51,7 @@ def test_evaluation_round_reports_the_held_out_metrics_of_the_training_model(
             running.coordinator.register_task(evaluation, b"")
             outcomes = []
             for index, shard in enumerate(shards):
-                client = CoordinatorClient(running.address)
+                client = CoordinatorClient(running.address, running.trust)
                 runtime = DeviceRuntime(
                     client=client,
                     population=POPULATION,

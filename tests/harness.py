@@ -74,6 +74,7 @@ class RunningCoordinator:
     store: SqliteStore
     trust: ServerTrust  # what a device or operator needs to verify this coordinator
     tokens: dict[Role, str]  # an admin token per role
+    admin_tokens: AdminTokens  # the hashed tokens the admin listener checks
 
     @property
     def address(self) -> str:
@@ -137,7 +138,7 @@ async def running_coordinator(
         await server.start()
         trust = ServerTrust(insecure=True) if insecure else loopback_trust()
         try:
-            yield RunningCoordinator(coordinator, server, store, trust, tokens)
+            yield RunningCoordinator(coordinator, server, store, trust, tokens, admin_tokens)
         finally:
             await server.stop(0)
             store.close()

@@ -181,7 +181,7 @@ def test_serve_task_create_and_status_against_a_running_coordinator(
     assert (tmp_path / "state" / "coordinator.sqlite").exists()
 
 
-def test_serve_writes_the_first_operator_token_privately_and_names_it(
+def test_serve_keeps_its_data_directory_private_and_names_the_first_token(
     tmp_path: pathlib.Path,
 ) -> None:
     with _serving(tmp_path) as (_, lines):
@@ -189,7 +189,9 @@ def test_serve_writes_the_first_operator_token_privately_and_names_it(
 
     token_file = tmp_path / "state" / "operator.token"
     assert str(token_file) in lines[1]
-    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    state = [tmp_path / "state", *(tmp_path / "state").rglob("*")]
+    assert token_file in state and len(state) >= 4  # the store, its hashed tokens, this token
+    assert all(stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600) for p in state)
     assert (
         token_file.read_text().strip() not in (tmp_path / "state" / "admin_tokens.json").read_text()
     )

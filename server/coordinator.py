@@ -274,7 +274,7 @@ class Coordinator:
         self.tick()
         running = [t for t in tasks if t.takes_devices]
         if not running:
-            paused = [t.task_id for t in tasks if t.status == TaskState.PAUSED.value]
+            paused = [t.task_id for t in tasks if t.state is TaskState.PAUSED and not t.completed]
             if paused:
                 return self._reject(
                     device_pb2.Rejection.NO_TASK,

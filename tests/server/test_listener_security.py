@@ -308,3 +308,27 @@ def test_without_a_client_certificate_the_admin_listener_refuses_the_connection(
         return info.value.code()
 
     assert _mtls_scenario(tmp_path, model_bytes, None, call) is grpc.StatusCode.UNAVAILABLE
+
+
+# ----- --insecure -------------------------------------------------------------------------
+
+
+def test_an_insecure_coordinator_serves_plaintext_clients_only(tmp_path, model_bytes) -> None:
+    async def scenario() -> tuple[str, grpc.StatusCode]:
+        async with running_coordinator(
+            str(tmp_path / "s.sqlite"), model_bytes, task_config(), insecure=True
+        ) as running:
+            async with running.device_channel() as plaintext:
+                answer = await device_pb2_grpc.DeviceServiceStub(plaintext).CheckIn(
+                    _check_in_request()
+                )
+            async with open_channel(
+                running.address, ServerTrust(session_ca().root_certificate)
+            ) as tls:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await device_pb2_grpc.DeviceServiceStub(tls).CheckIn(
+                        _check_in_request(), timeout=10
+                    )
+            return answer.assignment.task_id, info.value.code()
+
+    assert asyncio.run(scenario()) == ("t1", grpc.StatusCode.UNAVAILABLE)

@@ -77,7 +77,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     token_commands = tokens.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     token_create = token_commands.add_parser("create", help="make a token (shown once)")
-    token_create.add_argument("--role", choices=[r.value for r in Role], default="operator")
+    token_create.add_argument(
+        "--role",
+        choices=[r.value for r in Role],
+        default="operator",
+        help="operator: everything; viewer: status and lists only (default operator)",
+    )
     token_create.add_argument(
         "--output", help="write the token to this file (0600) instead of printing it"
     )

@@ -221,3 +221,32 @@ def test_insecure_commands_say_so_on_start(tmp_path: pathlib.Path) -> None:
     result = _overnight("status", "--insecure", "--server", _free_address(), token="t")
 
     assert "WARNING" in result.stderr and "without TLS" in result.stderr
+
+
+def test_a_device_started_insecure_says_so(tmp_path: pathlib.Path) -> None:
+    result = _overnight(
+        "device",
+        "--insecure",
+        "--population",
+        "p",
+        "--examples",
+        str(tmp_path / "missing.npz"),
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("WARNING: device runs without TLS")
+
+
+def test_a_device_refuses_insecure_with_root_certificates(tmp_path: pathlib.Path) -> None:
+    result = _overnight(
+        "device",
+        "--insecure",
+        "--root-certs",
+        str(tmp_path / "ca.pem"),
+        "--population",
+        "p",
+        "--examples",
+        str(tmp_path / "x.npz"),
+    )
+
+    assert result.returncode == 2 and "exclude each other" in result.stderr

@@ -12,6 +12,7 @@ import numpy as np
 
 from device_runtime import constants
 from device_runtime.aggregation.client import EncodedUpload
+from device_runtime.channel import ServerTrust, open_channel
 from protos import common_pb2, device_pb2, device_pb2_grpc
 
 
@@ -52,10 +53,19 @@ class TransferCounters:
 
 
 class CoordinatorClient:
-    """Talks to one coordinator over one channel. Methods raise TransportError on failure."""
+    """Talks to one coordinator over one channel. Methods raise TransportError on failure.
 
-    def __init__(self, target: str, channel: grpc.aio.Channel | None = None) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target, options=channel_options())
+    Opens its own channel to `target` under `trust` (TLS against the system trust store by
+    default), unless it is given a `channel` to share (see `device_runtime.channel`)."""
+
+    def __init__(
+        self,
+        target: str,
+        trust: ServerTrust | None = None,
+        *,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._channel = channel or open_channel(target, trust or ServerTrust(), channel_options())
         self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
         self.counters = TransferCounters()
 

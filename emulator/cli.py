@@ -14,6 +14,8 @@ import time
 
 import grpc
 
+from device_runtime.channel import ServerTrust, open_blocking_channel
+from device_runtime.cli import add_trust_options, trust_from
 from emulator.data import ClientDatasets, SampledDigits
 from emulator.federated_files import EmnistH5Clients, FederatedFileError, FemnistJsonClients
 from emulator.fleet_config import FleetConfig, FleetConfigError
@@ -35,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         ),
     )
     parser.add_argument("--server", default="127.0.0.1:50051", help="coordinator host:port")
+    add_trust_options(parser)
     parser.add_argument("--population", default="digits", help="population to check in with")
     parser.add_argument("--phones", type=int, default=50, help="number of phones (default 50)")
     parser.add_argument(
@@ -83,7 +86,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     parser.add_argument(
         "--task",
-        help="with --report-dir: also fetch this task's rounds from the coordinator (rounds.csv)",
+        help="with --report-dir: also fetch this task's rounds from the coordinator's admin "
+        "service (rounds.csv; needs --admin-server and an admin token)",
+    )
+    parser.add_argument(
+        "--admin-server", default="127.0.0.1:50052", help="the coordinator's admin host:port"
+    )
+    parser.add_argument(
+        "--admin-token-file",
+        help="with --task: file holding an admin token (else OVERNIGHT_ADMIN_TOKEN)",
     )
     parser.add_argument(
         "--save-test-split",
@@ -113,12 +124,16 @@ def write_causes_csv(causes: collections.Counter[str], path: pathlib.Path) -> No
         writer.writerows(causes.most_common())
 
 
-def write_rounds_csv(server: str, task_id: str, path: pathlib.Path) -> None:
-    """Per-round selection, reports, dropouts and duration, as the coordinator recorded them."""
+def write_rounds_csv(
+    admin_server: str, trust: ServerTrust, token: str | None, task_id: str, path: pathlib.Path
+) -> None:
+    """Per-round selection, reports, dropouts and duration, as the coordinator recorded them
+    (its admin service, with a viewer or operator token)."""
     from device_runtime import constants as protocol
     from protos import admin_pb2, admin_pb2_grpc
+    from server.operator_access import bearer_metadata
 
-    with grpc.insecure_channel(server) as channel:
+    with open_blocking_channel(admin_server, trust) as channel:
         rounds = (
             admin_pb2_grpc.AdminServiceStub(channel)
             .ListRounds(
@@ -126,6 +141,7 @@ def write_rounds_csv(server: str, task_id: str, path: pathlib.Path) -> None:
                     protocol_version=protocol.PROTOCOL_VERSION, task_id=task_id
                 ),
                 timeout=30,
+                metadata=bearer_metadata(token),
             )
             .rounds
         )
@@ -159,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--speedup must be positive and --workers >= 1")
         if not 0 <= args.nice <= 19:
             raise ValueError(f"--nice must be within 0..19, got {args.nice}")
+        trust = trust_from(args, "emulate")
     except (FleetConfigError, FederatedFileError, ValueError, OSError) as exc:
         print(f"emulate: {exc}", file=sys.stderr)
         return 2
@@ -166,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
     day = int(time.time() // DAY_S)
     spec = FleetSpec(
         target=args.server,
+        trust=trust,
         population=args.population,
         config=config,
         datasets=datasets,
@@ -201,10 +219,13 @@ def run(args: argparse.Namespace) -> int:
         write_causes_csv(report.participation.causes, out / "dropout_causes.csv")
         written = ["participation.csv", "participation.png", "dropout_causes.csv"]
         if args.task:
+            from server.operator_access import read_admin_token
+
             try:
-                write_rounds_csv(args.server, args.task, out / "rounds.csv")
+                token = read_admin_token(args.admin_token_file)
+                write_rounds_csv(args.admin_server, trust, token, args.task, out / "rounds.csv")
                 written.append("rounds.csv")
-            except grpc.RpcError as exc:
+            except (grpc.RpcError, OSError) as exc:
                 print(f"emulate: cannot list rounds of {args.task!r}: {exc}", file=sys.stderr)
         print(f"report written to {out}: {', '.join(written)}")
     return 0

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from device_runtime.cache import ResourceCache, sha256_hex
+from device_runtime.channel import ServerTrust, open_channel
 from device_runtime.clock import RealClock
 from device_runtime.runtime import DeviceRuntime
 from device_runtime.transport import channel_options
@@ -41,6 +42,7 @@ class FleetSpec:
     """Everything a worker needs to build its phones; picklable, so it crosses processes."""
 
     target: str
+    trust: ServerTrust
     population: str
     config: FleetConfig
     datasets: ClientDatasets
@@ -141,7 +143,7 @@ class FleetWorker:
         spread_s = self.clock.real_seconds(spec.config.start_spread_virtual_s)
         for number, index in enumerate(self._indices):
             if number % phones_per_channel == 0:
-                channels.append(grpc.aio.insecure_channel(spec.target, options=channel_options()))
+                channels.append(open_channel(spec.target, spec.trust, channel_options()))
             phone = self._phone(index, channels[-1], shared)
             if phone is not None:
                 tasks.append(asyncio.create_task(self._run_phone(phone, spread_s)))

@@ -6,6 +6,30 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PauseTaskRequest(_message.Message):
+    __slots__ = ("protocol_version", "task_id")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    task_id: str
+    def __init__(self, protocol_version: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class ResumeTaskRequest(_message.Message):
+    __slots__ = ("protocol_version", "task_id")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    task_id: str
+    def __init__(self, protocol_version: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class CancelTaskRequest(_message.Message):
+    __slots__ = ("protocol_version", "task_id")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    task_id: str
+    def __init__(self, protocol_version: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
+
 class ListTasksRequest(_message.Message):
     __slots__ = ("protocol_version",)
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]

@@ -50,7 +50,14 @@ from server.round_driver import RoundDriver
 from server.rounds import closed, reporting, selecting
 from server.rounds.round import AssignmentState, RoundInProgress
 from server.secagg.round_bridge import SecureRounds
-from server.store import AssignmentRecord, RoundRecord, RoundState, Store, TaskRecord
+from server.store import (
+    AssignmentRecord,
+    RoundRecord,
+    RoundState,
+    Store,
+    TaskRecord,
+    TaskState,
+)
 from server.task_runtime import TaskRuntime
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,8 @@ class CoordinatorSettings:
     pace: PaceSteeringSettings = PaceSteeringSettings()
     # Devices of a population whose tasks are all done come back rarely.
     no_task_retry_s: tuple[float, float] = (600.0, 1200.0)
+    # ... and sooner when a task is only paused: an operator may resume it any minute.
+    paused_task_retry_s: tuple[float, float] = (60.0, 300.0)
     # Fraction of the selection deadline in which pace steering aims to fill a round.
     fill_fraction: float = 0.5
     # A device turned away because the store failed retries in this window.
@@ -145,6 +154,7 @@ class Coordinator:
             ),
             broadcasted_bits=last_metrics.get("broadcasted_bits", 0.0),
             aggregated_bits=last_metrics.get("aggregated_bits", 0.0),
+            state=record.state,
         )
         self._tasks[task_id] = runtime
         return runtime
@@ -235,6 +245,34 @@ class Coordinator:
         self.task(task_id)
         return self.store.rounds(task_id)
 
+    def control_task(self, task_id: str, target: TaskState) -> TaskRuntime:
+        """An operator pauses, resumes or cancels a task. Asking for the state a task is in
+        changes nothing. A paused task takes no devices; its open rounds go on to their
+        deadlines (reports from devices already training still count). Cancelling abandons
+        the open rounds at once and is final.
+
+        Raises NotFound (unknown task), FailedPrecondition (cancelled or completed task).
+        """
+        task = self.task(task_id)
+        if task.state is target:
+            return task
+        if task.state is TaskState.CANCELLED or task.completed:
+            raise FailedPrecondition(
+                f"task {task_id!r} is {task.status}; its state can no longer change"
+            )
+        self.store.set_task_state(task_id, target)
+        task.state = target
+        if target is TaskState.CANCELLED:
+            now = self._clock.now()
+            for round_ in list(task.open_rounds.values()):
+                record = closed.summarize(round_, RoundState.ABANDONED, now)
+                self.store.record_closed_round(record)
+                round_.state = RoundState.ABANDONED
+                self.forget(task, round_)
+                self.notify(task, record)
+        log.warning("task %s: %s by an operator", task_id, target.value)
+        return task
+
     # ----- check-in ------------------------------------------------------------------------
 
     def check_in(self, request: device_pb2.CheckInRequest) -> device_pb2.CheckInResponse:
@@ -251,8 +289,15 @@ class Coordinator:
             request.population, PopulationActivity(self.settings.pace.horizon_s)
         )
         activity.record(request.device_id, now)
-        running = [t for t in tasks if t.running and self._up_to_date(t)]
+        running = [t for t in tasks if t.takes_devices and self._up_to_date(t)]
         if not running:
+            paused = [t.task_id for t in tasks if t.state is TaskState.PAUSED and not t.completed]
+            if paused:
+                return self._reject(
+                    device_pb2.Rejection.NO_TASK,
+                    f"task {', '.join(paused)} paused",
+                    _window(self.settings.paused_task_retry_s),
+                )
             return self._reject(
                 device_pb2.Rejection.NO_TASK,
                 "no running task",

@@ -1,7 +1,7 @@
 """A coordinator's data directory: owned by one process, checked before anything is served.
 
 `DataDirectory.open` runs, in order:
-1. creates the directory (0700) if it is missing;
+1. creates the directory if it is missing, and makes it 0700 (server/private_files.py);
 2. takes an exclusive lock (`coordinator.lock`, holding the owner's PID), so a second
    `overnight serve` on the same directory exits at once and changes nothing — the kernel
    drops the lock when its process dies, `kill -9` included;
@@ -22,6 +22,8 @@ import os
 import pathlib
 import sqlite3
 import tempfile
+
+from server.private_files import prepare_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,13 @@ class DataDirectory:
     ) -> DataDirectory:
         directory = pathlib.Path(path)
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            prepare_data_dir(directory)
         except OSError as exc:
+            if directory.is_dir():
+                raise DataDirError(
+                    f"data directory {directory} is not writable ({exc.strerror}); the "
+                    "coordinator must write its store there"
+                ) from None
             raise DataDirError(f"cannot create data directory {directory}: {exc}") from None
         data_dir = cls(directory, _lock(directory))
         try:

@@ -41,6 +41,12 @@ class Unauthenticated(CoordinatorError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class PermissionDenied(CoordinatorError):
+    """A valid credential whose role does not allow the call (admin service)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ResourceExhausted(CoordinatorError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -27,8 +27,10 @@ from server.errors import (
     abort_on_error,
     status_code,
 )
+from server.operator_access import AdminTokens, OperatorAuthentication
 from server.rounds.round import RoundInProgress
-from server.store import RoundRecord
+from server.store import RoundRecord, TaskState
+from server.transport_security import ServerTls
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -237,16 +239,10 @@ def round_summary(record: RoundRecord | RoundInProgress) -> admin_pb2.RoundSumma
     return summary
 
 
-def task_state(task: TaskRuntime) -> str:
-    if task.fault:
-        return f"failed: {task.fault}"
-    return "completed" if task.completed else "running"
-
-
 def task_status(task: TaskRuntime) -> admin_pb2.TaskStatus:
     status = admin_pb2.TaskStatus(
         config=task.config.to_proto(),
-        state=task_state(task),
+        state=task.status,
         committed_rounds=task.committed_rounds,
         model_sha256=task.record.model_sha256,
         num_parameters=task.record.num_parameters,
@@ -299,6 +295,27 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         rounds = self._coordinator.rounds(request.task_id)
         return admin_pb2.ListRoundsResponse(rounds=[round_summary(r) for r in rounds])
 
+    @abort_on_error
+    async def PauseTask(
+        self, request: admin_pb2.PauseTaskRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.TaskStatus:
+        check_protocol_version(request.protocol_version)
+        return task_status(self._coordinator.control_task(request.task_id, TaskState.PAUSED))
+
+    @abort_on_error
+    async def ResumeTask(
+        self, request: admin_pb2.ResumeTaskRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.TaskStatus:
+        check_protocol_version(request.protocol_version)
+        return task_status(self._coordinator.control_task(request.task_id, TaskState.RUNNING))
+
+    @abort_on_error
+    async def CancelTask(
+        self, request: admin_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.TaskStatus:
+        check_protocol_version(request.protocol_version)
+        return task_status(self._coordinator.control_task(request.task_id, TaskState.CANCELLED))
+
 
 def freeze_startup_heap() -> None:
     """Takes what start-up allocated (modules, gRPC, tasks and their models) out of the cyclic
@@ -309,8 +326,28 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def _listen(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None
+) -> str:
+    """Binds `address` (TLS unless `credentials` is None) and returns host:port as bound."""
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return f"{address.rsplit(':', 1)[0]}:{port}"
+
+
 class CoordinatorServer:
-    """The gRPC server plus the round driver, on the current event loop."""
+    """The device listener, the admin listener and the round driver, on the current loop.
+
+    Devices (DeviceService, SecAggService) and operators (AdminService) never share a port:
+    the admin service answers only on `admin_address`, and only to an operator credential
+    checked against `admin_tokens` (see server.operator_access). Without `admin_tokens` there
+    is no admin listener at all. `tls` None means plaintext on both listeners (`--insecure`),
+    which is logged as a warning at start.
+    """
 
     def __init__(
         self,
@@ -319,39 +356,77 @@ class CoordinatorServer:
         max_concurrent_uploads: int = 2,
         extra_options: list[tuple[str, int]] | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        *,
+        tls: ServerTls | None,
+        admin_address: str = "127.0.0.1:0",
+        admin_tokens: AdminTokens | None = None,
     ) -> None:
         self.coordinator = coordinator
+        self.tls = tls
         self._server = grpc.aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", admin_max_message_bytes),
+                ("grpc.max_receive_message_length", protocol.max_message_bytes),
                 ("grpc.max_send_message_length", protocol.max_message_bytes),
                 *(extra_options or []),
             ],
         )
         add_device_service(DeviceService(coordinator, max_concurrent_uploads), self._server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(coordinator), self._server)
         secagg_pb2_grpc.add_SecAggServiceServicer_to_server(
             coordinator.secure_rounds.service, self._server
         )
-        self.port = self._server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
-        host = address.rsplit(":", 1)[0]
-        self.address = f"{host}:{self.port}"
+        self.address = _listen(
+            self._server, address, tls.device_credentials() if tls is not None else None
+        )
+        self.port = int(self.address.rsplit(":", 1)[1])
+        self._admin: grpc.aio.Server | None = None
+        self.admin_address: str | None = None
+        if admin_tokens is not None:
+            self._admin = grpc.aio.server(
+                interceptors=[
+                    OperatorAuthentication(
+                        admin_tokens, tls is not None and tls.operator_ca is not None
+                    )
+                ],
+                options=[
+                    ("grpc.max_receive_message_length", admin_max_message_bytes),
+                    ("grpc.max_send_message_length", protocol.max_message_bytes),
+                ],
+            )
+            admin_pb2_grpc.add_AdminServiceServicer_to_server(
+                AdminService(coordinator), self._admin
+            )
+            self.admin_address = _listen(
+                self._admin, admin_address, tls.admin_credentials() if tls is not None else None
+            )
         self._driver: asyncio.Task[None] | None = None
 
+    @property
+    def _servers(self) -> list[grpc.aio.Server]:
+        return [self._server] + ([self._admin] if self._admin is not None else [])
+
     async def start(self) -> None:
-        await self._server.start()
+        for server in self._servers:
+            await server.start()
         self._driver = asyncio.create_task(self.coordinator.driver.run())
-        log.info("coordinator listening on %s", self.address)
+        if self.tls is None:
+            log.warning(
+                "plaintext listeners (--insecure): anyone on the network path can read and "
+                "change every message, including admin tokens"
+            )
+        log.info(
+            "coordinator listening on %s (devices), %s (admin); %s",
+            self.address,
+            self.admin_address or "no admin listener",
+            "TLS" if self.tls is not None else "PLAINTEXT",
+        )
 
     async def stop(self, grace_s: float = 1.0) -> None:
         if self._driver is not None:
             self._driver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._driver
-        await self._server.stop(grace_s)
+        await asyncio.gather(*(server.stop(grace_s) for server in self._servers))
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()

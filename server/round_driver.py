@@ -110,8 +110,11 @@ class RoundDriver:
     async def run(self) -> None:
         """The serving loop; cancel it to stop."""
         while True:
+            # asyncio.timeout, not wait_for: wait_for may swallow a cancellation that meets a
+            # wake-up (Python 3.11), and the server could then never stop its driver.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval_s)
+                async with asyncio.timeout(self._interval_s):
+                    await self._wake.wait()
             self._wake.clear()
             for task in self._coordinator.tasks():
                 with self._contained(task):

@@ -12,12 +12,14 @@ from collections.abc import Iterator
 
 from server.config import TaskConfig
 from server.errors import AlreadyExists, StoreUnavailable
+from server.private_files import ensure_private_file, prepare_data_dir
 from server.store import (
     AssignmentRecord,
     RoundRecord,
     RoundState,
     Store,
     TaskRecord,
+    TaskState,
     UnrecordedRound,
 )
 
@@ -27,6 +29,8 @@ CREATE TABLE IF NOT EXISTS resources (
 CREATE TABLE IF NOT EXISTS tasks (
   task_id TEXT PRIMARY KEY, config TEXT NOT NULL, model_sha256 TEXT NOT NULL,
   initial_weights_sha256 TEXT NOT NULL, num_parameters INTEGER NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS task_states (
+  task_id TEXT PRIMARY KEY, state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
   task_id TEXT NOT NULL, round_number INTEGER NOT NULL, state TEXT NOT NULL,
   selected INTEGER NOT NULL, reported INTEGER NOT NULL, dropped INTEGER NOT NULL,
@@ -46,10 +50,18 @@ CREATE INDEX IF NOT EXISTS assignments_by_round ON assignments (task_id, round_n
 
 
 class SqliteStore(Store):
-    """`path` is a file, or ":memory:" for a store that lives as long as the object."""
+    """`path` is a file, or ":memory:" for a store that lives as long as the object.
+
+    The database file is 0600 (its -wal and -shm files take its mode): it holds device ids."""
 
     def __init__(self, path: str | pathlib.Path) -> None:
         self._lock = threading.Lock()
+        if str(path) != ":memory:":
+            ensure_private_file(path)
+            for suffix in ("-wal", "-shm"):  # left by an older version with wider modes
+                companion = pathlib.Path(f"{path}{suffix}")
+                if companion.exists():
+                    ensure_private_file(companion)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         # Each commit writes a whole model (6.65 MB for the McMahan CNN) as one blob, and each
         # assignment a small row. Measured per page size (WAL, synchronous=NORMAL):
@@ -80,9 +92,7 @@ class SqliteStore(Store):
 
     @classmethod
     def in_data_dir(cls, data_dir: str | pathlib.Path) -> SqliteStore:
-        directory = pathlib.Path(data_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        return cls(directory / "coordinator.sqlite")
+        return cls(prepare_data_dir(data_dir) / "coordinator.sqlite")
 
     def put_resource(self, kind: str, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
@@ -119,11 +129,31 @@ class SqliteStore(Store):
 
     def tasks(self) -> list[TaskRecord]:
         with self._locked():
-            rows = self._db.execute("SELECT * FROM tasks ORDER BY created_at, task_id").fetchall()
+            rows = self._db.execute(
+                "SELECT tasks.task_id, config, model_sha256, initial_weights_sha256, "
+                "num_parameters, created_at, COALESCE(task_states.state, 'running') FROM tasks "
+                "LEFT JOIN task_states ON tasks.task_id = task_states.task_id "
+                "ORDER BY created_at, tasks.task_id"
+            ).fetchall()
         return [
-            TaskRecord(TaskConfig.from_dict(json.loads(config)), model, weights, num, created)
-            for _, config, model, weights, num, created in rows
+            TaskRecord(
+                TaskConfig.from_dict(json.loads(config)),
+                model,
+                weights,
+                num,
+                created,
+                TaskState(state),
+            )
+            for _, config, model, weights, num, created, state in rows
         ]
+
+    def set_task_state(self, task_id: str, state: TaskState) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO task_states VALUES (?, ?) "
+                "ON CONFLICT (task_id) DO UPDATE SET state = excluded.state",
+                (task_id, state.value),
+            )
 
     def commit_round(
         self,

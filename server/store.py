@@ -27,6 +27,16 @@ class RoundState(enum.Enum):
     ABANDONED = "abandoned"  # terminal: the coordinator died while the round was open
 
 
+class TaskState(enum.Enum):
+    """What an operator has decided for a task (`overnight task pause|resume|cancel`).
+
+    Completion is not a state here: a task completes when it has committed its rounds."""
+
+    RUNNING = "running"  # takes devices while it has rounds to run
+    PAUSED = "paused"  # takes no devices; its open rounds run to their deadlines
+    CANCELLED = "cancelled"  # terminal: takes no devices; its open rounds were abandoned
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskRecord:
     config: TaskConfig
@@ -34,6 +44,7 @@ class TaskRecord:
     initial_weights_sha256: str
     num_parameters: int
     created_at: float
+    state: TaskState = TaskState.RUNNING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +98,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def tasks(self) -> list[TaskRecord]:
-        """All tasks, in creation order."""
+        """All tasks, in creation order, each with its latest state."""
+
+    @abc.abstractmethod
+    def set_task_state(self, task_id: str, state: TaskState) -> None:
+        """Records an operator's decision for a task; durable once it returns."""
 
     @abc.abstractmethod
     def commit_round(

@@ -41,7 +41,7 @@ def _run_rounds(
         async with running_coordinator(
             str(tmp_path / f"{aggregator[:8]}.sqlite"), model_bytes, config, clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address)
+            client = CoordinatorClient(running.address, running.trust)
             runtime = DeviceRuntime(
                 client=client,
                 population=POPULATION,
@@ -100,7 +100,7 @@ def test_corrupt_encoded_upload_gets_invalid_argument_and_the_token_stays_usable
         async with running_coordinator(
             str(tmp_path / "c.sqlite"), model_bytes, config, FakeClock(), SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address)
+            client = CoordinatorClient(running.address, running.trust)
             response = await client.check_in(POPULATION, "phone-1", 40)
             assignment = response.assignment
             num_parameters = running.coordinator.task("t1").record.num_parameters
@@ -120,6 +120,7 @@ def test_corrupt_encoded_upload_gets_invalid_argument_and_the_token_stays_usable
             assert current is not None and current.aggregate.count == 0
             await client.upload(assignment.upload_token, good, 40, metrics)
             await client.close()
+            await running.settled()
             return refused.value.code, len(running.store.rounds("t1"))
 
     code, committed = asyncio.run(scenario())

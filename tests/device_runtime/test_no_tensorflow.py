@@ -57,6 +57,8 @@ def test_device_process_trains_without_tensorflow(
         async with running_coordinator(
             str(tmp_path / "store.sqlite"), model_bytes, config
         ) as running:
+            assert running.trust.root_certificates is not None
+            (tmp_path / "ca.pem").write_bytes(running.trust.root_certificates)
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-c",
@@ -64,6 +66,8 @@ def test_device_process_trains_without_tensorflow(
                 "device",
                 "--server",
                 running.address,
+                "--root-certs",
+                str(tmp_path / "ca.pem"),
                 "--population",
                 POPULATION,
                 "--examples",

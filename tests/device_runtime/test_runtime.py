@@ -52,9 +52,9 @@ def test_rejected_device_waits_for_the_next_round_as_told(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
         ) as running:
-            holder = CoordinatorClient(running.address)
+            holder = CoordinatorClient(running.address, running.trust)
             await holder.check_in(POPULATION, "device-a", EXAMPLES)  # takes the only seat
-            client = CoordinatorClient(running.address)
+            client = CoordinatorClient(running.address, running.trust)
             stop = asyncio.Event()
 
             def record(attempt: Attempt) -> None:
@@ -94,7 +94,7 @@ def test_interruption_reaches_the_coordinator_as_a_dropout(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, task_config(), clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address)
+            client = CoordinatorClient(running.address, running.trust)
             attempt = await _runtime(client, clock, conditions).attempt()
             await client.close()
             return attempt, running.coordinator.task("t1").current
@@ -116,7 +116,7 @@ def test_ineligible_device_does_not_check_in(tmp_path: pathlib.Path, model_bytes
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, task_config(), clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address)
+            client = CoordinatorClient(running.address, running.trust)
             attempt = await _runtime(client, clock, ScriptedConditions(eligible=False)).attempt()
             await client.close()
             return attempt, running.coordinator.task("t1").current
@@ -138,9 +138,10 @@ def test_model_is_downloaded_once_and_weights_once_per_round(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address)
+            client = CoordinatorClient(running.address, running.trust)
             await _runtime(client, clock, ScriptedConditions()).run(max_reports=2)
             await client.close()
+            await running.settled()
             task = running.coordinator.task("t1")
             return (
                 client.counters.downloaded_bytes,

@@ -34,6 +34,9 @@ def _serve(data_dir: pathlib.Path, *extra: str) -> subprocess.Popen[str]:
             f"127.0.0.1:{_free_port()}",
             "--data-dir",
             str(data_dir),
+            "--admin-address",
+            "127.0.0.1:0",
+            "--insecure",  # these tests are about the data directory, not the transport
             *extra,
         ],
         cwd=REPO,

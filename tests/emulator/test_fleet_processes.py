@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from device_runtime.channel import ServerTrust
 from emulator.data import SampledDigits
 from emulator.fleet_config import DailyRoutine, FleetConfig, TimeZoneShare
 from emulator.fleet_processes import FleetProcesses, FleetReport
@@ -59,6 +60,7 @@ def test_worker_processes_train_rounds_and_report_participation(
             day = 20_000 * 86400.0
             spec = FleetSpec(
                 target=running.address,
+                trust=running.trust,
                 population=POPULATION,
                 config=QUIET_NIGHT,
                 datasets=SampledDigits(seed=0),
@@ -95,6 +97,7 @@ def test_worker_processes_train_rounds_and_report_participation(
 def test_a_priority_outside_what_an_unprivileged_user_may_set_is_refused(nice: int) -> None:
     spec = FleetSpec(
         target="127.0.0.1:1",
+        trust=ServerTrust(),
         population=POPULATION,
         config=QUIET_NIGHT,
         datasets=SampledDigits(seed=0),

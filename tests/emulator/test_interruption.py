@@ -70,7 +70,7 @@ def test_pickup_mid_training_is_an_interruption_the_coordinator_counts_as_dropou
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, task_config()
         ) as running:
-            client = CoordinatorClient(running.address)
+            client = CoordinatorClient(running.address, running.trust)
             runtime = DeviceRuntime(
                 client=client,
                 population=POPULATION,

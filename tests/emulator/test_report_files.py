@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from emulator.cli import write_causes_csv, write_rounds_csv
+from server.operator_access import Role
 from tests.harness import running_coordinator, task_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -25,7 +26,14 @@ def test_rounds_csv_lists_the_coordinators_rounds(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, task_config()
         ) as running:
-            await asyncio.to_thread(write_rounds_csv, running.address, "t1", tmp_path / "r.csv")
+            await asyncio.to_thread(
+                write_rounds_csv,
+                running.admin_address,
+                running.trust,
+                running.tokens[Role.VIEWER],
+                "t1",
+                tmp_path / "r.csv",
+            )
 
     asyncio.run(scenario())
 

@@ -189,7 +189,7 @@ def test_a_store_failure_reaches_a_device_as_unavailable_with_retry_after(
         async with running_coordinator(
             str(small_disk.path / "store.sqlite"), model_bytes, task_config()
         ) as running:
-            client = CoordinatorClient(running.address)
+            client = CoordinatorClient(running.address, running.trust)
             try:
                 with small_disk.filled():
                     try:

@@ -91,7 +91,7 @@ def _overnight_fedavg(
         ) as running:
             devices = []
             for index, examples in enumerate(clients):
-                client = CoordinatorClient(running.address)
+                client = CoordinatorClient(running.address, running.trust)
                 runtime = DeviceRuntime(
                     client=client,
                     population=POPULATION,

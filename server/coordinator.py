@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import secrets
 from collections.abc import Callable, Sequence
 from typing import assert_never
@@ -41,7 +42,7 @@ from server.evaluation import HeldOutEvaluator
 from server.optimizers import deserialize_state, serialize_state
 from server.pace_steering import PaceSteering, PaceSteeringSettings, PopulationActivity
 from server.rounds import aggregating, closed, reporting, selecting
-from server.rounds.round import AssignmentState, RoundInProgress
+from server.rounds.round import AssignmentState, DeviceAssignment, RoundInProgress
 from server.secagg.round_bridge import SecureRounds
 from server.store import AssignmentRecord, RoundRecord, RoundState, Store, TaskRecord
 from server.task_runtime import TaskRuntime
@@ -264,7 +265,7 @@ class Coordinator:
                 and selecting.takes_devices(round_, task.config)
                 and request.device_id not in round_.devices
             ):
-                return self._assign(task, round_, request.device_id, activity.active_devices(now))
+                return self._assign(task, round_, request, activity.active_devices(now))
         soonest = min(running, key=lambda t: t.next_selection_in_s(now))
         active = activity.active_devices(now)
         if len(ineligible) == len(running):
@@ -319,15 +320,20 @@ class Coordinator:
         return task.selecting
 
     def _assign(
-        self, task: TaskRuntime, round_: RoundInProgress, device_id: str, active: int
+        self,
+        task: TaskRuntime,
+        round_: RoundInProgress,
+        request: device_pb2.CheckInRequest,
+        active: int,
     ) -> device_pb2.CheckInResponse:
+        device_id = request.device_id
         token = secrets.token_bytes(32)
         digest = token_digest(token)
         now = self._clock.now()
         self._store.add_assignment(
             AssignmentRecord(digest, task.task_id, round_.round_number, device_id, now)
         )
-        round_.assign(device_id, digest)
+        round_.assign(device_id, digest, request.example_count)
         secure = self.secure_rounds.aggregator(round_) is not None
         enrollment = self.secure_rounds.enroll(round_, digest) if secure else None
         self._issued[digest] = (task.task_id, round_.round_number)
@@ -452,15 +458,11 @@ class Coordinator:
         """Adds one update (the payload, or the chunks it arrived in) to its round. Any
         refusal leaves the round exactly as it was."""
         task, round_, digest = self._reportable(header)
-        metrics = header.metrics
-        if not (np.isfinite(metrics.loss) and np.isfinite(metrics.accuracy)):
-            raise InvalidArgument("client metrics contain NaN or infinite values")
-        if metrics.num_examples < 0 or metrics.num_batches < 0:
-            raise InvalidArgument("client metrics counts must be >= 0")
+        header = credited_header(header, task.config, round_.assignments[digest])
         # The aggregator checks the header against its encoding before it decodes.
         chunks = [payload] if isinstance(payload, bytes | memoryview) else payload
         accumulate_received(round_.aggregate, header, chunks)
-        round_.client_metrics.accumulate(metrics)
+        round_.client_metrics.accumulate(header.metrics)
         round_.upload_bytes += wire_bytes
         round_.set_state(digest, AssignmentState.REPORTED)
         self._advance(task, round_)
@@ -508,8 +510,8 @@ class Coordinator:
                 case RoundState.REPORTING:
                     following = reporting.next_state(round_, task.config, now)
                 case RoundState.AGGREGATING:
-                    self._commit(task, round_, now)
-                    following = RoundState.COMMITTED
+                    committed = self._commit(task, round_, now)
+                    following = RoundState.COMMITTED if committed else RoundState.FAILED
                 case RoundState.FAILED:
                     self._close_failed(task, round_, now)
                     return
@@ -529,13 +531,23 @@ class Coordinator:
                 task.reporting_durations_s.append(now - round_.reporting_started_at)
             round_.state = following
 
-    def _commit(self, task: TaskRuntime, round_: RoundInProgress, now: float) -> None:
+    def _commit(self, task: TaskRuntime, round_: RoundInProgress, now: float) -> bool:
+        """Commits the round; False (nothing stored, the round must fail) when its result is
+        not finite: committed weights are never NaN or infinite."""
         if task.config.is_evaluation:
             result = aggregating.evaluated(round_, self.resource(round_.base_weights_sha256))
         else:
             result = aggregating.aggregate(
                 round_, task.weights, task.optimizer, task.optimizer_state, task.committed_rounds
             )
+            if not aggregating.is_finite(result):
+                log.error(
+                    "task %s round %d: the aggregate or the new weights are not finite; "
+                    "the round fails and the model stays as it was",
+                    task.task_id,
+                    round_.round_number,
+                )
+                return False
         weights_bytes = result.weights.astype("<f4").tobytes()
         broadcasted = task.broadcasted_bits + 8.0 * round_.broadcast_bytes
         aggregated = task.aggregated_bits + 8.0 * round_.upload_bytes
@@ -569,6 +581,7 @@ class Coordinator:
             metrics.get("eval/accuracy", "n/a"),
         )
         self._notify(task, record)
+        return True
 
     def _close_failed(self, task: TaskRuntime, round_: RoundInProgress, now: float) -> None:
         record = closed.record(round_, RoundState.FAILED, now)
@@ -596,6 +609,38 @@ class Coordinator:
                 observer(task, record)
             except Exception:  # an observer (e.g. TensorBoard) must not break a commit
                 log.exception("round observer failed")
+
+
+def credited_header(
+    header: device_pb2.UploadHeader, config: TaskConfig, assignment: DeviceAssignment
+) -> device_pb2.UploadHeader:
+    """The header with the example count the coordinator credits (its weight in the mean):
+    at most what the device declared at check-in and at most the task's per-device maximum
+    (and its plan's `max_examples`). Client metrics are capped to match. Raises
+    InvalidArgument for metrics no device can produce."""
+    metrics = header.metrics
+    if not (math.isfinite(metrics.loss) and 0.0 <= metrics.accuracy <= 1.0):
+        raise InvalidArgument("client metrics need a finite loss and an accuracy in [0, 1]")
+    if metrics.num_examples < 0 or metrics.num_batches < 0:
+        raise InvalidArgument("client metrics counts must be >= 0")
+    credit = min(
+        header.example_count,
+        assignment.declared_examples,
+        config.max_examples_per_device,
+        config.max_examples or config.max_examples_per_device,
+    )
+    processed = max(credit, 0) * max(config.epochs, 1)  # examples over every epoch
+    if (
+        credit == header.example_count
+        and max(metrics.num_examples, metrics.num_batches) <= processed
+    ):
+        return header
+    credited = device_pb2.UploadHeader()
+    credited.CopyFrom(header)
+    credited.example_count = credit
+    credited.metrics.num_examples = min(metrics.num_examples, processed)
+    credited.metrics.num_batches = min(metrics.num_batches, processed)
+    return credited
 
 
 def check_protocol_version(version: int) -> None:

@@ -472,6 +472,8 @@ class Coordinator:
 
     def report_failure(self, report: device_pb2.FailureReport) -> device_pb2.FailureAck:
         check_protocol_version(report.protocol_version)
+        if report.cause not in device_pb2.FailureReport.Cause.values():
+            raise InvalidArgument(f"failure cause {report.cause} is not a FailureReport.Cause")
         task, round_, digest = self._open_assignment(report.upload_token)
         assignment = round_.assignments[digest]
         if assignment.state is not AssignmentState.ASSIGNED:

@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 from device_runtime.clock import Clock, RealClock
+from server import limits
 from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
 from server.grpc_service import CoordinatorServer
@@ -50,12 +51,15 @@ async def running_coordinator(
     config: TaskConfig | None = None,
     clock: Clock | None = None,
     settings: CoordinatorSettings | None = None,
+    upload_idle_timeout_s: float = limits.upload_idle_timeout_s,
 ) -> AsyncIterator[RunningCoordinator]:
     store = SqliteStore(store_path)
     coordinator = Coordinator(store, clock or RealClock(), settings)
     if model_bytes is not None:
         coordinator.register_task(config or task_config(), model_bytes)
-    server = CoordinatorServer(coordinator, "127.0.0.1:0")
+    server = CoordinatorServer(
+        coordinator, "127.0.0.1:0", upload_idle_timeout_s=upload_idle_timeout_s
+    )
     await server.start()
     try:
         yield RunningCoordinator(coordinator, server, store)

@@ -1,0 +1,207 @@
+"""Every request is checked before a handler sees it, and nothing answers UNKNOWN.
+
+gRPC's asyncio server turns an exception in a request deserializer (undecodable bytes) or an
+unexpected exception in a handler into UNKNOWN, and its receive limit is one number for the
+whole server. `RequestGuard`, a server interceptor, wraps every method's handler once:
+
+- its request deserializer never raises: it checks the method's size limit
+  (server/limits.py), parses, and checks every enum value and string length of the message,
+  recursively; a request that fails becomes a `Refusal` that the handler wrapper answers with
+  INVALID_ARGUMENT (undecodable, unknown enum value, string too long) or RESOURCE_EXHAUSTED
+  (over the method's size limit), before any handler code runs;
+- a client stream that sends nothing for `idle_timeout_s` ends with DEADLINE_EXCEEDED, which
+  frees whatever the handler held (an upload slot);
+- a CoordinatorError escaping a handler becomes its status (server.errors); any other
+  exception is logged with its traceback and answered UNAVAILABLE: an internal or store
+  failure, which the device retries later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor, message
+
+from server import limits
+from server.errors import (
+    CoordinatorError,
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    abort_unexpected,
+    abort_with,
+)
+
+log = logging.getLogger(__name__)
+
+Deserializer = Callable[[bytes], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """What a guarded deserializer returns instead of a request it refuses."""
+
+    error: CoordinatorError
+
+
+def check_fields(request: message.Message) -> None:
+    """Raises InvalidArgument for an enum value its type does not define, or a string over
+    its limit (server/limits.py), anywhere in the message."""
+    for field, value in request.ListFields():
+        repeated = field.label == descriptor.FieldDescriptor.LABEL_REPEATED  # type: ignore[attr-defined]
+        values = value if repeated else (value,)
+        match field.type:
+            case descriptor.FieldDescriptor.TYPE_ENUM:
+                assert field.enum_type is not None
+                for number in values:
+                    if number not in field.enum_type.values_by_number:
+                        raise InvalidArgument(
+                            f"{field.full_name}: {number} is not a {field.enum_type.name}"
+                        )
+            case descriptor.FieldDescriptor.TYPE_STRING:
+                limit = limits.max_string_bytes_by_field.get(
+                    field.full_name, limits.max_string_bytes
+                )
+                for text in values:
+                    if len(text) > limit or len(text.encode()) > limit:
+                        raise InvalidArgument(
+                            f"{field.full_name} is longer than its limit of {limit} bytes"
+                        )
+            case descriptor.FieldDescriptor.TYPE_MESSAGE:
+                assert field.message_type is not None
+                if field.message_type.GetOptions().map_entry:
+                    continue  # no request has a map; responses (metrics) are ours
+                for item in values:
+                    check_fields(item)
+            case _:
+                pass
+
+
+def guarded_deserializer(method: str, deserializer: Deserializer | None) -> Deserializer:
+    max_bytes = limits.max_request_bytes_by_method.get(method, limits.default_max_request_bytes)
+
+    def deserialize(raw: bytes) -> Any:
+        if len(raw) > max_bytes:
+            return Refusal(
+                ResourceExhausted(
+                    f"a {method.rsplit('/', 1)[-1]} request is at most {max_bytes} bytes, "
+                    f"got {len(raw)}"
+                )
+            )
+        try:
+            request = deserializer(raw) if deserializer is not None else raw
+            if isinstance(request, message.Message):
+                check_fields(request)
+        except CoordinatorError as exc:
+            return Refusal(exc)
+        except Exception as exc:  # protobuf's DecodeError, or whatever a parser raises
+            return Refusal(InvalidArgument(f"undecodable request: {exc}"))
+        return request
+
+    return deserialize
+
+
+class RequestGuard(grpc.aio.ServerInterceptor):
+    def __init__(self, idle_timeout_s: float = limits.upload_idle_timeout_s) -> None:
+        self.idle_timeout_s = idle_timeout_s
+        self._handlers: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if method in self._handlers:
+            cached = self._handlers[method]
+            if cached is not None:
+                return cached
+        handler = await continuation(handler_call_details)
+        if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
+            return handler
+        guarded = self._guard(method, handler)
+        self._handlers[method] = guarded
+        return guarded
+
+    def _guard(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        deserialize = guarded_deserializer(method, handler.request_deserializer)
+        serialize = handler.response_serializer
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary), deserialize, serialize
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._unary_stream(method, handler.unary_stream), deserialize, serialize
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._stream_unary(method, handler.stream_unary), deserialize, serialize
+            )
+        return handler  # no bidirectional streams in Overnight's protocol
+
+    def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                if isinstance(request, Refusal):
+                    raise request.error
+                return await behavior(request, context)
+            except CoordinatorError as exc:
+                await abort_with(method, exc, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort_unexpected(method, exc, context)
+
+        return guarded
+
+    def _unary_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                if isinstance(request, Refusal):
+                    raise request.error
+                async for response in behavior(request, context):
+                    yield response
+            except CoordinatorError as exc:
+                await abort_with(method, exc, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort_unexpected(method, exc, context)
+
+        return guarded
+
+    def _stream_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        idle_timeout_s = self.idle_timeout_s
+
+        async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            iterator = aiter(requests)
+            while True:
+                try:
+                    request = await asyncio.wait_for(anext(iterator), idle_timeout_s)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"the stream sent nothing for {idle_timeout_s:g} s; it was cancelled"
+                    ) from None
+                if isinstance(request, Refusal):
+                    raise request.error
+                yield request
+
+        async def guarded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(checked(requests), context)
+            except CoordinatorError as exc:
+                await abort_with(method, exc, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort_unexpected(method, exc, context)
+
+        return guarded

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -58,21 +58,33 @@ def status_code(error: CoordinatorError) -> grpc.StatusCode:
     return error.code
 
 
-async def abort_with(name: str, error: CoordinatorError, context: grpc.aio.ServicerContext) -> None:
+def refuse(name: str, error: CoordinatorError, context: grpc.aio.ServicerContext) -> None:
+    """Sets the status a refused call ends with; the handler then returns (see below)."""
     log.info("%s refused: %s %s", name, status_code(error).name, error)
-    await context.abort(status_code(error), str(error))
+    context.set_code(status_code(error))
+    context.set_details(str(error))
 
 
-async def abort_unexpected(name: str, error: Exception, context: grpc.aio.ServicerContext) -> None:
+def answer_unexpected(name: str, error: Exception, context: grpc.aio.ServicerContext) -> None:
     log.error(
         "%s failed unexpectedly; answered %s", name, UNEXPECTED_ERROR_CODE.name, exc_info=error
     )
-    await context.abort(UNEXPECTED_ERROR_CODE, "the coordinator failed internally; retry later")
+    context.set_code(UNEXPECTED_ERROR_CODE)
+    context.set_details("the coordinator failed internally; retry later")
+
+
+# Why handlers set the status and return instead of calling `context.abort`: abort raises
+# AbortError, which gRPC keeps on the call, and its traceback holds the handler's frames and
+# context: a reference cycle that keeps the call (and its HTTP/2 stream) alive until Python's
+# cyclic garbage collector runs. Refused client-streaming calls then stayed counted against
+# the connection's grpc.max_concurrent_streams: after 64 of them every later call on that
+# connection was refused (UNAVAILABLE "RST_STREAM with error code 7", or INTERNAL at an
+# asyncio client). A returned status frees the call at once.
 
 
 def abort_on_error(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Wraps a unary gRPC handler: a CoordinatorError becomes its status, with its message;
-    any other exception is logged and answered UNAVAILABLE.
+    """Wraps a unary or client-streaming gRPC handler: a CoordinatorError becomes its status,
+    with its message; any other exception is logged and answered UNAVAILABLE.
 
     Every service (device, admin, secure aggregation) uses this one mapping.
     """
@@ -82,11 +94,12 @@ def abort_on_error(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitab
         try:
             return await method(self, request, context)
         except CoordinatorError as exc:
-            await abort_with(method.__name__, exc, context)
+            refuse(method.__name__, exc, context)
         except grpc.aio.AbortError:
             raise  # the handler aborted the call itself
         except Exception as exc:
-            await abort_unexpected(method.__name__, exc, context)
-        raise AssertionError("unreachable: abort raises")
+            answer_unexpected(method.__name__, exc, context)
+        # gRPC sends the status set on the context; no response message goes out.
+        return cast(T, None)
 
     return wrapper

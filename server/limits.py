@@ -58,6 +58,9 @@ max_aggregator_expression_bytes = 1024
 # An upload (or masked-input) stream that sends nothing for this long is cancelled, and frees
 # the upload slot it held.
 upload_idle_timeout_s = 30.0
+# A client stream the coordinator is done with (refused, or complete) is read to its end, up
+# to this many more messages, before the call ends (server/request_guard.py).
+max_drained_messages = 64
 max_concurrent_streams_per_connection = 100
 # The server pings an idle connection after this long and drops it when no ack comes back
 # within the timeout; clients may not ping more often than the minimum interval.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -33,8 +33,8 @@ from server.errors import (
     DeadlineExceeded,
     InvalidArgument,
     ResourceExhausted,
-    abort_unexpected,
-    abort_with,
+    answer_unexpected,
+    refuse,
 )
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,14 @@ Deserializer = Callable[[bytes], Any]
 
 @dataclasses.dataclass(frozen=True)
 class Refusal:
-    """What a guarded deserializer returns instead of a request it refuses."""
+    """What a guarded deserializer returns instead of a request it refuses. The error is
+    never raised itself (a raised error would hold, through its traceback, the frame that
+    holds this refusal: a reference cycle that keeps the call alive; see server/errors.py)."""
 
     error: CoordinatorError
+
+    def raised(self) -> CoordinatorError:
+        return type(self.error)(*self.error.args)
 
 
 def check_fields(request: message.Message) -> None:
@@ -98,7 +103,7 @@ def guarded_deserializer(method: str, deserializer: Deserializer | None) -> Dese
             if isinstance(request, message.Message):
                 check_fields(request)
         except CoordinatorError as exc:
-            return Refusal(exc)
+            return Refusal(exc.with_traceback(None))
         except Exception as exc:  # protobuf's DecodeError, or whatever a parser raises
             return Refusal(InvalidArgument(f"undecodable request: {exc}"))
         return request
@@ -145,18 +150,41 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             )
         return handler  # no bidirectional streams in Overnight's protocol
 
+    async def _read_to_end(self, requests: AsyncIterator[Any]) -> None:
+        """Reads what a client still sends on a stream the handler is done with (at most
+        `max_drained_messages`, none once it goes idle).
+
+        grpcio's asyncio server keeps a client stream's reader in a reference cycle with the
+        call until the reader is exhausted: a call whose stream was not read to its end stays
+        alive, and counted against the connection's grpc.max_concurrent_streams, until
+        Python's cyclic garbage collector runs. After 64 refused uploads every later call on
+        that connection was refused ("RST_STREAM with error code 7"). Read to the end, the
+        call is freed at once, and the device gets the status after it has sent everything
+        (an asyncio client that is still writing can see INTERNAL instead, grpc#36066).
+        """
+        iterator = aiter(requests)
+        try:
+            for _ in range(limits.max_drained_messages):
+                async with asyncio.timeout(self.idle_timeout_s):
+                    await anext(iterator)
+        except (StopAsyncIteration, TimeoutError):
+            pass
+        except Exception as exc:  # the rest of a refused stream changes nothing
+            log.debug("reading a finished stream to its end stopped: %s", exc)
+
     def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 if isinstance(request, Refusal):
-                    raise request.error
+                    refuse(method, request.error, context)
+                    return None
                 return await behavior(request, context)
             except CoordinatorError as exc:
-                await abort_with(method, exc, context)
+                refuse(method, exc, context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await abort_unexpected(method, exc, context)
+                answer_unexpected(method, exc, context)
 
         return guarded
 
@@ -164,44 +192,58 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
                 if isinstance(request, Refusal):
-                    raise request.error
+                    refuse(method, request.error, context)
+                    return
                 async for response in behavior(request, context):
                     yield response
             except CoordinatorError as exc:
-                await abort_with(method, exc, context)
+                refuse(method, exc, context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await abort_unexpected(method, exc, context)
+                answer_unexpected(method, exc, context)
 
         return guarded
 
     def _stream_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         idle_timeout_s = self.idle_timeout_s
 
-        async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async def checked(
+            requests: AsyncIterator[Any], went_idle: list[bool]
+        ) -> AsyncGenerator[Any, None]:
             iterator = aiter(requests)
             while True:
                 try:
-                    request = await asyncio.wait_for(anext(iterator), idle_timeout_s)
+                    # asyncio.timeout, not wait_for: wait_for reads in a task of its own, whose
+                    # stored StopAsyncIteration ties the call into a reference cycle.
+                    async with asyncio.timeout(idle_timeout_s):
+                        request = await anext(iterator)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
+                    went_idle.append(True)
                     raise DeadlineExceeded(
                         f"the stream sent nothing for {idle_timeout_s:g} s; it was cancelled"
                     ) from None
                 if isinstance(request, Refusal):
-                    raise request.error
+                    raise request.raised()
                 yield request
 
         async def guarded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            went_idle: list[bool] = []  # set when the client stopped sending
+            stream = checked(requests, went_idle)
             try:
-                return await behavior(checked(requests), context)
+                return await behavior(stream, context)
             except CoordinatorError as exc:
-                await abort_with(method, exc, context)
+                refuse(method, exc, context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await abort_unexpected(method, exc, context)
+                answer_unexpected(method, exc, context)
+            finally:
+                await stream.aclose()
+                if not went_idle:
+                    await self._read_to_end(requests)
+            return None
 
         return guarded

@@ -4,6 +4,7 @@ and nothing changed in the store (server/request_guard.py, server/limits.py)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import pathlib
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,6 +15,7 @@ import pytest
 
 from device_runtime import constants
 from protos import admin_pb2, device_pb2, device_pb2_grpc, secagg_pb2
+from server import limits
 from tests.harness import POPULATION, RunningCoordinator, running_coordinator, task_config
 
 V = constants.PROTOCOL_VERSION
@@ -268,3 +270,47 @@ def test_an_idle_upload_is_cancelled_and_frees_its_slot(
         assert round_ is not None and round_.reported == 1
 
     _run(tmp_path, model_bytes, body, idle_s=0.2)
+
+
+def test_refused_uploads_do_not_use_up_the_connections_streams(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    """Refused client streams must free their HTTP/2 stream at once, not when the garbage
+    collector finds their reference cycles (server/errors.py): with the collector off, three
+    connection-fulls of refused uploads, then calls on the same connection still work."""
+    header = device_pb2.UploadChunk(
+        header=device_pb2.UploadHeader(
+            protocol_version=V,
+            upload_token=b"x" * 32,
+            example_count=5,
+            num_elements=10,
+            encoding=constants.UPDATE_ENCODING_FLOAT32_DELTA,
+        )
+    ).SerializeToString()
+    streams = limits.max_concurrent_streams_per_connection
+
+    async def body(running: RunningCoordinator, channel: grpc.aio.Channel) -> None:
+        upload = "/overnight.v1.DeviceService/UploadUpdate"
+        for _ in range(3):
+            codes = await asyncio.gather(
+                *(raw_call(channel, upload, True, False, header) for _ in range(streams // 2))
+            )
+            assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
+        check_in = device_pb2.CheckInRequest(
+            protocol_version=V, population="other", device_id="d", example_count=10
+        ).SerializeToString()
+
+        codes = await asyncio.gather(
+            *(
+                raw_call(channel, "/overnight.v1.DeviceService/CheckIn", False, False, check_in)
+                for _ in range(streams - 10)
+            )
+        )
+
+        assert set(codes) == {grpc.StatusCode.NOT_FOUND}
+
+    gc.disable()
+    try:
+        _run(tmp_path, model_bytes, body)
+    finally:
+        gc.enable()

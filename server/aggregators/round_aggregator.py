@@ -1,8 +1,10 @@
 """The server half of a composed aggregator for one round: accumulate, merge, finalize.
 
 Stages, outermost first, as in TFF: zeroing, clipping or DP, mean, codec. The client halves ran
-on the devices (device_runtime/aggregation/client.py); here each encoded update is checked,
-decoded straight into a `CodecAccumulator` (memory O(model)) and its flags are counted. At
+on the devices (device_runtime/aggregation/client.py), but a device may not have run them: here
+each encoded update is checked, its decoded norm measured and the zeroing and clipping applied
+again by the server (enforcement.py), then it is added straight into a `CodecAccumulator`
+(memory O(model)), scaled by what the server's stages decided. At
 finalize the stages turn the sum into the mean (plus DP noise), report their measurements under
 their own names, and compute the state of the next round (adaptive bounds, privacy spent).
 """

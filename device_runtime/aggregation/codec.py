@@ -38,7 +38,6 @@ from device_runtime.aggregation.codec_spec import (
     CodecError,
     CodecSpec,
 )
-from device_runtime.aggregation.norms import global_norm
 from device_runtime.aggregation.rotation import RandomizedHadamard, shared_stream
 
 FORMAT_VERSION = 1
@@ -258,71 +257,6 @@ class UpdateCodec:
             values.append(np.frombuffer(stream[at : at + 4 * k], "<f4"))
             at += 4 * k
         return np.concatenate(indices), np.concatenate(values)
-
-    def decoded_norm(self, update: ParsedUpdate, order: float) -> float:
-        """The norm (order 1, 2 or inf) of the update `update` decodes to, computed in the
-        codec's domain where it can be: the rotation is orthonormal and subsampled
-        coordinates decode to zero, so the L2 norm never needs the rotation undone; the inf
-        and L1 norms of rotated codecs do (a full decode). `update` must be finite."""
-        if order == 2.0:
-            return float(np.sqrt(self._squared_norm(update)))
-        name = self.spec.name
-        if self.rotation is None and name in (FLOAT32, UNIFORM, TOP_K):
-            exact = update.exact.astype(np.float64)
-            if order == 1.0:
-                total = float(np.abs(exact).sum())
-            else:
-                total = float(np.abs(exact).max(initial=0.0))
-            if not self.num_compressed or name == FLOAT32:
-                return total
-            values = (
-                update.scalars.astype(np.float64) if name == TOP_K else self._dequantized(update)
-            )
-            if order == 1.0:
-                return total + float(np.abs(values).sum())
-            return max(total, float(np.abs(values).max(initial=0.0)))
-        return float(global_norm(self.decode_parsed(update), order))
-
-    def _squared_norm(self, update: ParsedUpdate) -> float:
-        exact = update.exact.astype(np.float64)
-        total = float(np.dot(exact, exact))
-        name = self.spec.name
-        if not self.num_compressed or name == FLOAT32:
-            return total
-        if name == TOP_K:
-            values = update.scalars.astype(np.float64)
-            return total + float(np.dot(values, values))
-        starts = self.domain_starts
-        if name == SIGN:
-            kept = np.diff(starts).astype(np.float64)
-            scales = update.scalars.astype(np.float64)
-            return total + float(np.dot(scales * scales, kept))
-        assert name == UNIFORM
-        bits = self.spec.bits
-        for s in range(self.num_segments):
-            a, b = starts[s], starts[s + 1]
-            codes = update.codes[a:b].astype(np.float64)
-            low = float(update.scalars[2 * s])
-            step = quantization.dequantize_step(
-                update.scalars[2 * s], update.scalars[2 * s + 1], bits
-            )
-            # sum of (low + step * code)^2 over the segment, from the codes' sums.
-            total += (b - a) * low * low
-            total += 2.0 * low * step * float(codes.sum()) + step * step * float(
-                np.dot(codes, codes)
-            )
-        return max(total, 0.0)
-
-    def _dequantized(self, update: ParsedUpdate) -> np.ndarray:
-        """The uniform codec's values in its domain, float64 (one model-sized temporary)."""
-        out = np.empty(self.domain_size, np.float64)
-        starts, bits = self.domain_starts, self.spec.bits
-        for s in range(self.num_segments):
-            a, b = starts[s], starts[s + 1]
-            low, high = update.scalars[2 * s], update.scalars[2 * s + 1]
-            step = quantization.dequantize_step(low, high, bits)
-            out[a:b] = float(low) + step * update.codes[a:b].astype(np.float64)
-        return out
 
     def decode_parsed(self, update: ParsedUpdate) -> np.ndarray:
         """The float32 update a parsed payload stands for."""

@@ -33,6 +33,7 @@ from device_runtime.aggregation import codec_spec
 from device_runtime.aggregation.client import NormBound
 from device_runtime.aggregation.codec import ParsedUpdate, UpdateCodec, UpdateFlags
 from device_runtime.aggregation.codec_spec import CodecSpec
+from server.aggregators.decoded_norms import DecodedNormMeter
 
 # float32 rounding of a client's clip_l2 and of the norm itself: relative, far above both.
 rounding_tolerance = 1e-5
@@ -69,14 +70,14 @@ class Verdict:
 class DecodedNorms:
     """The norms of one decoded update, each computed at most once, cheapest bound first."""
 
-    def __init__(self, codec: UpdateCodec, update: ParsedUpdate) -> None:
-        self._codec = codec
+    def __init__(self, meter: DecodedNormMeter, update: ParsedUpdate) -> None:
+        self._meter = meter
         self._update = update
         self._norms: dict[float, float] = {}
 
     def norm(self, order: float) -> float:
         if order not in self._norms:
-            self._norms[order] = self._codec.decoded_norm(self._update, order)
+            self._norms[order] = self._meter.norm(self._update, order)
         return self._norms[order]
 
     def at_most(self, order: float, limit: float) -> bool:
@@ -96,7 +97,7 @@ class NormEnforcer:
         clipping: NormBound | None,
         clipping_is_sensitivity: bool = False,
     ) -> None:
-        self._codec = codec
+        self._meter = DecodedNormMeter(codec)
         self._zeroing = zeroing
         self._clipping = clipping
         self._slack = decoding_allowance(codec.spec) * (1.0 + rounding_tolerance)
@@ -106,7 +107,7 @@ class NormEnforcer:
 
     def judge(self, update: ParsedUpdate) -> Verdict:
         """`update` must be finite (non-finite updates are weighted 0 before this)."""
-        norms = DecodedNorms(self._codec, update)
+        norms = DecodedNorms(self._meter, update)
         claimed = update.flags
         flags, enforced = UpdateFlags(0), UpdateFlags(0)
         zeroing, clipping = self._zeroing, self._clipping

@@ -25,7 +25,7 @@ from server.errors import (
     InvalidArgument,
     ResourceExhausted,
     abort_on_error,
-    status_code,
+    refuse,
 )
 from server.request_guard import RequestGuard
 from server.rounds.round import RoundInProgress
@@ -174,12 +174,12 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     async def Download(
         self, request: device_pb2.DownloadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[device_pb2.DataChunk]:
-        # Streaming handler: errors are mapped inline (the decorator wraps unary calls).
+        # Streaming handler: errors are mapped inline (the decorator wraps the others).
         try:
             check_protocol_version(request.protocol_version)
             data = self._coordinator.resource(request.sha256)
         except CoordinatorError as exc:
-            await context.abort(status_code(exc), str(exc))
+            refuse("Download", exc, context)
             return
         sent = 0
         for start in range(0, max(len(data), 1), protocol.chunk_size_bytes):

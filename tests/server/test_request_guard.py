@@ -275,9 +275,9 @@ def test_an_idle_upload_is_cancelled_and_frees_its_slot(
 def test_refused_uploads_do_not_use_up_the_connections_streams(
     tmp_path: pathlib.Path, model_bytes: bytes
 ) -> None:
-    """Refused client streams must free their HTTP/2 stream at once, not when the garbage
-    collector finds their reference cycles (server/errors.py): with the collector off, three
-    connection-fulls of refused uploads, then calls on the same connection still work."""
+    """Refused calls must free their HTTP/2 stream at once, not when the garbage collector
+    finds their reference cycles (server/errors.py): with the collector off, connection-fulls
+    of refused uploads and check-ins, then calls on the same connection still work."""
     header = device_pb2.UploadChunk(
         header=device_pb2.UploadHeader(
             protocol_version=V,
@@ -289,16 +289,25 @@ def test_refused_uploads_do_not_use_up_the_connections_streams(
     ).SerializeToString()
     streams = limits.max_concurrent_streams_per_connection
 
+    check_in = device_pb2.CheckInRequest(
+        protocol_version=V, population="other", device_id="d", example_count=10
+    ).SerializeToString()
+    refused = [
+        ("/overnight.v1.DeviceService/UploadUpdate", True, header, "UNAUTHENTICATED"),
+        ("/overnight.v1.DeviceService/CheckIn", False, check_in, "NOT_FOUND"),
+        ("/overnight.v1.DeviceService/CheckIn", False, UNDECODABLE, "INVALID_ARGUMENT"),
+    ]
+
     async def body(running: RunningCoordinator, channel: grpc.aio.Channel) -> None:
-        upload = "/overnight.v1.DeviceService/UploadUpdate"
-        for _ in range(3):
-            codes = await asyncio.gather(
-                *(raw_call(channel, upload, True, False, header) for _ in range(streams // 2))
-            )
-            assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
-        check_in = device_pb2.CheckInRequest(
-            protocol_version=V, population="other", device_id="d", example_count=10
-        ).SerializeToString()
+        for method, streaming, request, code in refused:
+            for _ in range(3):
+                codes = await asyncio.gather(
+                    *(
+                        raw_call(channel, method, streaming, False, request)
+                        for _ in range(streams // 2)
+                    )
+                )
+                assert {c.name for c in codes} == {code}
 
         codes = await asyncio.gather(
             *(

@@ -61,7 +61,10 @@ upload_idle_timeout_s = 30.0
 # A client stream the coordinator is done with (refused, or complete) is read to its end, up
 # to this many more messages, before the call ends (server/request_guard.py).
 max_drained_messages = 64
-max_concurrent_streams_per_connection = 100
+# A phone makes one or two calls at a time (a SecAgg long poll beside its work); the emulator
+# puts 256 phones on one connection (emulator/fleet_worker.py), whose rare extra calls queue
+# at the client rather than fail.
+max_concurrent_streams_per_connection = 256
 # The server pings an idle connection after this long and drops it when no ack comes back
 # within the timeout; clients may not ping more often than the minimum interval.
 keepalive_time_ms = 60_000

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
 import secrets
 from collections.abc import Callable, Sequence
 from typing import assert_never
@@ -39,10 +38,11 @@ from server.errors import (
     Unauthenticated,
 )
 from server.evaluation import HeldOutEvaluator
+from server.example_credit import credited_header
 from server.optimizers import deserialize_state, serialize_state
 from server.pace_steering import PaceSteering, PaceSteeringSettings, PopulationActivity
 from server.rounds import aggregating, closed, reporting, selecting
-from server.rounds.round import AssignmentState, DeviceAssignment, RoundInProgress
+from server.rounds.round import AssignmentState, RoundInProgress
 from server.secagg.round_bridge import SecureRounds
 from server.store import AssignmentRecord, RoundRecord, RoundState, Store, TaskRecord
 from server.task_runtime import TaskRuntime
@@ -611,38 +611,6 @@ class Coordinator:
                 observer(task, record)
             except Exception:  # an observer (e.g. TensorBoard) must not break a commit
                 log.exception("round observer failed")
-
-
-def credited_header(
-    header: device_pb2.UploadHeader, config: TaskConfig, assignment: DeviceAssignment
-) -> device_pb2.UploadHeader:
-    """The header with the example count the coordinator credits (its weight in the mean):
-    at most what the device declared at check-in and at most the task's per-device maximum
-    (and its plan's `max_examples`). Client metrics are capped to match. Raises
-    InvalidArgument for metrics no device can produce."""
-    metrics = header.metrics
-    if not (math.isfinite(metrics.loss) and 0.0 <= metrics.accuracy <= 1.0):
-        raise InvalidArgument("client metrics need a finite loss and an accuracy in [0, 1]")
-    if metrics.num_examples < 0 or metrics.num_batches < 0:
-        raise InvalidArgument("client metrics counts must be >= 0")
-    credit = min(
-        header.example_count,
-        assignment.declared_examples,
-        config.max_examples_per_device,
-        config.max_examples or config.max_examples_per_device,
-    )
-    processed = max(credit, 0) * max(config.epochs, 1)  # examples over every epoch
-    if (
-        credit == header.example_count
-        and max(metrics.num_examples, metrics.num_batches) <= processed
-    ):
-        return header
-    credited = device_pb2.UploadHeader()
-    credited.CopyFrom(header)
-    credited.example_count = credit
-    credited.metrics.num_examples = min(metrics.num_examples, processed)
-    credited.metrics.num_batches = min(metrics.num_batches, processed)
-    return credited
 
 
 def check_protocol_version(version: int) -> None:

@@ -10,7 +10,8 @@ whole server. `RequestGuard`, a server interceptor, wraps every method's handler
   INVALID_ARGUMENT (undecodable, unknown enum value, string too long) or RESOURCE_EXHAUSTED
   (over the method's size limit), before any handler code runs;
 - a client stream that sends nothing for `idle_timeout_s` ends with DEADLINE_EXCEEDED, which
-  frees whatever the handler held (an upload slot);
+  frees whatever the handler held (an upload slot); one the handler is done with is read to
+  its end (bounded), so that gRPC frees the call at once (`_read_to_end`);
 - a CoordinatorError escaping a handler becomes its status (server.errors); any other
   exception is logged with its traceback and answered UNAVAILABLE: an internal or store
   failure, which the device retries later.
@@ -114,7 +115,7 @@ def guarded_deserializer(method: str, deserializer: Deserializer | None) -> Dese
 class RequestGuard(grpc.aio.ServerInterceptor):
     def __init__(self, idle_timeout_s: float = limits.upload_idle_timeout_s) -> None:
         self.idle_timeout_s = idle_timeout_s
-        self._handlers: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}  # guarded, by method
 
     async def intercept_service(
         self,
@@ -122,10 +123,9 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method: str = handler_call_details.method  # type: ignore[attr-defined]
-        if method in self._handlers:
-            cached = self._handlers[method]
-            if cached is not None:
-                return cached
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return handler

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
 
 from device_runtime.clock import Clock, RealClock
 from server import limits
@@ -52,13 +54,17 @@ async def running_coordinator(
     clock: Clock | None = None,
     settings: CoordinatorSettings | None = None,
     upload_idle_timeout_s: float = limits.upload_idle_timeout_s,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> AsyncIterator[RunningCoordinator]:
     store = SqliteStore(store_path)
     coordinator = Coordinator(store, clock or RealClock(), settings)
     if model_bytes is not None:
         coordinator.register_task(config or task_config(), model_bytes)
     server = CoordinatorServer(
-        coordinator, "127.0.0.1:0", upload_idle_timeout_s=upload_idle_timeout_s
+        coordinator,
+        "127.0.0.1:0",
+        interceptors=interceptors,
+        upload_idle_timeout_s=upload_idle_timeout_s,
     )
     await server.start()
     try:

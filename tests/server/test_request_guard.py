@@ -229,21 +229,48 @@ async def _silent_after(
     await hold.wait()  # then sends nothing (a slow-loris)
 
 
+class UploadArrivals(grpc.aio.ServerInterceptor):
+    """Sets `arrived` once `expected` UploadUpdate calls reached the server."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.arrived = asyncio.Event()
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        if handler_call_details.method.endswith("/UploadUpdate"):
+            self.expected -= 1
+            if self.expected == 0:
+                self.arrived.set()
+        return await continuation(handler_call_details)
+
+
 def test_streams_that_send_nothing_take_no_upload_slot(
     tmp_path: pathlib.Path, model_bytes: bytes
 ) -> None:
-    async def body(running: RunningCoordinator, channel: grpc.aio.Channel) -> None:
-        honest = await _assignment(channel, "honest")
-        hold = asyncio.Event()
-        stub = device_pb2_grpc.DeviceServiceStub(channel)
-        silent = [stub.UploadUpdate(_silent_after([], hold)) for _ in range(2)]  # 2 slots
+    async def scenario() -> None:
+        arrivals = UploadArrivals(2)
+        async with (
+            running_coordinator(
+                str(tmp_path / "s.sqlite"), model_bytes, task_config(), interceptors=[arrivals]
+            ) as running,
+            grpc.aio.insecure_channel(running.address) as channel,
+        ):
+            honest = await _assignment(channel, "honest")
+            hold = asyncio.Event()
+            stub = device_pb2_grpc.DeviceServiceStub(channel)
+            # As many silent streams as there are upload slots, at the server before the
+            # honest upload starts.
+            silent = [stub.UploadUpdate(_silent_after([], hold)) for _ in range(2)]
+            await asyncio.wait_for(arrivals.arrived.wait(), 30)
 
-        await asyncio.wait_for(_honest_upload(channel, honest), 30)
+            await asyncio.wait_for(_honest_upload(channel, honest), 30)
 
-        for call in silent:
-            call.cancel()
+            round_ = running.coordinator.task("t1").current
+            assert round_ is not None and round_.reported == 1
+            for call in silent:
+                call.cancel()
 
-    _run(tmp_path, model_bytes, body)
+    asyncio.run(scenario())
 
 
 def test_an_idle_upload_is_cancelled_and_frees_its_slot(

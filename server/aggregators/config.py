@@ -7,6 +7,25 @@ import math
 
 from device_runtime.aggregation.codec_spec import FLOAT32, CodecSpec
 
+# No parameter of a stage (a norm, a clip, a weight, a noise multiplier, a rate) may exceed
+# this: beyond it, products such as 2 * clip or clip * levels overflow float64.
+max_parameter = 1e12
+
+
+def _check_magnitudes(where: str, stage: object) -> None:
+    """Raises ValueError for a number of the stage (or its adaptive estimate) above
+    `max_parameter` in magnitude; norm orders (1, 2 or inf) are checked by the stage."""
+    for field in dataclasses.fields(stage):  # type: ignore[arg-type]
+        value = getattr(stage, field.name)
+        if dataclasses.is_dataclass(value):
+            _check_magnitudes(where, value)
+        elif (
+            isinstance(value, float | int)
+            and field.name != "norm_order"
+            and not abs(value) <= max_parameter
+        ):
+            raise ValueError(f"{where}: {field.name} must be at most {max_parameter:g}")
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantileEstimatorConfig:
@@ -152,6 +171,14 @@ class AggregatorConfig:
         )
 
     def validate(self) -> AggregatorConfig:
+        for where, stage in (
+            ("zeroing", self.zeroing),
+            ("clipping", self.clipping),
+            ("dp", self.dp),
+            ("secure_aggregator", self.secure),
+        ):
+            if stage is not None:
+                _check_magnitudes(where, stage)
         if self.zeroing is not None:
             self.zeroing.validate("zeroing")
         if self.clipping is not None:

@@ -126,3 +126,19 @@ def test_optimizer_and_eligibility_fields_round_trip_through_toml_and_proto(
 def test_unknown_server_optimizer_is_named() -> None:
     with pytest.raises(InvalidArgument, match="'server_optimizer': must be one of"):
         TaskConfig.from_dict({"task_id": "t", "population": "p", "server_optimizer": "lamb"})
+
+
+@pytest.mark.parametrize(
+    "aggregator",
+    [
+        "secure_aggregator(clip=1e308)",
+        "zeroing(norm=1e300, mean)",
+        "clipping(initial_estimate=1e20, mean)",
+        "dp_aggregator(noise_multiplier=1, clients_per_round=1e15)",
+        "uniform(threshold=inf)",
+        "mean(uniform(threshold=inf))",
+    ],
+)
+def test_aggregator_parameters_are_finite_and_bounded(aggregator: str) -> None:
+    with pytest.raises(InvalidArgument, match="'aggregator'"):
+        TaskConfig(task_id="t", population="p", aggregator=aggregator).validate()

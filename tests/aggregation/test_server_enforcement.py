@@ -164,3 +164,32 @@ def _next_state(aggregator: EncodedRoundAggregator) -> dict[str, float]:
     _, metrics = aggregator.finalize()
     prefix = "aggregator_state/"
     return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def test_without_clipping_a_rotated_codecs_outlier_is_zeroed_on_its_exact_inf_norm() -> None:
+    """Zeroing is then the only bound, so the server undoes the rotation to measure it."""
+    aggregator = _round("one_bit_aggregator(clipping=false)")
+    outlier = np.zeros(N, np.float32)
+    outlier[123] = 1e4  # inf norm 1e4, far above the zeroing bound of 21
+
+    _unclipped(aggregator, outlier)
+    mean, metrics = aggregator.finalize()
+
+    assert metrics["aggregator/zeroing/enforced_count"] == 1
+    assert not np.any(mean)
+
+
+def test_with_clipping_a_rotated_codecs_outlier_is_at_least_clipped() -> None:
+    """Its exact inf norm would cost an inverse rotation per update; the clip bounds it."""
+    aggregator = _round("one_bit_aggregator()")
+    assert aggregator.client.clipping is not None
+    outlier = np.zeros(N, np.float32)
+    outlier[123] = 1e4
+
+    _unclipped(aggregator, outlier)
+    mean, metrics = aggregator.finalize()
+
+    enforced = metrics["aggregator/zeroing/enforced_count"]
+    enforced += metrics["aggregator/clipping/enforced_count"]
+    assert enforced == 1
+    assert np.linalg.norm(mean) <= 1.6 * aggregator.client.clipping.bound

@@ -56,8 +56,9 @@ class AdminServiceServicer(object):
 
     def RegisterTask(self, request, context):
         """Registers a training task for a population, with its model and (optionally) initial weights.
-        INVALID_ARGUMENT  a config field is invalid (the message names it), or the model fails
-        validation (not a Overnight training model, manifest disagrees)
+        INVALID_ARGUMENT  a config field is invalid: every number must be finite and in its
+        range (the message names the field), or the model fails validation
+        (not an Overnight training model, manifest disagrees)
         ALREADY_EXISTS    a task with this id exists
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -79,7 +80,7 @@ class AdminServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ListTasks(self, request, context):
-        """Every task, grouped by nothing; the caller groups by population. Never fails.
+        """Every task, grouped by nothing; the caller groups by population. Only the common codes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

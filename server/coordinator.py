@@ -44,6 +44,7 @@ from server.errors import (
     Unauthenticated,
 )
 from server.evaluation import HeldOutEvaluator
+from server.example_credit import credited_header
 from server.optimizers import deserialize_state
 from server.pace_steering import PaceSteering, PaceSteeringSettings, PopulationActivity
 from server.round_driver import RoundDriver
@@ -328,7 +329,7 @@ class Coordinator:
                     and request.device_id not in round_.devices
                 ):
                     active = activity.active_devices(now)
-                    return self._assign(task, round_, request.device_id, active)
+                    return self._assign(task, round_, request, active)
             except StoreUnavailable as exc:
                 store_failure = exc  # this task cannot assign now; another one may
                 log.error("task %s: check-in could not be served: %s", task.task_id, exc)
@@ -404,8 +405,13 @@ class Coordinator:
         return task.selecting
 
     def _assign(
-        self, task: TaskRuntime, round_: RoundInProgress, device_id: str, active: int
+        self,
+        task: TaskRuntime,
+        round_: RoundInProgress,
+        request: device_pb2.CheckInRequest,
+        active: int,
     ) -> device_pb2.CheckInResponse:
+        device_id = request.device_id
         token = secrets.token_bytes(32)
         digest = token_digest(token)
         now = self._clock.now()
@@ -413,7 +419,7 @@ class Coordinator:
         self.store.add_assignment(
             AssignmentRecord(digest, task.task_id, round_.round_number, device_id, now)
         )
-        round_.assign(device_id, digest)
+        round_.assign(device_id, digest, request.example_count)
         secure = self.secure_rounds.aggregator(round_) is not None
         enrollment = self.secure_rounds.enroll(round_, digest) if secure else None
         self._issued[digest] = (task.task_id, round_.round_number)
@@ -538,15 +544,11 @@ class Coordinator:
         """Adds one update (the payload, or the chunks it arrived in) to its round. Any
         refusal leaves the round exactly as it was."""
         task, round_, digest = self._reportable(header)
-        metrics = header.metrics
-        if not (np.isfinite(metrics.loss) and np.isfinite(metrics.accuracy)):
-            raise InvalidArgument("client metrics contain NaN or infinite values")
-        if metrics.num_examples < 0 or metrics.num_batches < 0:
-            raise InvalidArgument("client metrics counts must be >= 0")
+        header = credited_header(header, task.config, round_.assignments[digest])
         # The aggregator checks the header against its encoding before it decodes.
         chunks = [payload] if isinstance(payload, bytes | memoryview) else payload
         accumulate_received(round_.aggregate, header, chunks)
-        round_.client_metrics.accumulate(metrics)
+        round_.client_metrics.accumulate(header.metrics)
         round_.upload_bytes += wire_bytes
         round_.set_state(digest, AssignmentState.REPORTED)
         self.advance(task, round_)
@@ -556,6 +558,8 @@ class Coordinator:
 
     def report_failure(self, report: device_pb2.FailureReport) -> device_pb2.FailureAck:
         check_protocol_version(report.protocol_version)
+        if report.cause not in device_pb2.FailureReport.Cause.values():
+            raise InvalidArgument(f"failure cause {report.cause} is not a FailureReport.Cause")
         task, round_, digest = self._open_assignment(report.upload_token)
         assignment = round_.assignments[digest]
         if assignment.state is not AssignmentState.ASSIGNED:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -68,12 +68,52 @@ class StoreUnavailable(Unavailable):
     file, I/O error, a database locked by another process). The store changed nothing."""
 
 
+class DeadlineExceeded(CoordinatorError):
+    """A client stream went idle for longer than the coordinator waits."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# Anything else a handler raises is a fault of the coordinator (or its store), not of the
+# request: the device is told to come back later, and the traceback goes to the log.
+UNEXPECTED_ERROR_CODE = grpc.StatusCode.UNAVAILABLE
+
+
 def status_code(error: CoordinatorError) -> grpc.StatusCode:
     return error.code
 
 
+def refuse(name: str, error: CoordinatorError, context: grpc.aio.ServicerContext) -> None:
+    """Sets the status a refused call ends with; the handler then returns (see below)."""
+    log.info("%s refused: %s %s", name, status_code(error).name, error)
+    if isinstance(error, Unavailable):
+        context.set_trailing_metadata(
+            ((protocol.retry_after_metadata, f"{error.retry_after_s:g}"),)
+        )
+    context.set_code(status_code(error))
+    context.set_details(str(error))
+
+
+def answer_unexpected(name: str, error: Exception, context: grpc.aio.ServicerContext) -> None:
+    log.error(
+        "%s failed unexpectedly; answered %s", name, UNEXPECTED_ERROR_CODE.name, exc_info=error
+    )
+    context.set_code(UNEXPECTED_ERROR_CODE)
+    context.set_details("the coordinator failed internally; retry later")
+
+
+# Why handlers set the status and return instead of calling `context.abort`: abort raises
+# AbortError, which gRPC keeps on the call, and its traceback holds the handler's frames and
+# context: a reference cycle that keeps the call (and its HTTP/2 stream) alive until Python's
+# cyclic garbage collector runs. Refused client-streaming calls then stayed counted against
+# the connection's grpc.max_concurrent_streams: after 64 of them every later call on that
+# connection was refused (UNAVAILABLE "RST_STREAM with error code 7", or INTERNAL at an
+# asyncio client). A returned status frees the call at once.
+
+
 def abort_on_error(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Wraps a unary gRPC handler: a CoordinatorError becomes its status, with its message.
+    """Wraps a unary or client-streaming gRPC handler: a CoordinatorError becomes its status,
+    with its message; any other exception is logged and answered UNAVAILABLE.
 
     Every service (device, admin, secure aggregation) uses this one mapping.
     """
@@ -83,12 +123,12 @@ def abort_on_error(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitab
         try:
             return await method(self, request, context)
         except CoordinatorError as exc:
-            log.info("%s refused: %s %s", method.__name__, status_code(exc).name, exc)
-            if isinstance(exc, Unavailable):
-                context.set_trailing_metadata(
-                    ((protocol.retry_after_metadata, f"{exc.retry_after_s:g}"),)
-                )
-            await context.abort(status_code(exc), str(exc))
-            raise AssertionError("unreachable") from None
+            refuse(method.__name__, exc, context)
+        except grpc.aio.AbortError:
+            raise  # the handler aborted the call itself
+        except Exception as exc:
+            answer_unexpected(method.__name__, exc, context)
+        # gRPC sends the status set on the context; no response message goes out.
+        return cast(T, None)
 
     return wrapper

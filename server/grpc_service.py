@@ -17,6 +17,7 @@ import grpc
 
 from device_runtime import constants as protocol
 from protos import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, secagg_pb2_grpc
+from server import limits
 from server.aggregation import Buffer
 from server.config import TaskConfig
 from server.coordinator import Coordinator, TaskRuntime, check_protocol_version
@@ -25,9 +26,10 @@ from server.errors import (
     InvalidArgument,
     ResourceExhausted,
     abort_on_error,
-    status_code,
+    refuse,
 )
 from server.operator_access import AdminTokens, OperatorAuthentication
+from server.request_guard import RequestGuard
 from server.rounds.round import RoundInProgress
 from server.store import RoundRecord, TaskState
 from server.transport_security import ServerTls
@@ -125,6 +127,41 @@ def add_device_service(service: DeviceService, server: grpc.aio.Server) -> None:
     device_pb2_grpc.add_DeviceServiceServicer_to_server(service, server)
 
 
+def _upload_header(first: UploadPart | None) -> tuple[device_pb2.UploadHeader, int]:
+    """The header an upload stream must start with, and its wire size."""
+    if first is None:
+        raise InvalidArgument("empty upload stream")
+    if not isinstance(first, device_pb2.UploadChunk) or first.WhichOneof("part") != "header":
+        raise InvalidArgument("an upload must start with an UploadHeader")
+    return first.header, first.ByteSize()
+
+
+async def _receive_payload(
+    parts: AsyncIterator[UploadPart], expected: int
+) -> tuple[list[Buffer], int]:
+    """Collects the payload a header announced, as received (large data chunks stay views
+    into gRPC's message bytes: see PayloadChunks), and its wire size."""
+    payload = PayloadChunks()
+    wire_bytes = 0
+    async for part in parts:
+        if isinstance(part, device_pb2.UploadChunk):
+            if part.WhichOneof("part") != "data":
+                raise InvalidArgument("an upload has exactly one header, first")
+            data: Buffer = part.data
+        else:
+            data = part
+        if len(data) > protocol.max_upload_chunk_bytes:
+            raise ResourceExhausted(
+                f"upload chunk of {len(data)} bytes exceeds the "
+                f"{protocol.max_upload_chunk_bytes}-byte limit; send smaller chunks"
+            )
+        if payload.size + len(data) > expected:
+            raise ResourceExhausted(f"payload exceeds the {expected} bytes the header announced")
+        wire_bytes += data_chunk_wire_bytes(len(data))
+        payload.add(data)
+    return payload.finish(), wire_bytes
+
+
 class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     def __init__(self, coordinator: Coordinator, max_concurrent_uploads: int = 2) -> None:
         self._coordinator = coordinator
@@ -139,12 +176,12 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     async def Download(
         self, request: device_pb2.DownloadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[device_pb2.DataChunk]:
-        # Streaming handler: errors are mapped inline (the decorator wraps unary calls).
+        # Streaming handler: errors are mapped inline (the decorator wraps the others).
         try:
             check_protocol_version(request.protocol_version)
             data = self._coordinator.resource(request.sha256)
         except CoordinatorError as exc:
-            await context.abort(status_code(exc), str(exc))
+            refuse("Download", exc, context)
             return
         sent = 0
         for start in range(0, max(len(data), 1), protocol.chunk_size_bytes):
@@ -163,59 +200,23 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         request_iterator: AsyncIterator[UploadPart],
         context: grpc.aio.ServicerContext,
     ) -> device_pb2.UploadResponse:
-        # At most `max_concurrent_uploads` payloads are held at once; further streams wait
-        # unread, and HTTP/2 flow control holds their senders back. Memory stays
-        # O(model * max_concurrent_uploads) however many devices upload together.
+        # The header is read and checked before the upload takes a slot: a stream without a
+        # valid upload token holds nothing. At most `max_concurrent_uploads` payloads are
+        # then held at once; further streams wait unread, and HTTP/2 flow control holds their
+        # senders back. Memory stays O(model * max_concurrent_uploads) however many devices
+        # upload together. A stream that goes idle is cancelled by the request guard
+        # (server/request_guard.py), which frees its slot.
         #
         # The update is added on the event loop, straight from the received chunks (numpy,
         # ~1 ms for a 6.65 MB update). A worker thread measured slower: each numpy call
         # returning to Python waits for the GIL the busy loop holds (up to the 5 ms switch
-        # interval). A slow sender holds its slot at most for its RPC deadline.
+        # interval).
+        parts = aiter(request_iterator)
+        header, header_bytes = _upload_header(await anext(parts, None))
+        expected = self._coordinator.check_upload_header(header)
         async with self._upload_slots:
-            header, chunks, wire_bytes = await self._receive_upload(request_iterator)
-            return self._coordinator.accept_upload(header, chunks, wire_bytes)
-
-    async def _receive_upload(
-        self, request_iterator: AsyncIterator[UploadPart]
-    ) -> tuple[device_pb2.UploadHeader, list[Buffer], int]:
-        """Reads and checks the header, then collects the payload it announces, as received
-        (large data chunks stay views into gRPC's message bytes: see PayloadChunks)."""
-        header: device_pb2.UploadHeader | None = None
-        payload = PayloadChunks()
-        expected = wire_bytes = 0
-        async for part in request_iterator:
-            if isinstance(part, device_pb2.UploadChunk):
-                kind = part.WhichOneof("part")
-                if kind == "header" and header is None:
-                    wire_bytes += part.ByteSize()
-                    header = part.header
-                    expected = self._coordinator.check_upload_header(header)
-                    continue
-                if kind != "data":
-                    raise InvalidArgument(
-                        "an upload has exactly one header, first"
-                        if header is not None
-                        else "an upload must start with an UploadHeader"
-                    )
-                data: Buffer = part.data
-            else:
-                data = part
-            if header is None:
-                raise InvalidArgument("an upload must start with an UploadHeader")
-            if len(data) > protocol.max_upload_chunk_bytes:
-                raise ResourceExhausted(
-                    f"upload chunk of {len(data)} bytes exceeds the "
-                    f"{protocol.max_upload_chunk_bytes}-byte limit; send smaller chunks"
-                )
-            if payload.size + len(data) > expected:
-                raise ResourceExhausted(
-                    f"payload exceeds the {expected} bytes the header announced"
-                )
-            wire_bytes += data_chunk_wire_bytes(len(data))
-            payload.add(data)
-        if header is None:
-            raise InvalidArgument("empty upload stream")
-        return header, payload.finish(), wire_bytes
+            chunks, payload_bytes = await _receive_payload(parts, expected)
+            return self._coordinator.accept_upload(header, chunks, header_bytes + payload_bytes)
 
     @abort_on_error
     async def ReportFailure(
@@ -339,6 +340,20 @@ def _listen(
     return f"{address.rsplit(':', 1)[0]}:{port}"
 
 
+def server_options(max_receive_bytes: int) -> list[tuple[str, int]]:
+    """Channel arguments of every coordinator listener (server/limits.py)."""
+    return [
+        # Per-method limits are enforced by the request guard; this is the largest of them.
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.max_send_message_length", protocol.max_message_bytes),
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams_per_connection),
+        ("grpc.keepalive_time_ms", limits.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", limits.keepalive_timeout_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", limits.min_client_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", limits.max_ping_strikes),
+    ]
+
+
 class CoordinatorServer:
     """The device listener, the admin listener and the round driver, on the current loop.
 
@@ -360,16 +375,14 @@ class CoordinatorServer:
         tls: ServerTls | None,
         admin_address: str = "127.0.0.1:0",
         admin_tokens: AdminTokens | None = None,
+        upload_idle_timeout_s: float = limits.upload_idle_timeout_s,
     ) -> None:
         self.coordinator = coordinator
         self.tls = tls
         self._server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", protocol.max_message_bytes),
-                ("grpc.max_send_message_length", protocol.max_message_bytes),
-                *(extra_options or []),
-            ],
+            # The guard is innermost: it sees each method's own handler (request_guard.py).
+            interceptors=[*interceptors, RequestGuard(upload_idle_timeout_s)],
+            options=[*server_options(protocol.max_message_bytes), *(extra_options or [])],
         )
         add_device_service(DeviceService(coordinator, max_concurrent_uploads), self._server)
         secagg_pb2_grpc.add_SecAggServiceServicer_to_server(
@@ -386,12 +399,10 @@ class CoordinatorServer:
                 interceptors=[
                     OperatorAuthentication(
                         admin_tokens, tls is not None and tls.operator_ca is not None
-                    )
+                    ),
+                    RequestGuard(upload_idle_timeout_s),  # innermost, as on the device port
                 ],
-                options=[
-                    ("grpc.max_receive_message_length", admin_max_message_bytes),
-                    ("grpc.max_send_message_length", protocol.max_message_bytes),
-                ],
+                options=server_options(admin_max_message_bytes),
             )
             admin_pb2_grpc.add_AdminServiceServicer_to_server(
                 AdminService(coordinator), self._admin

@@ -82,8 +82,8 @@ class RoundDriver:
         for task in self._coordinator.tasks():
             with self._contained(task):
                 for round_ in self._ending_rounds(task):
-                    if round_.state is RoundState.AGGREGATING:
-                        pending = self._prepare(task, round_)
+                    pending = self._prepare(task, round_)
+                    if pending is not None:
                         self._evaluate(task, pending)
                         self._persist(round_, pending)
                         self._apply(task, round_, pending)
@@ -119,8 +119,8 @@ class RoundDriver:
             for task in self._coordinator.tasks():
                 with self._contained(task):
                     for round_ in self._ending_rounds(task):
-                        if round_.state is RoundState.AGGREGATING:
-                            pending = self._prepare(task, round_)
+                        pending = self._prepare(task, round_)
+                        if pending is not None:
                             await asyncio.to_thread(self._evaluate, task, pending)
                             await asyncio.to_thread(self._persist, round_, pending)
                             self._apply(task, round_, pending)
@@ -157,7 +157,12 @@ class RoundDriver:
 
     # ----- ending a round ------------------------------------------------------------------
 
-    def _prepare(self, task: TaskRuntime, round_: RoundInProgress) -> PendingCommit:
+    def _prepare(self, task: TaskRuntime, round_: RoundInProgress) -> PendingCommit | None:
+        """The outcome an AGGREGATING round commits, computed once. None for a FAILED round,
+        and for a round whose result is not finite, which then fails: committed weights and
+        optimizer state are never NaN or infinite."""
+        if round_.state is RoundState.FAILED:
+            return None
         key = (task.task_id, round_.round_number)
         pending = self._pending.get(key)
         if pending is not None:
@@ -169,8 +174,15 @@ class RoundDriver:
             result = aggregating.aggregate(
                 round_, task.weights, task.optimizer, task.optimizer_state, task.committed_rounds
             )
-        if not np.all(np.isfinite(result.weights)):
-            raise AssertionError("a round's new global weights are not finite")
+        if not aggregating.is_finite(result):
+            log.error(
+                "task %s round %d: the aggregate or the new weights are not finite; the round "
+                "fails and the model stays as it was",
+                task.task_id,
+                round_.round_number,
+            )
+            round_.state = RoundState.FAILED
+            return None
         metrics = dict(result.metrics)
         metrics["broadcasted_bits"] = task.broadcasted_bits + 8.0 * round_.broadcast_bytes
         metrics["aggregated_bits"] = task.aggregated_bits + 8.0 * round_.upload_bytes

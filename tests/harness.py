@@ -11,7 +11,8 @@ import dataclasses
 import functools
 import pathlib
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 
@@ -19,6 +20,7 @@ from device_runtime.channel import ServerTrust, open_channel
 from device_runtime.clock import Clock, RealClock
 from device_runtime.transport import channel_options
 from protos import admin_pb2_grpc
+from server import limits
 from server.certificates import DevelopmentCa, IssuedCertificate
 from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
@@ -103,6 +105,39 @@ class RunningCoordinator:
         return bearer_metadata(self.tokens[role])
 
 
+class RoutedChannel:
+    """One object that looks like a channel to stubs and raw calls, and sends each method to
+    the listener that serves it: AdminService to the admin listener with an operator token,
+    everything else to the device listener. For tests that call every RPC alike (fuzzing)."""
+
+    def __init__(self, running: RunningCoordinator) -> None:
+        self._device = running.device_channel()
+        self._admin = running.admin_channel()
+        self._metadata = running.admin_metadata(Role.OPERATOR)
+
+    def _route(self, kind: str, method: str, kwargs: dict[str, Any]) -> Any:
+        if not method.startswith("/overnight.v1.AdminService/"):
+            return getattr(self._device, kind)(method, **kwargs)
+        call = getattr(self._admin, kind)(method, **kwargs)
+        return functools.partial(call, metadata=self._metadata)
+
+    def unary_unary(self, method: str, **kwargs: Any) -> Any:
+        return self._route("unary_unary", method, kwargs)
+
+    def unary_stream(self, method: str, **kwargs: Any) -> Any:
+        return self._route("unary_stream", method, kwargs)
+
+    def stream_unary(self, method: str, **kwargs: Any) -> Any:
+        return self._route("stream_unary", method, kwargs)
+
+    async def __aenter__(self) -> RoutedChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._device.close()
+        await self._admin.close()
+
+
 class OperatorAdminStub:
     """An AdminService stub whose calls carry an operator token: for tests about what the
     admin service does, not about who may call it."""
@@ -124,6 +159,8 @@ async def running_coordinator(
     clock: Clock | None = None,
     settings: CoordinatorSettings | None = None,
     insecure: bool = False,
+    upload_idle_timeout_s: float = limits.upload_idle_timeout_s,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> AsyncIterator[RunningCoordinator]:
     """`insecure`: plaintext listeners, for the tests about what plaintext does."""
     store = SqliteStore(store_path)
@@ -138,6 +175,8 @@ async def running_coordinator(
             "127.0.0.1:0",
             tls=None if insecure else loopback_tls(),
             admin_tokens=admin_tokens,
+            interceptors=interceptors,
+            upload_idle_timeout_s=upload_idle_timeout_s,
         )
         await server.start()
         trust = ServerTrust(insecure=True) if insecure else loopback_trust()

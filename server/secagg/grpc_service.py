@@ -24,6 +24,7 @@ from device_runtime.secagg import masking
 from device_runtime.secagg.errors import SecAggError
 from protos import secagg_pb2, secagg_pb2_grpc
 from server.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
@@ -203,10 +204,9 @@ class SecAggService(secagg_pb2_grpc.SecAggServiceServicer):
                 await asyncio.wait_for(hosted.changed.wait_for(ready), await_server_message_s)
             except TimeoutError:
                 stage = hosted.server_or_none.stage if hosted.server_or_none else 0
-                await context.abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"stage {secagg_pb2.SecAggStage.Name(stage)} is still open; poll again",
-                )
+                raise DeadlineExceeded(
+                    f"stage {secagg_pb2.SecAggStage.Name(stage)} is still open; poll again"
+                ) from None
         server = hosted.server
         if request.after_stage == secagg_pb2.STAGE_UNSPECIFIED:
             server.check_credentials(request.session_id, request.client_id, request.session_token)

@@ -4,6 +4,7 @@ with rounds open. The full disk is real: a small tmpfs filled to its last byte."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import pathlib
 
@@ -14,11 +15,10 @@ import pytest
 from device_runtime import constants
 from device_runtime.transport import CoordinatorClient, TransportError
 from protos import common_pb2, device_pb2
-from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
 from server.errors import StoreUnavailable
 from server.sqlite_store import SqliteStore
-from server.store import RoundState, TaskRecord
+from server.store import RoundState
 from tests.fakes import FakeClock
 from tests.harness import POPULATION, running_coordinator, task_config
 from tests.small_disk import SmallDisk
@@ -121,38 +121,32 @@ def test_a_store_failure_at_check_in_is_unavailable_with_a_retry_window(
     assert _check_in(coordinator, "d1").HasField("assignment")  # nothing was half-done
 
 
-def _broken_task(store: SqliteStore, model_bytes: bytes, clock: FakeClock) -> None:
-    """A task whose config passed no validation (an older release stored it): selecting
-    for it raises OverflowError."""
-    good = Coordinator(store, clock)
-    good.register_task(task_config(task_id="template", population="spare"), model_bytes)
-    template = good.task("template").record
-    broken = TaskConfig(**{**task_config().to_dict(), "task_id": "broken", "over_selection": 1e400})
-    store.add_task(
-        TaskRecord(
-            broken,
-            template.model_sha256,
-            template.initial_weights_sha256,
-            template.num_parameters,
-            clock.now(),
-        )
-    )
+def _break(coordinator: Coordinator, task_id: str) -> None:
+    """Gives a registered task a config no validation would pass (over_selection = inf, as
+    an older release accepted it): selecting for it raises OverflowError. Stands in for any
+    defect in one task's round logic."""
+    task = coordinator.task(task_id)
+    broken = dataclasses.replace(task.config, over_selection=float("inf"))
+    task.record = dataclasses.replace(task.record, config=broken)
 
 
 def test_a_task_whose_logic_raises_fails_alone(
     tmp_path: pathlib.Path, clock: FakeClock, model_bytes: bytes
 ) -> None:
     store = SqliteStore(tmp_path / "store.sqlite")
-    _broken_task(store, model_bytes, clock)
     coordinator = Coordinator(store, clock)
+    coordinator.register_task(task_config(task_id="broken"), model_bytes)
+    coordinator.register_task(task_config(task_id="spare", population="spare"), model_bytes)
     coordinator.register_task(
         task_config(task_id="healthy", target_reports=1, over_selection=1.0), model_bytes
     )
+    _break(coordinator, "broken")
 
     answer = _check_in(coordinator, "d1")
 
     assert answer.assignment.task_id == "healthy"
     assert "OverflowError" in coordinator.task("broken").fault
+    assert coordinator.task("broken").status.startswith("failed: OverflowError")
     _upload(
         coordinator,
         answer.assignment.upload_token,

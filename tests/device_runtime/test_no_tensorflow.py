@@ -83,6 +83,7 @@ def test_device_process_trains_without_tensorflow(
                 stderr=asyncio.subprocess.STDOUT,
             )
             output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+            await running.settled()  # the last round commits off the request path
             return process.returncode or 0, output, running.store.rounds("t1")
 
     code, output, rounds = asyncio.run(scenario())

@@ -120,7 +120,9 @@ class SecureRounds:
         )
         if (now >= deadline or target_met) and self._closing.get(session.session_id) != stage:
             self._closing[session.session_id] = stage
-            self._change(session, lambda s: s.close_stage())
+            # The close runs after messages already waiting for the session, which may end
+            # this stage first: it is a close of this stage only, never of the next one.
+            self._change(session, lambda s: s.close_stage(stage))
         return RoundState.REPORTING
 
     def device_failed(self, round_: RoundInProgress, token_sha256: str) -> None:

@@ -3,7 +3,7 @@
 Call order: create with the enrolled device count (ids 1..n) and hand each device its
 `session_config`; then feed client messages to `receive` / `receive_masked_input` in any
 order. A stage closes by itself once every participant has spoken, or when `close_stage` is
-called at its deadline (those who stayed silent count as dropped). `server_message(id)` gives
+called for it at its deadline (those who stayed silent count as dropped). `server_message(id)` gives
 a device the message of the current stage. Every refusal is a CoordinatorError (mapped to a
 gRPC status in one place), is logged, and changes nothing:
   UNAUTHENTICATED      wrong session, unknown client id or wrong session token
@@ -234,9 +234,11 @@ class SecAggServer:
         self._state = self._state.close()
         log.info("secagg session %s: %s -> %s", self.session_id.hex()[:8], before, self._state.name)
 
-    def close_stage(self) -> secagg_pb2.SecAggStage:
-        """The current stage's deadline passed: silent devices count as dropped."""
-        if self._state.stage not in (secagg_pb2.COMPLETED, secagg_pb2.ABORTED):
+    def close_stage(self, stage: secagg_pb2.SecAggStage) -> secagg_pb2.SecAggStage:
+        """`stage`'s deadline passed: its silent devices count as dropped. A no-op once the
+        session left `stage`: a close decided at one stage may be carried out after the
+        devices' last messages already closed it, and must not cut the next stage short."""
+        if self._state.stage == stage and stage not in (secagg_pb2.COMPLETED, secagg_pb2.ABORTED):
             self._advance()
             self._close_if_complete()
         return self._state.stage

@@ -37,6 +37,12 @@ def _secure_round(devices: int) -> tuple[SecureRounds, RoundInProgress, SecAggSe
     return rounds, round_, aggregate.session
 
 
+async def _settle() -> None:
+    """Until the session changes the bridge asked for (tasks of their own) are done."""
+    while others := asyncio.all_tasks() - {asyncio.current_task()}:
+        await asyncio.wait(others)
+
+
 def _message(session: SecAggServer, client: SecAggClient) -> secagg_pb2.SecAggServerMessage:
     e = client.envelope()
     return session.server_message(e.session_id, e.client_id, e.session_token)
@@ -82,7 +88,7 @@ def test_a_close_queued_behind_the_message_that_ends_its_stage_leaves_the_next_s
         )
         state = rounds.next_state(round_, config, START + 1.0)
         await fifth
-        await service.apply(session.session_id, lambda s: None)  # queued behind the close
+        await _settle()  # the close, too
 
         # Execute + Assert: the unmasking stage is open for the five devices' responses.
         assert state is RoundState.REPORTING
@@ -92,18 +98,29 @@ def test_a_close_queued_behind_the_message_that_ends_its_stage_leaves_the_next_s
     asyncio.run(scenario())
 
 
-def test_a_deadline_close_ends_only_the_stage_it_was_asked_for() -> None:
-    # Prepare: every device advertised its keys, so the session moved on to sharing them.
-    _, _, session = _secure_round(5)
-    clients = {c: SecAggClient(session.session_config(c)) for c in range(1, 6)}
-    for client in clients.values():
-        message = client.envelope()
-        message.advertise_keys.CopyFrom(client.advertise_keys())
-        session.receive(message)
+def test_past_the_target_each_masked_input_may_close_the_stage_early() -> None:
+    # Prepare: 7 devices (complete graph, t = 4, slack for D = 1 dropout), target 5.
+    config = task_config(target_reports=5, over_selection=1.4, min_reports=4)
+    rounds, round_, session = _secure_round(7)
+    assert (session.num_neighbours, session.threshold) == (6, 4)
+    clients = _to_masked_input(session)
 
-    # Execute: a close meant for the advertising stage arrives late.
-    stage = session.close_stage(secagg_pb2.ADVERTISE_KEYS)
+    async def scenario() -> list[int]:
+        service, stages = rounds.service, []
+        for c in (1, 2, 3, 4, 5, 6):
+            await service.apply(
+                session.session_id,
+                lambda s, c=c: s.receive_masked_input(*_masked(s, clients[c])),
+            )
+            rounds.next_state(round_, config, START + 1.0)
+            await _settle()  # the close, if one was asked for
+            stages.append(session.stage)
+        return stages
 
-    # Assert: the key-sharing stage still waits for every device.
-    assert stage == secagg_pb2.SHARE_KEYS
-    assert session.waiting_for() == {1, 2, 3, 4, 5}
+    # Execute: inputs arrive one by one; the round's tick follows each.
+    stages = asyncio.run(scenario())
+
+    # Assert: at 5 inputs a survivor would keep t neighbours and no slack, so the stage
+    # waits; the 6th leaves every secret t + 1 holders, and the stage closes without 7.
+    assert stages == [secagg_pb2.MASKED_INPUT_COLLECTION] * 5 + [secagg_pb2.UNMASKING]
+    assert session.waiting_for() == {1, 2, 3, 4, 5, 6}

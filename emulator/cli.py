@@ -8,9 +8,11 @@ import csv
 import dataclasses
 import pathlib
 import signal
+import socket
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -19,6 +21,9 @@ from device_runtime.cli import add_trust_options, trust_from
 from emulator.data import ClientDatasets, SampledDigits
 from emulator.federated_files import EmnistH5Clients, FederatedFileError, FemnistJsonClients
 from emulator.fleet_config import FleetConfig, FleetConfigError
+
+if TYPE_CHECKING:  # the fleet's modules load when `emulate` runs, not when `overnight` starts
+    from emulator.fleet_processes import FleetProcesses, WorkerLoss
 
 DAY_S = 86400.0
 
@@ -95,6 +100,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument(
         "--admin-token-file",
         help="with --task: file holding an admin token (else OVERNIGHT_ADMIN_TOKEN)",
+    )
+    parser.add_argument(
+        "--tolerate-worker-loss",
+        action="store_true",
+        help=(
+            "when a worker process dies, run on with the other workers and exit 0 (by default "
+            "the fleet stops at once and emulate exits 1); the dead worker's phones count as "
+            "lost either way"
+        ),
     )
     parser.add_argument(
         "--save-test-split",
@@ -192,9 +206,6 @@ def run(args: argparse.Namespace) -> int:
         anchor_s=time.time(),
     )
     fleet = FleetProcesses(spec, args.workers, args.nice)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     print(
         f"{args.phones} phones in {args.workers} worker(s) checking in with {args.server} "
         f"(population {args.population!r}); a virtual day lasts {DAY_S / args.speedup / 60:.1f} "
@@ -202,10 +213,20 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     fleet.start()
-    stop.wait(args.duration)
+    workers = "; ".join(f"pid {pid}: {len(p)} phones" for pid, p in fleet.phones_by_pid.items())
+    print(f"fleet workers: {workers}", flush=True)
+    lost = _run_fleet(fleet, args.duration, args.tolerate_worker_loss)
     report = fleet.stop()
+    for loss in report.lost:
+        if loss not in lost:  # died or hung while stopping
+            print(f"emulate: {loss.describe()}", file=sys.stderr, flush=True)
     outcomes = report.participation.outcomes
     print("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+    print(
+        f"phones: {report.phones} ran to the end, {report.phones_lost} lost with "
+        f"{len(report.lost)} worker(s) that died",
+        flush=True,
+    )
     causes = report.participation.causes
     if causes:
         print("dropout causes: " + ", ".join(f"{k} {v}" for k, v in causes.most_common()))
@@ -228,4 +249,41 @@ def run(args: argparse.Namespace) -> int:
             except (grpc.RpcError, OSError) as exc:
                 print(f"emulate: cannot list rounds of {args.task!r}: {exc}", file=sys.stderr)
         print(f"report written to {out}: {', '.join(written)}")
-    return 0
+    return 1 if report.lost and not args.tolerate_worker_loss else 0
+
+
+def _run_fleet(
+    fleet: FleetProcesses, duration_s: float | None, tolerate_loss: bool
+) -> list[WorkerLoss]:
+    """Runs until `duration_s`, SIGINT/SIGTERM, or (unless `tolerate_loss`) a worker's death,
+    which is reported the moment it happens. Returns the workers that died."""
+    interrupted = threading.Event()
+    wake_reader, wake_writer = socket.socketpair()
+    wake_writer.setblocking(False)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: interrupted.set())
+    # The signal's number lands on the socket, so waiting on it wakes the loop below at once.
+    previous_fd = signal.set_wakeup_fd(wake_writer.fileno(), warn_on_full_buffer=False)
+    end = None if duration_s is None else time.monotonic() + duration_s
+    lost: list[WorkerLoss] = []
+    try:
+        while not interrupted.is_set() and fleet.running:
+            remaining = None if end is None else end - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            died = fleet.wait(remaining, wake=[wake_reader])
+            for loss in died:
+                print(f"emulate: {loss.describe()}", file=sys.stderr, flush=True)
+            lost += died
+            if died and not tolerate_loss:
+                print(
+                    "emulate: stopping the fleet (--tolerate-worker-loss runs on without them)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                break
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        wake_reader.close()
+        wake_writer.close()
+    return lost

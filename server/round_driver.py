@@ -70,6 +70,7 @@ class RoundDriver:
         self._wake = asyncio.Event()
         self._passed = asyncio.Event()
         self._pending: dict[tuple[str, int], PendingCommit] = {}
+        self._ending: set[RoundInProgress] = set()  # commits under way in a worker thread
 
     def wake(self) -> None:
         """Asks for a pass soon. Safe to call from handlers at any time."""
@@ -120,12 +121,18 @@ class RoundDriver:
                 with self._contained(task):
                     for round_ in self._ending_rounds(task):
                         pending = self._prepare(task, round_)
-                        if pending is not None:
+                        if pending is None:
+                            self._record_failed(task, round_)
+                            continue
+                        # While the worker thread runs, requests (and an inline `drive`)
+                        # go on: they must leave this round alone.
+                        self._ending.add(round_)
+                        try:
                             await asyncio.to_thread(self._evaluate, task, pending)
                             await asyncio.to_thread(self._persist, round_, pending)
-                            self._apply(task, round_, pending)
-                        else:
-                            self._record_failed(task, round_)
+                        finally:
+                            self._ending.discard(round_)
+                        self._apply(task, round_, pending)
             self._passed.set()
 
     def _ending_rounds(self, task: TaskRuntime) -> list[RoundInProgress]:
@@ -137,7 +144,7 @@ class RoundDriver:
         return [
             r
             for r in task.open_rounds.values()
-            if r.state in (RoundState.AGGREGATING, RoundState.FAILED)
+            if r.state in (RoundState.AGGREGATING, RoundState.FAILED) and r not in self._ending
         ]
 
     @contextlib.contextmanager

@@ -120,10 +120,13 @@ class SecAggService(secagg_pb2_grpc.SecAggServiceServicer):
         server = hosted.server
         return await self._apply(hosted, lambda: action(server))
 
-    async def close_stage(self, session_id: bytes) -> secagg_pb2.SecAggStage:
-        """The current stage's deadline passed: devices that stayed silent are dropped."""
+    async def close_stage(
+        self, session_id: bytes, stage: secagg_pb2.SecAggStage
+    ) -> secagg_pb2.SecAggStage:
+        """`stage`'s deadline passed: devices that stayed silent are dropped (no-op if the
+        session already left `stage`)."""
         hosted = self._session(session_id)
-        return await self._apply(hosted, hosted.server.close_stage)
+        return await self._apply(hosted, lambda: hosted.server.close_stage(stage))
 
     @abort_on_error
     async def Send(

@@ -51,6 +51,8 @@ def test_causes_csv_is_sorted_by_count(tmp_path: pathlib.Path) -> None:
 
 @pytest.mark.e2e
 def test_emulate_writes_its_report_even_without_a_coordinator(tmp_path: pathlib.Path) -> None:
+    # 8 real seconds are 8 virtual hours at 3600x, however few of them the workers get to run
+    # on a loaded machine: head counts are taken at fixed virtual instants, caught up on.
     result = subprocess.run(
         [sys.executable, "-m", "overnight", "emulate", "--phones", "20", "--workers", "2"]
         + [
@@ -67,7 +69,7 @@ def test_emulate_writes_its_report_even_without_a_coordinator(tmp_path: pathlib.
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # only against a hang
     )
 
     assert result.returncode == 0, result.stderr

@@ -83,14 +83,16 @@ def _importable(module: str) -> bool:
         return False
 
 
+def _pythons(component: Component) -> str:
+    low, high = (".".join(map(str, v)) for v in (component.min_python, component.max_python))
+    return f"Python {low}" if low == high else f"Python {low} to {high}"
+
+
 def missing_requirement(component: Component, version: tuple[int, int] | None = None) -> str | None:
     """What the running installation lacks for `component`, as a user can act on it."""
     version = version or (sys.version_info.major, sys.version_info.minor)
     if not component.min_python <= version <= component.max_python:
-        wanted = ".".join(map(str, component.min_python))
-        if component.max_python != component.min_python:
-            wanted += " to " + ".".join(map(str, component.max_python))
-        return f"needs Python {wanted}; this is Python {version[0]}.{version[1]}"
+        return f"needs {_pythons(component)}; this is Python {version[0]}.{version[1]}"
     missing = [
         extra
         for extra in component.extras
@@ -104,7 +106,10 @@ def missing_requirement(component: Component, version: tuple[int, int] | None = 
 def _needs(component: Component) -> str:
     if not component.extras:
         return "base install"
-    return "needs overnight[" + ",".join(component.extras) + "]"
+    needs = "needs overnight[" + ",".join(component.extras) + "]"
+    if (component.min_python, component.max_python) != ((3, 10), (3, 13)):
+        needs += f", {_pythons(component)}"
+    return needs
 
 
 def _selected_command(argv: Sequence[str]) -> str | None:

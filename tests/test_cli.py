@@ -31,13 +31,13 @@ def test_help_lists_every_subcommand_with_the_extra_it_needs() -> None:
     assert result.returncode == 0
     listing = " ".join(result.stdout.split())
     for command, needs in [
-        ("demo", "needs overnight[server,emulator,export]"),
-        ("export", "needs overnight[export]"),
-        ("serve", "needs overnight[server]"),
-        ("status", "needs overnight[server]"),
-        ("task", "needs overnight[server]"),
+        ("demo", "needs overnight[server,emulator,export], Python 3.11"),
+        ("export", "needs overnight[export], Python 3.11"),
+        ("serve", "needs overnight[server], Python 3.11 to 3.13"),
+        ("status", "needs overnight[server], Python 3.11 to 3.13"),
+        ("task", "needs overnight[server], Python 3.11 to 3.13"),
         ("device", "base install"),
-        ("emulate", "needs overnight[emulator]"),
+        ("emulate", "needs overnight[emulator], Python 3.11 to 3.13"),
     ]:
         assert re.search(rf"\b{command}\b [^[]*\[{re.escape(needs)}\]", listing), command
 

@@ -54,6 +54,8 @@ def test_a_seed_fixes_the_masks_and_another_seed_draws_others(probe_model: bytes
 
     first, again, other = _kept(model, 11), _kept(model, 11), _kept(model, 12)
 
+    assert model.manifest.noise_units == INPUTS
+    assert "RANDOM_UNIFORM" not in model.manifest.ops  # the masks' noise is an input
     assert 0.4 < first.mean() < 0.6  # 1 - RATE, give or take sampling
     np.testing.assert_array_equal(first, again)
     assert (first != other).any()

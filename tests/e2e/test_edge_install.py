@@ -2,8 +2,9 @@
 `overnight device` against a coordinator from the full environment until a round commits.
 
 The venvs hold the lock's device pins (requirements/device.txt, hash-checked) and are kept
-under `.edge-venvs/`, keyed by Python version and lock: a later run only reinstalls the
-package itself, offline. A Python that pyenv does not have is skipped, naming it.
+under `.edge-venvs/`, keyed by Python version and lock: a later run reinstalls the package
+itself, offline, and only when its sources changed. A Python that pyenv does not have is
+skipped, naming it.
 """
 
 from __future__ import annotations
@@ -99,6 +100,20 @@ def _venv_with_device_pins(version: str, interpreter: pathlib.Path) -> pathlib.P
     return path
 
 
+def _source_digest() -> str:
+    """What `pip install .` would install: the project files and the packages' sources."""
+    digest = hashlib.sha256()
+    files = [REPO / name for name in PROJECT_FILES] + sorted(
+        f
+        for package in PACKAGES
+        for f in (REPO / package).rglob("*")
+        if f.suffix in (".py", ".pyi")
+    )
+    for f in files:
+        digest.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
+
+
 @pytest.fixture(scope="module", params=EDGE_PYTHONS)
 def edge_venv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> EdgeVenv:
     version: str = request.param
@@ -106,6 +121,9 @@ def edge_venv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     if interpreter is None:
         pytest.skip(f"no Python {version} interpreter under `pyenv root`/versions")
     path = _venv_with_device_pins(version, interpreter)
+    installed = path / "overnight-source.sha256"
+    if installed.exists() and installed.read_text() == _source_digest():
+        return EdgeVenv(version, path)  # this very source is installed already
     source = tmp_path_factory.mktemp(f"overnight-source-{version}")
     for name in PROJECT_FILES:
         shutil.copy(REPO / name, source / name)
@@ -122,6 +140,7 @@ def edge_venv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         str(source),
     )
     _pip(path, "check")
+    installed.write_text(_source_digest())
     return EdgeVenv(version, path)
 
 

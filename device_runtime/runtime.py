@@ -171,6 +171,9 @@ class DeviceRuntime:
             secure = SecureUpload(self._client.channel, assignment)
             secure.start()
         train_rng = np.random.default_rng(self._rng.integers(2**63))
+        # The round's seed for the dropout masks; a coordinator that sends none leaves the
+        # masks to this device's own generator.
+        mask_seed = assignment.plan.dropout_seed or int(self._rng.integers(2**63))
         try:
             result = await asyncio.to_thread(
                 functools.partial(
@@ -182,6 +185,7 @@ class DeviceRuntime:
                     lambda: not self._conditions.current().eligible,
                     shuffle=not assignment.plan.keep_order,
                     proximal_mu=assignment.plan.fedprox_mu,
+                    dropout_seed=mask_seed,
                 )
             )
         except (ValueError, RuntimeError) as exc:

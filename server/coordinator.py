@@ -87,6 +87,13 @@ def token_digest(token: bytes) -> str:
     return hashlib.sha256(token).hexdigest()
 
 
+def dropout_seed(token: bytes) -> int:
+    """The seed of an assignment's dropout masks: as unique as its random upload token, so
+    devices and rounds never share masks (never 0, which means "unset" on the wire)."""
+    seed = int.from_bytes(hashlib.sha256(b"overnight/dropout-seed/" + token).digest()[:8], "little")
+    return seed or 1
+
+
 class Coordinator:
     def __init__(
         self,
@@ -431,6 +438,8 @@ class Coordinator:
             + task.config.selection_deadline_s
             + task.config.reporting_deadline_s
         )
+        plan = task.config.plan()
+        plan.dropout_seed = dropout_seed(token)
         assignment = device_pb2.Assignment(
             task_id=task.task_id,
             round_number=round_.round_number,
@@ -441,7 +450,7 @@ class Coordinator:
                 size_bytes=4 * task.record.num_parameters,
                 kind="weights",
             ),
-            plan=task.config.plan(),
+            plan=plan,
             report_deadline_s=max(0.0, deadline - now),
             kind=(
                 device_pb2.Assignment.EVALUATION

@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import re
 import stat
 import subprocess
 import sys
 from collections.abc import Iterator
 
+import pytest
+
 from device_runtime.model_file import read_manifest
+from overnight import cli
 from server.certificates import write_loopback_certificates
 from server.operator_access import TOKEN_ENV
 
@@ -33,12 +37,90 @@ def _overnight(*args: str, token: str | None = None) -> subprocess.CompletedProc
     )
 
 
-def test_help_lists_every_subcommand() -> None:
+def test_help_lists_every_subcommand_with_the_extra_it_needs() -> None:
     result = _overnight("--help")
 
     assert result.returncode == 0
-    for command in ("demo", "export", "serve", "status", "device", "emulate"):
-        assert command in result.stdout
+    listing = " ".join(result.stdout.split())
+    for command, needs in [
+        ("demo", "needs overnight[server,emulator,export], Python 3.11"),
+        ("export", "needs overnight[export], Python 3.11"),
+        ("serve", "needs overnight[server], Python 3.11 to 3.13"),
+        ("status", "needs overnight[server], Python 3.11 to 3.13"),
+        ("task", "needs overnight[server], Python 3.11 to 3.13"),
+        ("device", "base install"),
+        ("emulate", "needs overnight[emulator], Python 3.11 to 3.13"),
+    ]:
+        assert re.search(rf"\b{command}\b [^[]*\[{re.escape(needs)}\]", listing), command
+
+
+# Runs `overnight` where the extras' libraries cannot be imported, as on a base install, and
+# prints which of the components' heavy modules got imported.
+WITHOUT_EXTRAS = """
+import importlib.abc, sys
+BLOCKED = {"tensorflow", "tensorboard", "dp_accounting", "sklearn", "matplotlib", "h5py"}
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, Blocker())
+from overnight.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:  # also after --help, which exits from inside argparse
+    heavy = ("server", "emulator", "tflite_export", "tensorflow", "tensorboard")
+    print("imported:", sorted(m for m in sys.modules if m.split(".")[0] in heavy))
+sys.exit(code)
+"""
+
+
+def _overnight_without_extras(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_EXTRAS, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_device_runs_without_any_extra_and_imports_no_other_component() -> None:
+    result = _overnight_without_extras("device", "--help")
+
+    assert result.returncode == 0, result.stderr
+    assert "--population" in result.stdout
+    assert "imported: []" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "extra"),
+    [
+        ("serve", "pip install 'overnight[server]'"),
+        ("status", "pip install 'overnight[server]'"),
+        ("emulate", "pip install 'overnight[emulator]'"),
+        ("export", "pip install 'overnight[export]'"),
+        ("demo", "pip install 'overnight[server,emulator,export]'"),
+    ],
+)
+def test_a_command_whose_extra_is_missing_says_which_to_install(command: str, extra: str) -> None:
+    result = _overnight_without_extras(command, "--help")
+
+    assert result.returncode == 2
+    assert f"overnight {command} needs the" in result.stderr
+    assert extra in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [((3, 10), "needs Python 3.11; this is Python 3.10"), ((3, 13), "this is Python 3.13")],
+)
+def test_the_exporter_outside_python_3_11_says_it_needs_3_11(
+    version: tuple[int, int], message: str
+) -> None:
+    exporter = next(c for c in cli.COMPONENTS if "export" in c.commands)
+
+    assert message in (cli.missing_requirement(exporter, version) or "")
 
 
 def test_export_writes_a_model_and_its_manifest(tmp_path: pathlib.Path) -> None:

@@ -15,15 +15,14 @@ Every refusal is a DataDirError whose message is one line an operator can act on
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
 import pathlib
-import sqlite3
 import tempfile
 
 from server.private_files import prepare_data_dir
+from server.store_repair import UnrepairableStore, repair_store, store_problem
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +72,12 @@ class DataDirectory:
                     "from a backup, or start with --repair to keep its last good committed state"
                 )
             if problem is not None:
-                from server.store_repair import repair_store
-
                 log.warning("store damaged (%s); repairing", problem)
-                for line in repair_store(data_dir.store_path):
+                try:
+                    report = repair_store(data_dir.store_path)
+                except UnrepairableStore as exc:
+                    raise DataDirError(str(exc)) from None
+                for line in report:
                     log.warning("repair: %s", line)
         except BaseException:
             data_dir.close()
@@ -124,21 +125,3 @@ def _check_writable(directory: pathlib.Path) -> None:
             f"data directory {directory} is not writable ({exc.strerror}: {exc.filename}); "
             "the coordinator must write its store there"
         ) from None
-
-
-def store_problem(path: pathlib.Path, full_check_below_bytes: int) -> str | None:
-    """None if the SQLite file at `path` is missing (a new store) or sound; else the first
-    problem SQLite reports."""
-    if not path.exists():
-        return None
-    full = path.stat().st_size < full_check_below_bytes
-    try:
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            rows = db.execute("PRAGMA integrity_check" if full else "PRAGMA quick_check").fetchall()
-    except sqlite3.DatabaseError as exc:
-        return str(exc)
-    problems = [row[0] for row in rows if row[0] != "ok"]
-    if not problems:
-        return None
-    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
-    return f"{problems[0]}{more}"

@@ -28,19 +28,17 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from server.errors import AlreadyExists, StoreUnavailable
+from server.evaluation import HeldOutEvaluator
 from server.optimizers import State, serialize_state
 from server.rounds import aggregating, closed
 from server.rounds.round import RoundInProgress
-from server.store import RoundRecord, RoundState
+from server.store import RoundRecord, RoundState, Store
 from server.task_runtime import TaskRuntime
-
-if TYPE_CHECKING:
-    from server.coordinator import Coordinator
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +61,24 @@ class PendingCommit:
     evaluated: bool = False
 
 
+class RoundHost(Protocol):
+    """What the driver needs of the coordinator that accepts the requests (server.coordinator
+    implements it): its tasks and store, and the in-memory steps of a round's life."""
+
+    store: Store
+    evaluator: HeldOutEvaluator | None
+
+    def tasks(self) -> list[TaskRuntime]: ...
+    def now(self) -> float: ...
+    def resource(self, sha256: str) -> bytes: ...
+    def advance(self, task: TaskRuntime, round_: RoundInProgress) -> None: ...
+    def forget(self, task: TaskRuntime, round_: RoundInProgress) -> None: ...
+    def fail_task(self, task: TaskRuntime, reason: str) -> None: ...
+    def notify(self, task: TaskRuntime, record: RoundRecord) -> None: ...
+
+
 class RoundDriver:
-    def __init__(self, coordinator: Coordinator, interval_s: float = drive_interval_s) -> None:
+    def __init__(self, coordinator: RoundHost, interval_s: float = drive_interval_s) -> None:
         self._coordinator = coordinator
         self._interval_s = interval_s
         self._wake = asyncio.Event()

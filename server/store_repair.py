@@ -9,7 +9,7 @@
    lost cannot be repaired; nor can a store whose task table is unreadable.
 3. The damaged file is kept beside the new one as `coordinator.sqlite.damaged-<time>`.
 
-Raises DataDirError when the store cannot be repaired.
+Raises UnrepairableStore when the store cannot be repaired.
 """
 
 from __future__ import annotations
@@ -19,10 +19,30 @@ import pathlib
 import sqlite3
 import time
 
-from server.data_dir import DataDirError, store_problem
-
 # Rows read per query while salvaging; a damaged page loses at most the rows it held.
 salvage_batch_rows = 256
+
+
+class UnrepairableStore(Exception):
+    """Nothing usable can be rebuilt; the message says why and what to do instead."""
+
+
+def store_problem(path: pathlib.Path, full_check_below_bytes: int) -> str | None:
+    """None if the SQLite file at `path` is missing (a new store) or sound; else the first
+    problem SQLite reports (`integrity_check` below the size, the faster `quick_check` above)."""
+    if not path.exists():
+        return None
+    full = path.stat().st_size < full_check_below_bytes
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            rows = db.execute("PRAGMA integrity_check" if full else "PRAGMA quick_check").fetchall()
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    problems = [row[0] for row in rows if row[0] != "ok"]
+    if not problems:
+        return None
+    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+    return f"{problems[0]}{more}"
 
 
 def repair_store(path: pathlib.Path) -> list[str]:
@@ -39,18 +59,20 @@ def repair_store(path: pathlib.Path) -> list[str]:
         try:
             old = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         except sqlite3.DatabaseError as exc:
-            raise DataDirError(f"{path} cannot be repaired: {exc}; restore a backup") from None
+            raise UnrepairableStore(f"{path} cannot be repaired: {exc}; restore a backup") from None
         with contextlib.closing(old):
             for table in _tables(new):
                 kept, lost = _copy_table(old, new, table)
                 if lost:
                     report.append(f"table {table}: {kept} rows kept, a damaged part skipped")
         if new.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 0:
-            raise DataDirError(f"{path} cannot be repaired: no task survived; restore a backup")
+            raise UnrepairableStore(
+                f"{path} cannot be repaired: no task survived; restore a backup"
+            )
         report.extend(_fall_back_to_last_good_commit(new))
     problem = store_problem(fresh, full_check_below_bytes=1 << 62)
     if problem is not None:
-        raise DataDirError(f"{path} cannot be repaired ({problem}); restore it from a backup")
+        raise UnrepairableStore(f"{path} cannot be repaired ({problem}); restore it from a backup")
     damaged = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
     path.rename(damaged)
     for suffix in ("-wal", "-shm"):
@@ -116,7 +138,7 @@ def _fall_back_to_last_good_commit(db: sqlite3.Connection) -> list[str]:
     ).fetchall():
         for sha in (model, initial):
             if not _has_resource(db, sha):
-                raise DataDirError(
+                raise UnrepairableStore(
                     f"task {task_id!r} cannot be repaired: its model or initial weights are "
                     "lost; restore the data directory from a backup"
                 )

@@ -24,7 +24,7 @@ import tempfile
 import time
 from typing import Any
 
-from benchmarks.machine import append_section
+from benchmarks.machine import record_section
 
 
 def _coordinator_main(model_bytes: bytes, tls: Any, ports: Any, stop: Any) -> None:
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternations of both modes")
     parser.add_argument("--concurrency", type=int, default=32, help="check-ins in flight")
     parser.add_argument("--connections", type=int, default=4, help="shared: connections")
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--no-record", action="store_true", help="do not record in RESULTS.md")
     args = parser.parse_args()
 
     from benchmarks.emulator_fleet_scale import export_model
@@ -194,12 +194,12 @@ def main() -> None:
         f"Coordinator and load in separate processes on loopback; {args.concurrency} check-ins "
         f"in flight; shared = {args.connections} long-lived connections, fresh = a new "
         f"connection (and TLS handshake) per check-in; throughput the median of "
-        f"{args.repeats} alternating {args.seconds:.0f}-second runs per mode, latencies pooled. "
-        "Run: `.venv/bin/python -m benchmarks.tls_check_in`.\n\n" + table
+        f"{args.repeats} alternating {args.seconds:.0f}-second runs per mode, latencies pooled.\n\n"
+        + table
     )
     print(body)
     if not args.no_record:
-        append_section("Check-in throughput: TLS vs plaintext (issue 11)", body)
+        record_section("Check-in throughput: TLS vs plaintext (issue 11)", body)
 
 
 if __name__ == "__main__":

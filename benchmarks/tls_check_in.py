@@ -167,6 +167,7 @@ def main() -> None:
             process.join(timeout=30)
 
     rows = []
+    goal_notes = []
     for connecting in ("shared", "fresh"):
         row: dict[str, tuple[float, float, float]] = {}
         for name in modes:
@@ -181,6 +182,11 @@ def main() -> None:
         rows.append(
             f"| {connecting} | {plain[0]:,.0f} | {plain[1]:.1f} | {plain[2]:.1f} | "
             f"{secure[0]:,.0f} | {secure[1]:.1f} | {secure[2]:.1f} | {secure[0] / plain[0]:.2f}x |"
+        )
+        met = secure[0] >= 0.7 * plain[0] and secure[2] <= 50
+        goal_notes.append(
+            f"{'met' if met else 'not met'} with {connecting} connections "
+            f"({secure[0] / plain[0]:.2f}x, p99 {secure[2]:.1f} ms)"
         )
     table = "\n".join(
         [
@@ -198,8 +204,12 @@ def main() -> None:
         + table
     )
     print(body)
+    goal = "(issue 11) TLS at least 0.7x plaintext with check-in p99 <= 50 ms: " + "; ".join(
+        goal_notes
+    )
+    print(f"Goal: {goal}")
     if not args.no_record:
-        record_section("Check-in throughput: TLS vs plaintext (issue 11)", body)
+        record_section("Check-in throughput: TLS vs plaintext (issue 11)", body, goal=goal)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import append_section
+from benchmarks.machine import record_section
 
 CLIENTS = 20
 CLIENTS_PER_ROUND = 10
@@ -296,7 +296,7 @@ def export(workdir: pathlib.Path) -> bytes:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--no-record", action="store_true", help="do not record in RESULTS.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="overnight-compression-") as tmp:
         workdir = pathlib.Path(tmp)
@@ -348,7 +348,7 @@ def report(runs: list[Run], rounds: int, record: bool) -> None:
     ]
     print("\n".join(lines))
     if record:
-        append_section(
+        record_section(
             "Issue 5 — compression: bits per parameter and accuracy (side by side)",
             "\n".join(lines),
         )

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from benchmarks.machine import append_section
+from benchmarks.machine import record_section
 from device_runtime import constants
 from device_runtime.secagg import masking
 from device_runtime.secagg.client import SecAggClient
@@ -174,11 +174,11 @@ def main() -> None:
                 lines.append(line)
     if args.quick:
         return
-    append_section(
+    record_section(
         "Secure aggregation (issue 6)",
         "\n".join(
             [
-                "`python -m benchmarks.secagg_bench`. Modulus 2^32; 10% of devices drop after",
+                "Modulus 2^32; 10% of devices drop after",
                 "sharing keys (the server then rebuilds their mask keys and removes their pairwise",
                 "masks). Wall times on a shared machine, one run.",
                 "",

@@ -24,7 +24,7 @@ import tempfile
 import time
 from typing import Any
 
-from benchmarks.machine import append_section
+from benchmarks.machine import record_section
 
 
 def _coordinator_main(model_bytes: bytes, tls: Any, ports: Any, stop: Any) -> None:
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternations of both modes")
     parser.add_argument("--concurrency", type=int, default=32, help="check-ins in flight")
     parser.add_argument("--connections", type=int, default=4, help="shared: connections")
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--no-record", action="store_true", help="do not record in RESULTS.md")
     args = parser.parse_args()
 
     from benchmarks.emulator_fleet_scale import export_model
@@ -167,6 +167,7 @@ def main() -> None:
             process.join(timeout=30)
 
     rows = []
+    goal_notes = []
     for connecting in ("shared", "fresh"):
         row: dict[str, tuple[float, float, float]] = {}
         for name in modes:
@@ -182,6 +183,11 @@ def main() -> None:
             f"| {connecting} | {plain[0]:,.0f} | {plain[1]:.1f} | {plain[2]:.1f} | "
             f"{secure[0]:,.0f} | {secure[1]:.1f} | {secure[2]:.1f} | {secure[0] / plain[0]:.2f}x |"
         )
+        met = secure[0] >= 0.7 * plain[0] and secure[2] <= 50
+        goal_notes.append(
+            f"{'met' if met else 'not met'} with {connecting} connections "
+            f"({secure[0] / plain[0]:.2f}x, p99 {secure[2]:.1f} ms)"
+        )
     table = "\n".join(
         [
             "| connections | plaintext check-ins/s | p50 ms | p99 ms | TLS check-ins/s | "
@@ -194,12 +200,16 @@ def main() -> None:
         f"Coordinator and load in separate processes on loopback; {args.concurrency} check-ins "
         f"in flight; shared = {args.connections} long-lived connections, fresh = a new "
         f"connection (and TLS handshake) per check-in; throughput the median of "
-        f"{args.repeats} alternating {args.seconds:.0f}-second runs per mode, latencies pooled. "
-        "Run: `.venv/bin/python -m benchmarks.tls_check_in`.\n\n" + table
+        f"{args.repeats} alternating {args.seconds:.0f}-second runs per mode, latencies pooled.\n\n"
+        + table
     )
     print(body)
+    goal = "(issue 11) TLS at least 0.7x plaintext with check-in p99 <= 50 ms: " + "; ".join(
+        goal_notes
+    )
+    print(f"Goal: {goal}")
     if not args.no_record:
-        append_section("Check-in throughput: TLS vs plaintext (issue 11)", body)
+        record_section("Check-in throughput: TLS vs plaintext (issue 11)", body, goal=goal)
 
 
 if __name__ == "__main__":

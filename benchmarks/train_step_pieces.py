@@ -13,7 +13,6 @@ Run: .venv/bin/python -m benchmarks.train_step_pieces
 from __future__ import annotations
 
 import os
-import pathlib
 import statistics
 import tempfile
 import time
@@ -23,9 +22,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import record_section  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 20
 THREADS = 2
 ROUNDS = 5
@@ -141,14 +139,10 @@ def main() -> None:
     rows = [f"| {name} | {min(times):.2f} |" for name, times in results.items()]
     report = "\n".join(
         [
-            "",
-            "## McMahan CNN train step, piece by piece (LiteRT)",
-            "",
-            f"Machine: {describe()}. Each piece converted alone at the CNN's shapes "
+            "Each piece converted alone at the CNN's shapes "
             f"(batch {BATCH}), kernels and weights as inputs (variables in the real model); "
             f"LiteRT with {THREADS} threads and its default XNNPACK delegate; median of {STEPS} "
-            f"runs, best of {ROUNDS} interleaved rounds. "
-            "Run: `.venv/bin/python -m benchmarks.train_step_pieces`.",
+            f"runs, best of {ROUNDS} interleaved rounds.",
             "",
             "| piece: formulation | ms |",
             "|---|---|",
@@ -157,8 +151,7 @@ def main() -> None:
         ]
     )
     print(report)
-    with (REPO / "benchmarks" / "RESULTS.md").open("a") as results_file:
-        results_file.write(report)
+    record_section("McMahan CNN train step, piece by piece (LiteRT)", report)
 
 
 if __name__ == "__main__":

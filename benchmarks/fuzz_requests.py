@@ -22,7 +22,7 @@ import time
 import grpc
 
 from benchmarks.machine import record_section
-from tests.harness import POPULATION, running_coordinator, task_config
+from tests.harness import POPULATION, RoutedChannel, running_coordinator, task_config
 from tests.request_fuzzer import RequestFuzzer, fuzz, rpcs
 from tests.server.test_request_fuzzing import _a_round_commits, _token
 
@@ -46,7 +46,7 @@ async def run(requests: int, seeds: int, concurrency: int) -> tuple[list[str], b
             running_coordinator(
                 str(pathlib.Path(tmp) / "s.sqlite"), model, task_config(total_rounds=100_000)
             ) as running,
-            grpc.aio.insecure_channel(running.address) as channel,
+            RoutedChannel(running) as channel,
         ):
             task = running.coordinator.task("t1")
             started = time.perf_counter()
@@ -74,7 +74,7 @@ async def run(requests: int, seeds: int, concurrency: int) -> tuple[list[str], b
             elapsed = time.perf_counter() - started
             lines.append(f"{total} requests in {elapsed:.1f} s: {total / elapsed:.0f} per second")
             try:
-                await _a_round_commits(channel, model)
+                await _a_round_commits(channel, running, model)
                 lines.append("a round committed afterwards")
             except (AssertionError, grpc.aio.AioRpcError) as exc:
                 ok = False

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import os
 import pathlib
+import secrets
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,7 +24,10 @@ from device_runtime.clock import RealClock
 from protos import admin_pb2, admin_pb2_grpc
 from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
+from server.device_identity import DeviceIdentities
+from server.enrollment.config import EnrollmentPolicy
 from server.evaluation import HeldOutEvaluator
+from server.flood_limits import LOOPBACK_NETWORKS, NetworkSettings
 from server.grpc_service import CoordinatorServer
 from server.pace_steering import PaceSteeringSettings
 from server.sqlite_store import SqliteStore
@@ -102,14 +106,25 @@ async def run_demo(
         model_bytes = export_demo_model(settings, data_dir / "digits_mlp.tflite")
 
         store = SqliteStore.in_data_dir(data_dir)
+        clock = RealClock()
+        # Phones enroll with a throwaway shared secret; all of them connect from this host,
+        # so loopback is exempt from the per-network limits.
+        enrollment_secret = secrets.token_bytes(32)
+        identities = DeviceIdentities(
+            store,
+            clock,
+            EnrollmentPolicy.shared_secret(enrollment_secret),
+            networks=NetworkSettings(exempt=LOOPBACK_NETWORKS),
+        )
         coordinator = Coordinator(
             store,
-            RealClock(),
+            clock,
             # Short windows: the emulated fleet lives minutes, not days.
             # The emulated fleet lives minutes, not days: retry windows start at 0.1 s.
             CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=0.1, horizon_s=60.0)),
             HeldOutEvaluator(data.test),
             np.random.default_rng(settings.seed),
+            identities,
         )
         server = CoordinatorServer(coordinator, "127.0.0.1:0")
         await server.start()
@@ -141,6 +156,7 @@ async def run_demo(
             data.clients,
             seed=settings.seed,
             conditions=RandomConditionsSettings(mean_state_s=20.0),
+            enrollment_secret=enrollment_secret,
         )
         stop = asyncio.Event()
         fleet_task = asyncio.create_task(fleet.run(stop))

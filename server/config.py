@@ -42,6 +42,8 @@ class TaskConfig:
     min_examples: int = 1
     min_separation_s: float = 0.0
     min_runtime_version: str = ""
+    # Sybil limit: share of a round's slots one source network may take (1 = no cap).
+    max_network_share: float = 0.1
     # "training", or "evaluation": devices evaluate the latest model of task `evaluates` on
     # their own data and report metrics only (federated evaluation).
     kind: str = "training"
@@ -130,6 +132,11 @@ class TaskConfig:
         )
         need(self.min_examples >= 1, "min_examples", "must be >= 1")
         need(self.min_separation_s >= 0, "min_separation_s", "must be >= 0")
+        need(
+            math.isfinite(self.max_network_share) and 0 < self.max_network_share <= 1,
+            "max_network_share",
+            f"must be in (0, 1] (1 = no cap), got {self.max_network_share}",
+        )
         if self.min_runtime_version:
             try:
                 parse_version(self.min_runtime_version)
@@ -178,6 +185,7 @@ class TaskConfig:
             kind=self.kind,
             evaluates=self.evaluates,
             aggregator=self.aggregator,
+            max_network_share=self.max_network_share,
         )
 
     @classmethod
@@ -213,6 +221,7 @@ class TaskConfig:
             kind=message.kind or d.kind,
             evaluates=message.evaluates,
             aggregator=message.aggregator or d.aggregator,
+            max_network_share=message.max_network_share or d.max_network_share,
         ).validate()
 
     def to_dict(self) -> dict[str, Any]:

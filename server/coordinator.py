@@ -17,6 +17,7 @@ from typing import assert_never
 import numpy as np
 
 from device_runtime import constants as protocol
+from device_runtime import identity
 from device_runtime.clock import Clock
 from device_runtime.manifest import ManifestError
 from device_runtime.model_file import read_manifest
@@ -30,6 +31,7 @@ from server.aggregation import (
 )
 from server.aggregators.process import AggregationProcess
 from server.config import TaskConfig
+from server.device_identity import DeviceIdentities
 from server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -38,6 +40,7 @@ from server.errors import (
     Unauthenticated,
 )
 from server.evaluation import HeldOutEvaluator
+from server.flood_limits import RetryWindowMemory, network_slot_cap
 from server.optimizers import deserialize_state, serialize_state
 from server.pace_steering import PaceSteering, PaceSteeringSettings, PopulationActivity
 from server.rounds import aggregating, closed, reporting, selecting
@@ -76,8 +79,13 @@ class Coordinator:
         settings: CoordinatorSettings | None = None,
         evaluator: HeldOutEvaluator | None = None,
         rng: np.random.Generator | None = None,
+        identities: DeviceIdentities | None = None,
     ) -> None:
         self._store = store
+        # Enrollment and the signature checks of every device message; without a policy no
+        # population takes enrollments.
+        self.identities = identities or DeviceIdentities(store, clock)
+        self._retry_windows = RetryWindowMemory()
         self._clock = clock
         self.settings = settings or CoordinatorSettings()
         self._evaluator = evaluator
@@ -220,20 +228,42 @@ class Coordinator:
 
     # ----- check-in ------------------------------------------------------------------------
 
-    def check_in(self, request: device_pb2.CheckInRequest) -> device_pb2.CheckInResponse:
+    def check_in(
+        self, request: device_pb2.CheckInRequest, peer: str = ""
+    ) -> device_pb2.CheckInResponse:
+        """`peer` is the gRPC peer address (for the network limits); "" for in-process callers."""
         check_protocol_version(request.protocol_version)
-        if not request.device_id:
-            raise InvalidArgument("check-in needs a device_id")
         if request.example_count < 0:
             raise InvalidArgument(f"example_count must be >= 0, got {request.example_count}")
+        device_id = self.identities.verify_check_in(request)
         tasks = [t for t in self._tasks.values() if t.config.population == request.population]
         if not tasks:
             raise NotFound(f"unknown population {request.population!r}")
         now = self._clock.now()
+        # Windows are per population: a device may belong to several.
+        remembered_as = f"{request.population}/{device_id}"
+        wait = self._retry_windows.too_early(remembered_as, now)
+        if wait > 0:
+            # Not selected and not counted; its window stays as it was.
+            window = common_pb2.RetryWindow(min_delay_s=wait, max_delay_s=2 * wait)
+            return self._reject(device_pb2.Rejection.TOO_EARLY, "retry window not open", window)
+        network = self.identities.networks.of(peer)
+        response = self._answer_check_in(request, tasks, device_id, network, now)
+        self._retry_windows.remember(remembered_as, now, response.retry_window.min_delay_s)
+        return response
+
+    def _answer_check_in(
+        self,
+        request: device_pb2.CheckInRequest,
+        tasks: list[TaskRuntime],
+        device_id: str,
+        network: str | None,
+        now: float,
+    ) -> device_pb2.CheckInResponse:
         activity = self._activity.setdefault(
             request.population, PopulationActivity(self.settings.pace.horizon_s)
         )
-        activity.record(request.device_id, now)
+        activity.record(self.identities.networks.activity_key(device_id, network), now)
         self.tick()
         running = [t for t in tasks if not t.completed]
         if not running:
@@ -252,19 +282,23 @@ class Coordinator:
                 task.config,
                 request.example_count,
                 request.runtime_version,
-                self._store.last_assignment_time(task.task_id, request.device_id),
+                self._store.last_assignment_time(task.task_id, device_id),
                 now,
             )
             if verdict is not None:
                 ineligible.append(verdict)
                 continue
             round_ = self._selecting_round(task)
+            network_cap = network_slot_cap(
+                task.config.max_network_share, task.config.selection_quota
+            )
             if (
                 round_ is not None
                 and selecting.takes_devices(round_, task.config)
-                and request.device_id not in round_.devices
+                and device_id not in round_.devices
+                and round_.network_has_room(network, network_cap)
             ):
-                return self._assign(task, round_, request.device_id, activity.active_devices(now))
+                return self._assign(task, round_, device_id, network, activity.active_devices(now))
         soonest = min(running, key=lambda t: t.next_selection_in_s(now))
         active = activity.active_devices(now)
         if len(ineligible) == len(running):
@@ -319,7 +353,12 @@ class Coordinator:
         return task.selecting
 
     def _assign(
-        self, task: TaskRuntime, round_: RoundInProgress, device_id: str, active: int
+        self,
+        task: TaskRuntime,
+        round_: RoundInProgress,
+        device_id: str,
+        network: str | None,
+        active: int,
     ) -> device_pb2.CheckInResponse:
         token = secrets.token_bytes(32)
         digest = token_digest(token)
@@ -327,9 +366,17 @@ class Coordinator:
         self._store.add_assignment(
             AssignmentRecord(digest, task.task_id, round_.round_number, device_id, now)
         )
-        round_.assign(device_id, digest)
+        round_.assign(device_id, digest, network)
         secure = self.secure_rounds.aggregator(round_) is not None
-        enrollment = self.secure_rounds.enroll(round_, digest) if secure else None
+        enrollment = (
+            self.secure_rounds.enroll(
+                round_,
+                digest,
+                self.identities.enrolled_key_der(device_id, task.config.population),
+            )
+            if secure
+            else None
+        )
         self._issued[digest] = (task.task_id, round_.round_number)
         self._advance(task, round_)
         deadline = (
@@ -426,6 +473,12 @@ class Coordinator:
         check_protocol_version(header.protocol_version)
         task, round_, digest = self._open_assignment(header.upload_token)
         assignment = round_.assignments[digest]
+        self.identities.verify_report(
+            header.device_signature,
+            identity.upload_signed_bytes(header),
+            assignment.device_id,
+            task.config.population,
+        )
         if assignment.state is AssignmentState.REPORTED:
             raise AlreadyExists("an update for this upload token was already accepted")
         if assignment.state is AssignmentState.FAILED:
@@ -472,6 +525,12 @@ class Coordinator:
         check_protocol_version(report.protocol_version)
         task, round_, digest = self._open_assignment(report.upload_token)
         assignment = round_.assignments[digest]
+        self.identities.verify_report(
+            report.device_signature,
+            identity.failure_signed_bytes(report),
+            assignment.device_id,
+            task.config.population,
+        )
         if assignment.state is not AssignmentState.ASSIGNED:
             raise FailedPrecondition(f"assignment already {assignment.state.value}")
         round_.set_state(

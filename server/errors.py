@@ -39,6 +39,10 @@ class Unauthenticated(CoordinatorError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class PermissionDenied(CoordinatorError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ResourceExhausted(CoordinatorError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

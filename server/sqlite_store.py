@@ -10,7 +10,14 @@ import threading
 
 from server.config import TaskConfig
 from server.errors import AlreadyExists
-from server.store import AssignmentRecord, RoundRecord, RoundState, Store, TaskRecord
+from server.store import (
+    AssignmentRecord,
+    EnrolledDevice,
+    RoundRecord,
+    RoundState,
+    Store,
+    TaskRecord,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -33,6 +40,9 @@ CREATE TABLE IF NOT EXISTS assignments (
   device_id TEXT NOT NULL, issued_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS assignments_by_device ON assignments (task_id, device_id, issued_at);
 CREATE INDEX IF NOT EXISTS assignments_by_round ON assignments (task_id, round_number);
+CREATE TABLE IF NOT EXISTS enrolled_devices (
+  device_id TEXT NOT NULL, population TEXT NOT NULL, public_key BLOB NOT NULL,
+  credential TEXT NOT NULL, enrolled_at REAL NOT NULL, PRIMARY KEY (device_id, population));
 """
 
 
@@ -243,6 +253,37 @@ class SqliteStore(Store):
                 (task_id, task_id),
             ).fetchall()
         return [row[0] for row in rows]
+
+    def enroll_device(self, device: EnrolledDevice) -> bool:
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO enrolled_devices VALUES (?, ?, ?, ?, ?)",
+                (
+                    device.device_id,
+                    device.population,
+                    device.public_key_der,
+                    device.credential,
+                    device.enrolled_at,
+                ),
+            )
+        return cursor.rowcount == 1
+
+    def enrolled_device(self, device_id: str, population: str) -> EnrolledDevice | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM enrolled_devices WHERE device_id = ? AND population = ?",
+                (device_id, population),
+            ).fetchone()
+        if row is None:
+            return None
+        return EnrolledDevice(row[0], row[1], bytes(row[2]), row[3], row[4])
+
+    def enrolled_devices(self, population: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM enrolled_devices WHERE population = ?", (population,)
+            ).fetchone()
+        return int(row[0])
 
     def close(self) -> None:
         with self._lock:

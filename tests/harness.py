@@ -11,6 +11,7 @@ from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
 from server.grpc_service import CoordinatorServer
 from server.sqlite_store import SqliteStore
+from tests.identities import make_coordinator
 
 POPULATION = "digits"
 
@@ -52,7 +53,7 @@ async def running_coordinator(
     settings: CoordinatorSettings | None = None,
 ) -> AsyncIterator[RunningCoordinator]:
     store = SqliteStore(store_path)
-    coordinator = Coordinator(store, clock or RealClock(), settings)
+    coordinator = make_coordinator(store, clock or RealClock(), settings)
     if model_bytes is not None:
         coordinator.register_task(config or task_config(), model_bytes)
     server = CoordinatorServer(coordinator, "127.0.0.1:0")

@@ -61,12 +61,14 @@ class SecureRounds:
         aggregate = round_.aggregate
         return aggregate if isinstance(aggregate, SecureSumRoundAggregator) else None
 
-    def enroll(self, round_: RoundInProgress, token_sha256: str) -> secagg_pb2.SecAggSessionConfig:
+    def enroll(
+        self, round_: RoundInProgress, token_sha256: str, device_public_key: bytes = b""
+    ) -> secagg_pb2.SecAggSessionConfig:
         """Call for secure rounds only (`aggregator(round_)` is not None)."""
         aggregate = self.aggregator(round_)
         assert aggregate is not None
         self.service.expect_session(aggregate.enrollment)
-        return aggregate.enroll(token_sha256)
+        return aggregate.enroll(token_sha256, device_public_key)
 
     def selection_closed(self, round_: RoundInProgress, failed_tokens: list[str]) -> None:
         aggregate = self.aggregator(round_)

@@ -17,6 +17,7 @@ from server.pace_steering import PaceSteeringSettings
 from server.rounds.round import AssignmentState
 from tests.fakes import FakeClock, ScriptedConditions
 from tests.harness import POPULATION, running_coordinator, task_config
+from tests.identities import ENROLLMENT_SECRET
 
 SETTINGS = CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=30.0))
 EXAMPLES = 40
@@ -32,7 +33,7 @@ def _runtime(
     return DeviceRuntime(
         client=client,
         population=POPULATION,
-        device_id="device-b",
+        enrollment_secret=ENROLLMENT_SECRET,
         examples=LocalExamples(digits.x[:EXAMPLES], digits.y[:EXAMPLES]),
         conditions=conditions,
         clock=clock,
@@ -52,9 +53,10 @@ def test_rejected_device_waits_for_the_next_round_as_told(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
         ) as running:
-            holder = CoordinatorClient(running.address)
-            await holder.check_in(POPULATION, "device-a", EXAMPLES)  # takes the only seat
-            client = CoordinatorClient(running.address)
+            holder = CoordinatorClient(running.address, wall_clock=clock.now)
+            await holder.enroll(POPULATION, ENROLLMENT_SECRET)
+            await holder.check_in(POPULATION, EXAMPLES)  # takes the only seat
+            client = CoordinatorClient(running.address, wall_clock=clock.now)
             stop = asyncio.Event()
 
             def record(attempt: Attempt) -> None:
@@ -94,7 +96,7 @@ def test_interruption_reaches_the_coordinator_as_a_dropout(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, task_config(), clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address)
+            client = CoordinatorClient(running.address, wall_clock=clock.now)
             attempt = await _runtime(client, clock, conditions).attempt()
             await client.close()
             return attempt, running.coordinator.task("t1").current
@@ -116,7 +118,7 @@ def test_ineligible_device_does_not_check_in(tmp_path: pathlib.Path, model_bytes
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, task_config(), clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address)
+            client = CoordinatorClient(running.address, wall_clock=clock.now)
             attempt = await _runtime(client, clock, ScriptedConditions(eligible=False)).attempt()
             await client.close()
             return attempt, running.coordinator.task("t1").current
@@ -138,7 +140,7 @@ def test_model_is_downloaded_once_and_weights_once_per_round(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address)
+            client = CoordinatorClient(running.address, wall_clock=clock.now)
             await _runtime(client, clock, ScriptedConditions()).run(max_reports=2)
             await client.close()
             task = running.coordinator.task("t1")

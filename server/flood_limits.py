@@ -61,9 +61,12 @@ def peer_address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | N
     else:
         return None
     try:
-        return ipaddress.ip_address(host)
+        address = ipaddress.ip_address(host)
     except ValueError:
         return None
+    # An IPv4 client of a dual-stack listener may show up as ::ffff:a.b.c.d.
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
 
 
 class SourceNetworks:

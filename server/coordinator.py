@@ -61,6 +61,8 @@ class CoordinatorSettings:
     no_task_retry_s: tuple[float, float] = (600.0, 1200.0)
     # Fraction of the selection deadline in which pace steering aims to fill a round.
     fill_fraction: float = 0.5
+    # A device back before its retry window opens is turned away (TOO_EARLY), not selected.
+    enforce_retry_windows: bool = True
 
 
 def _window(bounds: tuple[float, float]) -> common_pb2.RetryWindow:
@@ -243,7 +245,7 @@ class Coordinator:
         # Windows are per population: a device may belong to several.
         remembered_as = f"{request.population}/{device_id}"
         wait = self._retry_windows.too_early(remembered_as, now)
-        if wait > 0:
+        if wait > 0 and self.settings.enforce_retry_windows:
             # Not selected and not counted; its window stays as it was.
             window = common_pb2.RetryWindow(min_delay_s=wait, max_delay_s=2 * wait)
             return self._reject(device_pb2.Rejection.TOO_EARLY, "retry window not open", window)

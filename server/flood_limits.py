@@ -44,7 +44,7 @@ class NetworkSettings:
     # population's shared secret, used by every honest install) 10,000 at once, then 100/s.
     enroll_per_network: RateLimit = RateLimit(per_s=10 / 3600, burst=20)
     enroll_per_credential: RateLimit = RateLimit(per_s=100.0, burst=10_000)
-    counted_devices_per_network: int = 32
+    counted_devices_per_network: int = 8
     max_tracked_keys: int = 100_000  # rate-limit buckets kept (the oldest full ones go first)
 
     def exempt_networks(self) -> list[IPNetwork]:

@@ -17,6 +17,7 @@ from emulator.fleet_worker import FleetSpec
 from server.coordinator import CoordinatorSettings
 from server.pace_steering import PaceSteeringSettings
 from tests.harness import POPULATION, running_coordinator, task_config
+from tests.identities import ENROLLMENT_SECRET
 
 pytestmark = pytest.mark.e2e
 
@@ -66,6 +67,7 @@ def test_worker_processes_train_rounds_and_report_participation(
                 speedup=1.0,
                 anchor_s=time.time(),
                 bin_virtual_s=5.0,
+                enrollment_secret=ENROLLMENT_SECRET,
             )
             fleet = FleetProcesses(spec, workers=2, nice=3)
             fleet.start()

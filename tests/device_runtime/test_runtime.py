@@ -154,3 +154,30 @@ def test_model_is_downloaded_once_and_weights_once_per_round(
 
     assert [r.reported for r in rounds] == [1, 1]
     assert downloaded == len(model_bytes) + 2 * 4 * num_parameters
+
+
+def test_a_device_with_a_skewed_clock_learns_the_coordinators_at_enrollment(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    clock = FakeClock()
+    config = task_config(target_reports=1, over_selection=1.0, reporting_deadline_s=1000.0)
+    # The phone's clock is stuck in 1970: only the offset learned at enrollment dates it.
+    stuck = lambda: 5000.0  # noqa: E731
+
+    async def scenario() -> tuple[Outcome, Outcome, int]:
+        async with running_coordinator(
+            str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
+        ) as running:
+            client = CoordinatorClient(running.address, wall_clock=stuck)
+            runtime = _runtime(client, clock, ScriptedConditions())
+            first = await runtime.attempt()
+            clock.advance(900.0)  # the learned offset is now 900 s stale
+            second = await runtime.attempt()
+            await client.close()
+            return first.outcome, second.outcome, running.store.enrolled_devices(POPULATION)
+
+    first, second, enrolled = asyncio.run(scenario())
+
+    assert first is Outcome.REPORTED  # enrolled, then signed on the coordinator's clock
+    assert second is not Outcome.UNREACHABLE  # refused once, enrolled again, then answered
+    assert enrolled == 1

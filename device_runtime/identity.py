@@ -19,7 +19,7 @@ import pathlib
 import struct
 from typing import Protocol, TypeVar
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -108,7 +108,7 @@ def load_public_key(der: bytes) -> ec.EllipticCurvePublicKey:
     """Parses a DER SubjectPublicKeyInfo; raises IdentityError unless it is a P-256 key."""
     try:
         key = serialization.load_der_public_key(der)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise IdentityError(f"not a DER public key: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise IdentityError("the public key is not an EC P-256 key")

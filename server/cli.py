@@ -161,6 +161,12 @@ async def serve(args: argparse.Namespace) -> None:
     identities = DeviceIdentities(
         store, clock, policy, IdentitySettings(freshness_s=args.freshness_s), networks
     )
+    if policy.default is None and not policy.by_population:
+        print(
+            "serve: no --enrollment-secret-file or --enrollment-config: no device can enroll, "
+            "so none can check in",
+            file=sys.stderr,
+        )
     coordinator = Coordinator(
         store, clock, settings, evaluator, np.random.default_rng(args.seed), identities
     )

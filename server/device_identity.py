@@ -32,6 +32,8 @@ from server.store import EnrolledDevice, Store
 
 _DEVICE_ID = re.compile(r"[0-9a-f]{64}")
 max_public_key_bytes = 256
+max_population_bytes = 128
+max_secret_bytes = 1024
 max_attestation_chain = 10
 max_certificate_bytes = 16 << 10
 
@@ -105,8 +107,10 @@ class DeviceIdentities:
         self, request: device_pb2.EnrollRequest, peer: str = ""
     ) -> device_pb2.EnrollResponse:
         """Enrolls the request's key; refusals change nothing (codes: device.proto, Enroll)."""
-        if not request.population:
-            raise InvalidArgument("enrollment needs a population")
+        if not 0 < len(request.population.encode()) <= max_population_bytes:
+            raise InvalidArgument(f"population must be 1 to {max_population_bytes} bytes")
+        if len(request.enrollment_secret) > max_secret_bytes:
+            raise InvalidArgument(f"enrollment_secret exceeds {max_secret_bytes} bytes")
         if len(request.public_key) > max_public_key_bytes:
             raise InvalidArgument(f"public_key exceeds {max_public_key_bytes} bytes")
         if len(request.attestation_chain) > max_attestation_chain or any(

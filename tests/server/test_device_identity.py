@@ -300,3 +300,34 @@ def test_the_owner_of_a_token_uploads_with_it(tmp_path, model_bytes) -> None:
             return running.coordinator.task("t1").current.reported
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_enrollment_of_a_key_of_an_unsupported_kind_is_invalid_argument(
+    tmp_path, model_bytes
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import dsa
+
+    dsa_key = dsa.generate_private_key(key_size=1024).public_key()
+
+    async def attack(running, stub, clock):
+        request = enroll_request(device_key("a"))
+        request.public_key = dsa_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        await stub.Enroll(request)
+
+    code, _, changed, _ = _attack(tmp_path, model_bytes, _nothing, attack)
+
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert changed == {}
+
+
+def test_enrollment_with_an_oversized_population_is_invalid_argument(tmp_path, model_bytes) -> None:
+    async def attack(running, stub, clock):
+        await stub.Enroll(enroll_request(device_key("a"), population="p" * 1000))
+
+    code, details, changed, _ = _attack(tmp_path, model_bytes, _nothing, attack)
+
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "population" in details
+    assert changed == {}

@@ -228,3 +228,33 @@ def test_the_replay_guard_refuses_past_its_capacity_and_forgets_expired_nonces()
     assert not guard.seen("d", b"1", 600.0)
     guard.add("d", b"3", 601.0)
     assert len(guard) == 1
+
+
+def test_over_grpc_the_peer_address_decides_the_network(tmp_path, model_bytes) -> None:
+    import asyncio
+
+    import grpc
+
+    from server.grpc_service import CoordinatorServer
+    from tests.identities import check_in_over
+
+    async def scenario() -> list[str | None]:
+        store = SqliteStore(tmp_path / "s.sqlite")
+        clock = FakeClock()
+        coordinator = Coordinator(
+            store, clock, identities=identities_for(store, clock, NetworkSettings())
+        )
+        config = task_config(target_reports=4, over_selection=1.0, max_network_share=0.25)
+        coordinator.register_task(config, model_bytes)
+        server = CoordinatorServer(coordinator, "127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                answers = [await check_in_over(channel, f"loop{i}") for i in range(2)]
+        finally:
+            await server.stop(0)
+            store.close()
+        return [a.WhichOneof("outcome") for a in answers]
+
+    # Loopback is not exempt here: both devices come from 127.0.0.0/24, which gets 1 of 4.
+    assert asyncio.run(scenario()) == ["assignment", "rejection"]

@@ -101,6 +101,7 @@ async def run_overnight(
     from device_runtime.runtime import DeviceRuntime, Outcome
     from device_runtime.transport import CoordinatorClient
     from emulator.data import federated_digits
+    from server.certificates import loopback_security
     from server.config import TaskConfig
     from server.coordinator import Coordinator
     from server.device_identity import DeviceIdentities
@@ -136,9 +137,10 @@ async def run_overnight(
         aggregator=aggregator,
     )
     record = coordinator.register_task(config, model_bytes)
-    server = CoordinatorServer(coordinator, "127.0.0.1:0")
+    tls, trust = loopback_security()
+    server = CoordinatorServer(coordinator, "127.0.0.1:0", tls=tls)
     await server.start()
-    clients = [CoordinatorClient(server.address) for _ in range(CLIENTS)]
+    clients = [CoordinatorClient(server.address, trust) for _ in range(CLIENTS)]
     caches = [ResourceCache() for _ in range(CLIENTS)]
     started = time.perf_counter()
     try:

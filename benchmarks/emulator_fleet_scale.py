@@ -36,7 +36,13 @@ DAY_S = 86400.0
 
 
 def _coordinator_main(
-    model_bytes: bytes, task: dict[str, Any], pace: dict[str, Any], ports: Any, stop: Any, out: Any
+    model_bytes: bytes,
+    task: dict[str, Any],
+    pace: dict[str, Any],
+    tls: Any,
+    ports: Any,
+    stop: Any,
+    out: Any,
 ) -> None:
     import grpc
     import numpy as np
@@ -115,7 +121,9 @@ def _coordinator_main(
             )
             coordinator.register_task(TaskConfig(**task).validate(), model_bytes)
             # What `overnight serve` runs, plus the timing interceptor.
-            server = CoordinatorServer(coordinator, "127.0.0.1:0", interceptors=[CheckInTimer()])
+            server = CoordinatorServer(
+                coordinator, "127.0.0.1:0", interceptors=[CheckInTimer()], tls=tls
+            )
             await server.start()
             freeze_startup_heap()
             lag_watcher = asyncio.create_task(watch_loop_lag())
@@ -141,21 +149,23 @@ def _coordinator_main(
     asyncio.run(main())
 
 
-def _probe_main(target: str, population: str, every_s: float, stop: Any, out: Any) -> None:
+def _probe_main(
+    target: str, trust: Any, population: str, every_s: float, stop: Any, out: Any
+) -> None:
     """An unloaded client: CheckIn with no examples (always refused after the full check-in
     path), timed on loopback, so the coordinator's queueing shows without the fleet's own.
     Each probe is a fresh enrolled key (enrolled before the timed call), so no retry window
     turns it away early."""
-    import grpc
     import numpy as np
 
+    from device_runtime.channel import open_channel
     from device_runtime.identity import DeviceKey
-    from device_runtime.transport import CoordinatorClient, TransportError
+    from device_runtime.transport import CoordinatorClient, TransportError, channel_options
     from emulator.slowdowns import LatencyHistogram
 
     async def main() -> None:
         times = LatencyHistogram()
-        channel = grpc.aio.insecure_channel(target)
+        channel = open_channel(target, trust, channel_options())
         number = 0
         while not stop.is_set():
             key = DeviceKey.from_seed(f"probe-{number}".encode())
@@ -199,16 +209,22 @@ def main() -> None:
     parser.add_argument("--start-hour-utc", type=float, default=5.0)
     parser.add_argument("--report-dir", default=None, help="also write CSV and PNG here")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--insecure", action="store_true", help="plaintext instead of TLS")
     args = parser.parse_args()
 
     import numpy as np
 
+    from device_runtime.channel import ServerTrust
     from emulator.data import SampledDigits
     from emulator.fleet_config import FleetConfig
     from emulator.fleet_processes import FleetProcesses
     from emulator.fleet_worker import FleetSpec
     from emulator.slowdowns import LatencyHistogram
+    from server.certificates import loopback_security
 
+    tls, trust = loopback_security()
+    if args.insecure:
+        tls, trust = None, ServerTrust(insecure=True)
     batch_size = 10
     with tempfile.TemporaryDirectory() as tmp:
         model_bytes = export_model(batch_size, pathlib.Path(tmp) / "mlp.tflite")
@@ -230,13 +246,14 @@ def main() -> None:
     context = multiprocessing.get_context("spawn")
     ports, stop, out = context.Queue(), context.Event(), context.Queue()
     coordinator = context.Process(
-        target=_coordinator_main, args=(model_bytes, task, pace, ports, stop, out)
+        target=_coordinator_main, args=(model_bytes, task, pace, tls, ports, stop, out)
     )
     coordinator.start()
     port = ports.get(timeout=60)
     day = int(time.time() // DAY_S)
     spec = FleetSpec(
         target=f"127.0.0.1:{port}",
+        trust=trust,
         population="digits",
         config=FleetConfig(phones=args.phones, seed=0).validate(),
         datasets=SampledDigits(seed=0),
@@ -248,7 +265,8 @@ def main() -> None:
     fleet = FleetProcesses(spec, args.workers, args.emulator_nice)
     probe_stop, probe_out = context.Event(), context.Queue()
     probe = context.Process(
-        target=_probe_main, args=(spec.target, spec.population, 0.1, probe_stop, probe_out)
+        target=_probe_main,
+        args=(spec.target, trust, spec.population, 0.1, probe_stop, probe_out),
     )
     started = time.time()
     fleet.start()

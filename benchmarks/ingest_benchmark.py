@@ -198,6 +198,11 @@ def run(uploads: int, concurrency: int, repeats: int, slots: int | None = None) 
                 "serve",
                 "--address",
                 f"127.0.0.1:{ours_port}",
+                # Plaintext like the bare servers: this compares ingest, not TLS (see
+                # benchmarks/tls_check_in.py for what TLS costs).
+                "--insecure",
+                "--admin-address",
+                "127.0.0.1:0",
                 "--data-dir",
                 f"{tmp}/state",
                 "--task",

@@ -120,7 +120,9 @@ def run(n: int, m: int, dropout: float) -> Figures:
         e = client.envelope()
         on_server(server.receive_masked_input, e.session_id, c, e.session_token, masked)
     if server.stage == secagg_pb2.MASKED_INPUT_COLLECTION:
-        on_server(server.close_stage)  # the deadline: the dropped devices never send
+        on_server(
+            server.close_stage, secagg_pb2.MASKED_INPUT_COLLECTION
+        )  # the deadline: the dropped devices never send
     for c, client in clients.items():
         if c not in dropped:
             response = timed(c, client.unmasking_response, request(c).unmasking_request)

@@ -234,6 +234,8 @@ class FloodSimulation:
             self._round_of_token.pop(token, None)
             return  # too late: the round closed
         self._reporters.setdefault(self._round_of_token.pop(token), []).append(device)
+        # The round driver, woken by a report that completes its round, ends it at once.
+        self.coordinator.tick()
 
     # ----- the run -------------------------------------------------------------------------
 

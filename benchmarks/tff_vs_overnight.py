@@ -145,6 +145,7 @@ async def run_overnight(data: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, 
     from device_runtime.examples import LocalExamples
     from emulator.fleet import Fleet
     from emulator.phone import RandomConditionsSettings
+    from server.certificates import loopback_security
     from server.config import TaskConfig
     from server.coordinator import Coordinator, CoordinatorSettings
     from server.device_identity import DeviceIdentities
@@ -196,10 +197,12 @@ async def run_overnight(data: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, 
             server_learning_rate=SERVER_LR,
         )
         coordinator.register_task(config, path.read_bytes())
-        server = CoordinatorServer(coordinator)
+        tls, trust = loopback_security()
+        server = CoordinatorServer(coordinator, tls=tls)
         await server.start()
         fleet = Fleet(
             server.address,
+            trust,
             "tutorial",
             [LocalExamples(x, y) for x, y in data],
             conditions=RandomConditionsSettings(p_charging=1.0, p_idle=1.0, p_unmetered=1.0),

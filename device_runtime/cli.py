@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from device_runtime.cache import ResourceCache
+from device_runtime.channel import ServerTrust, insecure_warning
 from device_runtime.clock import RealClock
 from device_runtime.conditions import AlwaysEligible
 from device_runtime.examples import LocalExamples
@@ -32,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         ),
     )
     parser.add_argument("--server", default="127.0.0.1:50051", help="coordinator host:port")
+    add_trust_options(parser)
     parser.add_argument("--population", required=True, help="population to check in with")
     parser.add_argument(
         "--examples", required=True, help=".npz file with local examples 'x' and 'y'"
@@ -70,13 +72,35 @@ def _print_attempt(attempt: Attempt) -> None:
     )
 
 
-async def _run(args: argparse.Namespace) -> None:
+def add_trust_options(parser: argparse.ArgumentParser) -> None:
+    """--root-certs and --insecure, as every command that dials a coordinator takes them."""
+    parser.add_argument(
+        "--root-certs",
+        help="CA certificates (PEM) that may sign the coordinator's certificate "
+        "(default: the system trust store)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, no TLS: only against a coordinator run with --insecure",
+    )
+
+
+def trust_from(args: argparse.Namespace, command: str) -> ServerTrust:
+    """The ServerTrust the options ask for; warns on stderr when it is plaintext."""
+    trust = ServerTrust.from_files(args.root_certs, args.insecure)
+    if trust.insecure:
+        print(insecure_warning(command), file=sys.stderr, flush=True)
+    return trust
+
+
+async def _run(args: argparse.Namespace, trust: ServerTrust) -> None:
     key = DeviceKey.load_or_create(args.cache_dir)
     secret = b""
     if args.enrollment_secret_file:
         secret = pathlib.Path(args.enrollment_secret_file).read_bytes().strip()
     print(f"device {key.device_id}", flush=True)
-    client = CoordinatorClient(args.server, key=key)
+    client = CoordinatorClient(args.server, trust, key=key)
     runtime = DeviceRuntime(
         client=client,
         population=args.population,
@@ -96,7 +120,8 @@ async def _run(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        asyncio.run(_run(args))
+        trust = trust_from(args, "device")
+        asyncio.run(_run(args, trust))
     except (OSError, ValueError, IdentityError) as exc:
         print(f"device: {exc}", file=sys.stderr)
         return 2

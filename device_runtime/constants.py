@@ -17,3 +17,5 @@ ineligible_poll_s = 60.0
 # Used when the coordinator is unreachable: exponential backoff bounds.
 unreachable_backoff_min_s = 1.0
 unreachable_backoff_max_s = 300.0
+# Trailing metadata of an UNAVAILABLE answer: seconds until the coordinator can serve again.
+retry_after_metadata = "retry-after-s"

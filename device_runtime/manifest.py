@@ -29,10 +29,15 @@ REQUIRED_SIGNATURES: dict[str, tuple[str, ...]] = {
 }
 # Signatures of a model exported with FedProx (`overnight export --fedprox`).
 FEDPROX_SIGNATURES: dict[str, tuple[str, ...]] = {"set_proximal_mu": ("mu",)}
+# A model with dropout trains on uniform noise the device draws from its round's seed.
+DROPOUT_TRAIN_INPUTS = ("x", "y", "mask", "noise")
 
 
-def required_signatures(fedprox: bool) -> dict[str, tuple[str, ...]]:
-    return {**REQUIRED_SIGNATURES, **(FEDPROX_SIGNATURES if fedprox else {})}
+def required_signatures(fedprox: bool, dropout: bool = False) -> dict[str, tuple[str, ...]]:
+    signatures = {**REQUIRED_SIGNATURES, **(FEDPROX_SIGNATURES if fedprox else {})}
+    if dropout:
+        signatures["train"] = DROPOUT_TRAIN_INPUTS
+    return signatures
 
 
 class ManifestError(ValueError):
@@ -46,6 +51,22 @@ class WeightSpec:
     name: str
     shape: tuple[int, ...]
     offset: int
+
+    @property
+    def size(self) -> int:
+        size = 1
+        for dim in self.shape:
+            size *= dim
+        return size
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenWeight:
+    """A weight of a frozen layer (Keras's `trainable = False`): a constant of the model,
+    outside the flat weight vector and the federated update."""
+
+    name: str
+    shape: tuple[int, ...]
 
     @property
     def size(self) -> int:
@@ -73,10 +94,18 @@ class ModelManifest:
     # FedProx's proximal term is in the graph (set_proximal_mu). Manifests written before it
     # was opt-in always had it, hence the default when the field is absent.
     fedprox: bool = True
+    frozen_weights: tuple[FrozenWeight, ...] = ()
+    # Uniform noise values per example that `train` reads (its `noise` input, for dropout);
+    # 0: no dropout, and `train` takes x, y and mask only.
+    noise_units: int = 0
 
     @property
     def num_parameters(self) -> int:
         return sum(w.size for w in self.weights)
+
+    @property
+    def num_frozen_parameters(self) -> int:
+        return sum(w.size for w in self.frozen_weights)
 
     def to_json(self) -> str:
         body = {
@@ -101,6 +130,11 @@ class ModelManifest:
             "exporter_version": self.exporter_version,
             "flex": self.flex,
             "fedprox": self.fedprox,
+            "frozen_weights": [
+                {"name": w.name, "shape": list(w.shape), "size": w.size}
+                for w in self.frozen_weights
+            ],
+            "noise_units": self.noise_units,
         }
         return json.dumps(body, indent=2, sort_keys=True)
 
@@ -137,6 +171,11 @@ class ModelManifest:
                 flex=bool(body.get("flex", False)),
                 label_shape=tuple(int(d) for d in body["label"]["shape"]),
                 fedprox=bool(body.get("fedprox", True)),
+                frozen_weights=tuple(
+                    FrozenWeight(name=w["name"], shape=tuple(int(d) for d in w["shape"]))
+                    for w in body.get("frozen_weights", [])
+                ),
+                noise_units=int(body.get("noise_units", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"manifest field missing or malformed: {exc!r}") from exc
@@ -153,7 +192,9 @@ class ModelManifest:
                     "the weight layout must be contiguous"
                 )
             offset += w.size
-        for name, inputs in required_signatures(self.fedprox).items():
+        if self.noise_units < 0:
+            raise ManifestError(f"noise_units must be >= 0, got {self.noise_units}")
+        for name, inputs in required_signatures(self.fedprox, self.noise_units > 0).items():
             if name not in self.signatures:
                 raise ManifestError(f"manifest lacks the required signature {name!r}")
             if tuple(sorted(self.signatures[name])) != tuple(sorted(inputs)):

@@ -31,7 +31,17 @@ def _corrupt_file_is_manifest_error(reader: Callable[P, T]) -> Callable[P, T]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return reader(*args, **kwargs)
-        except (struct.error, IndexError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+        except ManifestError:
+            raise
+        except (
+            struct.error,
+            IndexError,
+            UnicodeDecodeError,
+            AttributeError,
+            TypeError,
+            ValueError,  # numpy, reading a vector that runs past the buffer
+            OverflowError,
+        ) as exc:
             raise ManifestError(
                 f"model file is corrupt or truncated ({exc.__class__.__name__})"
             ) from exc

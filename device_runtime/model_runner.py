@@ -68,6 +68,9 @@ class TrainableModel:
             if self.manifest.fedprox
             else None
         )
+        # Dropout masks come from uniform noise drawn here, per train step; `train` seeds it
+        # from the round's plan, so each device and each round draws its own masks.
+        self._noise_rng = np.random.default_rng(0)
         self._input_dtype = np.dtype(self.manifest.input_dtype)
         self._label_dtype = np.dtype(self.manifest.label_dtype)
         # The graph's declared shape, not a call: running get_weights here would allocate its
@@ -160,9 +163,24 @@ class TrainableModel:
             return
         self._set_proximal_mu(mu=np.float32(mu))
 
+    def seed_dropout(self, seed: int) -> None:
+        """Seeds the noise of the following train steps' dropout masks."""
+        self._noise_rng = np.random.default_rng(seed)
+
+    def dropout_noise(self) -> np.ndarray | None:
+        """The next train step's uniform noise, from which the model cuts its dropout masks
+        (a value is kept where its noise is at least the rate); None without dropout."""
+        if not self.manifest.noise_units:
+            return None
+        return self._noise_rng.random((self.batch_size, self.manifest.noise_units), np.float32)
+
     def train_step(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
         """One step on one full-size batch; returns (mean loss, correct count) over mask == 1."""
-        out = self._train(x=x, y=y, mask=mask)
+        noise = self.dropout_noise()
+        if noise is None:
+            out = self._train(x=x, y=y, mask=mask)
+        else:
+            out = self._train(x=x, y=y, mask=mask, noise=noise)
         return float(out["loss"]), float(out["correct"])
 
     def train(
@@ -175,9 +193,11 @@ class TrainableModel:
         shuffle: bool = True,
         proximal_mu: float = 0.0,
         fresh_optimizer: bool = True,
+        dropout_seed: int | None = None,
     ) -> TrainResult:
         """Trains `epochs` passes over (x, y), shuffled by `rng` unless `shuffle` is False,
-        polling `should_stop` before each batch.
+        polling `should_stop` before each batch. `dropout_seed` (the round's plan carries
+        one) seeds the dropout masks; None goes on from the masks drawn so far.
 
         As TFF's client update: the optimizer starts fresh (unless `fresh_optimizer` is False)
         and, when `proximal_mu` > 0, FedProx pulls the weights towards those last given to
@@ -185,6 +205,8 @@ class TrainableModel:
         """
         self._check_examples(x, y)
         self.set_proximal_mu(proximal_mu)
+        if dropout_seed is not None:
+            self.seed_dropout(dropout_seed)
         if fresh_optimizer:
             self.reset_optimizer()
         loss_sum = correct = 0.0

@@ -124,6 +124,8 @@ class DeviceRuntime:
         except TransportError as exc:
             delay = self._unreachable_backoff_s
             self._unreachable_backoff_s = min(delay * 2, constants.unreachable_backoff_max_s)
+            if exc.retry_after_s is not None:  # the coordinator said when it can serve again
+                delay = max(delay, exc.retry_after_s)
             log.warning("device %s: check-in failed: %s", self._device_id, exc)
             return Attempt(Outcome.UNREACHABLE, delay, detail=str(exc))
         self._unreachable_backoff_s = constants.unreachable_backoff_min_s
@@ -187,6 +189,9 @@ class DeviceRuntime:
             secure = SecureUpload(self._client.channel, assignment, self._client.key)
             secure.start()
         train_rng = np.random.default_rng(self._rng.integers(2**63))
+        # The round's seed for the dropout masks; a coordinator that sends none leaves the
+        # masks to this device's own generator.
+        mask_seed = assignment.plan.dropout_seed or int(self._rng.integers(2**63))
         try:
             result = await asyncio.to_thread(
                 functools.partial(
@@ -198,6 +203,7 @@ class DeviceRuntime:
                     lambda: not self._conditions.current().eligible,
                     shuffle=not assignment.plan.keep_order,
                     proximal_mu=assignment.plan.fedprox_mu,
+                    dropout_seed=mask_seed,
                 )
             )
         except (ValueError, RuntimeError) as exc:

@@ -6,6 +6,7 @@ check-in, upload header and failure report with it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import time
@@ -16,16 +17,31 @@ import numpy as np
 
 from device_runtime import constants, identity
 from device_runtime.aggregation.client import EncodedUpload
+from device_runtime.channel import ServerTrust, open_channel
 from protos import common_pb2, device_pb2, device_pb2_grpc
 
 
 class TransportError(RuntimeError):
     """A call to the coordinator failed; `code` is the gRPC status code."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, details: str, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        # From an UNAVAILABLE answer's `retry-after-s` trailing metadata: when to come back.
+        self.retry_after_s = retry_after_s
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.aio.AioRpcError) -> TransportError:
+        retry_after_s = None
+        for key, value in exc.trailing_metadata() or ():
+            if key == constants.retry_after_metadata:
+                # A malformed hint is no hint: the device's own backoff applies.
+                with contextlib.suppress(ValueError):
+                    retry_after_s = min(float(value), constants.unreachable_backoff_max_s)
+        return cls(exc.code(), exc.details() or "", retry_after_s)
 
 
 def channel_options() -> list[tuple[str, int]]:
@@ -42,18 +58,23 @@ class TransferCounters:
 
 
 class CoordinatorClient:
-    """Talks to one coordinator over one channel. Methods raise TransportError on failure."""
+    """Talks to one coordinator over one channel. Methods raise TransportError on failure.
+
+    Opens its own channel to `target` under `trust` (TLS against the system trust store by
+    default), unless it is given a `channel` to share (see `device_runtime.channel`).
+    `key`: the device's key (default: a fresh one, for tests and one-off tools).
+    `wall_clock`: Unix time, to which the offset learned at enrollment is added."""
 
     def __init__(
         self,
         target: str,
+        trust: ServerTrust | None = None,
+        *,
         channel: grpc.aio.Channel | None = None,
         key: identity.DeviceKey | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        """`key`: the device's key (default: a fresh one, for tests and one-off tools).
-        `wall_clock`: Unix time, to which the offset learned at enrollment is added."""
-        self._channel = channel or grpc.aio.insecure_channel(target, options=channel_options())
+        self._channel = channel or open_channel(target, trust or ServerTrust(), channel_options())
         self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
         self.counters = TransferCounters()
         self.key = key or identity.DeviceKey.generate()
@@ -88,7 +109,7 @@ class CoordinatorClient:
         try:
             response = await self._stub.Enroll(request, timeout=constants.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise TransportError(exc.code(), exc.details() or "") from exc
+            raise TransportError.from_rpc(exc) from exc
         self._clock_offset_s = response.server_time_s - self._wall_clock()
         return response
 
@@ -107,7 +128,7 @@ class CoordinatorClient:
         try:
             return await self._stub.CheckIn(request, timeout=constants.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise TransportError(exc.code(), exc.details() or "") from exc
+            raise TransportError.from_rpc(exc) from exc
 
     async def download(self, ref: common_pb2.ResourceRef) -> bytes:
         """Downloads a resource in chunks and checks it against its hash."""

@@ -8,15 +8,22 @@ import csv
 import dataclasses
 import pathlib
 import signal
+import socket
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 
+from device_runtime.channel import ServerTrust, open_blocking_channel
+from device_runtime.cli import add_trust_options, trust_from
 from emulator.data import ClientDatasets, SampledDigits
 from emulator.federated_files import EmnistH5Clients, FederatedFileError, FemnistJsonClients
 from emulator.fleet_config import FleetConfig, FleetConfigError
+
+if TYPE_CHECKING:  # the fleet's modules load when `emulate` runs, not when `overnight` starts
+    from emulator.fleet_processes import FleetProcesses, WorkerLoss
 
 DAY_S = 86400.0
 
@@ -35,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         ),
     )
     parser.add_argument("--server", default="127.0.0.1:50051", help="coordinator host:port")
+    add_trust_options(parser)
     parser.add_argument("--population", default="digits", help="population to check in with")
     parser.add_argument("--phones", type=int, default=50, help="number of phones (default 50)")
     parser.add_argument(
@@ -90,7 +98,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     parser.add_argument(
         "--task",
-        help="with --report-dir: also fetch this task's rounds from the coordinator (rounds.csv)",
+        help="with --report-dir: also fetch this task's rounds from the coordinator's admin "
+        "service (rounds.csv; needs --admin-server and an admin token)",
+    )
+    parser.add_argument(
+        "--admin-server", default="127.0.0.1:50052", help="the coordinator's admin host:port"
+    )
+    parser.add_argument(
+        "--admin-token-file",
+        help="with --task: file holding an admin token (else OVERNIGHT_ADMIN_TOKEN)",
+    )
+    parser.add_argument(
+        "--tolerate-worker-loss",
+        action="store_true",
+        help=(
+            "when a worker process dies, run on with the other workers and exit 0 (by default "
+            "the fleet stops at once and emulate exits 1); the dead worker's phones count as "
+            "lost either way"
+        ),
     )
     parser.add_argument(
         "--save-test-split",
@@ -120,12 +145,16 @@ def write_causes_csv(causes: collections.Counter[str], path: pathlib.Path) -> No
         writer.writerows(causes.most_common())
 
 
-def write_rounds_csv(server: str, task_id: str, path: pathlib.Path) -> None:
-    """Per-round selection, reports, dropouts and duration, as the coordinator recorded them."""
+def write_rounds_csv(
+    admin_server: str, trust: ServerTrust, token: str | None, task_id: str, path: pathlib.Path
+) -> None:
+    """Per-round selection, reports, dropouts and duration, as the coordinator recorded them
+    (its admin service, with a viewer or operator token)."""
     from device_runtime import constants as protocol
     from protos import admin_pb2, admin_pb2_grpc
+    from server.operator_access import bearer_metadata
 
-    with grpc.insecure_channel(server) as channel:
+    with open_blocking_channel(admin_server, trust) as channel:
         rounds = (
             admin_pb2_grpc.AdminServiceStub(channel)
             .ListRounds(
@@ -133,6 +162,7 @@ def write_rounds_csv(server: str, task_id: str, path: pathlib.Path) -> None:
                     protocol_version=protocol.PROTOCOL_VERSION, task_id=task_id
                 ),
                 timeout=30,
+                metadata=bearer_metadata(token),
             )
             .rounds
         )
@@ -171,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
             if args.enrollment_secret_file
             else b""
         )
+        trust = trust_from(args, "emulate")
     except (FleetConfigError, FederatedFileError, ValueError, OSError) as exc:
         print(f"emulate: {exc}", file=sys.stderr)
         return 2
@@ -178,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     day = int(time.time() // DAY_S)
     spec = FleetSpec(
         target=args.server,
+        trust=trust,
         population=args.population,
         config=config,
         datasets=datasets,
@@ -187,9 +219,6 @@ def run(args: argparse.Namespace) -> int:
         enrollment_secret=secret,
     )
     fleet = FleetProcesses(spec, args.workers, args.nice)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     print(
         f"{args.phones} phones in {args.workers} worker(s) checking in with {args.server} "
         f"(population {args.population!r}); a virtual day lasts {DAY_S / args.speedup / 60:.1f} "
@@ -197,10 +226,20 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     fleet.start()
-    stop.wait(args.duration)
+    workers = "; ".join(f"pid {pid}: {len(p)} phones" for pid, p in fleet.phones_by_pid.items())
+    print(f"fleet workers: {workers}", flush=True)
+    lost = _run_fleet(fleet, args.duration, args.tolerate_worker_loss)
     report = fleet.stop()
+    for loss in report.lost:
+        if loss not in lost:  # died or hung while stopping
+            print(f"emulate: {loss.describe()}", file=sys.stderr, flush=True)
     outcomes = report.participation.outcomes
     print("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+    print(
+        f"phones: {report.phones} ran to the end, {report.phones_lost} lost with "
+        f"{len(report.lost)} worker(s) that died",
+        flush=True,
+    )
     causes = report.participation.causes
     if causes:
         print("dropout causes: " + ", ".join(f"{k} {v}" for k, v in causes.most_common()))
@@ -214,10 +253,50 @@ def run(args: argparse.Namespace) -> int:
         write_causes_csv(report.participation.causes, out / "dropout_causes.csv")
         written = ["participation.csv", "participation.png", "dropout_causes.csv"]
         if args.task:
+            from server.operator_access import read_admin_token
+
             try:
-                write_rounds_csv(args.server, args.task, out / "rounds.csv")
+                token = read_admin_token(args.admin_token_file)
+                write_rounds_csv(args.admin_server, trust, token, args.task, out / "rounds.csv")
                 written.append("rounds.csv")
-            except grpc.RpcError as exc:
+            except (grpc.RpcError, OSError) as exc:
                 print(f"emulate: cannot list rounds of {args.task!r}: {exc}", file=sys.stderr)
         print(f"report written to {out}: {', '.join(written)}")
-    return 0
+    return 1 if report.lost and not args.tolerate_worker_loss else 0
+
+
+def _run_fleet(
+    fleet: FleetProcesses, duration_s: float | None, tolerate_loss: bool
+) -> list[WorkerLoss]:
+    """Runs until `duration_s`, SIGINT/SIGTERM, or (unless `tolerate_loss`) a worker's death,
+    which is reported the moment it happens. Returns the workers that died."""
+    interrupted = threading.Event()
+    wake_reader, wake_writer = socket.socketpair()
+    wake_writer.setblocking(False)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: interrupted.set())
+    # The signal's number lands on the socket, so waiting on it wakes the loop below at once.
+    previous_fd = signal.set_wakeup_fd(wake_writer.fileno(), warn_on_full_buffer=False)
+    end = None if duration_s is None else time.monotonic() + duration_s
+    lost: list[WorkerLoss] = []
+    try:
+        while not interrupted.is_set() and fleet.running:
+            remaining = None if end is None else end - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            died = fleet.wait(remaining, wake=[wake_reader])
+            for loss in died:
+                print(f"emulate: {loss.describe()}", file=sys.stderr, flush=True)
+            lost += died
+            if died and not tolerate_loss:
+                print(
+                    "emulate: stopping the fleet (--tolerate-worker-loss runs on without them)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                break
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        wake_reader.close()
+        wake_writer.close()
+    return lost

@@ -8,10 +8,10 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-import grpc
 import numpy as np
 
 from device_runtime.cache import ResourceCache
+from device_runtime.channel import ServerTrust, open_channel
 from device_runtime.clock import Clock, RealClock
 from device_runtime.conditions import DeviceConditions
 from device_runtime.examples import LocalExamples
@@ -37,6 +37,7 @@ class Fleet:
     def __init__(
         self,
         target: str,
+        trust: ServerTrust,
         population: str,
         datasets: list[LocalExamples],
         seed: int = 0,
@@ -48,6 +49,7 @@ class Fleet:
         """`conditions_of(phone index)`, when given, replaces the random conditions (e.g. to
         make one phone drop out at a chosen moment)."""
         self._target = target
+        self._trust = trust
         self._population = population
         self._datasets = datasets
         self._seed = seed
@@ -60,7 +62,7 @@ class Fleet:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Runs every phone until `stop` is set."""
-        channel = grpc.aio.insecure_channel(self._target, options=channel_options())
+        channel = open_channel(self._target, self._trust, channel_options())
         seeds = np.random.SeedSequence(self._seed).spawn(len(self._datasets))
         phones = []
         for index, (examples, seed) in enumerate(zip(self._datasets, seeds, strict=True)):

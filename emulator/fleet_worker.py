@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from device_runtime.cache import ResourceCache, sha256_hex
+from device_runtime.channel import ServerTrust, open_channel
 from device_runtime.clock import RealClock
 from device_runtime.runtime import DeviceRuntime
 from device_runtime.transport import channel_options
@@ -41,6 +42,7 @@ class FleetSpec:
     """Everything a worker needs to build its phones; picklable, so it crosses processes."""
 
     target: str
+    trust: ServerTrust
     population: str
     config: FleetConfig
     datasets: ClientDatasets
@@ -142,11 +144,11 @@ class FleetWorker:
         spread_s = self.clock.real_seconds(spec.config.start_spread_virtual_s)
         for number, index in enumerate(self._indices):
             if number % phones_per_channel == 0:
-                channels.append(grpc.aio.insecure_channel(spec.target, options=channel_options()))
+                channels.append(open_channel(spec.target, spec.trust, channel_options()))
             phone = self._phone(index, channels[-1], shared)
             if phone is not None:
                 tasks.append(asyncio.create_task(self._run_phone(phone, spread_s)))
-        sampler = asyncio.create_task(self._sample_eligible(stop))
+        sampler = asyncio.create_task(self.sample_eligible(stop))
         await stop.wait()
         # Phones stop where they are, as when the fleet's power goes: mid-round work is lost
         # and the coordinator counts it at its deadline.
@@ -205,13 +207,26 @@ class FleetWorker:
             phone.runtime.release_model()
             await asyncio.sleep(attempt.next_delay_s)
 
-    async def _sample_eligible(self, stop: asyncio.Event) -> None:
-        every_s = self.clock.real_seconds(self._spec.bin_virtual_s) / 3
-        while True:  # at least once, and once more when stopped
+    async def sample_eligible(self, stop: asyncio.Event) -> None:
+        """Head counts of eligible phones at fixed virtual instants, three per bin from the
+        fleet's start up to the moment the worker stops.
+
+        Eligibility is a pure function of virtual time, so the count at an instant does not
+        depend on when it is taken: a worker that started late, or whose loop stalled on a
+        loaded machine, catches up, and every worker counts the same instants (a merged bin
+        shows a figure only when all workers counted it)."""
+        spec = self._spec
+        step_s = spec.bin_virtual_s / 3
+        taken = 0
+        while True:  # once more when stopped, up to the stop
+            stopping = stop.is_set()
             now = self.clock.now()
-            eligible = sum(c.can_train and c.at(now).eligible for c in self.conditions)
-            self.participation.sample_eligible(now, eligible)
-            if stop.is_set():
+            while (instant := spec.virtual_start_s + taken * step_s) <= now:
+                eligible = sum(c.can_train and c.at(instant).eligible for c in self.conditions)
+                self.participation.sample_eligible(instant, eligible)
+                taken += 1
+                await asyncio.sleep(0)  # a long catch-up must not starve the phones
+            if stopping:
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every_s)
+                await asyncio.wait_for(stop.wait(), self.clock.real_seconds(step_s))

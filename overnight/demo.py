@@ -1,7 +1,8 @@
 """`overnight demo`: a coordinator and a fleet of emulated phones training the digits MLP.
 
-Exports the Keras model, starts the coordinator on loopback, registers the task through the
-admin API, runs the fleet, and prints each committed round as it lands.
+Exports the Keras model, starts the coordinator on loopback over TLS (a throwaway CA made for
+the run), registers the task through the admin API with an operator token, runs the fleet, and
+prints each committed round as it lands.
 """
 
 from __future__ import annotations
@@ -16,19 +17,21 @@ import tempfile
 import time
 from collections.abc import Callable
 
-import grpc
 import numpy as np
 
 from device_runtime import constants as protocol
+from device_runtime.channel import open_channel
 from device_runtime.clock import RealClock
 from protos import admin_pb2, admin_pb2_grpc
+from server.certificates import loopback_security
 from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
 from server.device_identity import DeviceIdentities
 from server.enrollment.config import EnrollmentPolicy
 from server.evaluation import HeldOutEvaluator
 from server.flood_limits import LOOPBACK_NETWORKS, NetworkSettings
-from server.grpc_service import CoordinatorServer
+from server.grpc_service import CoordinatorServer, admin_max_message_bytes
+from server.operator_access import AdminTokens, Role, bearer_metadata
 from server.pace_steering import PaceSteeringSettings
 from server.sqlite_store import SqliteStore
 
@@ -119,15 +122,25 @@ async def run_demo(
         coordinator = Coordinator(
             store,
             clock,
-            # Short windows: the emulated fleet lives minutes, not days.
             # The emulated fleet lives minutes, not days: retry windows start at 0.1 s.
             CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=0.1, horizon_s=60.0)),
             HeldOutEvaluator(data.test),
             np.random.default_rng(settings.seed),
             identities,
         )
-        server = CoordinatorServer(coordinator, "127.0.0.1:0")
+        # The secure path, as in production, with a CA that dies with the demo.
+        tls, trust = loopback_security()
+        tokens = AdminTokens(data_dir)
+        _, operator_token = tokens.create(Role.OPERATOR)
+        server = CoordinatorServer(
+            coordinator,
+            "127.0.0.1:0",
+            tls=tls,
+            admin_tokens=tokens,
+        )
         await server.start()
+        assert server.admin_address is not None
+        credential = bearer_metadata(operator_token)
         config = TaskConfig(
             task_id="digits-mlp",
             population="digits",
@@ -140,18 +153,24 @@ async def run_demo(
             batch_size=settings.batch_size,
             server_learning_rate=settings.server_learning_rate,
         )
-        channel = grpc.aio.insecure_channel(server.address)
+        channel = open_channel(
+            server.admin_address,
+            trust,
+            [("grpc.max_send_message_length", admin_max_message_bytes)],
+        )
         admin = admin_pb2_grpc.AdminServiceStub(channel)
         registered = await admin.RegisterTask(
             admin_pb2.RegisterTaskRequest(
                 protocol_version=protocol.PROTOCOL_VERSION,
                 config=config.to_proto(),
                 model_tflite=model_bytes,
-            )
+            ),
+            metadata=credential,
         )
 
         fleet = Fleet(
             server.address,
+            trust,
             config.population,
             data.clients,
             seed=settings.seed,
@@ -169,7 +188,8 @@ async def run_demo(
                         await admin.ListRounds(
                             admin_pb2.ListRoundsRequest(
                                 protocol_version=protocol.PROTOCOL_VERSION, task_id=config.task_id
-                            )
+                            ),
+                            metadata=credential,
                         )
                     ).rounds
                 )

@@ -34,6 +34,21 @@ class AdminServiceStub(object):
                 request_serializer=protos_dot_admin__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=protos_dot_admin__pb2.ListTasksResponse.FromString,
                 )
+        self.PauseTask = channel.unary_unary(
+                '/overnight.v1.AdminService/PauseTask',
+                request_serializer=protos_dot_admin__pb2.PauseTaskRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.TaskStatus.FromString,
+                )
+        self.ResumeTask = channel.unary_unary(
+                '/overnight.v1.AdminService/ResumeTask',
+                request_serializer=protos_dot_admin__pb2.ResumeTaskRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.TaskStatus.FromString,
+                )
+        self.CancelTask = channel.unary_unary(
+                '/overnight.v1.AdminService/CancelTask',
+                request_serializer=protos_dot_admin__pb2.CancelTaskRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.TaskStatus.FromString,
+                )
 
 
 class AdminServiceServicer(object):
@@ -41,8 +56,9 @@ class AdminServiceServicer(object):
 
     def RegisterTask(self, request, context):
         """Registers a training task for a population, with its model and (optionally) initial weights.
-        INVALID_ARGUMENT  a config field is invalid (the message names it), or the model fails
-        validation (not a Overnight training model, manifest disagrees)
+        INVALID_ARGUMENT  a config field is invalid: every number must be finite and in its
+        range (the message names the field), or the model fails validation
+        (not an Overnight training model, manifest disagrees)
         ALREADY_EXISTS    a task with this id exists
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -64,7 +80,38 @@ class AdminServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ListTasks(self, request, context):
-        """Every task, grouped by nothing; the caller groups by population. Never fails.
+        """Every task, grouped by nothing; the caller groups by population. Only the common codes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseTask(self, request, context):
+        """Pauses a task: it takes no devices (check-ins get a NO_TASK rejection with a retry
+        window) until resumed; its open rounds run on to their deadlines. Persisted: a
+        restarted coordinator keeps it paused. Pausing a paused task changes nothing.
+        NOT_FOUND            unknown task
+        FAILED_PRECONDITION  the task is cancelled or completed
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeTask(self, request, context):
+        """Resumes a paused task. Resuming a running task changes nothing.
+        NOT_FOUND            unknown task
+        FAILED_PRECONDITION  the task is cancelled or completed
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTask(self, request, context):
+        """Cancels a task, for good: its open rounds are recorded abandoned at once (their uploads
+        get FAILED_PRECONDITION) and it never takes devices again, across restarts.
+        Cancelling a cancelled task changes nothing.
+        NOT_FOUND            unknown task
+        FAILED_PRECONDITION  the task is completed
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +139,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListTasks,
                     request_deserializer=protos_dot_admin__pb2.ListTasksRequest.FromString,
                     response_serializer=protos_dot_admin__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'PauseTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseTask,
+                    request_deserializer=protos_dot_admin__pb2.PauseTaskRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.TaskStatus.SerializeToString,
+            ),
+            'ResumeTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeTask,
+                    request_deserializer=protos_dot_admin__pb2.ResumeTaskRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.TaskStatus.SerializeToString,
+            ),
+            'CancelTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTask,
+                    request_deserializer=protos_dot_admin__pb2.CancelTaskRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.TaskStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -168,5 +230,56 @@ class AdminService(object):
         return grpc.experimental.unary_unary(request, target, '/overnight.v1.AdminService/ListTasks',
             protos_dot_admin__pb2.ListTasksRequest.SerializeToString,
             protos_dot_admin__pb2.ListTasksResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def PauseTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/overnight.v1.AdminService/PauseTask',
+            protos_dot_admin__pb2.PauseTaskRequest.SerializeToString,
+            protos_dot_admin__pb2.TaskStatus.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ResumeTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/overnight.v1.AdminService/ResumeTask',
+            protos_dot_admin__pb2.ResumeTaskRequest.SerializeToString,
+            protos_dot_admin__pb2.TaskStatus.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def CancelTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/overnight.v1.AdminService/CancelTask',
+            protos_dot_admin__pb2.CancelTaskRequest.SerializeToString,
+            protos_dot_admin__pb2.TaskStatus.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

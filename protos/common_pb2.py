@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/common.proto\x12\x0covernight.v1\"7\n\x0bRetryWindow\x12\x13\n\x0bmin_delay_s\x18\x01 \x01(\x01\x12\x13\n\x0bmax_delay_s\x18\x02 \x01(\x01\"?\n\x0bResourceRef\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\"h\n\x04Plan\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x14\n\x0cmax_examples\x18\x03 \x01(\x03\x12\x12\n\nfedprox_mu\x18\x04 \x01(\x01\x12\x12\n\nkeep_order\x18\x05 \x01(\x08\"Z\n\rClientMetrics\x12\x0c\n\x04loss\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x13\n\x0bnum_batches\x18\x04 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/common.proto\x12\x0covernight.v1\"7\n\x0bRetryWindow\x12\x13\n\x0bmin_delay_s\x18\x01 \x01(\x01\x12\x13\n\x0bmax_delay_s\x18\x02 \x01(\x01\"?\n\x0bResourceRef\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\"~\n\x04Plan\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x14\n\x0cmax_examples\x18\x03 \x01(\x03\x12\x12\n\nfedprox_mu\x18\x04 \x01(\x01\x12\x12\n\nkeep_order\x18\x05 \x01(\x08\x12\x14\n\x0c\x64ropout_seed\x18\x06 \x01(\x04\"Z\n\rClientMetrics\x12\x0c\n\x04loss\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x13\n\x0bnum_batches\x18\x04 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -26,7 +26,7 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_RESOURCEREF']._serialized_start=94
   _globals['_RESOURCEREF']._serialized_end=157
   _globals['_PLAN']._serialized_start=159
-  _globals['_PLAN']._serialized_end=263
-  _globals['_CLIENTMETRICS']._serialized_start=265
-  _globals['_CLIENTMETRICS']._serialized_end=355
+  _globals['_PLAN']._serialized_end=285
+  _globals['_CLIENTMETRICS']._serialized_start=287
+  _globals['_CLIENTMETRICS']._serialized_end=377
 # @@protoc_insertion_point(module_scope)

@@ -23,18 +23,20 @@ class ResourceRef(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("epochs", "batch_size", "max_examples", "fedprox_mu", "keep_order")
+    __slots__ = ("epochs", "batch_size", "max_examples", "fedprox_mu", "keep_order", "dropout_seed")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     FEDPROX_MU_FIELD_NUMBER: _ClassVar[int]
     KEEP_ORDER_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_SEED_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     batch_size: int
     max_examples: int
     fedprox_mu: float
     keep_order: bool
-    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_examples: _Optional[int] = ..., fedprox_mu: _Optional[float] = ..., keep_order: bool = ...) -> None: ...
+    dropout_seed: int
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_examples: _Optional[int] = ..., fedprox_mu: _Optional[float] = ..., keep_order: bool = ..., dropout_seed: _Optional[int] = ...) -> None: ...
 
 class ClientMetrics(_message.Message):
     __slots__ = ("loss", "accuracy", "num_examples", "num_batches")

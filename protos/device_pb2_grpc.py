@@ -66,14 +66,16 @@ class DeviceServiceServicer(object):
     def CheckIn(self, request, context):
         """A device that is charging, idle and on an unmetered network asks for work. Answered at
         once with an Assignment or a Rejection; both carry a RetryWindow.
-        NOT_FOUND: unknown population. INVALID_ARGUMENT: a device_id that is not 64 lowercase
-        hex characters, a nonce that is not 16 bytes, or negative counts.
-        UNAUTHENTICATED     the device_id is not enrolled in the population (enroll, then retry),
-        the signature does not verify under its enrolled key, the timestamp
-        is outside the coordinator's freshness window (default +-300 s of
-        its clock), or the nonce was already used within that window (a
-        replay). Such a check-in changes nothing.
-        RESOURCE_EXHAUSTED  the coordinator holds as many recent nonces as it keeps; retry later
+        NOT_FOUND            unknown population
+        INVALID_ARGUMENT     a device_id that is not 64 lowercase hex characters (or over 128
+        bytes), a nonce that is not 16 bytes, or negative counts
+        UNAUTHENTICATED      the device_id is not enrolled in the population (enroll, then
+        retry), the signature does not verify under its enrolled key, the
+        timestamp is outside the coordinator's freshness window (default
+        +-300 s of its clock), or the nonce was already used within that
+        window (a replay). Such a check-in changes nothing.
+        RESOURCE_EXHAUSTED   a request over 64 KiB, or the coordinator holds as many recent
+        nonces as it keeps; retry later
         A device that checks in before the retry window it was last given opens gets a Rejection
         with reason TOO_EARLY (and is not selected).
         """
@@ -103,6 +105,12 @@ class DeviceServiceServicer(object):
         An update with NaN or infinite values is accepted and counted, but zeroed and weighted 0
         (as TFF's FedAvg does); the round's metrics count it in aggregator/num_nonfinite_updates.
         RESOURCE_EXHAUSTED   payload larger than the header announced, or a chunk over 4 MiB
+        DEADLINE_EXCEEDED    the stream sent nothing for the coordinator's idle time (30 s by
+        default); the upload was cancelled
+        An upload takes one of the coordinator's upload slots only once its header was accepted.
+        The example count weighs the update at most as much as the count the device declared at
+        check-in, and at most the task's max_examples_per_device. The coordinator applies the
+        round's zeroing and clipping to the decoded update itself, whatever its flags say.
         A refused upload changes nothing in the round.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -111,8 +119,12 @@ class DeviceServiceServicer(object):
 
     def ReportFailure(self, request, context):
         """Tells the coordinator that an assignment will not report (interrupted, error), so it can
-        count the dropout. UNAUTHENTICATED: unknown token. PERMISSION_DENIED: the report is not
-        signed by the key the token was issued to. FAILED_PRECONDITION: already reported.
+        count the dropout.
+        UNAUTHENTICATED      unknown upload token
+        PERMISSION_DENIED    the report is not signed by the key the token was issued to
+        FAILED_PRECONDITION  the assignment already reported or failed, or its round closed
+        ALREADY_EXISTS       the round closed and this token's update was counted in it
+        INVALID_ARGUMENT     a cause that FailureReport.Cause does not define
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,4 +1,5 @@
-"""`overnight serve` and `overnight status`: run the coordinator, and look at it."""
+"""`overnight serve`: run the coordinator. The operator's commands that talk to it (`status`,
+`task`, `admin-token`) are in server/operator_cli.py."""
 
 from __future__ import annotations
 
@@ -10,24 +11,30 @@ import pathlib
 import signal
 import sys
 
-import grpc
 import numpy as np
 
-from device_runtime import constants as protocol
+from device_runtime.channel import insecure_warning
 from device_runtime.clock import RealClock
 from device_runtime.examples import LocalExamples
-from protos import admin_pb2, admin_pb2_grpc
+from server import operator_cli
 from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
+from server.data_dir import DataDirectory, DataDirError, default_full_check_below_bytes
 from server.device_identity import DeviceIdentities, IdentitySettings
 from server.enrollment.config import EnrollmentPolicy
 from server.errors import AlreadyExists, CoordinatorError
 from server.evaluation import HeldOutEvaluator
 from server.flood_limits import NetworkSettings
-from server.grpc_service import CoordinatorServer, admin_max_message_bytes, freeze_startup_heap
+from server.grpc_service import CoordinatorServer, freeze_startup_heap
+from server.operator_access import (
+    FIRST_TOKEN_FILE,
+    AdminTokens,
+    ensure_first_token,
+)
 from server.pace_steering import PaceSteeringSettings
 from server.sqlite_store import SqliteStore
 from server.tensorboard_sink import TensorBoardSink
+from server.transport_security import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +44,57 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "serve",
         help="run the coordinator (gRPC; SQLite state in a data directory)",
         description=(
-            "Runs the coordinator: device and admin gRPC services on one port, state in "
+            "Runs the coordinator: the device services on --address and the admin service on "
+            "--admin-address, both over TLS (--tls-cert, --tls-key); state in "
             "DATA_DIR/coordinator.sqlite. Restarting with the same data directory resumes every "
-            "task from its last committed round."
+            "task from its last committed round. On first start it makes an operator token "
+            f"and writes it to DATA_DIR/{FIRST_TOKEN_FILE}."
         ),
     )
     serve.add_argument(
         "--address",
         default="127.0.0.1:50051",
-        help="host:port to listen on (default 127.0.0.1:50051)",
+        help="host:port for devices (default 127.0.0.1:50051)",
+    )
+    serve.add_argument(
+        "--admin-address",
+        default="127.0.0.1:50052",
+        help="host:port for the admin service; keep it on loopback or a private network "
+        "(default 127.0.0.1:50052)",
+    )
+    serve.add_argument("--tls-cert", help="the coordinator's certificate chain (PEM)")
+    serve.add_argument("--tls-key", help="the coordinator's private key (PEM)")
+    serve.add_argument(
+        "--operator-ca",
+        help="CA (PEM) of operator client certificates: the admin listener then requires one, "
+        "and its subject OU (operator or viewer) is the caller's role",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext listeners, no TLS: only for a closed test network",
     )
     serve.add_argument(
         "--data-dir",
         default="overnight-data",
         help="directory for the SQLite store (default ./overnight-data)",
+    )
+    serve.add_argument(
+        "--repair",
+        action="store_true",
+        help=(
+            "if the store fails its start-up check, rebuild it from what is readable, keeping "
+            "each task's last good committed round (the damaged file is kept beside it)"
+        ),
+    )
+    serve.add_argument(
+        "--full-check-below-mb",
+        type=float,
+        default=default_full_check_below_bytes / (1 << 20),
+        help=(
+            "at start, stores smaller than this get SQLite's full integrity_check, larger ones "
+            "the faster quick_check (default %(default)g)"
+        ),
     )
     serve.add_argument(
         "--task", help="task config (TOML) to register at start, if not yet registered"
@@ -116,38 +160,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="uploads staged in memory at once; more wait under flow control (default 2)",
     )
     serve.set_defaults(func=run_serve)
+    operator_cli.register(subparsers)
 
-    status = subparsers.add_parser(
-        "status",
-        help="show populations, tasks, current rounds and recent history",
-        description="Without --task: every task by population. With --task: its round history.",
+
+def server_tls(args: argparse.Namespace) -> ServerTls | None:
+    """The listeners' TLS from --tls-cert/--tls-key, or None with an explicit --insecure."""
+    if args.insecure:
+        if args.tls_cert or args.tls_key or args.operator_ca:
+            raise ValueError("--insecure excludes --tls-cert, --tls-key and --operator-ca")
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise ValueError(
+            "serve needs --tls-cert and --tls-key (PEM); for a closed test network only, "
+            "--insecure runs without TLS"
+        )
+    return ServerTls.from_files(args.tls_cert, args.tls_key, args.operator_ca)
+
+
+async def serve(args: argparse.Namespace, tls: ServerTls | None) -> None:
+    data_dir = DataDirectory.open(
+        args.data_dir, int(args.full_check_below_mb * (1 << 20)), repair=args.repair
     )
-    status.add_argument("--server", default="127.0.0.1:50051", help="coordinator host:port")
-    status.add_argument("--task", help="show this task's round history")
-    status.add_argument(
-        "--last", type=int, default=20, help="rounds of history to show (default 20)"
-    )
-
-    task = subparsers.add_parser("task", help="manage tasks on a running coordinator")
-    task_commands = task.add_subparsers(dest="task_command", metavar="ACTION", required=True)
-    create = task_commands.add_parser(
-        "create",
-        help="register a task from a TOML config and an exported model",
-        description=(
-            "Registers a task on a running coordinator through its admin API. The config is a "
-            "TOML file with a [task] table; a wrong field is reported by name."
-        ),
-    )
-    create.add_argument("config", help="task config (TOML)")
-    create.add_argument("--model", required=True, help="exported .tflite training model")
-    create.add_argument("--initial-weights", help="optional .npy float32 vector of initial weights")
-    create.add_argument("--server", default="127.0.0.1:50051", help="coordinator host:port")
-    create.set_defaults(func=run_task_create)
-    status.set_defaults(func=run_status)
+    try:
+        await _serve_in(data_dir, args, tls)
+    finally:
+        data_dir.close()
 
 
-async def serve(args: argparse.Namespace) -> None:
-    store = SqliteStore.in_data_dir(args.data_dir)
+async def _serve_in(
+    data_dir: DataDirectory, args: argparse.Namespace, tls: ServerTls | None
+) -> None:
+    store = SqliteStore.in_data_dir(data_dir.path)
+    first_token = ensure_first_token(args.data_dir)
     evaluator = HeldOutEvaluator(LocalExamples.load(args.eval_data)) if args.eval_data else None
     pace = PaceSteeringSettings(min_delay_s=args.min_retry_s, max_delay_s=args.max_retry_s)
     settings = CoordinatorSettings(pace=pace)
@@ -178,10 +222,23 @@ async def serve(args: argparse.Namespace) -> None:
         config = TaskConfig.from_toml(args.task)
         with contextlib.suppress(AlreadyExists):
             coordinator.register_task(config, pathlib.Path(args.model).read_bytes())
-    server = CoordinatorServer(coordinator, args.address, args.max_concurrent_uploads)
+    server = CoordinatorServer(
+        coordinator,
+        args.address,
+        args.max_concurrent_uploads,
+        tls=tls,
+        admin_address=args.admin_address,
+        admin_tokens=AdminTokens(args.data_dir),
+    )
     await server.start()
     freeze_startup_heap()
-    print(f"coordinator listening on {server.address}, data in {args.data_dir}", flush=True)
+    print(
+        f"coordinator listening on {server.address} (devices) and {server.admin_address} "
+        f"(admin), {'TLS' if tls is not None else 'PLAINTEXT'}, data in {args.data_dir}",
+        flush=True,
+    )
+    if first_token is not None:
+        print(f"operator admin token written to {first_token} (0600)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -193,101 +250,14 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    """Expected failures end with one line on stderr and exit status 2, never a traceback."""
     try:
-        asyncio.run(serve(args))
-    except CoordinatorError as exc:
+        tls = server_tls(args)
+        if tls is None:
+            print(insecure_warning("serve"), file=sys.stderr, flush=True)
+        asyncio.run(serve(args, tls))
+    except (CoordinatorError, DataDirError, ValueError, OSError) as exc:
+        # OSError: a missing --task/--model/certificate file, a port in use.
         print(f"serve: {exc}", file=sys.stderr)
         return 2
-    return 0
-
-
-def _admin(server: str) -> tuple[grpc.Channel, admin_pb2_grpc.AdminServiceStub]:
-    channel = grpc.insecure_channel(
-        server,
-        options=[("grpc.max_send_message_length", admin_max_message_bytes)],
-    )
-    return channel, admin_pb2_grpc.AdminServiceStub(channel)
-
-
-def _print_round(r: admin_pb2.RoundSummary) -> None:
-    acc = r.metrics.get("eval/accuracy")
-    loss = r.metrics.get("client_work/train/loss")
-    print(
-        f"  round {r.round_number:4d} {r.state:10s} selected {r.selected:5d} "
-        f"reported {r.reported:5d} dropped {r.dropped:5d}"
-        + (f"  train loss {loss:.4f}" if loss is not None else "")
-        + (f"  eval accuracy {acc:.4f}" if acc is not None else "")
-    )
-
-
-def run_status(args: argparse.Namespace) -> int:
-    channel, stub = _admin(args.server)
-    version = protocol.PROTOCOL_VERSION
-    try:
-        with channel:
-            tasks = stub.ListTasks(admin_pb2.ListTasksRequest(protocol_version=version)).tasks
-            rounds = (
-                stub.ListRounds(
-                    admin_pb2.ListRoundsRequest(protocol_version=version, task_id=args.task)
-                ).rounds
-                if args.task
-                else []
-            )
-    except grpc.RpcError as exc:
-        print(f"status: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    by_population: dict[str, list[admin_pb2.TaskStatus]] = {}
-    for t in tasks:
-        by_population.setdefault(t.config.population, []).append(t)
-    if not tasks:
-        print("no tasks registered")
-    for population, members in sorted(by_population.items()):
-        print(f"population {population}")
-        for t in members:
-            if args.task and t.config.task_id != args.task:
-                continue
-            print(
-                f"  task {t.config.task_id}: {t.state}, {t.committed_rounds}/"
-                f"{t.config.total_rounds} rounds committed, {t.num_parameters} parameters, "
-                f"server optimizer {t.config.server_optimizer.name or 'sgd'}"
-            )
-            if t.HasField("current_round"):
-                r = t.current_round
-                print(
-                    f"    latest round {r.round_number}: {r.state}, {r.selected} selected, "
-                    f"{r.reported} reported"
-                )
-    if args.task:
-        print(f"history of {args.task}:")
-        for r in rounds[-args.last :]:
-            _print_round(r)
-    return 0
-
-
-def run_task_create(args: argparse.Namespace) -> int:
-    try:
-        config = TaskConfig.from_toml(args.config)
-    except CoordinatorError as exc:
-        print(f"task create: {exc}", file=sys.stderr)
-        return 2
-    initial = b""
-    if args.initial_weights:
-        initial = np.load(args.initial_weights).astype("<f4").tobytes()
-    request = admin_pb2.RegisterTaskRequest(
-        protocol_version=protocol.PROTOCOL_VERSION,
-        config=config.to_proto(),
-        model_tflite=pathlib.Path(args.model).read_bytes(),
-        initial_weights=initial,
-    )
-    channel, stub = _admin(args.server)
-    try:
-        with channel:
-            response = stub.RegisterTask(request)
-    except grpc.RpcError as exc:
-        print(f"task create: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    print(
-        f"registered task {response.task_id}: model {response.model_sha256[:12]}, "
-        f"{response.num_parameters} parameters"
-    )
     return 0

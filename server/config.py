@@ -9,6 +9,7 @@ import tomllib
 from typing import Any
 
 from protos import admin_pb2, common_pb2
+from server import limits
 from server.errors import InvalidArgument
 from server.optimizers import OPTIMIZERS, ServerOptimizer
 
@@ -28,6 +29,9 @@ class TaskConfig:
     epochs: int = 1
     batch_size: int = 20
     max_examples: int = 0
+    # The largest example count (weight) the coordinator credits one device's update with;
+    # it also never credits more than the device declared at check-in.
+    max_examples_per_device: int = limits.default_max_examples_per_device
     fedprox_mu: float = 0.0
     keep_order: bool = False
     # Server optimizer (TFF's, with TFF's defaults where a field is 0).
@@ -80,68 +84,92 @@ class TaskConfig:
         )
 
     def validate(self) -> TaskConfig:
+        """Checks every field: each number finite and in its range (server/limits.py).
+        Raises InvalidArgument naming the field."""
+
         def need(ok: bool, field: str, why: str) -> None:
             if not ok:
                 raise InvalidArgument(f"task config field {field!r}: {why}")
 
+        def integer(field: str, low: int, high: int, note: str = "") -> None:
+            value = getattr(self, field)
+            ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+            need(ok, field, f"must be an integer in [{low}, {high}]{note}, got {value!r}")
+
+        def number(field: str, low: float, high: float, low_open: bool = False) -> None:
+            value = getattr(self, field)
+            ok = (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and (low < value if low_open else low <= value)
+                and value <= high
+            )
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            need(ok, field, f"must be a finite number in {interval}, got {value!r}")
+
+        def text(field: str, max_bytes: int) -> None:
+            value = getattr(self, field)
+            need(isinstance(value, str), field, f"must be a string, got {value!r}")
+            need(len(value.encode()) <= max_bytes, field, f"must be at most {max_bytes} bytes")
+
+        text("task_id", limits.max_task_id_bytes)
         name_ok = bool(self.task_id) and self.task_id.replace("-", "").replace("_", "").isalnum()
         need(name_ok, "task_id", f"must be letters, digits, '-' or '_', got {self.task_id!r}")
+        text("population", limits.max_population_bytes)
         need(bool(self.population), "population", "must be set")
-        need(self.total_rounds >= 1, "total_rounds", f"must be >= 1, got {self.total_rounds}")
-        need(self.target_reports >= 1, "target_reports", f"must be >= 1, got {self.target_reports}")
+        integer("total_rounds", 1, limits.max_total_rounds)
+        integer("target_reports", 1, limits.max_target_reports)
+        number("over_selection", 1.0, limits.max_over_selection)
+        integer("min_reports", 0, self.target_reports, " (0 = target_reports)")
+        number("selection_deadline_s", 0.0, limits.max_deadline_s, low_open=True)
+        number("reporting_deadline_s", 0.0, limits.max_deadline_s, low_open=True)
+        integer("max_concurrent_rounds", 1, limits.max_concurrent_rounds)
+        integer("epochs", 1, limits.max_epochs)
+        integer("batch_size", 1, limits.max_batch_size)
+        integer("max_examples", 0, limits.max_examples_per_device, " (0 = all)")
+        integer("max_examples_per_device", 1, limits.max_examples_per_device)
+        number("fedprox_mu", 0.0, limits.max_optimizer_parameter)
         need(
-            self.over_selection >= 1.0,
-            "over_selection",
-            f"must be >= 1.0, got {self.over_selection}",
+            isinstance(self.keep_order, bool),
+            "keep_order",
+            f"must be a bool, got {self.keep_order!r}",
         )
-        need(
-            0 <= self.min_reports <= self.target_reports,
-            "min_reports",
-            f"must be between 0 and target_reports ({self.target_reports}), got {self.min_reports}",
-        )
-        need(self.selection_deadline_s > 0, "selection_deadline_s", "must be positive")
-        need(self.reporting_deadline_s > 0, "reporting_deadline_s", "must be positive")
-        need(self.max_concurrent_rounds >= 1, "max_concurrent_rounds", "must be >= 1")
-        need(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        need(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        need(self.max_examples >= 0, "max_examples", "must be >= 0 (0 = all)")
-        need(self.fedprox_mu >= 0, "fedprox_mu", f"must be >= 0, got {self.fedprox_mu}")
+        text("server_optimizer", limits.max_version_string_bytes)
         need(
             self.server_optimizer in OPTIMIZERS,
             "server_optimizer",
             f"must be one of {', '.join(OPTIMIZERS)}, got {self.server_optimizer!r}",
         )
-        need(
-            math.isfinite(self.server_learning_rate) and self.server_learning_rate > 0,
-            "server_learning_rate",
-            f"must be a positive number, got {self.server_learning_rate}",
-        )
+        number("server_learning_rate", 0.0, limits.max_optimizer_parameter, low_open=True)
         for field in ("server_momentum", "server_epsilon", "server_initial_preconditioner"):
-            need(getattr(self, field) >= 0, field, "must be >= 0 (0 = TFF's default)")
+            number(field, 0.0, limits.max_optimizer_parameter)  # 0 = TFF's default
         for field in ("server_beta_1", "server_beta_2"):
-            need(0 <= getattr(self, field) < 1, field, "must be in [0, 1) (0 = TFF's default)")
+            number(field, 0.0, 1.0)
+            need(getattr(self, field) < 1, field, "must be in [0, 1) (0 = TFF's default)")
+        text("kind", limits.max_version_string_bytes)
         need(
             self.kind in ("training", "evaluation"),
             "kind",
             f"must be 'training' or 'evaluation', got {self.kind!r}",
         )
+        text("evaluates", limits.max_task_id_bytes)
         need(
             bool(self.evaluates) == self.is_evaluation,
             "evaluates",
             "names the training task an evaluation task tests (and only then)",
         )
-        need(self.min_examples >= 1, "min_examples", "must be >= 1")
-        need(self.min_separation_s >= 0, "min_separation_s", "must be >= 0")
-        need(
-            math.isfinite(self.max_network_share) and 0 < self.max_network_share <= 1,
-            "max_network_share",
-            f"must be in (0, 1] (1 = no cap), got {self.max_network_share}",
-        )
+        integer("min_examples", 1, limits.max_examples_per_device)
+        number("min_separation_s", 0.0, limits.max_separation_s)
+        text("min_runtime_version", limits.max_version_string_bytes)
+        # 1 = no cap; a share of 0 would leave no slot for anyone.
+        number("max_network_share", 0.0, 1.0, low_open=True)
         if self.min_runtime_version:
             try:
                 parse_version(self.min_runtime_version)
             except ValueError as exc:
                 need(False, "min_runtime_version", str(exc))
+        text("aggregator", limits.max_aggregator_expression_bytes)
         from server.aggregators.process import check_aggregator_expression
 
         check_aggregator_expression(self.aggregator)
@@ -186,6 +214,7 @@ class TaskConfig:
             evaluates=self.evaluates,
             aggregator=self.aggregator,
             max_network_share=self.max_network_share,
+            max_examples_per_device=self.max_examples_per_device,
         )
 
     @classmethod
@@ -206,6 +235,7 @@ class TaskConfig:
             epochs=plan.epochs or d.epochs,
             batch_size=plan.batch_size or d.batch_size,
             max_examples=plan.max_examples,
+            max_examples_per_device=(message.max_examples_per_device or d.max_examples_per_device),
             fedprox_mu=plan.fedprox_mu,
             keep_order=plan.keep_order,
             server_optimizer=opt.name or d.server_optimizer,

@@ -1,8 +1,13 @@
-"""The coordinator's logic, independent of gRPC: tasks, rounds, uploads, commits.
+"""The coordinator's logic, independent of gRPC: tasks, check-ins, downloads, uploads.
+
+Requests record, a driver drives: the handlers here assign devices, accumulate updates and
+move rounds between their in-memory states; `server.round_driver.RoundDriver` ends rounds
+(commit, held-out evaluation, failure records) off the request path. A request never pays for
+a commit, and one task's failure never reaches another task's devices.
 
 Single-threaded by contract: the gRPC service calls it from one asyncio event loop, and the
-deadline ticker runs on the same loop. Time comes from an injected clock, jitter from an
-injected generator, so tests drive rounds deterministically.
+round driver runs on the same loop. Time comes from an injected clock, jitter from an
+injected generator, so tests drive rounds deterministically (`tick()` runs one driver pass).
 """
 
 from __future__ import annotations
@@ -37,16 +42,26 @@ from server.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    StoreUnavailable,
     Unauthenticated,
 )
 from server.evaluation import HeldOutEvaluator
+from server.example_credit import credited_header
 from server.flood_limits import RetryWindowMemory, network_slot_cap
-from server.optimizers import deserialize_state, serialize_state
+from server.optimizers import deserialize_state
 from server.pace_steering import PaceSteering, PaceSteeringSettings, PopulationActivity
-from server.rounds import aggregating, closed, reporting, selecting
+from server.round_driver import RoundDriver
+from server.rounds import closed, reporting, selecting
 from server.rounds.round import AssignmentState, RoundInProgress
 from server.secagg.round_bridge import SecureRounds
-from server.store import AssignmentRecord, RoundRecord, RoundState, Store, TaskRecord
+from server.store import (
+    AssignmentRecord,
+    RoundRecord,
+    RoundState,
+    Store,
+    TaskRecord,
+    TaskState,
+)
 from server.task_runtime import TaskRuntime
 
 log = logging.getLogger(__name__)
@@ -59,10 +74,14 @@ class CoordinatorSettings:
     pace: PaceSteeringSettings = PaceSteeringSettings()
     # Devices of a population whose tasks are all done come back rarely.
     no_task_retry_s: tuple[float, float] = (600.0, 1200.0)
+    # ... and sooner when a task is only paused: an operator may resume it any minute.
+    paused_task_retry_s: tuple[float, float] = (60.0, 300.0)
     # Fraction of the selection deadline in which pace steering aims to fill a round.
     fill_fraction: float = 0.5
     # A device back before its retry window opens is turned away (TOO_EARLY), not selected.
     enforce_retry_windows: bool = True
+    # A device turned away because the store failed retries in this window.
+    store_unavailable_retry_s: tuple[float, float] = (30.0, 60.0)
 
 
 def _window(bounds: tuple[float, float]) -> common_pb2.RetryWindow:
@@ -71,6 +90,13 @@ def _window(bounds: tuple[float, float]) -> common_pb2.RetryWindow:
 
 def token_digest(token: bytes) -> str:
     return hashlib.sha256(token).hexdigest()
+
+
+def dropout_seed(token: bytes) -> int:
+    """The seed of an assignment's dropout masks: as unique as its random upload token, so
+    devices and rounds never share masks (never 0, which means "unset" on the wire)."""
+    seed = int.from_bytes(hashlib.sha256(b"overnight/dropout-seed/" + token).digest()[:8], "little")
+    return seed or 1
 
 
 class Coordinator:
@@ -83,23 +109,26 @@ class Coordinator:
         rng: np.random.Generator | None = None,
         identities: DeviceIdentities | None = None,
     ) -> None:
-        self._store = store
+        self.store = store
         # Enrollment and the signature checks of every device message; without a policy no
         # population takes enrollments.
         self.identities = identities or DeviceIdentities(store, clock)
         self._retry_windows = RetryWindowMemory()
         self._clock = clock
         self.settings = settings or CoordinatorSettings()
-        self._evaluator = evaluator
-        self._pace = PaceSteering(self.settings.pace, rng or np.random.default_rng())
+        self.evaluator = evaluator
+        self._jitter = rng or np.random.default_rng()
+        self._pace = PaceSteering(self.settings.pace, self._jitter)
         self._activity: dict[str, PopulationActivity] = {}
         self._tasks: dict[str, TaskRuntime] = {}
         # Tokens issued by this process: hash -> (task, round). Tokens are never stored in the
         # clear; a leaked database cannot be used to upload.
         self._issued: dict[str, tuple[str, int]] = {}
         self.observers: list[RoundObserver] = []
-        # Rounds of secure_aggregator() tasks run a SecAgg session (its gRPC service too).
-        self.secure_rounds = SecureRounds(on_change=self.tick)
+        self.driver = RoundDriver(self)
+        # Rounds of secure_aggregator() tasks run a SecAgg session (its gRPC service too);
+        # a message may complete a stage, so it wakes the driver.
+        self.secure_rounds = SecureRounds(on_change=self._secure_change)
         for record in store.tasks():
             self._load_task(record)
 
@@ -109,17 +138,22 @@ class Coordinator:
         task_id = record.config.task_id
         now = self._clock.now()
         # Rounds that were open when a previous process died: their updates are gone.
-        for number in self._store.unrecorded_rounds(task_id):
-            self._store.record_closed_round(closed.abandoned(task_id, number, 0, now))
-            log.warning("task %s: round %d abandoned by a coordinator restart", task_id, number)
-        rounds = self._store.rounds(task_id)
+        for lost in self.store.unrecorded_rounds(task_id):
+            self.store.record_closed_round(closed.abandoned(task_id, lost, now))
+            log.warning(
+                "task %s: round %d abandoned by a coordinator restart (%d devices selected)",
+                task_id,
+                lost.round_number,
+                lost.selected,
+            )
+        rounds = self.store.rounds(task_id)
         committed = [r for r in rounds if r.state is RoundState.COMMITTED]
         weights_sha = committed[-1].weights_sha256 if committed else record.initial_weights_sha256
-        weights_bytes = self._store.get_resource(weights_sha)
+        weights_bytes = self.store.get_resource(weights_sha)
         if weights_bytes is None:
             raise RuntimeError(f"store lacks weights {weights_sha} of task {task_id}")
         optimizer = record.config.optimizer()
-        state_bytes = self._store.server_state(task_id) if committed else b""
+        state_bytes = self.store.server_state(task_id) if committed else b""
         last_metrics = committed[-1].metrics if committed else {}
         runtime = TaskRuntime(
             record=record,
@@ -138,6 +172,7 @@ class Coordinator:
             ),
             broadcasted_bits=last_metrics.get("broadcasted_bits", 0.0),
             aggregated_bits=last_metrics.get("aggregated_bits", 0.0),
+            state=record.state,
         )
         self._tasks[task_id] = runtime
         return runtime
@@ -179,12 +214,12 @@ class Coordinator:
             raise InvalidArgument("initial weights contain NaN or infinity")
         record = TaskRecord(
             config=config,
-            model_sha256=self._store.put_resource("model", model_bytes),
-            initial_weights_sha256=self._store.put_resource("weights", initial_weights),
+            model_sha256=self.store.put_resource("model", model_bytes),
+            initial_weights_sha256=self.store.put_resource("weights", initial_weights),
             num_parameters=manifest.num_parameters,
             created_at=self._clock.now(),
         )
-        self._store.add_task(record)
+        self.store.add_task(record)
         self._load_task(record)
         log.info("registered task %s for population %s", config.task_id, config.population)
         return record
@@ -207,7 +242,7 @@ class Coordinator:
             num_parameters=target.record.num_parameters,
             created_at=self._clock.now(),
         )
-        self._store.add_task(record)
+        self.store.add_task(record)
         self._load_task(record)
         log.info("registered evaluation task %s of %s", config.task_id, config.evaluates)
         return record
@@ -226,7 +261,35 @@ class Coordinator:
 
     def rounds(self, task_id: str) -> list[RoundRecord]:
         self.task(task_id)
-        return self._store.rounds(task_id)
+        return self.store.rounds(task_id)
+
+    def control_task(self, task_id: str, target: TaskState) -> TaskRuntime:
+        """An operator pauses, resumes or cancels a task. Asking for the state a task is in
+        changes nothing. A paused task takes no devices; its open rounds go on to their
+        deadlines (reports from devices already training still count). Cancelling abandons
+        the open rounds at once and is final.
+
+        Raises NotFound (unknown task), FailedPrecondition (cancelled or completed task).
+        """
+        task = self.task(task_id)
+        if task.state is target:
+            return task
+        if task.state is TaskState.CANCELLED or task.completed:
+            raise FailedPrecondition(
+                f"task {task_id!r} is {task.status}; its state can no longer change"
+            )
+        self.store.set_task_state(task_id, target)
+        task.state = target
+        if target is TaskState.CANCELLED:
+            now = self._clock.now()
+            for round_ in list(task.open_rounds.values()):
+                record = closed.summarize(round_, RoundState.ABANDONED, now)
+                self.store.record_closed_round(record)
+                round_.state = RoundState.ABANDONED
+                self.forget(task, round_)
+                self.notify(task, record)
+        log.warning("task %s: %s by an operator", task_id, target.value)
+        return task
 
     # ----- check-in ------------------------------------------------------------------------
 
@@ -266,9 +329,15 @@ class Coordinator:
             request.population, PopulationActivity(self.settings.pace.horizon_s)
         )
         activity.record(self.identities.networks.activity_key(device_id, network), now)
-        self.tick()
-        running = [t for t in tasks if not t.completed]
+        running = [t for t in tasks if t.takes_devices and self._up_to_date(t)]
         if not running:
+            paused = [t.task_id for t in tasks if t.state is TaskState.PAUSED and not t.completed]
+            if paused:
+                return self._reject(
+                    device_pb2.Rejection.NO_TASK,
+                    f"task {', '.join(paused)} paused",
+                    _window(self.settings.paused_task_retry_s),
+                )
             return self._reject(
                 device_pb2.Rejection.NO_TASK,
                 "no running task",
@@ -279,28 +348,38 @@ class Coordinator:
             key=lambda t: t.selecting.selected / t.config.selection_quota if t.selecting else 0.0
         )
         ineligible: list[eligibility.Ineligible] = []
+        store_failure: StoreUnavailable | None = None
         for task in running:
-            verdict = eligibility.check(
-                task.config,
-                request.example_count,
-                request.runtime_version,
-                self._store.last_assignment_time(task.task_id, device_id),
-                now,
-            )
-            if verdict is not None:
-                ineligible.append(verdict)
-                continue
-            round_ = self._selecting_round(task)
-            network_cap = network_slot_cap(
-                task.config.max_network_share, task.config.selection_quota
-            )
-            if (
-                round_ is not None
-                and selecting.takes_devices(round_, task.config)
-                and device_id not in round_.devices
-                and round_.network_has_room(network, network_cap)
-            ):
-                return self._assign(task, round_, device_id, network, activity.active_devices(now))
+            try:
+                verdict = eligibility.check(
+                    task.config,
+                    request.example_count,
+                    request.runtime_version,
+                    self.store.last_assignment_time(task.task_id, device_id),
+                    now,
+                )
+                if verdict is not None:
+                    ineligible.append(verdict)
+                    continue
+                round_ = self._selecting_round(task)
+                network_cap = network_slot_cap(
+                    task.config.max_network_share, task.config.selection_quota
+                )
+                if (
+                    round_ is not None
+                    and selecting.takes_devices(round_, task.config)
+                    and device_id not in round_.devices
+                    and round_.network_has_room(network, network_cap)
+                ):
+                    active = activity.active_devices(now)
+                    return self._assign(task, round_, request, device_id, network, active)
+            except StoreUnavailable as exc:
+                store_failure = exc  # this task cannot assign now; another one may
+                log.error("task %s: check-in could not be served: %s", task.task_id, exc)
+        if store_failure is not None:
+            low, high = self.settings.store_unavailable_retry_s
+            store_failure.retry_after_s = float(self._jitter.uniform(low, high))
+            raise store_failure
         soonest = min(running, key=lambda t: t.next_selection_in_s(now))
         active = activity.active_devices(now)
         if len(ineligible) == len(running):
@@ -310,6 +389,20 @@ class Coordinator:
             return self._reject(device_pb2.Rejection.NOT_ELIGIBLE, reason, window)
         window = self._steer(soonest, active, now)
         return self._reject(device_pb2.Rejection.ROUND_FULL, "round is full", window)
+
+    def _up_to_date(self, task: TaskRuntime) -> bool:
+        """Applies the task's deadlines before a check-in looks at its rounds (in memory only;
+        the driver ends rounds). A task whose round logic raises is failed here, and the
+        check-in goes on with the population's other tasks."""
+        try:
+            for round_ in list(task.open_rounds.values()):
+                self.advance(task, round_)
+            _ = task.config.selection_quota  # a config that cannot select fails its task
+        except Exception as exc:
+            log.exception("task %s failed: its round logic raised", task.task_id)
+            self.fail_task(task, f"{type(exc).__name__}: {exc}")
+            return False
+        return True
 
     def _steer(
         self, task: TaskRuntime, active: int, now: float, not_before_s: float = 0.0
@@ -358,6 +451,7 @@ class Coordinator:
         self,
         task: TaskRuntime,
         round_: RoundInProgress,
+        request: device_pb2.CheckInRequest,
         device_id: str,
         network: str | None,
         active: int,
@@ -365,10 +459,11 @@ class Coordinator:
         token = secrets.token_bytes(32)
         digest = token_digest(token)
         now = self._clock.now()
-        self._store.add_assignment(
+        # Stored first: if the write fails, nothing in memory has changed.
+        self.store.add_assignment(
             AssignmentRecord(digest, task.task_id, round_.round_number, device_id, now)
         )
-        round_.assign(device_id, digest, network)
+        round_.assign(device_id, digest, request.example_count, network)
         secure = self.secure_rounds.aggregator(round_) is not None
         enrollment = (
             self.secure_rounds.enroll(
@@ -380,7 +475,7 @@ class Coordinator:
             else None
         )
         self._issued[digest] = (task.task_id, round_.round_number)
-        self._advance(task, round_)
+        self.advance(task, round_)
         deadline = (
             round_.reporting_deadline
             if round_.state is RoundState.REPORTING
@@ -388,6 +483,8 @@ class Coordinator:
             + task.config.selection_deadline_s
             + task.config.reporting_deadline_s
         )
+        plan = task.config.plan()
+        plan.dropout_seed = dropout_seed(token)
         assignment = device_pb2.Assignment(
             task_id=task.task_id,
             round_number=round_.round_number,
@@ -398,7 +495,7 @@ class Coordinator:
                 size_bytes=4 * task.record.num_parameters,
                 kind="weights",
             ),
-            plan=task.config.plan(),
+            plan=plan,
             report_deadline_s=max(0.0, deadline - now),
             kind=(
                 device_pb2.Assignment.EVALUATION
@@ -417,7 +514,7 @@ class Coordinator:
     # ----- download ------------------------------------------------------------------------
 
     def resource(self, sha256: str) -> bytes:
-        data = self._store.get_resource(sha256) if sha256 else None
+        data = self.store.get_resource(sha256) if sha256 else None
         if data is None:
             raise NotFound(f"no resource {sha256!r}")
         return data
@@ -446,19 +543,19 @@ class Coordinator:
         digest = token_digest(token)
         issued = self._issued.get(digest)
         if issued is None:
-            stored = self._store.assignment(digest)
+            stored = self.store.assignment(digest)
             if stored is None:
                 raise Unauthenticated("unknown upload token")
             issued = (stored.task_id, stored.round_number)
         task = self._tasks[issued[0]]
         round_ = task.open_rounds.get(issued[1])
         if round_ is None or not round_.open:
-            if self._store.is_counted(digest):
+            if self.store.is_counted(digest):
                 raise AlreadyExists("an update for this upload token was already counted")
             state = next(
                 (
                     r.state.value
-                    for r in self._store.rounds(issued[0])
+                    for r in self.store.rounds(issued[0])
                     if r.round_number == issued[1]
                 ),
                 "closed",
@@ -507,24 +604,22 @@ class Coordinator:
         """Adds one update (the payload, or the chunks it arrived in) to its round. Any
         refusal leaves the round exactly as it was."""
         task, round_, digest = self._reportable(header)
-        metrics = header.metrics
-        if not (np.isfinite(metrics.loss) and np.isfinite(metrics.accuracy)):
-            raise InvalidArgument("client metrics contain NaN or infinite values")
-        if metrics.num_examples < 0 or metrics.num_batches < 0:
-            raise InvalidArgument("client metrics counts must be >= 0")
+        header = credited_header(header, task.config, round_.assignments[digest])
         # The aggregator checks the header against its encoding before it decodes.
         chunks = [payload] if isinstance(payload, bytes | memoryview) else payload
         accumulate_received(round_.aggregate, header, chunks)
-        round_.client_metrics.accumulate(metrics)
+        round_.client_metrics.accumulate(header.metrics)
         round_.upload_bytes += wire_bytes
         round_.set_state(digest, AssignmentState.REPORTED)
-        self._advance(task, round_)
+        self.advance(task, round_)
         now = self._clock.now()
         window = self._steer(task, self._active_devices(task, now), now)
         return device_pb2.UploadResponse(retry_window=window)
 
     def report_failure(self, report: device_pb2.FailureReport) -> device_pb2.FailureAck:
         check_protocol_version(report.protocol_version)
+        if report.cause not in device_pb2.FailureReport.Cause.values():
+            raise InvalidArgument(f"failure cause {report.cause} is not a FailureReport.Cause")
         task, round_, digest = self._open_assignment(report.upload_token)
         assignment = round_.assignments[digest]
         self.identities.verify_report(
@@ -539,7 +634,7 @@ class Coordinator:
             digest, AssignmentState.FAILED, device_pb2.FailureReport.Cause.Name(report.cause)
         )
         self.secure_rounds.device_failed(round_, digest)
-        self._advance(task, round_)
+        self.advance(task, round_)
         now = self._clock.now()
         window = self._steer(task, self._active_devices(task, now), now)
         return device_pb2.FailureAck(retry_window=window)
@@ -550,14 +645,20 @@ class Coordinator:
 
     # ----- the round state machine ---------------------------------------------------------
 
-    def tick(self) -> None:
-        """Applies deadlines. Called by the service's ticker and before each check-in."""
-        for task in self._tasks.values():
-            for round_ in list(task.open_rounds.values()):
-                self._advance(task, round_)
+    def now(self) -> float:
+        return self._clock.now()
 
-    def _advance(self, task: TaskRuntime, round_: RoundInProgress) -> None:
-        """Moves the round through as many states as its situation allows."""
+    def tick(self) -> None:
+        """One round-driver pass, inline: applies deadlines and ends the rounds that are done
+        (commit or failure record). The server runs the driver's loop instead."""
+        self.driver.drive()
+
+    def _secure_change(self) -> None:
+        self.driver.wake()
+
+    def advance(self, task: TaskRuntime, round_: RoundInProgress) -> None:
+        """Moves an open round through as many states as its situation allows, up to
+        AGGREGATING or FAILED, where the driver takes over. In memory only, O(1)."""
         now = self._clock.now()
         while True:
             state = round_.state
@@ -568,11 +669,8 @@ class Coordinator:
                     following = self.secure_rounds.next_state(round_, task.config, now)
                 case RoundState.REPORTING:
                     following = reporting.next_state(round_, task.config, now)
-                case RoundState.AGGREGATING:
-                    self._commit(task, round_, now)
-                    following = RoundState.COMMITTED
-                case RoundState.FAILED:
-                    self._close_failed(task, round_, now)
+                case RoundState.AGGREGATING | RoundState.FAILED:
+                    self.driver.wake()
                     return
                 case RoundState.COMMITTED | RoundState.ABANDONED:
                     return
@@ -590,68 +688,30 @@ class Coordinator:
                 task.reporting_durations_s.append(now - round_.reporting_started_at)
             round_.state = following
 
-    def _commit(self, task: TaskRuntime, round_: RoundInProgress, now: float) -> None:
-        if task.config.is_evaluation:
-            result = aggregating.evaluated(round_, self.resource(round_.base_weights_sha256))
-        else:
-            result = aggregating.aggregate(
-                round_, task.weights, task.optimizer, task.optimizer_state, task.committed_rounds
-            )
-        weights_bytes = result.weights.astype("<f4").tobytes()
-        broadcasted = task.broadcasted_bits + 8.0 * round_.broadcast_bytes
-        aggregated = task.aggregated_bits + 8.0 * round_.upload_bytes
-        metrics = dict(result.metrics)
-        metrics["broadcasted_bits"] = broadcasted
-        metrics["aggregated_bits"] = aggregated
-        if self._evaluator is not None:
-            model_bytes = self.resource(task.record.model_sha256)
-            metrics.update(
-                self._evaluator.evaluate(task.record.model_sha256, model_bytes, result.weights)
-            )
-        sha = hashlib.sha256(weights_bytes).hexdigest()
-        record = closed.record(round_, RoundState.COMMITTED, now, metrics, sha)
-        self._store.commit_round(
-            record,
-            weights_bytes,
-            round_.counted_tokens(),
-            serialize_state(result.optimizer_state),
-        )
-        task.weights = result.weights
-        task.weights_sha256 = sha
-        task.optimizer_state = result.optimizer_state
-        task.committed_rounds += 1
-        task.broadcasted_bits, task.aggregated_bits = broadcasted, aggregated
-        self._forget(task, round_)
-        log.info(
-            "task %s round %d committed: %d reports, eval accuracy %s",
-            task.task_id,
-            round_.round_number,
-            round_.reported,
-            metrics.get("eval/accuracy", "n/a"),
-        )
-        self._notify(task, record)
-
-    def _close_failed(self, task: TaskRuntime, round_: RoundInProgress, now: float) -> None:
-        record = closed.record(round_, RoundState.FAILED, now)
-        self._store.record_closed_round(record)
-        self._forget(task, round_)
-        log.warning(
-            "task %s round %d failed: %d reports, %d needed",
-            task.task_id,
-            round_.round_number,
-            round_.reported,
-            task.config.effective_min_reports,
-        )
-        self._notify(task, record)
-
-    def _forget(self, task: TaskRuntime, round_: RoundInProgress) -> None:
+    def forget(self, task: TaskRuntime, round_: RoundInProgress) -> None:
+        """Drops a round that ended (its outcome is durable) from memory."""
         self.secure_rounds.round_closed(round_)
         task.open_rounds.pop(round_.round_number, None)
         task.last_round = round_
         for digest in round_.assignments:
             self._issued.pop(digest, None)
 
-    def _notify(self, task: TaskRuntime, record: RoundRecord) -> None:
+    def fail_task(self, task: TaskRuntime, reason: str) -> None:
+        """Stops a task whose round logic raised: it takes no more devices, and its open
+        rounds are abandoned (recorded when the store allows). Other tasks are untouched."""
+        task.fault = reason
+        now = self._clock.now()
+        for round_ in list(task.open_rounds.values()):
+            round_.state = RoundState.ABANDONED
+            record = closed.summarize(round_, RoundState.ABANDONED, now)
+            try:
+                self.store.record_closed_round(record)
+            except (StoreUnavailable, AlreadyExists) as exc:
+                number = round_.round_number
+                log.error("task %s: round %d not recorded: %s", task.task_id, number, exc)
+            self.forget(task, round_)
+
+    def notify(self, task: TaskRuntime, record: RoundRecord) -> None:
         for observer in self.observers:
             try:
                 observer(task, record)

@@ -7,6 +7,7 @@ mapping every service (SecAggService too) uses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -16,6 +17,7 @@ import grpc
 
 from device_runtime import constants as protocol
 from protos import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, secagg_pb2_grpc
+from server import limits
 from server.aggregation import Buffer
 from server.config import TaskConfig
 from server.coordinator import Coordinator, TaskRuntime, check_protocol_version
@@ -24,15 +26,17 @@ from server.errors import (
     InvalidArgument,
     ResourceExhausted,
     abort_on_error,
-    status_code,
+    refuse,
 )
+from server.operator_access import AdminTokens, OperatorAuthentication
+from server.request_guard import RequestGuard
 from server.rounds.round import RoundInProgress
-from server.store import RoundRecord
+from server.store import RoundRecord, TaskState
+from server.transport_security import ServerTls
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-tick_interval_s = 0.25
 DEVICE_SERVICE = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
 # The admin service takes whole models in one message; devices never send anything this big.
 admin_max_message_bytes = 256 << 20
@@ -123,6 +127,41 @@ def add_device_service(service: DeviceService, server: grpc.aio.Server) -> None:
     device_pb2_grpc.add_DeviceServiceServicer_to_server(service, server)
 
 
+def _upload_header(first: UploadPart | None) -> tuple[device_pb2.UploadHeader, int]:
+    """The header an upload stream must start with, and its wire size."""
+    if first is None:
+        raise InvalidArgument("empty upload stream")
+    if not isinstance(first, device_pb2.UploadChunk) or first.WhichOneof("part") != "header":
+        raise InvalidArgument("an upload must start with an UploadHeader")
+    return first.header, first.ByteSize()
+
+
+async def _receive_payload(
+    parts: AsyncIterator[UploadPart], expected: int
+) -> tuple[list[Buffer], int]:
+    """Collects the payload a header announced, as received (large data chunks stay views
+    into gRPC's message bytes: see PayloadChunks), and its wire size."""
+    payload = PayloadChunks()
+    wire_bytes = 0
+    async for part in parts:
+        if isinstance(part, device_pb2.UploadChunk):
+            if part.WhichOneof("part") != "data":
+                raise InvalidArgument("an upload has exactly one header, first")
+            data: Buffer = part.data
+        else:
+            data = part
+        if len(data) > protocol.max_upload_chunk_bytes:
+            raise ResourceExhausted(
+                f"upload chunk of {len(data)} bytes exceeds the "
+                f"{protocol.max_upload_chunk_bytes}-byte limit; send smaller chunks"
+            )
+        if payload.size + len(data) > expected:
+            raise ResourceExhausted(f"payload exceeds the {expected} bytes the header announced")
+        wire_bytes += data_chunk_wire_bytes(len(data))
+        payload.add(data)
+    return payload.finish(), wire_bytes
+
+
 class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     def __init__(self, coordinator: Coordinator, max_concurrent_uploads: int = 2) -> None:
         self._coordinator = coordinator
@@ -144,12 +183,12 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     async def Download(
         self, request: device_pb2.DownloadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[device_pb2.DataChunk]:
-        # Streaming handler: errors are mapped inline (the decorator wraps unary calls).
+        # Streaming handler: errors are mapped inline (the decorator wraps the others).
         try:
             check_protocol_version(request.protocol_version)
             data = self._coordinator.resource(request.sha256)
         except CoordinatorError as exc:
-            await context.abort(status_code(exc), str(exc))
+            refuse("Download", exc, context)
             return
         sent = 0
         for start in range(0, max(len(data), 1), protocol.chunk_size_bytes):
@@ -168,59 +207,23 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         request_iterator: AsyncIterator[UploadPart],
         context: grpc.aio.ServicerContext,
     ) -> device_pb2.UploadResponse:
-        # At most `max_concurrent_uploads` payloads are held at once; further streams wait
-        # unread, and HTTP/2 flow control holds their senders back. Memory stays
-        # O(model * max_concurrent_uploads) however many devices upload together.
+        # The header is read and checked before the upload takes a slot: a stream without a
+        # valid upload token holds nothing. At most `max_concurrent_uploads` payloads are
+        # then held at once; further streams wait unread, and HTTP/2 flow control holds their
+        # senders back. Memory stays O(model * max_concurrent_uploads) however many devices
+        # upload together. A stream that goes idle is cancelled by the request guard
+        # (server/request_guard.py), which frees its slot.
         #
         # The update is added on the event loop, straight from the received chunks (numpy,
         # ~1 ms for a 6.65 MB update). A worker thread measured slower: each numpy call
         # returning to Python waits for the GIL the busy loop holds (up to the 5 ms switch
-        # interval). A slow sender holds its slot at most for its RPC deadline.
+        # interval).
+        parts = aiter(request_iterator)
+        header, header_bytes = _upload_header(await anext(parts, None))
+        expected = self._coordinator.check_upload_header(header)
         async with self._upload_slots:
-            header, chunks, wire_bytes = await self._receive_upload(request_iterator)
-            return self._coordinator.accept_upload(header, chunks, wire_bytes)
-
-    async def _receive_upload(
-        self, request_iterator: AsyncIterator[UploadPart]
-    ) -> tuple[device_pb2.UploadHeader, list[Buffer], int]:
-        """Reads and checks the header, then collects the payload it announces, as received
-        (large data chunks stay views into gRPC's message bytes: see PayloadChunks)."""
-        header: device_pb2.UploadHeader | None = None
-        payload = PayloadChunks()
-        expected = wire_bytes = 0
-        async for part in request_iterator:
-            if isinstance(part, device_pb2.UploadChunk):
-                kind = part.WhichOneof("part")
-                if kind == "header" and header is None:
-                    wire_bytes += part.ByteSize()
-                    header = part.header
-                    expected = self._coordinator.check_upload_header(header)
-                    continue
-                if kind != "data":
-                    raise InvalidArgument(
-                        "an upload has exactly one header, first"
-                        if header is not None
-                        else "an upload must start with an UploadHeader"
-                    )
-                data: Buffer = part.data
-            else:
-                data = part
-            if header is None:
-                raise InvalidArgument("an upload must start with an UploadHeader")
-            if len(data) > protocol.max_upload_chunk_bytes:
-                raise ResourceExhausted(
-                    f"upload chunk of {len(data)} bytes exceeds the "
-                    f"{protocol.max_upload_chunk_bytes}-byte limit; send smaller chunks"
-                )
-            if payload.size + len(data) > expected:
-                raise ResourceExhausted(
-                    f"payload exceeds the {expected} bytes the header announced"
-                )
-            wire_bytes += data_chunk_wire_bytes(len(data))
-            payload.add(data)
-        if header is None:
-            raise InvalidArgument("empty upload stream")
-        return header, payload.finish(), wire_bytes
+            chunks, payload_bytes = await _receive_payload(parts, expected)
+            return self._coordinator.accept_upload(header, chunks, header_bytes + payload_bytes)
 
     @abort_on_error
     async def ReportFailure(
@@ -247,7 +250,7 @@ def round_summary(record: RoundRecord | RoundInProgress) -> admin_pb2.RoundSumma
 def task_status(task: TaskRuntime) -> admin_pb2.TaskStatus:
     status = admin_pb2.TaskStatus(
         config=task.config.to_proto(),
-        state="completed" if task.completed else "running",
+        state=task.status,
         committed_rounds=task.committed_rounds,
         model_sha256=task.record.model_sha256,
         num_parameters=task.record.num_parameters,
@@ -300,6 +303,27 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         rounds = self._coordinator.rounds(request.task_id)
         return admin_pb2.ListRoundsResponse(rounds=[round_summary(r) for r in rounds])
 
+    @abort_on_error
+    async def PauseTask(
+        self, request: admin_pb2.PauseTaskRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.TaskStatus:
+        check_protocol_version(request.protocol_version)
+        return task_status(self._coordinator.control_task(request.task_id, TaskState.PAUSED))
+
+    @abort_on_error
+    async def ResumeTask(
+        self, request: admin_pb2.ResumeTaskRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.TaskStatus:
+        check_protocol_version(request.protocol_version)
+        return task_status(self._coordinator.control_task(request.task_id, TaskState.RUNNING))
+
+    @abort_on_error
+    async def CancelTask(
+        self, request: admin_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.TaskStatus:
+        check_protocol_version(request.protocol_version)
+        return task_status(self._coordinator.control_task(request.task_id, TaskState.CANCELLED))
+
 
 def freeze_startup_heap() -> None:
     """Takes what start-up allocated (modules, gRPC, tasks and their models) out of the cyclic
@@ -310,8 +334,42 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def _listen(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None
+) -> str:
+    """Binds `address` (TLS unless `credentials` is None) and returns host:port as bound."""
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return f"{address.rsplit(':', 1)[0]}:{port}"
+
+
+def server_options(max_receive_bytes: int) -> list[tuple[str, int]]:
+    """Channel arguments of every coordinator listener (server/limits.py)."""
+    return [
+        # Per-method limits are enforced by the request guard; this is the largest of them.
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.max_send_message_length", protocol.max_message_bytes),
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams_per_connection),
+        ("grpc.keepalive_time_ms", limits.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", limits.keepalive_timeout_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", limits.min_client_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", limits.max_ping_strikes),
+    ]
+
+
 class CoordinatorServer:
-    """The gRPC server plus the deadline ticker, on the current event loop."""
+    """The device listener, the admin listener and the round driver, on the current loop.
+
+    Devices (DeviceService, SecAggService) and operators (AdminService) never share a port:
+    the admin service answers only on `admin_address`, and only to an operator credential
+    checked against `admin_tokens` (see server.operator_access). Without `admin_tokens` there
+    is no admin listener at all. `tls` None means plaintext on both listeners (`--insecure`),
+    which is logged as a warning at start.
+    """
 
     def __init__(
         self,
@@ -320,45 +378,73 @@ class CoordinatorServer:
         max_concurrent_uploads: int = 2,
         extra_options: list[tuple[str, int]] | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        *,
+        tls: ServerTls | None,
+        admin_address: str = "127.0.0.1:0",
+        admin_tokens: AdminTokens | None = None,
+        upload_idle_timeout_s: float = limits.upload_idle_timeout_s,
     ) -> None:
         self.coordinator = coordinator
+        self.tls = tls
         self._server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", admin_max_message_bytes),
-                ("grpc.max_send_message_length", protocol.max_message_bytes),
-                *(extra_options or []),
-            ],
+            # The guard is innermost: it sees each method's own handler (request_guard.py).
+            interceptors=[*interceptors, RequestGuard(upload_idle_timeout_s)],
+            options=[*server_options(protocol.max_message_bytes), *(extra_options or [])],
         )
         add_device_service(DeviceService(coordinator, max_concurrent_uploads), self._server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(coordinator), self._server)
         secagg_pb2_grpc.add_SecAggServiceServicer_to_server(
             coordinator.secure_rounds.service, self._server
         )
-        self.port = self._server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
-        host = address.rsplit(":", 1)[0]
-        self.address = f"{host}:{self.port}"
-        self._ticker: asyncio.Task[None] | None = None
+        self.address = _listen(
+            self._server, address, tls.device_credentials() if tls is not None else None
+        )
+        self.port = int(self.address.rsplit(":", 1)[1])
+        self._admin: grpc.aio.Server | None = None
+        self.admin_address: str | None = None
+        if admin_tokens is not None:
+            self._admin = grpc.aio.server(
+                interceptors=[
+                    OperatorAuthentication(
+                        admin_tokens, tls is not None and tls.operator_ca is not None
+                    ),
+                    RequestGuard(upload_idle_timeout_s),  # innermost, as on the device port
+                ],
+                options=server_options(admin_max_message_bytes),
+            )
+            admin_pb2_grpc.add_AdminServiceServicer_to_server(
+                AdminService(coordinator), self._admin
+            )
+            self.admin_address = _listen(
+                self._admin, admin_address, tls.admin_credentials() if tls is not None else None
+            )
+        self._driver: asyncio.Task[None] | None = None
+
+    @property
+    def _servers(self) -> list[grpc.aio.Server]:
+        return [self._server] + ([self._admin] if self._admin is not None else [])
 
     async def start(self) -> None:
-        await self._server.start()
-        self._ticker = asyncio.create_task(self._tick_forever())
-        log.info("coordinator listening on %s", self.address)
-
-    async def _tick_forever(self) -> None:
-        while True:
-            await asyncio.sleep(tick_interval_s)
-            try:
-                self.coordinator.tick()
-            except Exception:  # a failing tick must not kill the server; it is logged
-                log.exception("deadline tick failed")
+        for server in self._servers:
+            await server.start()
+        self._driver = asyncio.create_task(self.coordinator.driver.run())
+        if self.tls is None:
+            log.warning(
+                "plaintext listeners (--insecure): anyone on the network path can read and "
+                "change every message, including admin tokens"
+            )
+        log.info(
+            "coordinator listening on %s (devices), %s (admin); %s",
+            self.address,
+            self.admin_address or "no admin listener",
+            "TLS" if self.tls is not None else "PLAINTEXT",
+        )
 
     async def stop(self, grace_s: float = 1.0) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-        await self._server.stop(grace_s)
+        if self._driver is not None:
+            self._driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._driver
+        await asyncio.gather(*(server.stop(grace_s) for server in self._servers))
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()

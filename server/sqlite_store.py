@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import pathlib
 import sqlite3
 import threading
+from collections.abc import Iterator
 
 from server.config import TaskConfig
-from server.errors import AlreadyExists
+from server.errors import AlreadyExists, StoreUnavailable
+from server.private_files import ensure_private_file, prepare_data_dir
 from server.store import (
     AssignmentRecord,
     EnrolledDevice,
@@ -17,6 +20,8 @@ from server.store import (
     RoundState,
     Store,
     TaskRecord,
+    TaskState,
+    UnrecordedRound,
 )
 
 _SCHEMA = """
@@ -25,6 +30,8 @@ CREATE TABLE IF NOT EXISTS resources (
 CREATE TABLE IF NOT EXISTS tasks (
   task_id TEXT PRIMARY KEY, config TEXT NOT NULL, model_sha256 TEXT NOT NULL,
   initial_weights_sha256 TEXT NOT NULL, num_parameters INTEGER NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS task_states (
+  task_id TEXT PRIMARY KEY, state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
   task_id TEXT NOT NULL, round_number INTEGER NOT NULL, state TEXT NOT NULL,
   selected INTEGER NOT NULL, reported INTEGER NOT NULL, dropped INTEGER NOT NULL,
@@ -47,10 +54,18 @@ CREATE TABLE IF NOT EXISTS enrolled_devices (
 
 
 class SqliteStore(Store):
-    """`path` is a file, or ":memory:" for a store that lives as long as the object."""
+    """`path` is a file, or ":memory:" for a store that lives as long as the object.
+
+    The database file is 0600 (its -wal and -shm files take its mode): it holds device ids."""
 
     def __init__(self, path: str | pathlib.Path) -> None:
         self._lock = threading.Lock()
+        if str(path) != ":memory:":
+            ensure_private_file(path)
+            for suffix in ("-wal", "-shm"):  # left by an older version with wider modes
+                companion = pathlib.Path(f"{path}{suffix}")
+                if companion.exists():
+                    ensure_private_file(companion)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         # Each commit writes a whole model (6.65 MB for the McMahan CNN) as one blob, and each
         # assignment a small row. Measured per page size (WAL, synchronous=NORMAL):
@@ -66,15 +81,26 @@ class SqliteStore(Store):
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serializes access, and turns SQLite's operational failures (disk full, read-only
+        file, I/O error, corruption) into StoreUnavailable naming the real cause. Constraint
+        violations stay sqlite3.IntegrityError for the caller to map."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"the coordinator's store failed: {exc}") from exc
+
     @classmethod
     def in_data_dir(cls, data_dir: str | pathlib.Path) -> SqliteStore:
-        directory = pathlib.Path(data_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        return cls(directory / "coordinator.sqlite")
+        return cls(prepare_data_dir(data_dir) / "coordinator.sqlite")
 
     def put_resource(self, kind: str, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
-        with self._lock:
+        with self._locked():
             self._db.execute(
                 "INSERT OR IGNORE INTO resources (sha256, kind, data) VALUES (?, ?, ?)",
                 (digest, kind, data),
@@ -82,14 +108,14 @@ class SqliteStore(Store):
         return digest
 
     def get_resource(self, sha256: str) -> bytes | None:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT data FROM resources WHERE sha256 = ?", (sha256,)
             ).fetchone()
         return bytes(row[0]) if row else None
 
     def add_task(self, task: TaskRecord) -> None:
-        with self._lock:
+        with self._locked():
             try:
                 self._db.execute(
                     "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?)",
@@ -106,12 +132,32 @@ class SqliteStore(Store):
                 raise AlreadyExists(f"task {task.config.task_id!r} already exists") from None
 
     def tasks(self) -> list[TaskRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM tasks ORDER BY created_at, task_id").fetchall()
+        with self._locked():
+            rows = self._db.execute(
+                "SELECT tasks.task_id, config, model_sha256, initial_weights_sha256, "
+                "num_parameters, created_at, COALESCE(task_states.state, 'running') FROM tasks "
+                "LEFT JOIN task_states ON tasks.task_id = task_states.task_id "
+                "ORDER BY created_at, tasks.task_id"
+            ).fetchall()
         return [
-            TaskRecord(TaskConfig.from_dict(json.loads(config)), model, weights, num, created)
-            for _, config, model, weights, num, created in rows
+            TaskRecord(
+                TaskConfig.from_dict(json.loads(config)),
+                model,
+                weights,
+                num,
+                created,
+                TaskState(state),
+            )
+            for _, config, model, weights, num, created, state in rows
         ]
+
+    def set_task_state(self, task_id: str, state: TaskState) -> None:
+        with self._locked():
+            self._db.execute(
+                "INSERT INTO task_states VALUES (?, ?) "
+                "ON CONFLICT (task_id) DO UPDATE SET state = excluded.state",
+                (task_id, state.value),
+            )
 
     def commit_round(
         self,
@@ -123,7 +169,7 @@ class SqliteStore(Store):
         digest = hashlib.sha256(weights).hexdigest()
         if record.state is not RoundState.COMMITTED or record.weights_sha256 != digest:
             raise ValueError("commit_round needs a committed record naming the weights it commits")
-        with self._lock:
+        with self._locked():
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute(
@@ -141,21 +187,28 @@ class SqliteStore(Store):
                 )
                 self._db.execute("COMMIT")
             except sqlite3.IntegrityError:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise AlreadyExists(
                     f"task {record.task_id!r} round {record.round_number}: "
                     "the round or one of its uploads was already committed"
                 ) from None
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
+
+    def _rollback(self) -> None:
+        """Undoes an open transaction. SQLite may already have rolled it back itself (it does
+        on a full disk), and a second ROLLBACK would then hide the real error."""
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
     def record_closed_round(self, record: RoundRecord) -> None:
         if record.state not in (RoundState.FAILED, RoundState.ABANDONED):
             raise ValueError(
                 f"record_closed_round takes failed or abandoned rounds, not {record.state}"
             )
-        with self._lock:
+        with self._locked():
             try:
                 self._insert_round(record)
             except sqlite3.IntegrityError:
@@ -181,7 +234,7 @@ class SqliteStore(Store):
         )
 
     def rounds(self, task_id: str) -> list[RoundRecord]:
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(
                 "SELECT * FROM rounds WHERE task_id = ? ORDER BY round_number", (task_id,)
             ).fetchall()
@@ -202,14 +255,14 @@ class SqliteStore(Store):
         ]
 
     def is_counted(self, token_sha256: str) -> bool:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT 1 FROM counted_uploads WHERE token_sha256 = ?", (token_sha256,)
             ).fetchone()
         return row is not None
 
     def server_state(self, task_id: str) -> bytes:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT state FROM server_state WHERE task_id = ? "
                 "ORDER BY round_number DESC LIMIT 1",
@@ -218,7 +271,7 @@ class SqliteStore(Store):
         return bytes(row[0]) if row else b""
 
     def add_assignment(self, assignment: AssignmentRecord) -> None:
-        with self._lock:
+        with self._locked():
             self._db.execute(
                 "INSERT OR IGNORE INTO assignments VALUES (?, ?, ?, ?, ?)",
                 (
@@ -231,31 +284,33 @@ class SqliteStore(Store):
             )
 
     def assignment(self, token_sha256: str) -> AssignmentRecord | None:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT * FROM assignments WHERE token_sha256 = ?", (token_sha256,)
             ).fetchone()
         return AssignmentRecord(*row) if row else None
 
     def last_assignment_time(self, task_id: str, device_id: str) -> float | None:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT MAX(issued_at) FROM assignments WHERE task_id = ? AND device_id = ?",
                 (task_id, device_id),
             ).fetchone()
         return row[0] if row and row[0] is not None else None
 
-    def unrecorded_rounds(self, task_id: str) -> list[int]:
-        with self._lock:
+    def unrecorded_rounds(self, task_id: str) -> list[UnrecordedRound]:
+        with self._locked():
             rows = self._db.execute(
-                "SELECT DISTINCT round_number FROM assignments WHERE task_id = ? AND round_number "
-                "NOT IN (SELECT round_number FROM rounds WHERE task_id = ?) ORDER BY round_number",
+                "SELECT round_number, COUNT(*), MIN(issued_at) FROM assignments "
+                "WHERE task_id = ? AND round_number "
+                "NOT IN (SELECT round_number FROM rounds WHERE task_id = ?) "
+                "GROUP BY round_number ORDER BY round_number",
                 (task_id, task_id),
             ).fetchall()
-        return [row[0] for row in rows]
+        return [UnrecordedRound(number, selected, started) for number, selected, started in rows]
 
     def enroll_device(self, device: EnrolledDevice) -> bool:
-        with self._lock:
+        with self._locked():
             cursor = self._db.execute(
                 "INSERT OR IGNORE INTO enrolled_devices VALUES (?, ?, ?, ?, ?)",
                 (
@@ -269,7 +324,7 @@ class SqliteStore(Store):
         return cursor.rowcount == 1
 
     def enrolled_device(self, device_id: str, population: str) -> EnrolledDevice | None:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT * FROM enrolled_devices WHERE device_id = ? AND population = ?",
                 (device_id, population),
@@ -279,12 +334,12 @@ class SqliteStore(Store):
         return EnrolledDevice(row[0], row[1], bytes(row[2]), row[3], row[4])
 
     def enrolled_devices(self, population: str) -> int:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT COUNT(*) FROM enrolled_devices WHERE population = ?", (population,)
             ).fetchone()
         return int(row[0])
 
     def close(self) -> None:
-        with self._lock:
+        with self._locked():
             self._db.close()

@@ -27,6 +27,16 @@ class RoundState(enum.Enum):
     ABANDONED = "abandoned"  # terminal: the coordinator died while the round was open
 
 
+class TaskState(enum.Enum):
+    """What an operator has decided for a task (`overnight task pause|resume|cancel`).
+
+    Completion is not a state here: a task completes when it has committed its rounds."""
+
+    RUNNING = "running"  # takes devices while it has rounds to run
+    PAUSED = "paused"  # takes no devices; its open rounds run to their deadlines
+    CANCELLED = "cancelled"  # terminal: takes no devices; its open rounds were abandoned
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskRecord:
     config: TaskConfig
@@ -34,6 +44,7 @@ class TaskRecord:
     initial_weights_sha256: str
     num_parameters: int
     created_at: float
+    state: TaskState = TaskState.RUNNING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +81,20 @@ class EnrolledDevice:
     enrolled_at: float
 
 
+@dataclasses.dataclass(frozen=True)
+class UnrecordedRound:
+    """A round that issued assignments but has no outcome in the store: it was open when a
+    coordinator process ended."""
+
+    round_number: int
+    selected: int  # assignments it issued
+    started_at: float  # its first assignment
+
+
 class Store(abc.ABC):
+    """Every method may raise server.errors.StoreUnavailable when the storage underneath
+    fails (disk full, read-only, I/O error); it then changed nothing."""
+
     @abc.abstractmethod
     def put_resource(self, kind: str, data: bytes) -> str:
         """Stores bytes under their SHA-256 (hex), which it returns. Idempotent."""
@@ -85,7 +109,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def tasks(self) -> list[TaskRecord]:
-        """All tasks, in creation order."""
+        """All tasks, in creation order, each with its latest state."""
+
+    @abc.abstractmethod
+    def set_task_state(self, task_id: str, state: TaskState) -> None:
+        """Records an operator's decision for a task; durable once it returns."""
 
     @abc.abstractmethod
     def commit_round(
@@ -126,8 +154,8 @@ class Store(abc.ABC):
         """When the device was last selected for the task, or None."""
 
     @abc.abstractmethod
-    def unrecorded_rounds(self, task_id: str) -> list[int]:
-        """Round numbers that issued assignments but were never recorded (open at a crash)."""
+    def unrecorded_rounds(self, task_id: str) -> list[UnrecordedRound]:
+        """Rounds that issued assignments but were never recorded (open at a crash)."""
 
     @abc.abstractmethod
     def rounds(self, task_id: str) -> list[RoundRecord]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import statistics
+from typing import assert_never
 
 import numpy as np
 
@@ -12,7 +13,7 @@ from server.aggregators.process import AggregationProcess
 from server.config import TaskConfig
 from server.optimizers import ServerOptimizer, State
 from server.rounds.round import RoundInProgress
-from server.store import RoundState, TaskRecord
+from server.store import RoundState, TaskRecord, TaskState
 
 # Before any round of a task has been measured, pace steering expects reporting to take this
 # fraction of the reporting deadline (see TaskRuntime._expected_reporting_s).
@@ -37,6 +38,13 @@ class TaskRuntime:
         default_factory=lambda: collections.deque(maxlen=20)
     )
     last_round: RoundInProgress | None = None
+    # Why the task stopped, if its round logic raised (a defect): it takes no more devices.
+    fault: str = ""
+    # After a failed store write, the round driver leaves the task alone until this time,
+    # with a backoff of `store_retry_s` that doubles while writes keep failing.
+    store_retry_at: float = float("-inf")
+    store_retry_s: float = 0.0
+    state: TaskState = TaskState.RUNNING  # the operator's decision, as stored
 
     @property
     def config(self) -> TaskConfig:
@@ -49,6 +57,29 @@ class TaskRuntime:
     @property
     def completed(self) -> bool:
         return self.committed_rounds >= self.config.total_rounds
+
+    @property
+    def takes_devices(self) -> bool:
+        """Whether check-ins may be assigned to this task: running by the operator's decision,
+        not done, and not stopped by a fault in its round logic."""
+        match self.state:
+            case TaskState.RUNNING:
+                return not self.completed and not self.fault
+            case TaskState.PAUSED | TaskState.CANCELLED:
+                return False
+            case _:
+                assert_never(self.state)
+
+    @property
+    def status(self) -> str:
+        """What the admin API and `overnight status` show."""
+        if self.state is TaskState.CANCELLED:
+            return "cancelled"
+        if self.fault:
+            return f"failed: {self.fault}"
+        if self.completed:
+            return "completed"
+        return self.state.value
 
     @property
     def selecting(self) -> RoundInProgress | None:
@@ -65,12 +96,14 @@ class TaskRuntime:
         return self.last_round
 
     def can_open_round(self) -> bool:
-        in_flight = self.committed_rounds + len(self.open_rounds)
+        # A failed round waiting for the driver to record it holds no place: it changes no
+        # weights, so the next round need not wait for its record.
+        live = sum(r.state is not RoundState.FAILED for r in self.open_rounds.values())
         return (
             not self.completed
             and self.selecting is None
-            and len(self.open_rounds) < self.config.max_concurrent_rounds
-            and in_flight < self.config.total_rounds
+            and live < self.config.max_concurrent_rounds
+            and self.committed_rounds + live < self.config.total_rounds
         )
 
     def next_selection_in_s(self, now: float) -> float:

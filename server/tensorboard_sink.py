@@ -19,6 +19,7 @@ sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.
 from tensorboard.compat.proto import event_pb2, summary_pb2  # noqa: E402
 from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: E402
 
+from server.private_files import prepare_data_dir, private_umask  # noqa: E402
 from server.store import RoundRecord, RoundState  # noqa: E402
 from server.task_runtime import TaskRuntime  # noqa: E402
 
@@ -35,9 +36,17 @@ class TensorBoardSink:
             return
         writer = self._writers.get(record.task_id)
         if writer is None:
-            directory = self._log_dir / record.task_id
-            directory.mkdir(parents=True, exist_ok=True)
-            writer = self._writers[record.task_id] = EventFileWriter(str(directory))
+            prepare_data_dir(self._log_dir)  # 0700, like the data directory it lives in
+            directory = prepare_data_dir(self._log_dir / record.task_id)
+            # The writer opens its event file itself, later: it gets 0600 from the umask.
+            with private_umask():
+                writer = EventFileWriter(str(directory))
+                self._writers[record.task_id] = writer
+                self._write(writer, task, record)
+            return
+        self._write(writer, task, record)
+
+    def _write(self, writer: EventFileWriter, task: TaskRuntime, record: RoundRecord) -> None:
         summary = summary_pb2.Summary(
             value=[
                 summary_pb2.Summary.Value(tag=tag, simple_value=float(value))

@@ -40,10 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "export",
         help="export a Keras model as a TFLite training model (builtin ops only)",
         description=(
-            "Exports a Keras Sequential model (Dense, Conv2D, Max/AveragePooling2D, "
-            "GlobalAveragePooling, Embedding, Flatten, Reshape, Dropout; relu, tanh, sigmoid, "
-            "softmax) to a .tflite file with train, evaluate, infer, get_weights, set_weights, "
-            "and reset_optimizer signatures (plus set_proximal_mu with --fedprox) that run on "
+            "Exports a Keras Sequential model, or a functional one that is a single chain of "
+            "layers (Dense, Conv2D, Max/AveragePooling2D, GlobalAveragePooling, Embedding, "
+            "Flatten, Reshape, Dropout; relu, tanh, sigmoid, softmax; L1/L2 weight "
+            "regularizers; frozen layers stay out of the federated update) to a .tflite file "
+            "with train, evaluate, infer, get_weights, set_weights, and reset_optimizer "
+            "signatures (plus set_proximal_mu with --fedprox) that run on "
             "stock LiteRT without the Flex delegate. Writes the manifest into the model and "
             "beside it as OUTPUT.json. "
             "--flex exports any Keras model for devices that ship TensorFlow."
@@ -73,7 +75,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         action="store_true",
         help="export any Keras model with select TensorFlow ops (needs TensorFlow on device)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the dropout masks")
     parser.add_argument(
         "--fedprox",
         action="store_true",
@@ -115,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             optimizer_options=options,
             flex=args.flex,
-            seed=args.seed,
             fedprox=args.fedprox,
         )
     except ExportError as exc:

@@ -27,17 +27,15 @@ output-gradient).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
 
 from tflite_export.chunking import even_ranges, patch_chunk_bytes
 from tflite_export.errors import ExportError
+from tflite_export.layer_plan import Cache, LayerPlan, layer_weight
 from tflite_export.spatial_layers import check_channels_last, pair, same_padding
-
-if TYPE_CHECKING:
-    from tflite_export.layers import Cache, LayerPlan
+from tflite_export.weight_penalties import weight_penalty
 
 
 def patch_indices(
@@ -78,17 +76,23 @@ def conv2d_plan(
     in_shape: Sequence[int],
     needs_input_gradient: bool = True,
 ) -> list[LayerPlan]:
-    from tflite_export.layers import LayerPlan
-
     check_channels_last(layer)
-    if tuple(layer.dilation_rate) != (1, 1) or layer.groups != 1:
+    if tuple(layer.dilation_rate) != (1, 1):
         raise ExportError(
-            f"layer {layer.name!r}: Conv2D with dilation {tuple(layer.dilation_rate)} or "
-            f"groups {layer.groups} is not supported; supported: dilation 1, groups 1"
+            f"layer {layer.name!r}: Conv2D with dilation_rate {tuple(layer.dilation_rate)} is "
+            "not supported; supported: dilation_rate (1, 1)"
+        )
+    if layer.groups != 1:
+        raise ExportError(
+            f"layer {layer.name!r}: Conv2D with groups {layer.groups} is not supported; "
+            "supported: groups 1"
         )
     padding = layer.padding.upper()
     if padding not in ("VALID", "SAME"):
-        raise ExportError(f"layer {layer.name!r}: padding {layer.padding!r} is not supported")
+        raise ExportError(
+            f"layer {layer.name!r}: padding {layer.padding!r} is not supported; "
+            "supported: 'valid' and 'same'"
+        )
     height, width, channels = (int(d) for d in in_shape)
     kh, kw = pair(layer.kernel_size)
     sh, sw = pair(layer.strides)
@@ -100,9 +104,14 @@ def conv2d_plan(
         top = bottom = left = right = 0
     kernel_value, *rest = layer.get_weights()
     filters = int(kernel_value.shape[3])
-    params = [tf.Variable(kernel_value.astype(np.float32), name=f"{layer.name}/kernel")]
+    trainable = bool(layer.trainable)
+    params = [layer_weight(kernel_value, trainable, f"{layer.name}/kernel")]
+    penalties = [weight_penalty(layer, "kernel_regularizer")]
+    tensors = [(f"{layer.name}/kernel", tuple(int(d) for d in kernel_value.shape))]
     if layer.use_bias:
-        params.append(tf.Variable(rest[0].astype(np.float32), name=f"{layer.name}/bias"))
+        params.append(layer_weight(rest[0], trainable, f"{layer.name}/bias"))
+        penalties.append(weight_penalty(layer, "bias_regularizer"))
+        tensors.append((f"{layer.name}/bias", (filters,)))
     x_shape = [batch_size, height, width, channels]
     kernel_rows = kh * kw * channels
     # Stride 1 with an input-gradient: the filter-gradient reads the input-gradient's columns
@@ -117,7 +126,7 @@ def conv2d_plan(
         batch_size, 4 * height * width * kh * kw * filters, patch_chunk_bytes
     )
 
-    def forward(x: tf.Tensor, p: Sequence[tf.Variable], training: bool):
+    def forward(x: tf.Tensor, p: Sequence[tf.Tensor], noise: tf.Tensor | None):
         padded = x
         if top or bottom or left or right:
             padded = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
@@ -172,7 +181,7 @@ def conv2d_plan(
         dk = tf.reverse(tf.reshape(dk_flipped, [channels, kh, kw, filters]), [1, 2])
         return tf.reshape(dx, x_shape), tf.transpose(dk, [1, 2, 0, 3])
 
-    def backward(cache: Cache, dz: tf.Tensor, p: Sequence[tf.Variable]):
+    def backward(cache: Cache, dz: tf.Tensor, p: Sequence[tf.Tensor]):
         gradients = columns_backward if from_columns else patches_backward
         dx, dk = gradients(cache, dz, p[0])
         grads = [dk]
@@ -180,4 +189,14 @@ def conv2d_plan(
             grads.append(tf.reduce_sum(tf.reshape(dz, [-1, filters]), axis=0))
         return dx, grads
 
-    return [LayerPlan(layer.name, params, forward, backward)]
+    return [
+        LayerPlan(
+            layer.name,
+            params,
+            forward,
+            backward,
+            tensors=tensors,
+            trainable=trainable,
+            penalties=penalties,
+        )
+    ]

@@ -14,11 +14,13 @@ from ai_edge_litert import schema_py_generated as schema
 
 from device_runtime.manifest import (
     MANIFEST_METADATA_NAME,
+    FrozenWeight,
     ModelManifest,
     WeightSpec,
     required_signatures,
 )
 from device_runtime.model_file import operator_names
+from tflite_export.chain import layer_chain
 from tflite_export.errors import ExportError
 from tflite_export.layers import final_activation, plan_layers
 from tflite_export.losses import resolve_loss
@@ -41,15 +43,17 @@ def export_model(
     batch_size: int = 20,
     optimizer_options: dict[str, Any] | None = None,
     flex: bool = False,
-    seed: int = 0,
     fedprox: bool = False,
 ) -> ModelManifest:
     """Exports `model` as a TFLite training model; writes `<output>.json` beside it.
 
     By default the model is built from builtin ops only and runs on stock LiteRT. `flex=True`
     exports any Keras model with TensorFlow's autodiff and select TensorFlow ops; such a model
-    needs the Flex delegate and the manifest says so. `seed` seeds the dropout masks.
+    needs the Flex delegate and the manifest says so.
     `fedprox=True` adds FedProx's proximal term and its `set_proximal_mu` signature.
+    Frozen layers (`trainable = False`) stay in the model as constants, outside the weight
+    vector; weight regularizers are part of the loss. A builtin-ops model with dropout reads
+    its masks' noise as a `train` input, which the device draws from its round's seed.
 
     Raises ExportError naming the layer, loss or optimizer that cannot be exported.
     """
@@ -59,20 +63,27 @@ def export_model(
     if not model.built:
         raise ExportError("model is not built: give its first layer an input_shape")
     if isinstance(model.output_shape, list) or isinstance(model.input_shape, list):
-        raise ExportError("models with several inputs or outputs are not supported")
+        raise ExportError(
+            "models with several inputs or outputs are not supported; supported: one input "
+            "and one output"
+        )
 
     input_shape = tuple(int(d) for d in model.input_shape[1:])
     output_shape = tuple(int(d) for d in model.output_shape[1:])
-    # Layers first: an unsupported layer or activation is the more useful error.
-    plans = None if flex else plan_layers(model, batch_size, seed)
-    loss_spec = resolve_loss(loss, final_activation(model), output_shape)
     network: Network
-    if plans is None:
+    if flex:
+        loss_spec = resolve_loss(loss, _flex_final_activation(model), output_shape)
         network = KerasNetwork(model, loss_spec)
         input_dtype = tf.as_dtype(model.inputs[0].dtype) if model.inputs else tf.float32
     else:
-        network = PlannedNetwork(plans, loss_spec)
-        embedded = _first_layer_is_embedding(model)
+        # Layers first: an unsupported layer or activation is the more useful error.
+        model_plan = plan_layers(model, batch_size)
+        loss_spec = resolve_loss(loss, model_plan.final_activation, output_shape)
+        if loss_spec.fuses_final_activation and model_plan.unfusable:
+            # The loss reads the logits under the final activation, and there are none.
+            raise ExportError(f"loss {loss_spec.name!r}: {model_plan.unfusable}")
+        network = PlannedNetwork(model_plan, loss_spec)
+        embedded = isinstance(layer_chain(model)[0], tf.keras.layers.Embedding)
         input_dtype = tf.int32 if embedded else tf.float32
     module = TrainingModule(
         network,
@@ -83,7 +94,7 @@ def export_model(
         batch_size=batch_size,
         fedprox=fedprox,
     )
-    signatures = required_signatures(fedprox)
+    signatures = required_signatures(fedprox, network.noise_units > 0)
     tflite_bytes = _convert(module, flex, signatures)
     ops = tuple(sorted(set(operator_names(tflite_bytes))))
     non_builtin = [op for op in ops if op.startswith("Flex") or op == "CUSTOM"]
@@ -113,6 +124,8 @@ def export_model(
         exporter_version=EXPORTER_VERSION,
         flex=flex,
         fedprox=fedprox,
+        frozen_weights=tuple(FrozenWeight(name, shape) for name, shape in module.frozen_tensors),
+        noise_units=network.noise_units,
     )
     manifest.check_consistent()
     output_path = pathlib.Path(output_path)
@@ -129,9 +142,16 @@ def export_model(
     return manifest
 
 
-def _first_layer_is_embedding(model: tf.keras.Model) -> bool:
-    layers = [la for la in model.layers if not isinstance(la, tf.keras.layers.InputLayer)]
-    return bool(layers) and isinstance(layers[0], tf.keras.layers.Embedding)
+def _flex_final_activation(model: tf.keras.Model) -> str:
+    """The final activation of any model: through a chain when it is one, else its last layer's."""
+    try:
+        return final_activation(model)
+    except ExportError:
+        last = model.layers[-1]
+        activation = getattr(last, "activation", None)
+        if isinstance(last, tf.keras.layers.Softmax):
+            return "softmax"
+        return "linear" if activation is None else str(tf.keras.activations.serialize(activation))
 
 
 def _convert(module: TrainingModule, flex: bool, names: dict[str, tuple[str, ...]]) -> bytes:

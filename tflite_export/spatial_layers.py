@@ -11,15 +11,13 @@ Transposes stay at rank 4 or less so every LiteRT kernel accepts them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
 
 from tflite_export.errors import ExportError
-
-if TYPE_CHECKING:
-    from tflite_export.layers import Cache, LayerPlan
+from tflite_export.layer_plan import Cache, LayerPlan, layer_weight
+from tflite_export.weight_penalties import weight_penalty
 
 # Stands in for -inf when padding the input of a max-pool: finite, so 0 * pad stays 0.
 _LOWEST_FLOAT32 = float(np.finfo(np.float32).min)
@@ -70,8 +68,6 @@ def pooling_plan(
     in_shape: Sequence[int],
     out_shape: Sequence[int],
 ) -> LayerPlan:
-    from tflite_export.layers import LayerPlan
-
     check_channels_last(layer)
     ph, pw = pair(layer.pool_size)
     if pair(layer.strides) != (ph, pw):
@@ -114,11 +110,11 @@ def pooling_plan(
             counts[i, j] = rows * cols
     inverse_counts = tf.constant(np.reshape(1.0 / counts, (1, oh * ow, 1, 1)), tf.float32)
 
-    def forward(x: tf.Tensor, params: Sequence[tf.Variable], training: bool):
+    def forward(x: tf.Tensor, params: Sequence[tf.Tensor], noise: tf.Tensor | None):
         pool = tf.nn.max_pool2d if is_max else tf.nn.avg_pool2d
         return pool(x, [ph, pw], [ph, pw], padding), (x,)
 
-    def backward(cache: Cache, dy: tf.Tensor, params: Sequence[tf.Variable]):
+    def backward(cache: Cache, dy: tf.Tensor, params: Sequence[tf.Tensor]):
         (x,) = cache
         dy_cells = tf.reshape(dy, [batch_size * oh * ow, channels, 1])
         if is_max:
@@ -135,17 +131,15 @@ def pooling_plan(
 def global_average_plan(
     layer: tf.keras.layers.Layer, batch_size: int, in_shape: Sequence[int]
 ) -> LayerPlan:
-    from tflite_export.layers import LayerPlan
-
     check_channels_last(layer)
     channels = int(in_shape[-1])
     cells = int(np.prod(in_shape[:-1]))
     axes = list(range(1, len(in_shape)))
 
-    def forward(x: tf.Tensor, params: Sequence[tf.Variable], training: bool):
+    def forward(x: tf.Tensor, params: Sequence[tf.Tensor], noise: tf.Tensor | None):
         return tf.reduce_mean(x, axis=axes, keepdims=bool(layer.keepdims)), ()
 
-    def backward(cache: Cache, dy: tf.Tensor, params: Sequence[tf.Variable]):
+    def backward(cache: Cache, dy: tf.Tensor, params: Sequence[tf.Tensor]):
         per_cell = tf.reshape(dy, [batch_size, 1, channels]) / float(cells)
         return tf.reshape(tf.tile(per_cell, [1, cells, 1]), [batch_size, *in_shape]), []
 
@@ -155,23 +149,33 @@ def global_average_plan(
 def embedding_plan(
     layer: tf.keras.layers.Embedding, batch_size: int, in_shape: Sequence[int]
 ) -> LayerPlan:
-    from tflite_export.layers import LayerPlan
-
     if layer.mask_zero:
-        raise ExportError(f"layer {layer.name!r}: Embedding with mask_zero=True is not supported")
+        raise ExportError(
+            f"layer {layer.name!r}: Embedding with mask_zero=True is not supported; "
+            "supported: mask_zero=False"
+        )
     vocabulary, dimension = int(layer.input_dim), int(layer.output_dim)
     (table_value,) = layer.get_weights()
-    table = tf.Variable(table_value.astype(np.float32), name=f"{layer.name}/embeddings")
+    trainable = bool(layer.trainable)
+    table = layer_weight(table_value, trainable, f"{layer.name}/embeddings")
     positions = batch_size * int(np.prod(in_shape))
 
-    def forward(ids: tf.Tensor, p: Sequence[tf.Variable], training: bool):
+    def forward(ids: tf.Tensor, p: Sequence[tf.Tensor], noise: tf.Tensor | None):
         return tf.gather(p[0], ids), (ids,)
 
-    def backward(cache: Cache, dy: tf.Tensor, p: Sequence[tf.Variable]):
+    def backward(cache: Cache, dy: tf.Tensor, p: Sequence[tf.Tensor]):
         (ids,) = cache
         one_hot = tf.one_hot(tf.reshape(ids, [positions]), vocabulary, dtype=tf.float32)
         d_table = tf.matmul(one_hot, tf.reshape(dy, [positions, dimension]), transpose_a=True)
         # The ids carry no gradient; the training module never uses this first-layer output.
         return tf.zeros([batch_size, *in_shape]), [d_table]
 
-    return LayerPlan(layer.name, [table], forward, backward)
+    return LayerPlan(
+        layer.name,
+        [table],
+        forward,
+        backward,
+        tensors=[(f"{layer.name}/embeddings", (vocabulary, dimension))],
+        trainable=trainable,
+        penalties=[weight_penalty(layer, "embeddings_regularizer")],
+    )

@@ -2,10 +2,14 @@
 
 Signatures (the contract the device runtime relies on, recorded in the manifest):
 - `train(x, y, mask)` -> `loss`, `correct`: one optimizer step on the masked batch; mean loss
-  over the real examples and how many of them the pre-step model classified right.
-- `evaluate(x, y, mask)` -> `loss_sum`, `correct`, `count`: sums over real examples.
+  over the real examples (plus the weight regularizers, as Keras reports it) and how many of
+  them the pre-step model classified right. A model with dropout takes `noise` too: uniform
+  [0, 1) values, [batch, noise_units], that the device draws from its round's seed.
+- `evaluate(x, y, mask)` -> `loss_sum`, `correct`, `count`: sums over real examples; the loss
+  sum includes the regularizers once per real example, so loss_sum / count is Keras's loss.
 - `infer(x)` -> `output`: the model's output (probabilities when it ends in softmax).
-- `get_weights()` -> `weights`: all trainable tensors, flattened and concatenated.
+- `get_weights()` -> `weights`: all trainable tensors, flattened and concatenated. Frozen
+  layers' weights are constants of the model, outside this vector.
 - `set_weights(weights)` -> `num_parameters`: the inverse of `get_weights`. It also records the
   weights as the FedProx anchor: the device sets the round's global weights before training.
 - `reset_optimizer()` -> `step`: zeroes the optimizer state (momentum, Adam moments, step).
@@ -56,11 +60,20 @@ class TrainingModule(tf.Module):
         x_spec = tf.TensorSpec([batch_size, *input_shape], input_dtype, name="x")
         y_spec = tf.TensorSpec([batch_size, *loss.label_shape], loss.label_dtype, name="y")
         mask_spec = tf.TensorSpec([batch_size], tf.float32, name="mask")
+        self.noise_units = network.noise_units
+        noise_spec = tf.TensorSpec([batch_size, self.noise_units], tf.float32, name="noise")
         w_spec = tf.TensorSpec([self.num_parameters], tf.float32, name="weights")
         mu_spec = tf.TensorSpec([], tf.float32, name="mu")
-        self.train = tf.function(
-            self._train, autograph=False, input_signature=[x_spec, y_spec, mask_spec]
-        )
+        if self.noise_units:
+            self.train = tf.function(
+                self._train,
+                autograph=False,
+                input_signature=[x_spec, y_spec, mask_spec, noise_spec],
+            )
+        else:
+            self.train = tf.function(
+                self._train, autograph=False, input_signature=[x_spec, y_spec, mask_spec]
+            )
         self.evaluate = tf.function(
             self._evaluate, autograph=False, input_signature=[x_spec, y_spec, mask_spec]
         )
@@ -79,9 +92,15 @@ class TrainingModule(tf.Module):
     def weight_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         return self._network.weight_tensors
 
-    def _train(self, x: tf.Tensor, y: tf.Tensor, mask: tf.Tensor) -> dict[str, tf.Tensor]:
+    @property
+    def frozen_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        return self._network.frozen_tensors
+
+    def _train(
+        self, x: tf.Tensor, y: tf.Tensor, mask: tf.Tensor, noise: tf.Tensor | None = None
+    ) -> dict[str, tf.Tensor]:
         values = [v.read_value() for v in self._variables]
-        loss, scores, gradients = self._network.loss_and_gradients(x, y, mask, values)
+        loss, scores, gradients = self._network.loss_and_gradients(x, y, mask, values, noise)
         if self._proximal_mu is not None:
             mu = self._proximal_mu.read_value()
             gradients = [
@@ -96,10 +115,11 @@ class TrainingModule(tf.Module):
     def _evaluate(self, x: tf.Tensor, y: tf.Tensor, mask: tf.Tensor) -> dict[str, tf.Tensor]:
         scores = self._network.scores(x)
         per_example, _ = self._loss.per_example(scores, y)
+        count = tf.reduce_sum(mask)
         return {
-            "loss_sum": tf.reduce_sum(per_example * mask),
+            "loss_sum": tf.reduce_sum(per_example * mask) + self._network.regularization() * count,
             "correct": tf.reduce_sum(self._loss.correct(scores, y) * mask),
-            "count": tf.reduce_sum(mask),
+            "count": count,
         }
 
     def _infer(self, x: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -258,14 +258,18 @@ class UpdateCodec:
             at += 4 * k
         return np.concatenate(indices), np.concatenate(values)
 
+    def decode_parsed(self, update: ParsedUpdate) -> np.ndarray:
+        """The float32 update a parsed payload stands for."""
+        accumulator = self.new_accumulator()
+        accumulator.add(update, 1.0)
+        return accumulator.weighted_sum()
+
     def new_accumulator(self) -> CodecAccumulator:
         return CodecAccumulator(self)
 
     def decode(self, payload: bytes) -> np.ndarray:
         """The float32 update a payload stands for (tests, golden vectors)."""
-        accumulator = self.new_accumulator()
-        accumulator.add(self.parse(payload), 1.0)
-        return accumulator.weighted_sum()
+        return self.decode_parsed(self.parse(payload))
 
 
 class CodecAccumulator:

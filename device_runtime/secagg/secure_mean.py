@@ -46,9 +46,22 @@ class SecureMeanEncoding:
         return self.quantizer.quantize(np.append(clipped, weight_element), rng)
 
     def decode(self, total: np.ndarray, num_summands: int) -> tuple[np.ndarray, float]:
-        """The weighted mean (float32) and the total weight, from the secure sum."""
+        """The weighted mean (float32) and the total weight, from the secure sum.
+
+        Bounded whatever the summands were: a device may send any field elements, not the
+        encoding of a clipped update, and no one sees its input. Every honest summand is an
+        update of L2 norm <= clip times a scale in [0, 1], so every honest weighted mean lies
+        in the L2 ball of radius `clip`; the mean returned is projected onto that ball, and
+        the total weight clamped to [0, num_summands * max_weight]. So one malicious device
+        moves the mean by at most 2 * clip in L2 norm (README, "Security").
+        """
         sums = self.quantizer.dequantize_sum(total, num_summands).astype(np.float64)
         scale_sum = (sums[-1] + num_summands * self.clip) / (2.0 * self.clip)
-        if scale_sum <= 0:
+        scale_sum = min(scale_sum, float(num_summands))
+        if not scale_sum > 0:
             return np.zeros(total.size - 1, np.float32), 0.0
-        return (sums[:-1] / scale_sum).astype(np.float32), float(scale_sum * self.max_weight)
+        mean = sums[:-1] / scale_sum
+        norm = float(np.sqrt(np.dot(mean, mean)))
+        if norm > self.clip:
+            mean *= self.clip / norm
+        return mean.astype(np.float32), float(scale_sum * self.max_weight)

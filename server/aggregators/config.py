@@ -7,6 +7,25 @@ import math
 
 from device_runtime.aggregation.codec_spec import FLOAT32, CodecSpec
 
+# No parameter of a stage (a norm, a clip, a weight, a noise multiplier, a rate) may exceed
+# this: beyond it, products such as 2 * clip or clip * levels overflow float64.
+max_parameter = 1e12
+
+
+def _check_magnitudes(where: str, stage: object) -> None:
+    """Raises ValueError for a number of the stage (or its adaptive estimate) above
+    `max_parameter` in magnitude; norm orders (1, 2 or inf) are checked by the stage."""
+    for field in dataclasses.fields(stage):  # type: ignore[arg-type]
+        value = getattr(stage, field.name)
+        if dataclasses.is_dataclass(value):
+            _check_magnitudes(where, value)
+        elif (
+            isinstance(value, float | int)
+            and field.name != "norm_order"
+            and not abs(value) <= max_parameter
+        ):
+            raise ValueError(f"{where}: {field.name} must be at most {max_parameter:g}")
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantileEstimatorConfig:
@@ -27,6 +46,10 @@ class QuantileEstimatorConfig:
             raise ValueError(f"{where}: target quantile must be in (0, 1)")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"{where}: learning rate must be positive")
+        if not (math.isfinite(self.multiplier) and self.multiplier > 0):
+            raise ValueError(f"{where}: multiplier must be a positive number")
+        if not (math.isfinite(self.increment) and self.increment >= 0):
+            raise ValueError(f"{where}: increment must be a number >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +95,22 @@ class DpConfig:
     def validate(self) -> None:
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
             raise ValueError("dp: noise_multiplier must be >= 0")
-        if not self.clients_per_round > 0:
-            raise ValueError("dp: clients_per_round must be positive")
-        if self.fixed_clip is not None and not self.fixed_clip > 0:
-            raise ValueError("dp: clip must be positive")
+        if not (math.isfinite(self.clients_per_round) and self.clients_per_round > 0):
+            raise ValueError("dp: clients_per_round must be a positive number")
+        if self.fixed_clip is not None and not (
+            math.isfinite(self.fixed_clip) and self.fixed_clip > 0
+        ):
+            raise ValueError("dp: clip must be a positive number")
+        if not (math.isfinite(self.initial_l2_norm_clip) and self.initial_l2_norm_clip > 0):
+            raise ValueError("dp: initial_clip must be a positive number")
+        if not 0 < self.target_unclipped_quantile < 1:
+            raise ValueError("dp: target_quantile must be in (0, 1)")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError("dp: learning_rate must be a positive number")
+        if self.clipped_count_stddev is not None and not (
+            math.isfinite(self.clipped_count_stddev) and self.clipped_count_stddev >= 0
+        ):
+            raise ValueError("dp: clipped_count_stddev must be a number >= 0")
         if not 0 < self.target_delta < 1:
             raise ValueError("dp: target_delta must be in (0, 1)")
         if (
@@ -136,6 +171,14 @@ class AggregatorConfig:
         )
 
     def validate(self) -> AggregatorConfig:
+        for where, stage in (
+            ("zeroing", self.zeroing),
+            ("clipping", self.clipping),
+            ("dp", self.dp),
+            ("secure_aggregator", self.secure),
+        ):
+            if stage is not None:
+                _check_magnitudes(where, stage)
         if self.zeroing is not None:
             self.zeroing.validate("zeroing")
         if self.clipping is not None:

@@ -49,7 +49,7 @@ class Call:
     def integer(self, key: str, default: int) -> int:
         value = self.number(key, default)
         assert value is not None
-        if value != int(value):
+        if not math.isfinite(value) or value != int(value):
             raise ExpressionError(f"{self.name}: {key} must be an integer, got {value}")
         return int(value)
 

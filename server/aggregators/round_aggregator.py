@@ -1,8 +1,10 @@
 """The server half of a composed aggregator for one round: accumulate, merge, finalize.
 
 Stages, outermost first, as in TFF: zeroing, clipping or DP, mean, codec. The client halves ran
-on the devices (device_runtime/aggregation/client.py); here each encoded update is checked,
-decoded straight into a `CodecAccumulator` (memory O(model)) and its flags are counted. At
+on the devices (device_runtime/aggregation/client.py), but a device may not have run them: here
+each encoded update is checked, its decoded norm measured and the zeroing and clipping applied
+again by the server (enforcement.py), then it is added straight into a `CodecAccumulator`
+(memory O(model)), scaled by what the server's stages decided. At
 finalize the stages turn the sum into the mean (plus DP noise), report their measurements under
 their own names, and compute the state of the next round (adaptive bounds, privacy spent).
 """
@@ -20,6 +22,7 @@ from device_runtime.aggregation.codec_spec import CodecError
 from protos import device_pb2
 from server.aggregators import privacy, quantile
 from server.aggregators.config import AggregatorConfig, NormStageConfig, QuantileEstimatorConfig
+from server.aggregators.enforcement import NormEnforcer
 from server.errors import InvalidArgument
 
 State = dict[str, float]
@@ -61,6 +64,10 @@ class EncodedRoundAggregator:
             clipping = NormBound(clip if clip is not None else state["dp_clip"], 2.0, estimate)
         self.client = ClientAggregationSpec(config.codec, seed, tensor_sizes, zeroing, clipping)
         self.codec = UpdateCodec(config.codec, tensor_sizes, seed)
+        self._enforcer = NormEnforcer(
+            self.codec, zeroing, clipping, clipping_is_sensitivity=config.dp is not None
+        )
+        self._enforced = {UpdateFlags.ZEROED: 0, UpdateFlags.CLIPPED: 0}
         self._sum = self.codec.new_accumulator()
         self.count = 0
         self.total_weight = 0.0
@@ -96,11 +103,16 @@ class EncodedRoundAggregator:
         if not update.finite:
             return  # counted as a report, weighted 0 (TFF zeroes non-finite updates)
         weight = float(header.example_count) if self.config.weighted else 1.0
-        self._sum.add(update, weight)
+        # The server's own zeroing and clipping, whatever the device's flags claim.
+        verdict = self._enforcer.judge(update)
+        if verdict.scale > 0:
+            self._sum.add(update, weight * verdict.scale)
         self.total_weight += weight
         self._finite += 1
         for flag in UpdateFlags:
-            self._flag_counts[flag] += bool(update.flags & flag)
+            self._flag_counts[flag] += bool(verdict.flags & flag)
+        for flag in self._enforced:
+            self._enforced[flag] += bool(verdict.enforced & flag)
 
     def _check_flags(self, flags: UpdateFlags) -> None:
         allowed = UpdateFlags(0)
@@ -127,6 +139,8 @@ class EncodedRoundAggregator:
         self._finite += other._finite
         for flag in UpdateFlags:
             self._flag_counts[flag] += other._flag_counts[flag]
+        for flag in self._enforced:
+            self._enforced[flag] += other._enforced[flag]
 
     def finalize(self) -> tuple[np.ndarray, dict[str, float]]:
         config, state, client = self.config, dict(self.state), self.client
@@ -143,6 +157,7 @@ class EncodedRoundAggregator:
         if config.zeroing is not None and client.zeroing is not None:
             metrics["aggregator/zeroing/zeroing_norm"] = client.zeroing.bound
             metrics["aggregator/zeroing/zeroed_count"] = float(counts[UpdateFlags.ZEROED])
+            metrics["aggregator/zeroing/enforced_count"] = float(self._enforced[UpdateFlags.ZEROED])
             if config.zeroing.adaptive is not None:
                 state["zeroing_estimate"] = quantile.next_estimate(
                     config.zeroing.adaptive,
@@ -153,6 +168,9 @@ class EncodedRoundAggregator:
         if config.clipping is not None and client.clipping is not None:
             metrics["aggregator/clipping/clipping_norm"] = client.clipping.bound
             metrics["aggregator/clipping/clipped_count"] = float(counts[UpdateFlags.CLIPPED])
+            metrics["aggregator/clipping/enforced_count"] = float(
+                self._enforced[UpdateFlags.CLIPPED]
+            )
             if config.clipping.adaptive is not None:
                 state["clipping_estimate"] = quantile.next_estimate(
                     config.clipping.adaptive,
@@ -196,6 +214,7 @@ class EncodedRoundAggregator:
         metrics["aggregator/dp/clip"] = clip
         metrics["aggregator/dp/noise_stddev"] = stddev
         metrics["aggregator/dp/clipped_count"] = float(self._flag_counts[UpdateFlags.CLIPPED])
+        metrics["aggregator/dp/enforced_count"] = float(self._enforced[UpdateFlags.CLIPPED])
         metrics["aggregator/dp/epsilon"] = privacy.epsilon_spent(dp, int(state["dp_rounds"]))
         metrics["aggregator/dp/delta"] = dp.target_delta
         return noised / dp.clients_per_round

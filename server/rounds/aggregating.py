@@ -49,3 +49,12 @@ def aggregate(
         return Aggregate(weights, optimizer_state, metrics)
     metrics["finalizer/update_non_finite"] = 0.0
     return Aggregate(new_weights.astype(np.float32), new_state, metrics)
+
+
+def is_finite(result: Aggregate) -> bool:
+    """Whether the new weights and every optimizer state value are finite. (A state value
+    can overflow while the weights stay finite, e.g. Adam's preconditioner from a huge
+    update, and would then stall or poison every later round.)"""
+    return bool(np.all(np.isfinite(result.weights))) and all(
+        bool(np.all(np.isfinite(value))) for value in result.optimizer_state.values()
+    )

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from server.rounds.round import RoundInProgress
-from server.store import RoundRecord, RoundState
+from server.store import RoundRecord, RoundState, UnrecordedRound
 
 
-def record(
+def summarize(
     round_: RoundInProgress,
     state: RoundState,
     now: float,
     metrics: dict[str, float] | None = None,
     weights_sha256: str = "",
 ) -> RoundRecord:
+    """The record a round leaves in the store when it ends in `state`. The round itself is
+    unchanged: it becomes `state` in memory only once the record is durable."""
     if state not in (RoundState.COMMITTED, RoundState.FAILED, RoundState.ABANDONED):
         raise ValueError(f"{state} is not a terminal round state")
-    round_.state = state
     metrics = dict(metrics or {})
     for cause, count in round_.dropout_causes().items():
         metrics[f"round/dropouts/{cause.lower()}"] = float(count)
@@ -35,16 +36,17 @@ def record(
     )
 
 
-def abandoned(task_id: str, round_number: int, selected: int, now: float) -> RoundRecord:
-    """A round found open in the store after a restart: its in-memory state is gone."""
+def abandoned(task_id: str, lost: UnrecordedRound, now: float) -> RoundRecord:
+    """A round found open in the store after a restart: its in-memory state is gone, so none
+    of its uploads count and every device it selected is a dropout."""
     return RoundRecord(
         task_id=task_id,
-        round_number=round_number,
+        round_number=lost.round_number,
         state=RoundState.ABANDONED,
-        selected=selected,
+        selected=lost.selected,
         reported=0,
-        dropped=selected,
-        metrics={},
-        started_at=now,
+        dropped=lost.selected,
+        metrics={"round/dropouts/abandoned": float(lost.selected)},
+        started_at=lost.started_at,
         finished_at=now,
     )

@@ -20,6 +20,8 @@ class AssignmentState(enum.Enum):
 class DeviceAssignment:
     device_id: str
     token_sha256: str
+    # Examples the device declared at check-in: the most its update is ever weighted with.
+    declared_examples: int
     state: AssignmentState = AssignmentState.ASSIGNED
     failure: str = ""
 
@@ -92,8 +94,12 @@ class RoundInProgress:
     def counted_tokens(self) -> list[str]:
         return [t for t, a in self.assignments.items() if a.state is AssignmentState.REPORTED]
 
-    def assign(self, device_id: str, token_sha256: str, network: str | None = None) -> None:
-        self.assignments[token_sha256] = DeviceAssignment(device_id, token_sha256)
+    def assign(
+        self, device_id: str, token_sha256: str, declared_examples: int, network: str | None = None
+    ) -> None:
+        self.assignments[token_sha256] = DeviceAssignment(
+            device_id, token_sha256, declared_examples
+        )
         self._state_counts[AssignmentState.ASSIGNED] += 1
         self.devices.add(device_id)
         if network is not None:

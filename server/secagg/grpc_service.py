@@ -24,6 +24,7 @@ from device_runtime.secagg import masking
 from device_runtime.secagg.errors import SecAggError
 from protos import secagg_pb2, secagg_pb2_grpc
 from server.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
@@ -119,10 +120,13 @@ class SecAggService(secagg_pb2_grpc.SecAggServiceServicer):
         server = hosted.server
         return await self._apply(hosted, lambda: action(server))
 
-    async def close_stage(self, session_id: bytes) -> secagg_pb2.SecAggStage:
-        """The current stage's deadline passed: devices that stayed silent are dropped."""
+    async def close_stage(
+        self, session_id: bytes, stage: secagg_pb2.SecAggStage
+    ) -> secagg_pb2.SecAggStage:
+        """`stage`'s deadline passed: devices that stayed silent are dropped (no-op if the
+        session already left `stage`)."""
         hosted = self._session(session_id)
-        return await self._apply(hosted, hosted.server.close_stage)
+        return await self._apply(hosted, lambda: hosted.server.close_stage(stage))
 
     @abort_on_error
     async def Send(
@@ -203,10 +207,9 @@ class SecAggService(secagg_pb2_grpc.SecAggServiceServicer):
                 await asyncio.wait_for(hosted.changed.wait_for(ready), await_server_message_s)
             except TimeoutError:
                 stage = hosted.server_or_none.stage if hosted.server_or_none else 0
-                await context.abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"stage {secagg_pb2.SecAggStage.Name(stage)} is still open; poll again",
-                )
+                raise DeadlineExceeded(
+                    f"stage {secagg_pb2.SecAggStage.Name(stage)} is still open; poll again"
+                ) from None
         server = hosted.server
         if request.after_stage == secagg_pb2.STAGE_UNSPECIFIED:
             server.check_credentials(request.session_id, request.client_id, request.session_token)

@@ -57,22 +57,33 @@ class MaskedInputCollectionState(SecAggState):
         data.masked_input_senders.add(client_id)
         self._spoke(client_id)
 
-    def close(self) -> SecAggState:
+    def spare_holders(self) -> int:
+        """How many more of its holders the worst-off secret could lose at unmasking and
+        still be rebuilt, were the stage to close now (< 0: closing aborts). The secrets are
+        the survivors' self-mask seeds and the mask keys of dropped devices whose pairwise
+        masks survivors added; each needs t surviving neighbours to reveal shares."""
         data = self.data
         survivors = data.masked_input_senders
         if len(survivors) < data.threshold:
-            reason = f"{len(survivors)} masked inputs, fewer than the threshold {data.threshold}"
-            log.warning("secagg session aborts after R2: %s", reason)
-            return AbortedState(data, reason)
+            return len(survivors) - data.threshold
         dropped = data.shared_keys - survivors
         needed = set(survivors) | {d for d in dropped if data.neighbours_in(d, survivors)}
-        for client in sorted(needed):
-            alive = len(data.neighbours_in(client, survivors))
-            if alive < data.threshold:
-                reason = (
-                    f"client {client}'s masks need {data.threshold} surviving neighbours, "
-                    f"only {alive} sent masked inputs"
-                )
-                log.warning("secagg session aborts after R2: %s", reason)
-                return AbortedState(data, reason)
-        return UnmaskingState(data)
+        return min(len(data.neighbours_in(c, survivors)) for c in needed) - data.threshold
+
+    def close(self) -> SecAggState:
+        data = self.data
+        survivors = data.masked_input_senders
+        if self.spare_holders() >= 0:
+            return UnmaskingState(data)
+        if len(survivors) < data.threshold:
+            reason = f"{len(survivors)} masked inputs, fewer than the threshold {data.threshold}"
+        else:
+            dropped = data.shared_keys - survivors
+            needed = set(survivors) | {d for d in dropped if data.neighbours_in(d, survivors)}
+            client = min(needed, key=lambda c: (len(data.neighbours_in(c, survivors)), c))
+            reason = (
+                f"client {client}'s masks need {data.threshold} surviving neighbours, "
+                f"only {len(data.neighbours_in(client, survivors))} sent masked inputs"
+            )
+        log.warning("secagg session aborts after R2: %s", reason)
+        return AbortedState(data, reason)

@@ -8,7 +8,9 @@ The coordinator calls, for rounds whose aggregator is `secure_aggregator()`:
   next_state      instead of reporting.next_state while REPORTING: the round waits for the
                   session; each SecAgg stage closes at its deadline (a fraction of the round's
                   reporting deadline, below), the masked-input stage also as soon as the
-                  round's target count of masked inputs arrived. A completed session with at
+                  round's target count of masked inputs arrived, if closing then leaves
+                  every secret t holders and slack (else it waits for more inputs). A
+                  completed session with at
                   least min_reports summed devices lets the round aggregate; an aborted one
                   (fewer than t survivors) or too few summed devices fails it, and the task
                   retries with a new round;
@@ -52,7 +54,8 @@ finished_sessions_kept = 8
 class SecureRounds:
     def __init__(self, on_change: Callable[[], None] | None = None) -> None:
         self.service = SecAggService(on_change)
-        self._closing: dict[bytes, int] = {}  # session -> stage whose close is under way
+        # session -> the close under way: (stage, -1 at its deadline or inputs at the target)
+        self._closing: dict[bytes, tuple[int, int]] = {}
         self._finished: collections.deque[bytes] = collections.deque()
         self._pending: set[asyncio.Task[object]] = set()
 
@@ -116,13 +119,28 @@ class SecureRounds:
             round_.reporting_started_at
             + stage_deadline_fraction[stage] * config.reporting_deadline_s
         )
-        target_met = (
+        # A close is asked for once per stage at its deadline. At the round's target it is
+        # asked for once per masked input taken, and happens only if it leaves the session
+        # its slack for dropouts: the devices not yet heard from would count as dropped, and
+        # the sparse graph tolerates few per neighbourhood (k - t), often fewer than
+        # over-selection leaves out at the target.
+        if now >= deadline:
+            request, early = (stage, -1), False
+        elif (
             stage == secagg_pb2.MASKED_INPUT_COLLECTION
             and session.masked_inputs >= config.target_reports
-        )
-        if (now >= deadline or target_met) and self._closing.get(session.session_id) != stage:
-            self._closing[session.session_id] = stage
-            self._change(session, lambda s: s.close_stage())
+        ):
+            request, early = (stage, session.masked_inputs), True
+        else:
+            return RoundState.REPORTING
+        if self._closing.get(session.session_id) != request:
+            self._closing[session.session_id] = request
+            # The close runs after messages already waiting for the session, which may end
+            # this stage first: it is a close of this stage only, never of the next one.
+            if early:
+                self._change(session, lambda s: s.close_masked_input_early())
+            else:
+                self._change(session, lambda s: s.close_stage(stage))
         return RoundState.REPORTING
 
     def device_failed(self, round_: RoundInProgress, token_sha256: str) -> None:

@@ -3,7 +3,7 @@
 Call order: create with the enrolled device count (ids 1..n) and hand each device its
 `session_config`; then feed client messages to `receive` / `receive_masked_input` in any
 order. A stage closes by itself once every participant has spoken, or when `close_stage` is
-called at its deadline (those who stayed silent count as dropped). `server_message(id)` gives
+called for it at its deadline (those who stayed silent count as dropped). `server_message(id)` gives
 a device the message of the current stage. Every refusal is a CoordinatorError (mapped to a
 gRPC status in one place), is logged, and changes nothing:
   UNAUTHENTICATED      wrong session, unknown client id or wrong session token
@@ -29,6 +29,7 @@ from server.errors import CoordinatorError, FailedPrecondition, InvalidArgument,
 from server.secagg.aborted import AbortedState
 from server.secagg.completed import CompletedState
 from server.secagg.r0_advertise_keys import AdvertiseKeysState
+from server.secagg.r2_masked_input_collection import MaskedInputCollectionState
 from server.secagg.session_data import SessionData
 from server.secagg.state import SecAggState
 
@@ -238,16 +239,39 @@ class SecAggServer:
         self._state = self._state.close()
         log.info("secagg session %s: %s -> %s", self.session_id.hex()[:8], before, self._state.name)
 
-    def close_stage(self) -> secagg_pb2.SecAggStage:
-        """The current stage's deadline passed: silent devices count as dropped."""
-        if self._state.stage not in (secagg_pb2.COMPLETED, secagg_pb2.ABORTED):
+    def close_stage(self, stage: secagg_pb2.SecAggStage) -> secagg_pb2.SecAggStage:
+        """`stage`'s deadline passed: its silent devices count as dropped. A no-op once the
+        session left `stage`: a close decided at one stage may be carried out after the
+        devices' last messages already closed it, and must not cut the next stage short."""
+        if self._state.stage == stage and stage not in (secagg_pb2.COMPLETED, secagg_pb2.ABORTED):
             self._advance()
             self._close_if_complete()
         return self._state.stage
 
+    def close_masked_input_early(self) -> secagg_pb2.SecAggStage:
+        """The round has enough masked inputs before the stage's deadline. Closes the stage
+        only if every secret the unmasking needs keeps, beyond its t holders, the slack for
+        the dropouts the parameters were chosen for (D): each device not yet heard from
+        becomes a dropout, and a sparse graph tolerates only k - t per neighbourhood. A no-op
+        otherwise, and once the session left the masked-input stage."""
+        state = self._state
+        if not isinstance(state, MaskedInputCollectionState):
+            return state.stage
+        spare = state.spare_holders()
+        if spare < self._data.parameters.max_dropouts:
+            log.info(
+                "secagg session %s keeps collecting masked inputs: a secret would keep only "
+                "%d holders beyond the threshold",
+                self.session_id.hex()[:8],
+                spare,
+            )
+            return state.stage
+        return self.close_stage(state.stage)
+
     def abort(self, reason: str) -> None:
-        """The coordinator gives up on the session (e.g. its round failed)."""
-        if self._state.stage != secagg_pb2.COMPLETED:
+        """The coordinator gives up on the session (e.g. its round failed). A session that
+        ended keeps its outcome, and an aborted one the reason it aborted for."""
+        if self._state.stage not in (secagg_pb2.COMPLETED, secagg_pb2.ABORTED):
             self._state = AbortedState(self._data, reason)
 
     def server_message(

@@ -42,7 +42,7 @@ def _run_rounds(
         async with running_coordinator(
             str(tmp_path / f"{aggregator[:8]}.sqlite"), model_bytes, config, clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address, wall_clock=clock.now)
+            client = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
             runtime = DeviceRuntime(
                 client=client,
                 population=POPULATION,
@@ -54,6 +54,7 @@ def _run_rounds(
             )
             await runtime.run(max_reports=rounds)
             await client.close()
+            await running.settled()
             return [r.metrics for r in running.store.rounds("t1")]
 
     return asyncio.run(scenario())
@@ -100,7 +101,7 @@ def test_corrupt_encoded_upload_gets_invalid_argument_and_the_token_stays_usable
         async with running_coordinator(
             str(tmp_path / "c.sqlite"), model_bytes, config, FakeClock(), SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address)
+            client = CoordinatorClient(running.address, running.trust)
             await client.enroll(POPULATION, ENROLLMENT_SECRET)
             response = await client.check_in(POPULATION, 40)
             assignment = response.assignment
@@ -121,6 +122,7 @@ def test_corrupt_encoded_upload_gets_invalid_argument_and_the_token_stays_usable
             assert current is not None and current.aggregate.count == 0
             await client.upload(assignment.upload_token, good, 40, metrics)
             await client.close()
+            await running.settled()
             return refused.value.code, len(running.store.rounds("t1"))
 
     code, committed = asyncio.run(scenario())

@@ -6,7 +6,13 @@ import dataclasses
 
 import pytest
 
-from device_runtime.manifest import ManifestError, ModelManifest, WeightSpec
+from device_runtime.manifest import (
+    FrozenWeight,
+    ManifestError,
+    ModelManifest,
+    WeightSpec,
+    required_signatures,
+)
 from device_runtime.model_file import read_manifest
 from device_runtime.model_runner import TrainableModel
 from tflite_export.exporter import embed_manifest
@@ -16,6 +22,29 @@ def test_manifest_json_round_trips(model_bytes: bytes) -> None:
     manifest = read_manifest(model_bytes)
 
     assert ModelManifest.from_json(manifest.to_json()) == manifest
+
+
+def test_frozen_weights_and_dropout_noise_round_trip(model_bytes: bytes) -> None:
+    manifest = dataclasses.replace(
+        read_manifest(model_bytes),
+        frozen_weights=(FrozenWeight("base/kernel", (3, 4)),),
+        noise_units=12,
+        signatures=required_signatures(fedprox=False, dropout=True),
+        fedprox=False,
+    )
+
+    again = ModelManifest.from_json(manifest.to_json())
+
+    assert again == manifest
+    assert again.num_frozen_parameters == 12
+    assert again.signatures["train"] == ("x", "y", "mask", "noise")
+
+
+def test_a_dropout_model_whose_train_takes_no_noise_is_refused(model_bytes: bytes) -> None:
+    manifest = dataclasses.replace(read_manifest(model_bytes), noise_units=12)
+
+    with pytest.raises(ManifestError, match="signature 'train' takes"):
+        ModelManifest.from_json(manifest.to_json())
 
 
 def test_not_a_tflite_file_is_refused() -> None:

@@ -62,6 +62,8 @@ def test_device_process_trains_without_tensorflow(
         async with running_coordinator(
             str(tmp_path / "store.sqlite"), model_bytes, config
         ) as running:
+            assert running.trust.root_certificates is not None
+            (tmp_path / "ca.pem").write_bytes(running.trust.root_certificates)
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-c",
@@ -69,6 +71,8 @@ def test_device_process_trains_without_tensorflow(
                 "device",
                 "--server",
                 running.address,
+                "--root-certs",
+                str(tmp_path / "ca.pem"),
                 "--population",
                 POPULATION,
                 "--examples",
@@ -86,6 +90,7 @@ def test_device_process_trains_without_tensorflow(
                 stderr=asyncio.subprocess.STDOUT,
             )
             output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+            await running.settled()  # the last round commits off the request path
             return process.returncode or 0, output, running.store.rounds("t1")
 
     code, output, rounds = asyncio.run(scenario())

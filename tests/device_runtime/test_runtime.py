@@ -53,10 +53,10 @@ def test_rejected_device_waits_for_the_next_round_as_told(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
         ) as running:
-            holder = CoordinatorClient(running.address, wall_clock=clock.now)
+            holder = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
             await holder.enroll(POPULATION, ENROLLMENT_SECRET)
             await holder.check_in(POPULATION, EXAMPLES)  # takes the only seat
-            client = CoordinatorClient(running.address, wall_clock=clock.now)
+            client = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
             stop = asyncio.Event()
 
             def record(attempt: Attempt) -> None:
@@ -96,7 +96,7 @@ def test_interruption_reaches_the_coordinator_as_a_dropout(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, task_config(), clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address, wall_clock=clock.now)
+            client = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
             attempt = await _runtime(client, clock, conditions).attempt()
             await client.close()
             return attempt, running.coordinator.task("t1").current
@@ -118,7 +118,7 @@ def test_ineligible_device_does_not_check_in(tmp_path: pathlib.Path, model_bytes
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, task_config(), clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address, wall_clock=clock.now)
+            client = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
             attempt = await _runtime(client, clock, ScriptedConditions(eligible=False)).attempt()
             await client.close()
             return attempt, running.coordinator.task("t1").current
@@ -140,9 +140,10 @@ def test_model_is_downloaded_once_and_weights_once_per_round(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address, wall_clock=clock.now)
+            client = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
             await _runtime(client, clock, ScriptedConditions()).run(max_reports=2)
             await client.close()
+            await running.settled()
             task = running.coordinator.task("t1")
             return (
                 client.counters.downloaded_bytes,
@@ -168,7 +169,7 @@ def test_a_device_with_a_skewed_clock_learns_the_coordinators_at_enrollment(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address, wall_clock=stuck)
+            client = CoordinatorClient(running.address, running.trust, wall_clock=stuck)
             runtime = _runtime(client, clock, ScriptedConditions())
             first = await runtime.attempt()
             clock.advance(900.0)  # the learned offset is now 900 s stale

@@ -15,9 +15,11 @@ import sys
 import numpy as np
 import pytest
 
+from device_runtime.channel import ServerTrust
 from emulator.data import federated_digits
 from emulator.fleet import Fleet
 from emulator.phone import RandomConditionsSettings
+from server.certificates import CertificateFiles, write_loopback_certificates
 from tests.identities import ENROLLMENT_SECRET
 
 pytestmark = pytest.mark.e2e
@@ -60,7 +62,13 @@ def _check_invariants(before: dict, after: dict) -> None:
             assert after["counted"].get(number, 0) == 0, f"{state} round {number} counted uploads"
 
 
-async def _start(port: int, data_dir: pathlib.Path, task: pathlib.Path, model: pathlib.Path):
+async def _start(
+    port: int,
+    data_dir: pathlib.Path,
+    task: pathlib.Path,
+    model: pathlib.Path,
+    tls: CertificateFiles,
+):
     secret = data_dir.parent / "enrollment.secret"
     secret.write_bytes(ENROLLMENT_SECRET)
     process = await asyncio.create_subprocess_exec(
@@ -70,6 +78,12 @@ async def _start(port: int, data_dir: pathlib.Path, task: pathlib.Path, model: p
         "serve",
         "--address",
         f"127.0.0.1:{port}",
+        "--admin-address",
+        "127.0.0.1:0",
+        "--tls-cert",
+        str(tls.server_cert),
+        "--tls-key",
+        str(tls.server_key),
         "--data-dir",
         str(data_dir),
         "--task",
@@ -105,8 +119,10 @@ def test_kill_minus_nine_at_ten_moments_loses_nothing(
     db_path = data_dir / "coordinator.sqlite"
     port = _free_port()
     delays = np.random.default_rng(20261121).uniform(0.2, 2.5, KILLS)
+    tls = write_loopback_certificates(tmp_path / "tls")
     fleet = Fleet(
         f"127.0.0.1:{port}",
+        ServerTrust(root_certificates=tls.root_certs.read_bytes()),
         "digits",
         federated_digits(8, seed=5).clients,
         seed=5,
@@ -116,7 +132,7 @@ def test_kill_minus_nine_at_ten_moments_loses_nothing(
 
     async def scenario() -> tuple[list[dict], dict]:
         snapshots = []
-        process = await _start(port, data_dir, task, model_path)
+        process = await _start(port, data_dir, task, model_path, tls)
         stop = asyncio.Event()
         devices = asyncio.create_task(fleet.run(stop))
         try:
@@ -128,7 +144,7 @@ def test_kill_minus_nine_at_ten_moments_loses_nothing(
                 after = _snapshot(db_path)
                 _check_invariants(before, after)
                 snapshots.append(after)
-                process = await _start(port, data_dir, task, model_path)
+                process = await _start(port, data_dir, task, model_path, tls)
             # The restarted coordinator still makes progress with the same devices.
             committed = sum(r[1] == "committed" for r in snapshots[-1]["rounds"])
             for _ in range(300):

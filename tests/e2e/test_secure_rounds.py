@@ -123,6 +123,7 @@ def test_two_secure_rounds_with_a_dropout_commit_the_survivors_fedavg(
             service._on_change = inspect_then_tick
             fleet = Fleet(
                 running.address,
+                running.trust,
                 POPULATION,
                 data.clients,
                 seed=5,

@@ -19,6 +19,7 @@ from emulator.data import SampledDigits
 from emulator.fleet_config import FleetConfig
 from emulator.participation import dropout_cause
 from server.rounds.round import AssignmentState
+from tests.fakes import FakeClock
 from tests.harness import POPULATION, running_coordinator, task_config
 from tests.identities import ENROLLMENT_SECRET
 
@@ -68,10 +69,14 @@ def test_pickup_mid_training_is_an_interruption_the_coordinator_counts_as_dropou
     examples = SampledDigits(mean_examples=40, sigma=0.0, seed=1).client(index)
 
     async def scenario():  # type: ignore[no-untyped-def]
+        # The coordinator's deadlines stay put (fake clock): however slow the machine, the
+        # round is still open when the interruption is reported.
         async with running_coordinator(
-            str(tmp_path / "s.sqlite"), model_bytes, task_config()
+            str(tmp_path / "s.sqlite"), model_bytes, task_config(), clock=FakeClock()
         ) as running:
-            client = CoordinatorClient(running.address, key=profile.device_key(config.seed))
+            client = CoordinatorClient(
+                running.address, running.trust, key=profile.device_key(config.seed)
+            )
             runtime = DeviceRuntime(
                 client=client,
                 population=POPULATION,

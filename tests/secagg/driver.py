@@ -63,11 +63,6 @@ def _message(server: SecAggServer, client: SecAggClient) -> secagg_pb2.SecAggSer
     return server.server_message(config.session_id, config.client_id, config.session_token)
 
 
-def _close(server: SecAggServer, stage: secagg_pb2.SecAggStage) -> None:
-    if server.stage == stage:
-        server.close_stage()
-
-
 def run_session(
     parameters: SecAggParameters,
     inputs: dict[int, np.ndarray],
@@ -112,7 +107,7 @@ def run_session(
         message = client.envelope()
         message.advertise_keys.CopyFrom(client.advertise_keys())
         server.receive(message)
-    _close(server, secagg_pb2.ADVERTISE_KEYS)
+    server.close_stage(secagg_pb2.ADVERTISE_KEYS)
     hook("advertise_keys", server)
 
     for c, client in clients.items():
@@ -130,7 +125,7 @@ def run_session(
             return message
 
         send_or_abort(client, build)
-    _close(server, secagg_pb2.SHARE_KEYS)
+    server.close_stage(secagg_pb2.SHARE_KEYS)
     hook("share_keys", server)
 
     for c, client in clients.items():
@@ -146,7 +141,7 @@ def run_session(
             continue
         envelope = client.envelope()
         server.receive_masked_input(envelope.session_id, c, envelope.session_token, masked)
-    _close(server, secagg_pb2.MASKED_INPUT_COLLECTION)
+    server.close_stage(secagg_pb2.MASKED_INPUT_COLLECTION)
     hook("masked_input_collection", server)
 
     for c, client in clients.items():
@@ -166,7 +161,7 @@ def run_session(
             return message
 
         send_or_abort(client, build_r3)
-    _close(server, secagg_pb2.UNMASKING)
+    server.close_stage(secagg_pb2.UNMASKING)
     hook("unmasking", server)
     if server.stage == secagg_pb2.ABORTED:
         for client in clients.values():  # devices still waiting learn of the abort

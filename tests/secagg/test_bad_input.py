@@ -115,7 +115,7 @@ def test_a_message_of_another_stage_is_refused() -> None:
 def test_a_share_for_a_device_that_is_not_a_neighbour_is_refused() -> None:
     s = Stepper()
     s.to_share_keys(skip={5})  # 5 advertised nothing, so it is nobody's neighbour with keys
-    s.server.close_stage()
+    s.server.close_stage(s.server.stage)
     message = s.share(1)
     stray = message.share_keys.shares.add()
     stray.CopyFrom(message.share_keys.shares[0])
@@ -175,7 +175,7 @@ def test_a_malformed_masked_input_is_refused(vector: np.ndarray, match: str) -> 
 def test_a_masked_input_from_a_device_that_shared_no_keys_is_refused() -> None:
     s = Stepper()
     s.to_masked_input(skip={5})
-    s.server.close_stage()
+    s.server.close_stage(s.server.stage)
 
     _refused(
         s,
@@ -188,7 +188,7 @@ def test_a_masked_input_from_a_device_that_shared_no_keys_is_refused() -> None:
 def test_unmasking_shares_for_the_wrong_devices_or_malformed_are_refused() -> None:
     s = Stepper()
     s.to_unmasking(skip={5})
-    s.server.close_stage()
+    s.server.close_stage(s.server.stage)
     good = s.unmask(1)
     wrong_kind = secagg_pb2.SecAggClientMessage()
     wrong_kind.CopyFrom(good)
@@ -231,7 +231,7 @@ def test_mask_key_shares_not_matching_the_advertised_key_abort() -> None:
     # public key catches it.
     s = Stepper()
     s.to_unmasking(skip={5})
-    s.server.close_stage()
+    s.server.close_stage(s.server.stage)
     responses = [s.unmask(c) for c in (1, 2, 3, 4)]
     for response in responses:
         share = response.unmasking_response.mask_key_shares[0]

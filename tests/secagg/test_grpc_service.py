@@ -81,7 +81,9 @@ def test_eight_devices_sum_over_grpc_with_one_dropping_after_sharing_keys(
                 and server.waiting_for() == {dropped}
             )
         )
-        await service.close_stage(server.session_id)  # the stage's deadline passes
+        await service.close_stage(
+            server.session_id, secagg_pb2.MASKED_INPUT_COLLECTION
+        )  # the stage's deadline passes
         await devices
 
     server = _serve(body)
@@ -117,7 +119,7 @@ def test_devices_learn_of_an_abort_below_threshold() -> None:
                 and server.waiting_for() == set(range(3, N + 1))
             )
         )
-        await service.close_stage(server.session_id)
+        await service.close_stage(server.session_id, secagg_pb2.MASKED_INPUT_COLLECTION)
         await devices
 
     server = _serve(body)

@@ -46,6 +46,7 @@ def _coordinator(
 def _check_in(
     coordinator: Coordinator, device_id: str, population: str = POPULATION
 ) -> device_pb2.CheckInResponse:
+    coordinator.tick()  # the round driver's pass since the last request
     return check_in(coordinator, device_id, population)
 
 
@@ -71,6 +72,7 @@ def _upload(
 ) -> None:
     payload = delta.astype("<f4").tobytes()
     coordinator.accept_upload(_header(token, delta.size, example_count), payload, len(payload))
+    coordinator.tick()  # the round driver ends the round if this report completed it
 
 
 def test_round_selects_target_times_over_selection(store_path, clock, model_bytes) -> None:

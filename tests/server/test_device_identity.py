@@ -45,7 +45,7 @@ def _attack(
     async def scenario() -> None:
         async with (
             running_coordinator(str(path), model_bytes, task_config(), clock) as running,
-            grpc.aio.insecure_channel(running.address) as channel,
+            running.device_channel() as channel,
         ):
             stub = device_pb2_grpc.DeviceServiceStub(channel)
             await prepare(running, stub, clock)
@@ -127,7 +127,7 @@ def test_enrolling_twice_returns_the_key_hash_and_stores_it_once(tmp_path, model
     async def scenario():
         async with (
             running_coordinator(str(tmp_path / "s.sqlite"), model_bytes) as running,
-            grpc.aio.insecure_channel(running.address) as channel,
+            running.device_channel() as channel,
         ):
             stub = device_pb2_grpc.DeviceServiceStub(channel)
             for _ in range(2):
@@ -286,7 +286,7 @@ def test_the_owner_of_a_token_uploads_with_it(tmp_path, model_bytes) -> None:
     async def scenario():
         async with (
             running_coordinator(str(tmp_path / "s.sqlite"), model_bytes) as running,
-            grpc.aio.insecure_channel(running.address) as channel,
+            running.device_channel() as channel,
         ):
             stub = device_pb2_grpc.DeviceServiceStub(channel)
             clock_now = (await stub.Enroll(enroll_request(device_key("owner")))).server_time_s

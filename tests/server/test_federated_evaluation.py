@@ -52,7 +52,7 @@ def test_evaluation_round_reports_the_held_out_metrics_of_the_training_model(
             running.coordinator.register_task(evaluation, b"")
             outcomes = []
             for index, shard in enumerate(shards):
-                client = CoordinatorClient(running.address)
+                client = CoordinatorClient(running.address, running.trust)
                 runtime = DeviceRuntime(
                     client=client,
                     population=POPULATION,
@@ -69,6 +69,7 @@ def test_evaluation_round_reports_the_held_out_metrics_of_the_training_model(
                     if attempt.detail == "evaluation":
                         break
                 await client.close()
+            await running.settled()
             [record] = running.store.rounds("eval")
             evaluated = running.store.get_resource(record.weights_sha256)
             return outcomes, record, evaluated

@@ -68,6 +68,7 @@ def _upload_zeros(coordinator: Coordinator, token: bytes) -> None:
     )
     payload = np.zeros(n, "<f4").tobytes()
     coordinator.accept_upload(header, payload, len(payload))
+    coordinator.tick()  # the round driver ends the round if this report completed it
 
 
 # ----- retry windows -----------------------------------------------------------------------
@@ -233,9 +234,9 @@ def test_the_replay_guard_refuses_past_its_capacity_and_forgets_expired_nonces()
 def test_over_grpc_the_peer_address_decides_the_network(tmp_path, model_bytes) -> None:
     import asyncio
 
-    import grpc
-
+    from device_runtime.channel import open_channel
     from server.grpc_service import CoordinatorServer
+    from tests.harness import loopback_tls, loopback_trust
     from tests.identities import check_in_over
 
     async def scenario() -> list[str | None]:
@@ -246,10 +247,10 @@ def test_over_grpc_the_peer_address_decides_the_network(tmp_path, model_bytes) -
         )
         config = task_config(target_reports=4, over_selection=1.0, max_network_share=0.25)
         coordinator.register_task(config, model_bytes)
-        server = CoordinatorServer(coordinator, "127.0.0.1:0")
+        server = CoordinatorServer(coordinator, "127.0.0.1:0", tls=loopback_tls())
         await server.start()
         try:
-            async with grpc.aio.insecure_channel(server.address) as channel:
+            async with open_channel(server.address, loopback_trust()) as channel:
                 answers = [await check_in_over(channel, f"loop{i}") for i in range(2)]
         finally:
             await server.stop(0)

@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 
 from device_runtime import constants
-from protos import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2, device_pb2_grpc
+from protos import admin_pb2, common_pb2, device_pb2, device_pb2_grpc
 from server.grpc_service import PayloadChunks, parse_upload_chunk
-from tests.harness import POPULATION, RunningCoordinator, running_coordinator, task_config
+from tests.harness import (
+    POPULATION,
+    OperatorAdminStub,
+    RunningCoordinator,
+    running_coordinator,
+    task_config,
+)
 from tests.identities import check_in_over, sign_header
 
 V = constants.PROTOCOL_VERSION
@@ -27,7 +33,7 @@ def _run(
     async def scenario() -> object:
         async with (
             running_coordinator(str(tmp_path / "s.sqlite"), model_bytes, task_config()) as running,
-            grpc.aio.insecure_channel(running.address) as channel,
+            running.device_channel() as channel,
         ):
             return await body(running, channel)
 
@@ -224,11 +230,12 @@ def test_download_of_unknown_resource_is_not_found(tmp_path, model_bytes) -> Non
 
 def test_admin_register_twice_is_already_exists(tmp_path, model_bytes) -> None:
     async def call(running, channel):
-        await admin_pb2_grpc.AdminServiceStub(channel).RegisterTask(
-            admin_pb2.RegisterTaskRequest(
-                protocol_version=V, config=task_config().to_proto(), model_tflite=model_bytes
+        async with running.admin_channel() as admin_channel:
+            await OperatorAdminStub(running, admin_channel).RegisterTask(
+                admin_pb2.RegisterTaskRequest(
+                    protocol_version=V, config=task_config().to_proto(), model_tflite=model_bytes
+                )
             )
-        )
 
     code, _, _ = _status_of(tmp_path, model_bytes, call)
 
@@ -239,11 +246,12 @@ def test_admin_bad_config_names_the_field(tmp_path, model_bytes) -> None:
     async def call(running, channel):
         config = task_config(task_id="t2").to_proto()
         config.over_selection = 0.5
-        await admin_pb2_grpc.AdminServiceStub(channel).RegisterTask(
-            admin_pb2.RegisterTaskRequest(
-                protocol_version=V, config=config, model_tflite=model_bytes
+        async with running.admin_channel() as admin_channel:
+            await OperatorAdminStub(running, admin_channel).RegisterTask(
+                admin_pb2.RegisterTaskRequest(
+                    protocol_version=V, config=config, model_tflite=model_bytes
+                )
             )
-        )
 
     code, details, _ = _status_of(tmp_path, model_bytes, call)
 
@@ -252,13 +260,16 @@ def test_admin_bad_config_names_the_field(tmp_path, model_bytes) -> None:
 
 def test_admin_status_and_rounds(tmp_path, model_bytes) -> None:
     async def body(running, channel):
-        admin = admin_pb2_grpc.AdminServiceStub(channel)
-        await _assignment(channel)
-        status = await admin.GetTaskStatus(
-            admin_pb2.GetTaskStatusRequest(protocol_version=V, task_id="t1")
-        )
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await admin.ListRounds(admin_pb2.ListRoundsRequest(protocol_version=V, task_id="nope"))
+        async with running.admin_channel() as admin_channel:
+            admin = OperatorAdminStub(running, admin_channel)
+            await _assignment(channel)
+            status = await admin.GetTaskStatus(
+                admin_pb2.GetTaskStatusRequest(protocol_version=V, task_id="t1")
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await admin.ListRounds(
+                    admin_pb2.ListRoundsRequest(protocol_version=V, task_id="nope")
+                )
         return status, info.value.code()
 
     status, missing = _run(tmp_path, model_bytes, body)

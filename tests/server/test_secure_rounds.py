@@ -73,7 +73,9 @@ def _send_masked(
     request = session.server_message(e.session_id, e.client_id, e.session_token)
     config = session.session_config(e.client_id)
     encoding = secure_mean_encoding(assignment.aggregation, config)
-    delta = np.full(config.vector_length - 1, 0.01 * e.client_id, np.float32)
+    # As a device does: values 0.01 * client id / sqrt(n), L2 norm 0.01 * id, under the clip.
+    n = config.vector_length - 1
+    delta = np.full(n, 0.01 * e.client_id / np.sqrt(n), np.float32)
     quantized = encoding.encode(delta, 40.0, np.random.default_rng(e.client_id))
     masked = client.masked_input(request.masked_input_request, quantized)
     session.receive_masked_input(e.session_id, e.client_id, e.session_token, masked)
@@ -197,8 +199,8 @@ def test_a_round_commits_the_secure_mean_and_refuses_reports_without_masked_inpu
     record = coordinator.rounds("t1")[-1]
     assert record.state is RoundState.COMMITTED and record.reported == 7
     assert record.metrics["aggregator/secure_sum/num_summed"] == 7
-    # Equal weights: the mean of 0.01 * client id over clients 1..7 is 0.04.
-    assert np.allclose(task.weights - before, 0.04, atol=1e-5)
+    # Equal weights: the mean of 0.01 * client id over clients 1..7 is 0.04 (/ sqrt(n)).
+    assert np.allclose(task.weights - before, 0.04 / np.sqrt(n_params), rtol=1e-3, atol=1e-7)
 
 
 def test_adaptive_bounds_are_refused_for_the_secure_aggregator(

@@ -10,7 +10,7 @@ import pytest
 from server.config import TaskConfig
 from server.errors import AlreadyExists
 from server.sqlite_store import SqliteStore
-from server.store import EnrolledDevice, RoundRecord, RoundState, Store, TaskRecord
+from server.store import EnrolledDevice, RoundRecord, RoundState, Store, TaskRecord, TaskState
 
 
 def _task(task_id: str = "t1") -> TaskRecord:
@@ -58,6 +58,17 @@ class StoreConformance:
         store.add_task(_task())
 
         assert store.tasks() == [_task()]
+
+    def test_a_task_starts_running_and_keeps_the_latest_operator_decision(
+        self, store: Store
+    ) -> None:
+        store.add_task(_task("t1"))
+        store.add_task(_task("t2"))
+
+        store.set_task_state("t1", TaskState.PAUSED)
+        store.set_task_state("t1", TaskState.CANCELLED)
+
+        assert [t.state for t in store.tasks()] == [TaskState.CANCELLED, TaskState.RUNNING]
 
     def test_commit_makes_round_weights_and_tokens_visible_together(self, store: Store) -> None:
         store.add_task(_task())
@@ -144,3 +155,13 @@ class TestSqliteFile(StoreConformance):
         assert reopened.tasks() == [_task()]
         assert reopened.is_counted("tok")
         assert reopened.rounds("t1") == [_committed(1, b"w1")]
+
+    def test_an_operator_decision_survives_reopening(self, tmp_path: pathlib.Path) -> None:
+        store = SqliteStore(tmp_path / "s.sqlite")
+        store.add_task(_task())
+        store.set_task_state("t1", TaskState.CANCELLED)
+        store.close()
+
+        reopened = SqliteStore(tmp_path / "s.sqlite")
+
+        assert reopened.tasks()[0].state is TaskState.CANCELLED

@@ -92,7 +92,7 @@ def _overnight_fedavg(
         ) as running:
             devices = []
             for index, examples in enumerate(clients):
-                client = CoordinatorClient(running.address)
+                client = CoordinatorClient(running.address, running.trust)
                 runtime = DeviceRuntime(
                     client=client,
                     population=POPULATION,
@@ -106,6 +106,7 @@ def _overnight_fedavg(
             await asyncio.gather(*(r.run(max_reports=ROUNDS) for _, r in devices))
             for client, _ in devices:
                 await client.close()
+            await running.settled()  # the last round commits off the request path
             task = running.coordinator.task("t1")
             assert task.committed_rounds == ROUNDS
             return task.weights.copy()

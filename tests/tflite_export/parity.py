@@ -12,11 +12,15 @@ import os
 import pathlib
 import subprocess
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 
+from tflite_export.exporter import export_model
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
+LEARNING_RATE = 0.05
 
 
 @dataclasses.dataclass
@@ -58,6 +62,9 @@ def tensorflow_trajectory(
         real = mask > 0
         with tf.GradientTape() as tape:
             value = loss(y[real], model(x[real], training=True))
+            # The weight regularizers, as Keras's fit adds them (frozen layers' too).
+            if model.losses:
+                value += tf.add_n(model.losses)
             proximal = sum(
                 tf.reduce_sum(tf.square(v - a))
                 for v, a in zip(model.trainable_variables, anchor, strict=True)
@@ -145,3 +152,58 @@ def assert_trajectories_match(
 ) -> None:
     np.testing.assert_allclose(ours.losses, reference.losses, rtol=tolerance, atol=tolerance)
     np.testing.assert_allclose(ours.weights, reference.weights, rtol=tolerance, atol=tolerance)
+
+
+def export_and_compare(
+    tmp_path: pathlib.Path,
+    make_model: Callable[[], tf.keras.Model],
+    steps: dict[str, np.ndarray],
+    loss: str = "sparse_categorical_crossentropy",
+    optimizer: str = "sgd",
+    options: dict | None = None,
+    mu: float = 0.0,
+    learning_rate: float = LEARNING_RATE,
+    tolerance: float = 1e-5,
+    from_logits: bool | None = None,
+) -> float:
+    """Exports `make_model()`, trains it under LiteRT and Keras on `steps`, asserts they
+    match, and returns the largest difference (losses and weights) for the record.
+
+    `from_logits` tells the Keras loss what the model outputs; by default, logits when the
+    last layer's activation is linear."""
+    tf.keras.utils.set_random_seed(7)
+    reference_model = make_model()
+    path = tmp_path / "model.tflite"
+    export_model(
+        reference_model,
+        path,
+        loss=loss,
+        optimizer=optimizer,
+        optimizer_options=options,
+        learning_rate=learning_rate,
+        batch_size=int(steps["mask"].shape[1]),
+        fedprox=bool(mu),
+    )
+    if from_logits is None:
+        last = reference_model.layers[-1].get_config().get("activation", "linear")
+        from_logits = last == "linear"
+    reference = tensorflow_trajectory(
+        reference_model,
+        keras_loss(loss, from_logits),
+        keras_optimizer("adam" if optimizer == "adam" else "sgd", learning_rate, **(options or {})),
+        steps,
+        mu=mu,
+    )
+
+    ours = litert_trajectory(path, steps, mu=mu)
+
+    assert_trajectories_match(ours, reference, tolerance)
+    if optimizer == "sgd" and not mu:
+        our_gradients = -np.diff(ours.weights, axis=0) / learning_rate
+        tf_gradients = -np.diff(reference.weights, axis=0) / learning_rate
+        scale = max(1.0, float(np.abs(tf_gradients).max()))
+        np.testing.assert_allclose(our_gradients, tf_gradients, atol=1e-5 * scale)
+    return max(
+        float(np.abs(ours.losses - reference.losses).max()),
+        float(np.abs(ours.weights - reference.weights).max()),
+    )

@@ -15,21 +15,12 @@ import pytest
 import tensorflow as tf
 
 from device_runtime.model_file import read_manifest
-from tests.tflite_export.parity import (
-    assert_trajectories_match,
-    keras_loss,
-    keras_optimizer,
-    litert_trajectory,
-    random_steps,
-    tensorflow_trajectory,
-)
+from tests.tflite_export.parity import export_and_compare, random_steps
 from tflite_export import convolution, layers
-from tflite_export.exporter import export_model
 from tflite_export.model_zoo import create_digits_mlp, create_mcmahan_cnn
 
 L = tf.keras.layers
 BATCH = 6
-LEARNING_RATE = 0.05
 
 
 def _sequential(*layers: tf.keras.layers.Layer) -> Callable[[], tf.keras.Sequential]:
@@ -132,49 +123,6 @@ LAYER_CASES: dict[str, tuple[Callable[[], tf.keras.Sequential], tuple[int, ...],
 }
 
 
-def _export_and_compare(
-    tmp_path: pathlib.Path,
-    make_model: Callable[[], tf.keras.Model],
-    steps: dict[str, np.ndarray],
-    loss: str = "sparse_categorical_crossentropy",
-    optimizer: str = "sgd",
-    options: dict | None = None,
-    mu: float = 0.0,
-    learning_rate: float = LEARNING_RATE,
-    tolerance: float = 1e-5,
-) -> None:
-    tf.keras.utils.set_random_seed(7)
-    reference_model = make_model()
-    path = tmp_path / "model.tflite"
-    export_model(
-        reference_model,
-        path,
-        loss=loss,
-        optimizer=optimizer,
-        optimizer_options=options,
-        learning_rate=learning_rate,
-        batch_size=int(steps["mask"].shape[1]),
-        fedprox=bool(mu),
-    )
-    from_logits = reference_model.layers[-1].get_config().get("activation", "linear") == "linear"
-    reference = tensorflow_trajectory(
-        reference_model,
-        keras_loss(loss, from_logits),
-        keras_optimizer("adam" if optimizer == "adam" else "sgd", learning_rate, **(options or {})),
-        steps,
-        mu=mu,
-    )
-
-    ours = litert_trajectory(path, steps, mu=mu)
-
-    assert_trajectories_match(ours, reference, tolerance)
-    if optimizer == "sgd" and not mu:
-        our_gradients = -np.diff(ours.weights, axis=0) / learning_rate
-        tf_gradients = -np.diff(reference.weights, axis=0) / learning_rate
-        scale = max(1.0, float(np.abs(tf_gradients).max()))
-        np.testing.assert_allclose(our_gradients, tf_gradients, atol=1e-5 * scale)
-
-
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_every_layer_trains_as_tensorflow_does(tmp_path: pathlib.Path, case: str) -> None:
     make_model, x_shape, vocabulary = LAYER_CASES[case]
@@ -182,7 +130,7 @@ def test_every_layer_trains_as_tensorflow_does(tmp_path: pathlib.Path, case: str
         np.random.default_rng(1), 3, BATCH, x_shape, "sparse", 4, vocabulary=vocabulary
     )
 
-    _export_and_compare(tmp_path, make_model, steps)
+    export_and_compare(tmp_path, make_model, steps)
 
 
 def _head(units: int, activation: str) -> Callable[[], tf.keras.Sequential]:
@@ -209,7 +157,7 @@ def test_every_loss_trains_as_tensorflow_does(
 ) -> None:
     steps = random_steps(np.random.default_rng(2), 3, BATCH, (5,), labels, units)
 
-    _export_and_compare(tmp_path, _head(units, activation), steps, loss=loss)
+    export_and_compare(tmp_path, _head(units, activation), steps, loss=loss)
 
 
 @pytest.mark.parametrize(
@@ -227,7 +175,7 @@ def test_every_optimizer_and_fedprox_step_as_tensorflow_does(
 ) -> None:
     steps = random_steps(np.random.default_rng(3), 4, BATCH, (5,), "sparse", 4)
 
-    _export_and_compare(
+    export_and_compare(
         tmp_path,
         _head(4, "softmax"),
         steps,
@@ -254,7 +202,7 @@ def test_chunked_convolution_and_blocked_dense_train_as_tensorflow_does(
     )
     steps = random_steps(np.random.default_rng(6), 3, 5, (6, 6, 2), "sparse", 5)
 
-    _export_and_compare(tmp_path, make_model, steps)
+    export_and_compare(tmp_path, make_model, steps)
 
     manifest = read_manifest((tmp_path / "model.tflite").read_bytes())
     assert [(w.name, w.shape) for w in manifest.weights][-2:] == [
@@ -266,11 +214,11 @@ def test_chunked_convolution_and_blocked_dense_train_as_tensorflow_does(
 def test_tutorial_mlp_matches_over_twenty_steps(tmp_path: pathlib.Path) -> None:
     steps = random_steps(np.random.default_rng(4), 20, 20, (8, 8), "sparse", 10)
 
-    _export_and_compare(tmp_path, create_digits_mlp, steps, learning_rate=0.02)
+    export_and_compare(tmp_path, create_digits_mlp, steps, learning_rate=0.02)
 
 
 @pytest.mark.e2e
 def test_mcmahan_cnn_matches_over_twenty_steps(tmp_path: pathlib.Path) -> None:
     steps = random_steps(np.random.default_rng(5), 20, 20, (28, 28, 1), "sparse", 10)
 
-    _export_and_compare(tmp_path, create_mcmahan_cnn, steps, learning_rate=0.02)
+    export_and_compare(tmp_path, create_mcmahan_cnn, steps, learning_rate=0.02)

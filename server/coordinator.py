@@ -459,21 +459,16 @@ class Coordinator:
         token = secrets.token_bytes(32)
         digest = token_digest(token)
         now = self._clock.now()
-        # Stored first: if the write fails, nothing in memory has changed.
+        secure = self.secure_rounds.aggregator(round_) is not None
+        # Read and stored first: if the store fails, nothing in memory has changed.
+        device_key_der = (
+            self.identities.enrolled_key_der(device_id, task.config.population) if secure else b""
+        )
         self.store.add_assignment(
             AssignmentRecord(digest, task.task_id, round_.round_number, device_id, now)
         )
         round_.assign(device_id, digest, request.example_count, network)
-        secure = self.secure_rounds.aggregator(round_) is not None
-        enrollment = (
-            self.secure_rounds.enroll(
-                round_,
-                digest,
-                self.identities.enrolled_key_der(device_id, task.config.population),
-            )
-            if secure
-            else None
-        )
+        enrollment = self.secure_rounds.enroll(round_, digest, device_key_der) if secure else None
         self._issued[digest] = (task.task_id, round_.round_number)
         self.advance(task, round_)
         deadline = (

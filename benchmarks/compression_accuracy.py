@@ -43,6 +43,7 @@ BATCH = 20
 CLIENT_LR = 0.05
 SERVER_LR = 1.0
 SEED = 5
+ENROLLMENT_SECRET = b"compression-bench-enrollment-secret"
 HIDDEN = (1024, 1024, 512)
 OVERNIGHT = {
     "fp32 FedAvg (Overnight, mean)": "mean",
@@ -103,13 +104,25 @@ async def run_overnight(
     from server.certificates import loopback_security
     from server.config import TaskConfig
     from server.coordinator import Coordinator
+    from server.device_identity import DeviceIdentities
+    from server.enrollment.config import EnrollmentPolicy
     from server.evaluation import HeldOutEvaluator
+    from server.flood_limits import LOOPBACK_NETWORKS, NetworkSettings
     from server.grpc_service import CoordinatorServer
     from server.sqlite_store import SqliteStore
 
     data = federated_digits(CLIENTS, alpha=ALPHA, seed=SEED)
     store = SqliteStore(str(workdir / f"{abs(hash(aggregator))}.sqlite"))
-    coordinator = Coordinator(store, RealClock(), evaluator=HeldOutEvaluator(data.test))
+    clock = RealClock()
+    identities = DeviceIdentities(
+        store,
+        clock,
+        EnrollmentPolicy.shared_secret(ENROLLMENT_SECRET),
+        networks=NetworkSettings(exempt=LOOPBACK_NETWORKS),
+    )
+    coordinator = Coordinator(
+        store, clock, evaluator=HeldOutEvaluator(data.test), identities=identities
+    )
     config = TaskConfig(
         task_id="bench",
         population="digits",
@@ -136,7 +149,7 @@ async def run_overnight(
                 runtime = DeviceRuntime(
                     client=clients[c],
                     population="digits",
-                    device_id=f"phone-{c}",
+                    enrollment_secret=ENROLLMENT_SECRET,
                     examples=data.clients[c],
                     conditions=PluggedIn(),
                     clock=RealClock(),

@@ -26,6 +26,10 @@ from typing import Any
 
 from benchmarks.machine import record_figures
 
+# The fleet and the probe enroll with this secret; all of them connect from loopback, which
+# the coordinator exempts from the per-network limits (as `--exempt-network 127.0.0.0/8`).
+ENROLLMENT_SECRET = b"fleet-benchmark-enrollment-secret"
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 DAY_S = 86400.0
@@ -48,6 +52,9 @@ def _coordinator_main(
     from emulator.slowdowns import LatencyHistogram
     from server.config import TaskConfig
     from server.coordinator import Coordinator, CoordinatorSettings
+    from server.device_identity import DeviceIdentities
+    from server.enrollment.config import EnrollmentPolicy
+    from server.flood_limits import LOOPBACK_NETWORKS, NetworkSettings
     from server.grpc_service import CoordinatorServer, freeze_startup_heap
     from server.pace_steering import PaceSteeringSettings
     from server.sqlite_store import SqliteStore
@@ -98,11 +105,19 @@ def _coordinator_main(
     async def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             store = SqliteStore(pathlib.Path(tmp) / "coordinator.sqlite")
+            clock = RealClock()
+            identities = DeviceIdentities(
+                store,
+                clock,
+                EnrollmentPolicy.shared_secret(ENROLLMENT_SECRET),
+                networks=NetworkSettings(exempt=LOOPBACK_NETWORKS),
+            )
             coordinator = Coordinator(
                 store,
-                RealClock(),
+                clock,
                 CoordinatorSettings(pace=PaceSteeringSettings(**pace)),
                 rng=np.random.default_rng(0),
+                identities=identities,
             )
             coordinator.register_task(TaskConfig(**task).validate(), model_bytes)
             # What `overnight serve` runs, plus the timing interceptor.
@@ -138,24 +153,32 @@ def _probe_main(
     target: str, trust: Any, population: str, every_s: float, stop: Any, out: Any
 ) -> None:
     """An unloaded client: CheckIn with no examples (always refused after the full check-in
-    path), timed on loopback, so the coordinator's queueing shows without the fleet's own."""
+    path), timed on loopback, so the coordinator's queueing shows without the fleet's own.
+    Each probe is a fresh enrolled key (enrolled before the timed call), so no retry window
+    turns it away early."""
     import numpy as np
 
-    from device_runtime.transport import CoordinatorClient, TransportError
+    from device_runtime.channel import open_channel
+    from device_runtime.identity import DeviceKey
+    from device_runtime.transport import CoordinatorClient, TransportError, channel_options
     from emulator.slowdowns import LatencyHistogram
 
     async def main() -> None:
         times = LatencyHistogram()
-        client = CoordinatorClient(target, trust)
+        channel = open_channel(target, trust, channel_options())
         number = 0
         while not stop.is_set():
+            key = DeviceKey.from_seed(f"probe-{number}".encode())
+            client = CoordinatorClient(target, channel=channel, key=key)
+            with contextlib.suppress(TransportError):
+                await client.enroll(population, ENROLLMENT_SECRET)
             started = time.perf_counter()
             with contextlib.suppress(TransportError):
-                await client.check_in(population, f"probe-{number}", 0)
+                await client.check_in(population, 0)
             times.add(time.perf_counter() - started)
             number += 1
             await asyncio.sleep(every_s)
-        await client.close()
+        await channel.close()
         out.put(np.asarray(times.counts))
 
     asyncio.run(main())
@@ -237,6 +260,7 @@ def main() -> None:
         virtual_start_s=day * DAY_S + args.start_hour_utc * 3600.0,
         speedup=args.speedup,
         anchor_s=time.time(),
+        enrollment_secret=ENROLLMENT_SECRET,
     )
     fleet = FleetProcesses(spec, args.workers, args.emulator_nice)
     probe_stop, probe_out = context.Event(), context.Queue()

@@ -23,8 +23,8 @@ import grpc
 
 from benchmarks.machine import record_section
 from tests.harness import POPULATION, RoutedChannel, running_coordinator, task_config
-from tests.request_fuzzer import RequestFuzzer, fuzz, rpcs
-from tests.server.test_request_fuzzing import _a_round_commits, _token
+from tests.request_fuzzer import RequestFuzzer, fuzz
+from tests.server.test_request_fuzzing import _a_round_commits, _token, fuzzed_rpcs
 
 
 def _model() -> bytes:
@@ -48,22 +48,12 @@ async def run(requests: int, seeds: int, concurrency: int) -> tuple[list[str], b
             ) as running,
             RoutedChannel(running) as channel,
         ):
-            task = running.coordinator.task("t1")
             started = time.perf_counter()
             total = 0
             for seed in range(seeds):
                 tokens = [await _token(channel, POPULATION, f"s{seed}-{i}") for i in range(3)]
-                fuzzer = RequestFuzzer(
-                    rpcs(
-                        POPULATION,
-                        "t1",
-                        tokens,
-                        task.record.model_sha256,
-                        model,
-                        task.record.num_parameters,
-                    ),
-                    seed,
-                )
+                seeds_of = await fuzzed_rpcs(channel, running, model, tokens, f"fuzz{seed}")
+                fuzzer = RequestFuzzer(seeds_of, seed)
                 report = await fuzz(channel, fuzzer, requests // seeds, concurrency)
                 total += report.sent
                 for method, code in sorted(set(report.undocumented)):

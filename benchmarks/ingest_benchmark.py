@@ -28,10 +28,13 @@ import grpc
 import numpy as np
 
 from benchmarks.machine import record_figures
-from device_runtime import constants
+from device_runtime import constants, identity
+from device_runtime.transport import CoordinatorClient
 from protos import common_pb2, device_pb2, device_pb2_grpc
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+ENROLLMENT_SECRET = b"ingest-benchmark-enrollment-secret"
+
 NUM_PARAMETERS = 1_663_370  # the McMahan et al. CNN for 10 classes
 
 # argv[2] "protobuf": the generated registration, each chunk parsed into an UploadChunk;
@@ -103,7 +106,9 @@ def _export_model(path: pathlib.Path) -> None:
     export_model(model, path, batch_size=20)
 
 
-def _chunks(token: bytes, payload: bytes, n: int) -> list[device_pb2.UploadChunk]:
+def _chunks(
+    token: bytes, payload: bytes, n: int, key: identity.DeviceKey | None = None
+) -> list[device_pb2.UploadChunk]:
     header = device_pb2.UploadHeader(
         protocol_version=constants.PROTOCOL_VERSION,
         upload_token=token,
@@ -112,6 +117,8 @@ def _chunks(token: bytes, payload: bytes, n: int) -> list[device_pb2.UploadChunk
         encoding=constants.UPDATE_ENCODING_FLOAT32_DELTA,
         metrics=common_pb2.ClientMetrics(loss=1.0, accuracy=0.5, num_examples=10, num_batches=1),
     )
+    if key is not None:  # the coordinator takes a token only from the key it was issued to
+        header.device_signature = key.sign(identity.upload_signed_bytes(header))
     size = constants.chunk_size_bytes
     return [device_pb2.UploadChunk(header=header)] + [
         device_pb2.UploadChunk(data=payload[i : i + size]) for i in range(0, len(payload), size)
@@ -135,20 +142,15 @@ async def _upload_all(
         return time.perf_counter() - start
 
 
-async def _assignments(address: str, count: int) -> list[bytes]:
+async def _assignments(address: str, count: int) -> list[tuple[bytes, identity.DeviceKey]]:
+    """Enrolled devices' upload tokens, each with the key it was issued to."""
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = device_pb2_grpc.DeviceServiceStub(channel)
         tokens = []
-        for i in range(count):
-            answer = await stub.CheckIn(
-                device_pb2.CheckInRequest(
-                    protocol_version=constants.PROTOCOL_VERSION,
-                    population="bench",
-                    device_id=f"d{i}",
-                    example_count=10,
-                )
-            )
-            tokens.append(answer.assignment.upload_token)
+        for _ in range(count):
+            client = CoordinatorClient(address, channel=channel)
+            await client.enroll("bench", ENROLLMENT_SECRET)
+            answer = await client.check_in("bench", 10)
+            tokens.append((answer.assignment.upload_token, client.key))
         return tokens
 
 
@@ -187,6 +189,8 @@ def run(
             f"target_reports = {uploads}\nover_selection = 1.0\nbatch_size = 20\n"
             "selection_deadline_s = 600\nreporting_deadline_s = 600\n"
         )
+        secret = pathlib.Path(tmp) / "enrollment.secret"
+        secret.write_bytes(ENROLLMENT_SECRET)
         bare_port, raw_port, ours_port = _free_port(), _free_port(), _free_port()
         bare = _start(["-c", BARE_SERVER, f"127.0.0.1:{bare_port}", "protobuf"])
         raw = _start(["-c", BARE_SERVER, f"127.0.0.1:{raw_port}", "raw"])
@@ -208,6 +212,10 @@ def run(
                 str(task),
                 "--model",
                 str(model),
+                "--enrollment-secret-file",
+                str(secret),
+                "--exempt-network",
+                "127.0.0.0/8",
                 *(["--max-concurrent-uploads", str(slots)] if slots else []),
             ]
         )
@@ -224,7 +232,7 @@ def run(
                         asyncio.run(_upload_all(f"127.0.0.1:{port}", streams, concurrency))
                     )
                 tokens = asyncio.run(_assignments(f"127.0.0.1:{ours_port}", uploads))
-                streams = [_chunks(t, payload_bytes, n) for t in tokens]
+                streams = [_chunks(t, payload_bytes, n, key) for t, key in tokens]
                 idle = _memory_kib(ours.pid, "VmRSS")
                 _reset_peak(ours.pid)
                 print(f"repeat {repeat + 1}/{repeats}: coordinator ...", flush=True)

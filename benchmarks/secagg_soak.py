@@ -34,14 +34,14 @@ def _export_model(path: pathlib.Path) -> bytes:
 async def _in_process(
     store: pathlib.Path, model: bytes, args: argparse.Namespace
 ) -> list[RoundOutcome]:
-    from server.coordinator import Coordinator
     from server.sqlite_store import SqliteStore
     from tests.fakes import FakeClock
+    from tests.identities import make_coordinator
     from tests.secagg.soak import soak, soak_task_config
     from tests.secagg.soak_in_process import InProcessSoakDriver
 
     clock = FakeClock()
-    coordinator = Coordinator(SqliteStore(store), clock)
+    coordinator = make_coordinator(SqliteStore(store), clock)
     coordinator.register_task(soak_task_config(), model)
     driver = InProcessSoakDriver(coordinator, clock)
     return await soak(coordinator, driver, args.rounds, args.seed, args.stop_rate, _progress)

@@ -41,6 +41,7 @@ BATCH = 20
 EXAMPLES_PER_CLIENT = 486  # the tutorial's 4,860 examples per round over 10 clients
 CLIENT_LR = 0.02
 SERVER_LR = 1.0
+ENROLLMENT_SECRET = b"tutorial-enrollment-secret-0123"
 
 
 def upscaled(x: np.ndarray) -> np.ndarray:
@@ -147,6 +148,9 @@ async def run_overnight(data: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, 
     from server.certificates import loopback_security
     from server.config import TaskConfig
     from server.coordinator import Coordinator, CoordinatorSettings
+    from server.device_identity import DeviceIdentities
+    from server.enrollment.config import EnrollmentPolicy
+    from server.flood_limits import LOOPBACK_NETWORKS, NetworkSettings
     from server.grpc_service import CoordinatorServer
     from server.pace_steering import PaceSteeringSettings
     from server.sqlite_store import SqliteStore
@@ -164,10 +168,17 @@ async def run_overnight(data: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, 
         export_model(model, path, learning_rate=CLIENT_LR, batch_size=BATCH)
         store = SqliteStore(pathlib.Path(tmp) / "coordinator.sqlite")
         # Devices come straight back: the tutorial's clients are always available.
+        clock = RealClock()
         coordinator = Coordinator(
             store,
-            RealClock(),
+            clock,
             CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=0.01, min_spread_s=0.04)),
+            identities=DeviceIdentities(
+                store,
+                clock,
+                EnrollmentPolicy.shared_secret(ENROLLMENT_SECRET),
+                networks=NetworkSettings(exempt=LOOPBACK_NETWORKS),
+            ),
         )
         config = TaskConfig(
             task_id="tutorial",
@@ -195,6 +206,7 @@ async def run_overnight(data: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, 
             "tutorial",
             [LocalExamples(x, y) for x, y in data],
             conditions=RandomConditionsSettings(p_charging=1.0, p_idle=1.0, p_unmetered=1.0),
+            enrollment_secret=ENROLLMENT_SECRET,
         )
         stop = asyncio.Event()
         started = time.perf_counter()

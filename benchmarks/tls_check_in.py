@@ -9,6 +9,8 @@ that both see the same machine load. Two ways phones connect:
 - fresh: every check-in opens its own connection (a phone that checks in hours apart; TLS
   adds a full handshake, ECDHE + ECDSA P-256, to every check-in).
 Reported per mode: check-ins per second, p50 and p99 latency, and TLS / plaintext.
+Check-ins are signed by enrolled keys, as the coordinator requires (a pool of keys enrolled
+before the timed runs; retry windows are not enforced, so a key may come back at once).
 
 Run: .venv/bin/python -m benchmarks.tls_check_in [--seconds 8 --repeats 3 --concurrency 32]
 """
@@ -26,6 +28,8 @@ from typing import Any
 
 from benchmarks.machine import record_section
 
+ENROLLMENT_SECRET = b"tls-check-in-benchmark-enrollment-secret"
+
 
 def _coordinator_main(model_bytes: bytes, tls: Any, ports: Any, stop: Any) -> None:
     import numpy as np
@@ -33,17 +37,31 @@ def _coordinator_main(model_bytes: bytes, tls: Any, ports: Any, stop: Any) -> No
     from device_runtime.clock import RealClock
     from server.config import TaskConfig
     from server.coordinator import Coordinator, CoordinatorSettings
+    from server.device_identity import DeviceIdentities
+    from server.enrollment.config import EnrollmentPolicy
+    from server.flood_limits import LOOPBACK_NETWORKS, NetworkSettings
     from server.grpc_service import CoordinatorServer, freeze_startup_heap
     from server.sqlite_store import SqliteStore
 
     async def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             store = SqliteStore.in_data_dir(tmp)
-            coordinator = Coordinator(
-                store, RealClock(), CoordinatorSettings(), rng=np.random.default_rng(0)
+            clock = RealClock()
+            identities = DeviceIdentities(
+                store,
+                clock,
+                EnrollmentPolicy.shared_secret(ENROLLMENT_SECRET),
+                networks=NetworkSettings(exempt=LOOPBACK_NETWORKS),
             )
-            # The first 1,300 check-ins fill a round (assignments, each a store write); the
-            # rest are turned away ROUND_FULL after the same eligibility checks.
+            coordinator = Coordinator(
+                store,
+                clock,
+                CoordinatorSettings(enforce_retry_windows=False),
+                rng=np.random.default_rng(0),
+                identities=identities,
+            )
+            # Each of the load's 256 keys takes an assignment once (a store write); after that
+            # its check-ins are turned away after the same signature and eligibility checks.
             config = TaskConfig(
                 task_id="bench",
                 population="digits",
@@ -70,27 +88,28 @@ async def _drive(
     target: str, trust: Any, fresh: bool, seconds: float, concurrency: int, connections: int
 ) -> list[float]:
     """Check-ins as fast as `concurrency` callers go for `seconds`; returns their latencies."""
-    from device_runtime import constants
     from device_runtime.channel import open_channel
-    from device_runtime.transport import channel_options
-    from protos import device_pb2, device_pb2_grpc
+    from device_runtime.identity import DeviceKey
+    from device_runtime.transport import CoordinatorClient, channel_options
+    from protos import device_pb2_grpc
 
     latencies: list[float] = []
     shared = [open_channel(target, trust, channel_options()) for _ in range(connections)]
     for channel in shared:
         await channel.channel_ready()
+    phones = [
+        CoordinatorClient(target, trust, channel=shared[0], key=DeviceKey.from_seed(bytes([i])))
+        for i in range(256)
+    ]
+    for phone in phones:
+        await phone.enroll("digits", ENROLLMENT_SECRET)
     end = time.perf_counter() + seconds
     counter = iter(range(10**9))
 
     async def caller(index: int) -> None:
         while time.perf_counter() < end:
-            request = device_pb2.CheckInRequest(
-                protocol_version=constants.PROTOCOL_VERSION,
-                population="digits",
-                device_id=f"phone-{next(counter)}",
-                runtime_version=constants.RUNTIME_VERSION,
-                example_count=10,
-            )
+            phone = phones[next(counter) % len(phones)]
+            request = phone.signed_check_in("digits", 10)
             started = time.perf_counter()
             if fresh:
                 async with open_channel(target, trust, channel_options()) as channel:

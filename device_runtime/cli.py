@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
+import os
+import pathlib
 import sys
-import uuid
 
 import numpy as np
 
@@ -15,6 +15,7 @@ from device_runtime.channel import ServerTrust, insecure_warning
 from device_runtime.clock import RealClock
 from device_runtime.conditions import AlwaysEligible
 from device_runtime.examples import LocalExamples
+from device_runtime.identity import DeviceKey, IdentityError
 from device_runtime.runtime import Attempt, DeviceRuntime
 from device_runtime.transport import CoordinatorClient
 
@@ -38,14 +39,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--examples", required=True, help=".npz file with local examples 'x' and 'y'"
     )
     parser.add_argument(
-        "--device-id",
-        default=f"{platform.node()}-{uuid.getnode():x}",
-        help="stable id of this installation (default: host name and MAC)",
+        "--cache-dir",
+        default=str(_default_cache_dir()),
+        help=(
+            "directory for downloads and the device's key (device_key.pem, mode 0600, made on "
+            "first run; the device id is the SHA-256 of its public key) (default %(default)s)"
+        ),
     )
-    parser.add_argument("--cache-dir", help="directory to cache downloads across restarts")
+    parser.add_argument(
+        "--enrollment-secret-file",
+        help=(
+            "file holding the population's shared enrollment secret, presented once to enroll "
+            "the device's key (not needed where the coordinator uses a key allowlist)"
+        ),
+    )
     parser.add_argument("--max-reports", type=int, help="exit after this many accepted updates")
     parser.add_argument("--seed", type=int, help="seed for shuffling and retry jitter")
     parser.set_defaults(func=run)
+
+
+def _default_cache_dir() -> pathlib.Path:
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "overnight-device"
 
 
 def _print_attempt(attempt: Attempt) -> None:
@@ -80,11 +95,16 @@ def trust_from(args: argparse.Namespace, command: str) -> ServerTrust:
 
 
 async def _run(args: argparse.Namespace, trust: ServerTrust) -> None:
-    client = CoordinatorClient(args.server, trust)
+    key = DeviceKey.load_or_create(args.cache_dir)
+    secret = b""
+    if args.enrollment_secret_file:
+        secret = pathlib.Path(args.enrollment_secret_file).read_bytes().strip()
+    print(f"device {key.device_id}", flush=True)
+    client = CoordinatorClient(args.server, trust, key=key)
     runtime = DeviceRuntime(
         client=client,
         population=args.population,
-        device_id=args.device_id,
+        enrollment_secret=secret,
         examples=LocalExamples.load(args.examples),
         conditions=AlwaysEligible(),
         clock=RealClock(),
@@ -102,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         trust = trust_from(args, "device")
         asyncio.run(_run(args, trust))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, IdentityError) as exc:
         print(f"device: {exc}", file=sys.stderr)
         return 2
     return 0

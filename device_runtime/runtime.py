@@ -1,4 +1,4 @@
-"""The device runtime: check in, honour retry windows, download, train, upload.
+"""The device runtime: enroll, check in, honour retry windows, download, train, upload.
 
 Everything platform-specific comes in through small interfaces (clock, conditions, transport,
 random generator), so the same loop runs on an edge box, in `overnight device` and inside each
@@ -62,7 +62,6 @@ class DeviceRuntime:
         self,
         client: CoordinatorClient,
         population: str,
-        device_id: str,
         examples: LocalExamples,
         conditions: DeviceConditions,
         clock: Clock,
@@ -71,10 +70,15 @@ class DeviceRuntime:
         ineligible_poll_s: float = constants.ineligible_poll_s,
         on_attempt: Callable[[Attempt], None] | None = None,
         model_loader: Callable[[bytes], TrainableModel] = TrainableModel,
+        enrollment_secret: bytes = b"",
     ) -> None:
+        """The device is `client`'s key; it enrolls with `population` on its first attempt,
+        presenting `enrollment_secret`."""
         self._client = client
         self._population = population
-        self._device_id = device_id
+        self._device_id = client.device_id[:12]  # for logs
+        self._enrollment_secret = enrollment_secret
+        self._enrolled = False
         self._examples = examples
         self._conditions = conditions
         self._clock = clock
@@ -116,9 +120,7 @@ class DeviceRuntime:
         if not snapshot.eligible:
             return Attempt(Outcome.INELIGIBLE, self._ineligible_poll_s, detail=snapshot.describe())
         try:
-            response = await self._client.check_in(
-                self._population, self._device_id, len(self._examples)
-            )
+            response = await self._signed_check_in()
         except TransportError as exc:
             delay = self._unreachable_backoff_s
             self._unreachable_backoff_s = min(delay * 2, constants.unreachable_backoff_max_s)
@@ -131,6 +133,22 @@ class DeviceRuntime:
         if response.WhichOneof("outcome") != "assignment":
             return Attempt(Outcome.REJECTED, delay, detail=response.rejection.message)
         return await self._run_assignment(response.assignment, delay)
+
+    async def _signed_check_in(self) -> device_pb2.CheckInResponse:
+        """Enrolls first if needed. A check-in refused UNAUTHENTICATED (the coordinator lost
+        the enrollment, or the clocks drifted apart) enrolls again and retries once."""
+        for retry in (False, True):
+            if not self._enrolled:
+                await self._client.enroll(self._population, self._enrollment_secret)
+                self._enrolled = True
+            try:
+                return await self._client.check_in(self._population, len(self._examples))
+            except TransportError as exc:
+                if exc.code is not grpc.StatusCode.UNAUTHENTICATED or retry:
+                    raise
+                log.info("device %s: check-in refused (%s); enrolling again", self._device_id, exc)
+                self._enrolled = False
+        raise AssertionError("unreachable")
 
     async def _run_assignment(self, assignment: device_pb2.Assignment, delay: float) -> Attempt:
         round_number = assignment.round_number
@@ -168,7 +186,7 @@ class DeviceRuntime:
         secure = None
         if assignment.HasField("secure_aggregation"):
             # Keys are agreed while the device trains.
-            secure = SecureUpload(self._client.channel, assignment)
+            secure = SecureUpload(self._client.channel, assignment, self._client.key)
             secure.start()
         train_rng = np.random.default_rng(self._rng.integers(2**63))
         # The round's seed for the dropout masks; a coordinator that sends none leaves the

@@ -1,16 +1,21 @@
-"""The device's side of the wire protocol: gRPC (asyncio) calls to the coordinator."""
+"""The device's side of the wire protocol: gRPC (asyncio) calls to the coordinator.
+
+The client holds the device's key (device_runtime/identity.py): it enrolls it, and signs every
+check-in, upload header and failure report with it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import hashlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 import numpy as np
 
-from device_runtime import constants
+from device_runtime import constants, identity
 from device_runtime.aggregation.client import EncodedUpload
 from device_runtime.channel import ServerTrust, open_channel
 from protos import common_pb2, device_pb2, device_pb2_grpc
@@ -56,7 +61,9 @@ class CoordinatorClient:
     """Talks to one coordinator over one channel. Methods raise TransportError on failure.
 
     Opens its own channel to `target` under `trust` (TLS against the system trust store by
-    default), unless it is given a `channel` to share (see `device_runtime.channel`)."""
+    default), unless it is given a `channel` to share (see `device_runtime.channel`).
+    `key`: the device's key (default: a fresh one, for tests and one-off tools).
+    `wall_clock`: Unix time, to which the offset learned at enrollment is added."""
 
     def __init__(
         self,
@@ -64,10 +71,19 @@ class CoordinatorClient:
         trust: ServerTrust | None = None,
         *,
         channel: grpc.aio.Channel | None = None,
+        key: identity.DeviceKey | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._channel = channel or open_channel(target, trust or ServerTrust(), channel_options())
         self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
         self.counters = TransferCounters()
+        self.key = key or identity.DeviceKey.generate()
+        self._wall_clock = wall_clock
+        self._clock_offset_s = 0.0  # coordinator clock minus ours, learned at enrollment
+
+    @property
+    def device_id(self) -> str:
+        return self.key.device_id
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -77,16 +93,38 @@ class CoordinatorClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def check_in(
-        self, population: str, device_id: str, example_count: int
-    ) -> device_pb2.CheckInResponse:
+    async def enroll(
+        self, population: str, secret: bytes = b"", attestation_chain: Sequence[bytes] = ()
+    ) -> device_pb2.EnrollResponse:
+        """Enrolls this client's key with the population (idempotent), and learns the
+        coordinator's clock."""
+        request = device_pb2.EnrollRequest(
+            protocol_version=constants.PROTOCOL_VERSION,
+            population=population,
+            public_key=self.key.public_key_der,
+            enrollment_secret=secret,
+            attestation_chain=list(attestation_chain),
+        )
+        request.signature = self.key.sign(identity.enroll_signed_bytes(request))
+        try:
+            response = await self._stub.Enroll(request, timeout=constants.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise TransportError.from_rpc(exc) from exc
+        self._clock_offset_s = response.server_time_s - self._wall_clock()
+        return response
+
+    def signed_check_in(self, population: str, example_count: int) -> device_pb2.CheckInRequest:
         request = device_pb2.CheckInRequest(
             protocol_version=constants.PROTOCOL_VERSION,
             population=population,
-            device_id=device_id,
             runtime_version=constants.RUNTIME_VERSION,
             example_count=example_count,
         )
+        identity.sign_check_in(self.key, request, self._wall_clock() + self._clock_offset_s)
+        return request
+
+    async def check_in(self, population: str, example_count: int) -> device_pb2.CheckInResponse:
+        request = self.signed_check_in(population, example_count)
         try:
             return await self._stub.CheckIn(request, timeout=constants.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
@@ -134,6 +172,7 @@ class CoordinatorClient:
             encoding=update.encoding,
             metrics=metrics,
         )
+        header.device_signature = self.key.sign(identity.upload_signed_bytes(header))
 
         async def chunks() -> AsyncIterator[device_pb2.UploadChunk]:
             yield device_pb2.UploadChunk(header=header)
@@ -182,6 +221,7 @@ class CoordinatorClient:
             encoding=encoding,
             metrics=metrics,
         )
+        header.device_signature = self.key.sign(identity.upload_signed_bytes(header))
 
         async def chunks() -> AsyncIterator[device_pb2.UploadChunk]:
             yield device_pb2.UploadChunk(header=header)
@@ -200,6 +240,7 @@ class CoordinatorClient:
             cause=cause,
             message=message,
         )
+        request.device_signature = self.key.sign(identity.failure_signed_bytes(request))
         try:
             return await self._stub.ReportFailure(request, timeout=constants.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:

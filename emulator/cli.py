@@ -85,6 +85,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--mean-examples", type=float, default=40.0, help="digits: mean examples per phone"
     )
     parser.add_argument("--seed", type=int, help="fleet seed (overrides the fleet config)")
+    parser.add_argument(
+        "--enrollment-secret-file",
+        help=(
+            "file holding the population's shared enrollment secret (the coordinator's "
+            "--enrollment-secret-file); each phone enrolls a key derived from the fleet seed"
+        ),
+    )
     parser.add_argument("--duration", type=float, help="stop after this many real seconds")
     parser.add_argument(
         "--report-dir", help="write participation.csv and participation.png here at the end"
@@ -189,6 +196,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--speedup must be positive and --workers >= 1")
         if not 0 <= args.nice <= 19:
             raise ValueError(f"--nice must be within 0..19, got {args.nice}")
+        secret = (
+            pathlib.Path(args.enrollment_secret_file).read_bytes().strip()
+            if args.enrollment_secret_file
+            else b""
+        )
         trust = trust_from(args, "emulate")
     except (FleetConfigError, FederatedFileError, ValueError, OSError) as exc:
         print(f"emulate: {exc}", file=sys.stderr)
@@ -204,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         virtual_start_s=day * DAY_S + args.start_hour_utc * 3600.0,
         speedup=args.speedup,
         anchor_s=time.time(),
+        enrollment_secret=secret,
     )
     fleet = FleetProcesses(spec, args.workers, args.nice)
     print(

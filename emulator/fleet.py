@@ -15,6 +15,7 @@ from device_runtime.channel import ServerTrust, open_channel
 from device_runtime.clock import Clock, RealClock
 from device_runtime.conditions import DeviceConditions
 from device_runtime.examples import LocalExamples
+from device_runtime.identity import DeviceKey
 from device_runtime.runtime import Attempt, DeviceRuntime
 from device_runtime.transport import CoordinatorClient, channel_options
 from emulator.phone import RandomConditions, RandomConditionsSettings
@@ -43,6 +44,7 @@ class Fleet:
         conditions: RandomConditionsSettings | None = None,
         clock: Clock | None = None,
         conditions_of: Callable[[int], DeviceConditions] | None = None,
+        enrollment_secret: bytes = b"",
     ) -> None:
         """`conditions_of(phone index)`, when given, replaces the random conditions (e.g. to
         make one phone drop out at a chosen moment)."""
@@ -54,6 +56,7 @@ class Fleet:
         self._conditions = conditions or RandomConditionsSettings()
         self._clock = clock or RealClock()
         self._conditions_of = conditions_of
+        self._enrollment_secret = enrollment_secret
         self.stats = FleetStats()
         self.clients: list[CoordinatorClient] = []
 
@@ -64,12 +67,13 @@ class Fleet:
         phones = []
         for index, (examples, seed) in enumerate(zip(self._datasets, seeds, strict=True)):
             rng = np.random.default_rng(seed)
-            client = CoordinatorClient(self._target, channel=channel)
+            key = DeviceKey.from_seed(f"overnight-fleet-{self._seed}-phone-{index}".encode())
+            client = CoordinatorClient(self._target, channel=channel, key=key)
             self.clients.append(client)
             runtime = DeviceRuntime(
                 client=client,
                 population=self._population,
-                device_id=f"phone-{index:05d}",
+                enrollment_secret=self._enrollment_secret,
                 examples=examples,
                 conditions=(
                     self._conditions_of(index)

@@ -50,6 +50,7 @@ class FleetSpec:
     speedup: float
     anchor_s: float  # wall-clock time at which the virtual clock reads virtual_start_s
     bin_virtual_s: float = 900.0
+    enrollment_secret: bytes = b""  # what each phone presents to enroll its key
 
 
 @dataclasses.dataclass
@@ -169,9 +170,15 @@ class FleetWorker:
         rng = np.random.default_rng([spec.config.seed, index, 3])
         slowdown = profile.tier.compute_slowdown
         runtime = DeviceRuntime(
-            client=EmulatedLinkClient(spec.target, channel, profile.network, self.check_in_times),
+            client=EmulatedLinkClient(
+                spec.target,
+                channel,
+                profile.network,
+                self.check_in_times,
+                key=profile.device_key(spec.config.seed),
+            ),
             population=spec.population,
-            device_id=profile.device_id,
+            enrollment_secret=spec.enrollment_secret,
             examples=spec.datasets.client(index),
             conditions=conditions,
             clock=RealClock(),  # retry windows and deadlines are the coordinator's real time

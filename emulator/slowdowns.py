@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 
 from device_runtime.aggregation.client import EncodedUpload
+from device_runtime.identity import DeviceKey
 from device_runtime.model_runner import TrainableModel
 from device_runtime.transport import CoordinatorClient
 from emulator.fleet_config import NetworkProfile
@@ -83,18 +84,17 @@ class EmulatedLinkClient(CoordinatorClient):
         channel: grpc.aio.Channel,
         network: NetworkProfile,
         check_in_times: LatencyHistogram | None = None,
+        key: DeviceKey | None = None,
     ) -> None:
-        super().__init__(target, channel=channel)
+        super().__init__(target, channel=channel, key=key)
         self.network = network
         self._check_in_times = check_in_times
 
-    async def check_in(
-        self, population: str, device_id: str, example_count: int
-    ) -> device_pb2.CheckInResponse:
+    async def check_in(self, population: str, example_count: int) -> device_pb2.CheckInResponse:
         await asyncio.sleep(transfer_delay_s(self.network, 0))
         started = time.perf_counter()
         try:
-            return await super().check_in(population, device_id, example_count)
+            return await super().check_in(population, example_count)
         finally:
             if self._check_in_times is not None:
                 self._check_in_times.add(time.perf_counter() - started)

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import os
 import pathlib
+import secrets
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,7 +26,10 @@ from protos import admin_pb2, admin_pb2_grpc
 from server.certificates import loopback_security
 from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
+from server.device_identity import DeviceIdentities
+from server.enrollment.config import EnrollmentPolicy
 from server.evaluation import HeldOutEvaluator
+from server.flood_limits import LOOPBACK_NETWORKS, NetworkSettings
 from server.grpc_service import CoordinatorServer, admin_max_message_bytes
 from server.operator_access import AdminTokens, Role, bearer_metadata
 from server.pace_steering import PaceSteeringSettings
@@ -105,14 +109,24 @@ async def run_demo(
         model_bytes = export_demo_model(settings, data_dir / "digits_mlp.tflite")
 
         store = SqliteStore.in_data_dir(data_dir)
+        clock = RealClock()
+        # Phones enroll with a throwaway shared secret; all of them connect from this host,
+        # so loopback is exempt from the per-network limits.
+        enrollment_secret = secrets.token_bytes(32)
+        identities = DeviceIdentities(
+            store,
+            clock,
+            EnrollmentPolicy.shared_secret(enrollment_secret),
+            networks=NetworkSettings(exempt=LOOPBACK_NETWORKS),
+        )
         coordinator = Coordinator(
             store,
-            RealClock(),
-            # Short windows: the emulated fleet lives minutes, not days.
+            clock,
             # The emulated fleet lives minutes, not days: retry windows start at 0.1 s.
             CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=0.1, horizon_s=60.0)),
             HeldOutEvaluator(data.test),
             np.random.default_rng(settings.seed),
+            identities,
         )
         # The secure path, as in production, with a CA that dies with the demo.
         tls, trust = loopback_security()
@@ -161,6 +175,7 @@ async def run_demo(
             data.clients,
             seed=settings.seed,
             conditions=RandomConditionsSettings(mean_state_s=20.0),
+            enrollment_secret=enrollment_secret,
         )
         stop = asyncio.Event()
         fleet_task = asyncio.create_task(fleet.run(stop))

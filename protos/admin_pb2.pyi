@@ -43,7 +43,7 @@ class ListTasksResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ...) -> None: ...
 
 class TaskConfig(_message.Message):
-    __slots__ = ("task_id", "population", "total_rounds", "target_reports", "over_selection", "min_reports", "selection_deadline_s", "reporting_deadline_s", "plan", "server_learning_rate", "max_concurrent_rounds", "server_optimizer", "eligibility", "kind", "evaluates", "aggregator", "max_examples_per_device")
+    __slots__ = ("task_id", "population", "total_rounds", "target_reports", "over_selection", "min_reports", "selection_deadline_s", "reporting_deadline_s", "plan", "server_learning_rate", "max_concurrent_rounds", "server_optimizer", "eligibility", "kind", "evaluates", "aggregator", "max_network_share", "max_examples_per_device")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     POPULATION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class TaskConfig(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     EVALUATES_FIELD_NUMBER: _ClassVar[int]
     AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
+    MAX_NETWORK_SHARE_FIELD_NUMBER: _ClassVar[int]
     MAX_EXAMPLES_PER_DEVICE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     population: str
@@ -77,8 +78,9 @@ class TaskConfig(_message.Message):
     kind: str
     evaluates: str
     aggregator: str
+    max_network_share: float
     max_examples_per_device: int
-    def __init__(self, task_id: _Optional[str] = ..., population: _Optional[str] = ..., total_rounds: _Optional[int] = ..., target_reports: _Optional[int] = ..., over_selection: _Optional[float] = ..., min_reports: _Optional[int] = ..., selection_deadline_s: _Optional[float] = ..., reporting_deadline_s: _Optional[float] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., server_learning_rate: _Optional[float] = ..., max_concurrent_rounds: _Optional[int] = ..., server_optimizer: _Optional[_Union[ServerOptimizer, _Mapping]] = ..., eligibility: _Optional[_Union[Eligibility, _Mapping]] = ..., kind: _Optional[str] = ..., evaluates: _Optional[str] = ..., aggregator: _Optional[str] = ..., max_examples_per_device: _Optional[int] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., population: _Optional[str] = ..., total_rounds: _Optional[int] = ..., target_reports: _Optional[int] = ..., over_selection: _Optional[float] = ..., min_reports: _Optional[int] = ..., selection_deadline_s: _Optional[float] = ..., reporting_deadline_s: _Optional[float] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., server_learning_rate: _Optional[float] = ..., max_concurrent_rounds: _Optional[int] = ..., server_optimizer: _Optional[_Union[ServerOptimizer, _Mapping]] = ..., eligibility: _Optional[_Union[Eligibility, _Mapping]] = ..., kind: _Optional[str] = ..., evaluates: _Optional[str] = ..., aggregator: _Optional[str] = ..., max_network_share: _Optional[float] = ..., max_examples_per_device: _Optional[int] = ...) -> None: ...
 
 class ServerOptimizer(_message.Message):
     __slots__ = ("name", "momentum", "beta_1", "beta_2", "epsilon", "initial_preconditioner")

@@ -16,47 +16,51 @@ from protos import common_pb2 as protos_dot_common__pb2
 from protos import secagg_pb2 as protos_dot_secagg__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/device.proto\x12\x0covernight.v1\x1a\x13protos/common.proto\x1a\x13protos/secagg.proto\"\x81\x01\n\x0e\x43heckInRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\npopulation\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x17\n\x0fruntime_version\x18\x04 \x01(\t\x12\x15\n\rexample_count\x18\x05 \x01(\x03\"\xa2\x03\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0cround_number\x18\x02 \x01(\x03\x12\x14\n\x0cupload_token\x18\x03 \x01(\x0c\x12(\n\x05model\x18\x04 \x01(\x0b\x32\x19.overnight.v1.ResourceRef\x12*\n\x07weights\x18\x05 \x01(\x0b\x32\x19.overnight.v1.ResourceRef\x12 \n\x04plan\x18\x06 \x01(\x0b\x32\x12.overnight.v1.Plan\x12\x19\n\x11report_deadline_s\x18\x07 \x01(\x01\x12+\n\x04kind\x18\x08 \x01(\x0e\x32\x1d.overnight.v1.Assignment.Kind\x12\x32\n\x0b\x61ggregation\x18\t \x01(\x0b\x32\x1d.overnight.v1.AggregationSpec\x12=\n\x12secure_aggregation\x18\n \x01(\x0b\x32!.overnight.v1.SecAggSessionConfig\"$\n\x04Kind\x12\x0c\n\x08TRAINING\x10\x00\x12\x0e\n\nEVALUATION\x10\x01\"\xda\x01\n\x0f\x41ggregationSpec\x12\x10\n\x08\x65ncoding\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x14\n\x0ctensor_sizes\x18\x03 \x03(\x03\x12(\n\x07zeroing\x18\x04 \x01(\x0b\x32\x17.overnight.v1.NormBound\x12)\n\x08\x63lipping\x18\x05 \x01(\x0b\x32\x17.overnight.v1.NormBound\x12(\n\x05\x63odec\x18\x06 \x01(\x0b\x32\x19.overnight.v1.CodecParams\x12\x12\n\nmax_weight\x18\x07 \x01(\x01\"@\n\tNormBound\x12\r\n\x05\x62ound\x18\x01 \x01(\x01\x12\x12\n\nnorm_order\x18\x02 \x01(\x01\x12\x10\n\x08\x65stimate\x18\x03 \x01(\x01\"\x95\x01\n\x0b\x43odecParams\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x11\n\tthreshold\x18\x03 \x01(\x03\x12\x10\n\x08rotation\x18\x04 \x01(\x08\x12\x15\n\rkeep_fraction\x18\x05 \x01(\x01\x12\x16\n\x0etop_k_fraction\x18\x06 \x01(\x01\x12\x16\n\x0emax_block_size\x18\x07 \x01(\r\"\x9d\x01\n\tRejection\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.overnight.v1.Rejection.Reason\x12\x0f\n\x07message\x18\x02 \x01(\t\"O\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x0b\n\x07NO_TASK\x10\x01\x12\x0e\n\nROUND_FULL\x10\x02\x12\x10\n\x0cNOT_ELIGIBLE\x10\x03\"\xab\x01\n\x0f\x43heckInResponse\x12.\n\nassignment\x18\x01 \x01(\x0b\x32\x18.overnight.v1.AssignmentH\x00\x12,\n\trejection\x18\x02 \x01(\x0b\x32\x17.overnight.v1.RejectionH\x00\x12/\n\x0cretry_window\x18\x03 \x01(\x0b\x32\x19.overnight.v1.RetryWindowB\t\n\x07outcome\";\n\x0f\x44ownloadRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"=\n\tDataChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"\xab\x01\n\x0cUploadHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0cupload_token\x18\x02 \x01(\x0c\x12\x15\n\rexample_count\x18\x03 \x01(\x03\x12\x14\n\x0cnum_elements\x18\x04 \x01(\x03\x12\x10\n\x08\x65ncoding\x18\x05 \x01(\t\x12,\n\x07metrics\x18\x06 \x01(\x0b\x32\x1b.overnight.v1.ClientMetrics\"S\n\x0bUploadChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.overnight.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"A\n\x0eUploadResponse\x12/\n\x0cretry_window\x18\x01 \x01(\x0b\x32\x19.overnight.v1.RetryWindow\"\x8e\x02\n\rFailureReport\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0cupload_token\x18\x02 \x01(\x0c\x12\x30\n\x05\x63\x61use\x18\x03 \x01(\x0e\x32!.overnight.v1.FailureReport.Cause\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x89\x01\n\x05\x43\x61use\x12\x15\n\x11\x43\x41USE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bINTERRUPTED\x10\x01\x12\x12\n\x0eTRAINING_ERROR\x10\x02\x12\x12\n\x0e\x44OWNLOAD_ERROR\x10\x03\x12\x12\n\x0eMODEL_REJECTED\x10\x04\x12\x1c\n\x18SECURE_AGGREGATION_ERROR\x10\x05\"=\n\nFailureAck\x12/\n\x0cretry_window\x18\x01 \x01(\x0b\x32\x19.overnight.v1.RetryWindow2\xb0\x02\n\rDeviceService\x12\x46\n\x07\x43heckIn\x12\x1c.overnight.v1.CheckInRequest\x1a\x1d.overnight.v1.CheckInResponse\x12\x44\n\x08\x44ownload\x12\x1d.overnight.v1.DownloadRequest\x1a\x17.overnight.v1.DataChunk0\x01\x12I\n\x0cUploadUpdate\x12\x19.overnight.v1.UploadChunk\x1a\x1c.overnight.v1.UploadResponse(\x01\x12\x46\n\rReportFailure\x12\x1b.overnight.v1.FailureReport\x1a\x18.overnight.v1.FailureAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/device.proto\x12\x0covernight.v1\x1a\x13protos/common.proto\x1a\x13protos/secagg.proto\"\x9a\x01\n\rEnrollRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\npopulation\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x19\n\x11\x65nrollment_secret\x18\x04 \x01(\x0c\x12\x19\n\x11\x61ttestation_chain\x18\x05 \x03(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\":\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x15\n\rserver_time_s\x18\x02 \x01(\x01\"\xb9\x01\n\x0e\x43heckInRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\npopulation\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x17\n\x0fruntime_version\x18\x04 \x01(\t\x12\x15\n\rexample_count\x18\x05 \x01(\x03\x12\x14\n\x0ctimestamp_ms\x18\x06 \x01(\x03\x12\r\n\x05nonce\x18\x07 \x01(\x0c\x12\x11\n\tsignature\x18\x08 \x01(\x0c\"\xa2\x03\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0cround_number\x18\x02 \x01(\x03\x12\x14\n\x0cupload_token\x18\x03 \x01(\x0c\x12(\n\x05model\x18\x04 \x01(\x0b\x32\x19.overnight.v1.ResourceRef\x12*\n\x07weights\x18\x05 \x01(\x0b\x32\x19.overnight.v1.ResourceRef\x12 \n\x04plan\x18\x06 \x01(\x0b\x32\x12.overnight.v1.Plan\x12\x19\n\x11report_deadline_s\x18\x07 \x01(\x01\x12+\n\x04kind\x18\x08 \x01(\x0e\x32\x1d.overnight.v1.Assignment.Kind\x12\x32\n\x0b\x61ggregation\x18\t \x01(\x0b\x32\x1d.overnight.v1.AggregationSpec\x12=\n\x12secure_aggregation\x18\n \x01(\x0b\x32!.overnight.v1.SecAggSessionConfig\"$\n\x04Kind\x12\x0c\n\x08TRAINING\x10\x00\x12\x0e\n\nEVALUATION\x10\x01\"\xda\x01\n\x0f\x41ggregationSpec\x12\x10\n\x08\x65ncoding\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x14\n\x0ctensor_sizes\x18\x03 \x03(\x03\x12(\n\x07zeroing\x18\x04 \x01(\x0b\x32\x17.overnight.v1.NormBound\x12)\n\x08\x63lipping\x18\x05 \x01(\x0b\x32\x17.overnight.v1.NormBound\x12(\n\x05\x63odec\x18\x06 \x01(\x0b\x32\x19.overnight.v1.CodecParams\x12\x12\n\nmax_weight\x18\x07 \x01(\x01\"@\n\tNormBound\x12\r\n\x05\x62ound\x18\x01 \x01(\x01\x12\x12\n\nnorm_order\x18\x02 \x01(\x01\x12\x10\n\x08\x65stimate\x18\x03 \x01(\x01\"\x95\x01\n\x0b\x43odecParams\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x11\n\tthreshold\x18\x03 \x01(\x03\x12\x10\n\x08rotation\x18\x04 \x01(\x08\x12\x15\n\rkeep_fraction\x18\x05 \x01(\x01\x12\x16\n\x0etop_k_fraction\x18\x06 \x01(\x01\x12\x16\n\x0emax_block_size\x18\x07 \x01(\r\"\xac\x01\n\tRejection\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.overnight.v1.Rejection.Reason\x12\x0f\n\x07message\x18\x02 \x01(\t\"^\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x0b\n\x07NO_TASK\x10\x01\x12\x0e\n\nROUND_FULL\x10\x02\x12\x10\n\x0cNOT_ELIGIBLE\x10\x03\x12\r\n\tTOO_EARLY\x10\x04\"\xab\x01\n\x0f\x43heckInResponse\x12.\n\nassignment\x18\x01 \x01(\x0b\x32\x18.overnight.v1.AssignmentH\x00\x12,\n\trejection\x18\x02 \x01(\x0b\x32\x17.overnight.v1.RejectionH\x00\x12/\n\x0cretry_window\x18\x03 \x01(\x0b\x32\x19.overnight.v1.RetryWindowB\t\n\x07outcome\";\n\x0f\x44ownloadRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"=\n\tDataChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"\xc5\x01\n\x0cUploadHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0cupload_token\x18\x02 \x01(\x0c\x12\x15\n\rexample_count\x18\x03 \x01(\x03\x12\x14\n\x0cnum_elements\x18\x04 \x01(\x03\x12\x10\n\x08\x65ncoding\x18\x05 \x01(\t\x12,\n\x07metrics\x18\x06 \x01(\x0b\x32\x1b.overnight.v1.ClientMetrics\x12\x18\n\x10\x64\x65vice_signature\x18\x07 \x01(\x0c\"S\n\x0bUploadChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.overnight.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"A\n\x0eUploadResponse\x12/\n\x0cretry_window\x18\x01 \x01(\x0b\x32\x19.overnight.v1.RetryWindow\"\xa8\x02\n\rFailureReport\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0cupload_token\x18\x02 \x01(\x0c\x12\x30\n\x05\x63\x61use\x18\x03 \x01(\x0e\x32!.overnight.v1.FailureReport.Cause\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65vice_signature\x18\x05 \x01(\x0c\"\x89\x01\n\x05\x43\x61use\x12\x15\n\x11\x43\x41USE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bINTERRUPTED\x10\x01\x12\x12\n\x0eTRAINING_ERROR\x10\x02\x12\x12\n\x0e\x44OWNLOAD_ERROR\x10\x03\x12\x12\n\x0eMODEL_REJECTED\x10\x04\x12\x1c\n\x18SECURE_AGGREGATION_ERROR\x10\x05\"=\n\nFailureAck\x12/\n\x0cretry_window\x18\x01 \x01(\x0b\x32\x19.overnight.v1.RetryWindow2\xf5\x02\n\rDeviceService\x12\x43\n\x06\x45nroll\x12\x1b.overnight.v1.EnrollRequest\x1a\x1c.overnight.v1.EnrollResponse\x12\x46\n\x07\x43heckIn\x12\x1c.overnight.v1.CheckInRequest\x1a\x1d.overnight.v1.CheckInResponse\x12\x44\n\x08\x44ownload\x12\x1d.overnight.v1.DownloadRequest\x1a\x17.overnight.v1.DataChunk0\x01\x12I\n\x0cUploadUpdate\x12\x19.overnight.v1.UploadChunk\x1a\x1c.overnight.v1.UploadResponse(\x01\x12\x46\n\rReportFailure\x12\x1b.overnight.v1.FailureReport\x1a\x18.overnight.v1.FailureAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.device_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_CHECKINREQUEST']._serialized_start=80
-  _globals['_CHECKINREQUEST']._serialized_end=209
-  _globals['_ASSIGNMENT']._serialized_start=212
-  _globals['_ASSIGNMENT']._serialized_end=630
-  _globals['_ASSIGNMENT_KIND']._serialized_start=594
-  _globals['_ASSIGNMENT_KIND']._serialized_end=630
-  _globals['_AGGREGATIONSPEC']._serialized_start=633
-  _globals['_AGGREGATIONSPEC']._serialized_end=851
-  _globals['_NORMBOUND']._serialized_start=853
-  _globals['_NORMBOUND']._serialized_end=917
-  _globals['_CODECPARAMS']._serialized_start=920
-  _globals['_CODECPARAMS']._serialized_end=1069
-  _globals['_REJECTION']._serialized_start=1072
-  _globals['_REJECTION']._serialized_end=1229
-  _globals['_REJECTION_REASON']._serialized_start=1150
-  _globals['_REJECTION_REASON']._serialized_end=1229
-  _globals['_CHECKINRESPONSE']._serialized_start=1232
-  _globals['_CHECKINRESPONSE']._serialized_end=1403
-  _globals['_DOWNLOADREQUEST']._serialized_start=1405
-  _globals['_DOWNLOADREQUEST']._serialized_end=1464
-  _globals['_DATACHUNK']._serialized_start=1466
-  _globals['_DATACHUNK']._serialized_end=1527
-  _globals['_UPLOADHEADER']._serialized_start=1530
-  _globals['_UPLOADHEADER']._serialized_end=1701
-  _globals['_UPLOADCHUNK']._serialized_start=1703
-  _globals['_UPLOADCHUNK']._serialized_end=1786
-  _globals['_UPLOADRESPONSE']._serialized_start=1788
-  _globals['_UPLOADRESPONSE']._serialized_end=1853
-  _globals['_FAILUREREPORT']._serialized_start=1856
-  _globals['_FAILUREREPORT']._serialized_end=2126
-  _globals['_FAILUREREPORT_CAUSE']._serialized_start=1989
-  _globals['_FAILUREREPORT_CAUSE']._serialized_end=2126
-  _globals['_FAILUREACK']._serialized_start=2128
-  _globals['_FAILUREACK']._serialized_end=2189
-  _globals['_DEVICESERVICE']._serialized_start=2192
-  _globals['_DEVICESERVICE']._serialized_end=2496
+  _globals['_ENROLLREQUEST']._serialized_start=80
+  _globals['_ENROLLREQUEST']._serialized_end=234
+  _globals['_ENROLLRESPONSE']._serialized_start=236
+  _globals['_ENROLLRESPONSE']._serialized_end=294
+  _globals['_CHECKINREQUEST']._serialized_start=297
+  _globals['_CHECKINREQUEST']._serialized_end=482
+  _globals['_ASSIGNMENT']._serialized_start=485
+  _globals['_ASSIGNMENT']._serialized_end=903
+  _globals['_ASSIGNMENT_KIND']._serialized_start=867
+  _globals['_ASSIGNMENT_KIND']._serialized_end=903
+  _globals['_AGGREGATIONSPEC']._serialized_start=906
+  _globals['_AGGREGATIONSPEC']._serialized_end=1124
+  _globals['_NORMBOUND']._serialized_start=1126
+  _globals['_NORMBOUND']._serialized_end=1190
+  _globals['_CODECPARAMS']._serialized_start=1193
+  _globals['_CODECPARAMS']._serialized_end=1342
+  _globals['_REJECTION']._serialized_start=1345
+  _globals['_REJECTION']._serialized_end=1517
+  _globals['_REJECTION_REASON']._serialized_start=1423
+  _globals['_REJECTION_REASON']._serialized_end=1517
+  _globals['_CHECKINRESPONSE']._serialized_start=1520
+  _globals['_CHECKINRESPONSE']._serialized_end=1691
+  _globals['_DOWNLOADREQUEST']._serialized_start=1693
+  _globals['_DOWNLOADREQUEST']._serialized_end=1752
+  _globals['_DATACHUNK']._serialized_start=1754
+  _globals['_DATACHUNK']._serialized_end=1815
+  _globals['_UPLOADHEADER']._serialized_start=1818
+  _globals['_UPLOADHEADER']._serialized_end=2015
+  _globals['_UPLOADCHUNK']._serialized_start=2017
+  _globals['_UPLOADCHUNK']._serialized_end=2100
+  _globals['_UPLOADRESPONSE']._serialized_start=2102
+  _globals['_UPLOADRESPONSE']._serialized_end=2167
+  _globals['_FAILUREREPORT']._serialized_start=2170
+  _globals['_FAILUREREPORT']._serialized_end=2466
+  _globals['_FAILUREREPORT_CAUSE']._serialized_start=2329
+  _globals['_FAILUREREPORT_CAUSE']._serialized_end=2466
+  _globals['_FAILUREACK']._serialized_start=2468
+  _globals['_FAILUREACK']._serialized_end=2529
+  _globals['_DEVICESERVICE']._serialized_start=2532
+  _globals['_DEVICESERVICE']._serialized_end=2905
 # @@protoc_insertion_point(module_scope)

@@ -8,19 +8,49 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EnrollRequest(_message.Message):
+    __slots__ = ("protocol_version", "population", "public_key", "enrollment_secret", "attestation_chain", "signature")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    POPULATION_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    ENROLLMENT_SECRET_FIELD_NUMBER: _ClassVar[int]
+    ATTESTATION_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    population: str
+    public_key: bytes
+    enrollment_secret: bytes
+    attestation_chain: _containers.RepeatedScalarFieldContainer[bytes]
+    signature: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., population: _Optional[str] = ..., public_key: _Optional[bytes] = ..., enrollment_secret: _Optional[bytes] = ..., attestation_chain: _Optional[_Iterable[bytes]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("device_id", "server_time_s")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    server_time_s: float
+    def __init__(self, device_id: _Optional[str] = ..., server_time_s: _Optional[float] = ...) -> None: ...
+
 class CheckInRequest(_message.Message):
-    __slots__ = ("protocol_version", "population", "device_id", "runtime_version", "example_count")
+    __slots__ = ("protocol_version", "population", "device_id", "runtime_version", "example_count", "timestamp_ms", "nonce", "signature")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     POPULATION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_VERSION_FIELD_NUMBER: _ClassVar[int]
     EXAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     population: str
     device_id: str
     runtime_version: str
     example_count: int
-    def __init__(self, protocol_version: _Optional[int] = ..., population: _Optional[str] = ..., device_id: _Optional[str] = ..., runtime_version: _Optional[str] = ..., example_count: _Optional[int] = ...) -> None: ...
+    timestamp_ms: int
+    nonce: bytes
+    signature: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., population: _Optional[str] = ..., device_id: _Optional[str] = ..., runtime_version: _Optional[str] = ..., example_count: _Optional[int] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("task_id", "round_number", "upload_token", "model", "weights", "plan", "report_deadline_s", "kind", "aggregation", "secure_aggregation")
@@ -106,10 +136,12 @@ class Rejection(_message.Message):
         NO_TASK: _ClassVar[Rejection.Reason]
         ROUND_FULL: _ClassVar[Rejection.Reason]
         NOT_ELIGIBLE: _ClassVar[Rejection.Reason]
+        TOO_EARLY: _ClassVar[Rejection.Reason]
     REASON_UNSPECIFIED: Rejection.Reason
     NO_TASK: Rejection.Reason
     ROUND_FULL: Rejection.Reason
     NOT_ELIGIBLE: Rejection.Reason
+    TOO_EARLY: Rejection.Reason
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     reason: Rejection.Reason
@@ -145,20 +177,22 @@ class DataChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("protocol_version", "upload_token", "example_count", "num_elements", "encoding", "metrics")
+    __slots__ = ("protocol_version", "upload_token", "example_count", "num_elements", "encoding", "metrics", "device_signature")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_TOKEN_FIELD_NUMBER: _ClassVar[int]
     EXAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
     NUM_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     upload_token: bytes
     example_count: int
     num_elements: int
     encoding: str
     metrics: _common_pb2.ClientMetrics
-    def __init__(self, protocol_version: _Optional[int] = ..., upload_token: _Optional[bytes] = ..., example_count: _Optional[int] = ..., num_elements: _Optional[int] = ..., encoding: _Optional[str] = ..., metrics: _Optional[_Union[_common_pb2.ClientMetrics, _Mapping]] = ...) -> None: ...
+    device_signature: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., upload_token: _Optional[bytes] = ..., example_count: _Optional[int] = ..., num_elements: _Optional[int] = ..., encoding: _Optional[str] = ..., metrics: _Optional[_Union[_common_pb2.ClientMetrics, _Mapping]] = ..., device_signature: _Optional[bytes] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -175,7 +209,7 @@ class UploadResponse(_message.Message):
     def __init__(self, retry_window: _Optional[_Union[_common_pb2.RetryWindow, _Mapping]] = ...) -> None: ...
 
 class FailureReport(_message.Message):
-    __slots__ = ("protocol_version", "upload_token", "cause", "message")
+    __slots__ = ("protocol_version", "upload_token", "cause", "message", "device_signature")
     class Cause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         CAUSE_UNSPECIFIED: _ClassVar[FailureReport.Cause]
@@ -194,11 +228,13 @@ class FailureReport(_message.Message):
     UPLOAD_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CAUSE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     upload_token: bytes
     cause: FailureReport.Cause
     message: str
-    def __init__(self, protocol_version: _Optional[int] = ..., upload_token: _Optional[bytes] = ..., cause: _Optional[_Union[FailureReport.Cause, str]] = ..., message: _Optional[str] = ...) -> None: ...
+    device_signature: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., upload_token: _Optional[bytes] = ..., cause: _Optional[_Union[FailureReport.Cause, str]] = ..., message: _Optional[str] = ..., device_signature: _Optional[bytes] = ...) -> None: ...
 
 class FailureAck(_message.Message):
     __slots__ = ("retry_window",)

@@ -14,6 +14,11 @@ class DeviceServiceStub(object):
         Args:
             channel: A grpc.Channel.
         """
+        self.Enroll = channel.unary_unary(
+                '/overnight.v1.DeviceService/Enroll',
+                request_serializer=protos_dot_device__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=protos_dot_device__pb2.EnrollResponse.FromString,
+                )
         self.CheckIn = channel.unary_unary(
                 '/overnight.v1.DeviceService/CheckIn',
                 request_serializer=protos_dot_device__pb2.CheckInRequest.SerializeToString,
@@ -39,12 +44,40 @@ class DeviceServiceStub(object):
 class DeviceServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
+    def Enroll(self, request, context):
+        """Registers the device's public key with a population, proving possession of the private
+        key (the request is signed with it) and presenting a credential that the population's
+        enrollment verifier accepts (server/enrollment/: a shared enrollment secret, a public-key
+        allowlist, or a platform attestation). Idempotent: enrolling an enrolled key again
+        succeeds and changes nothing. Status codes:
+        INVALID_ARGUMENT    the public key is not a DER P-256 SubjectPublicKeyInfo, or a field
+        is malformed
+        UNAUTHENTICATED     the signature does not verify under the presented public key
+        PERMISSION_DENIED   the population's verifier refuses the credential (wrong or missing
+        secret, key not on the allowlist), or the population takes no
+        enrollments
+        RESOURCE_EXHAUSTED  too many enrollments from this source network or with this
+        credential lately (rate limits); retry later
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CheckIn(self, request, context):
         """A device that is charging, idle and on an unmetered network asks for work. Answered at
         once with an Assignment or a Rejection; both carry a RetryWindow.
         NOT_FOUND            unknown population
-        INVALID_ARGUMENT     missing or oversized device_id, negative counts
-        RESOURCE_EXHAUSTED   a request over 64 KiB
+        INVALID_ARGUMENT     a device_id that is not 64 lowercase hex characters (or over 128
+        bytes), a nonce that is not 16 bytes, or negative counts
+        UNAUTHENTICATED      the device_id is not enrolled in the population (enroll, then
+        retry), the signature does not verify under its enrolled key, the
+        timestamp is outside the coordinator's freshness window (default
+        +-300 s of its clock), or the nonce was already used within that
+        window (a replay). Such a check-in changes nothing.
+        RESOURCE_EXHAUSTED   a request over 64 KiB, or the coordinator holds as many recent
+        nonces as it keeps; retry later
+        A device that checks in before the retry window it was last given opens gets a Rejection
+        with reason TOO_EARLY (and is not selected).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,6 +94,8 @@ class DeviceServiceServicer(object):
     def UploadUpdate(self, request_iterator, context):
         """Uploads an update: the first message is an UploadHeader, the rest carry the payload.
         UNAUTHENTICATED      the upload token is unknown (never issued, or of a round that is gone)
+        PERMISSION_DENIED    the header's device_signature is not by the key the token was
+        issued to (another device's token)
         ALREADY_EXISTS       an update was already accepted for this token (tokens are single-use)
         FAILED_PRECONDITION  the round no longer takes reports (its reporting deadline passed,
         or it closed, committed or failed)
@@ -86,6 +121,7 @@ class DeviceServiceServicer(object):
         """Tells the coordinator that an assignment will not report (interrupted, error), so it can
         count the dropout.
         UNAUTHENTICATED      unknown upload token
+        PERMISSION_DENIED    the report is not signed by the key the token was issued to
         FAILED_PRECONDITION  the assignment already reported or failed, or its round closed
         ALREADY_EXISTS       the round closed and this token's update was counted in it
         INVALID_ARGUMENT     a cause that FailureReport.Cause does not define
@@ -97,6 +133,11 @@ class DeviceServiceServicer(object):
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=protos_dot_device__pb2.EnrollRequest.FromString,
+                    response_serializer=protos_dot_device__pb2.EnrollResponse.SerializeToString,
+            ),
             'CheckIn': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckIn,
                     request_deserializer=protos_dot_device__pb2.CheckInRequest.FromString,
@@ -126,6 +167,23 @@ def add_DeviceServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class DeviceService(object):
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/overnight.v1.DeviceService/Enroll',
+            protos_dot_device__pb2.EnrollRequest.SerializeToString,
+            protos_dot_device__pb2.EnrollResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
     @staticmethod
     def CheckIn(request,

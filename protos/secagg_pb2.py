@@ -14,53 +14,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/secagg.proto\x12\x0covernight.v1\"\xd4\x01\n\x13SecAggSessionConfig\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x11\n\tclient_id\x18\x02 \x01(\r\x12\x13\n\x0bnum_clients\x18\x03 \x01(\r\x12\x16\n\x0enum_neighbours\x18\x04 \x01(\r\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12\x12\n\ngraph_seed\x18\x06 \x01(\x0c\x12\x14\n\x0cmodulus_bits\x18\x07 \x01(\r\x12\x15\n\rvector_length\x18\x08 \x01(\x04\x12\x15\n\rsession_token\x18\t \x01(\x0c\"J\n\x10PairOfPublicKeys\x12\x1d\n\x15\x65ncryption_public_key\x18\x01 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x02 \x01(\x0c\"=\n\rAdvertiseKeys\x12,\n\x04keys\x18\x01 \x01(\x0b\x32\x1e.overnight.v1.PairOfPublicKeys\"Q\n\x12\x45ncryptedKeyShares\x12\x14\n\x0crecipient_id\x18\x01 \x01(\r\x12\x11\n\tsender_id\x18\x02 \x01(\r\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"=\n\tShareKeys\x12\x30\n\x06shares\x18\x01 \x03(\x0b\x32 .overnight.v1.EncryptedKeyShares\".\n\x0bSecretShare\x12\x10\n\x08owner_id\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x81\x01\n\x11UnmaskingResponse\x12\x38\n\x15self_mask_seed_shares\x18\x01 \x03(\x0b\x32\x19.overnight.v1.SecretShare\x12\x32\n\x0fmask_key_shares\x18\x02 \x03(\x0b\x32\x19.overnight.v1.SecretShare\"\x17\n\x05\x41\x62ort\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xc3\x02\n\x13SecAggClientMessage\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x11\n\tclient_id\x18\x03 \x01(\r\x12\x15\n\rsession_token\x18\x04 \x01(\x0c\x12\x35\n\x0e\x61\x64vertise_keys\x18\x05 \x01(\x0b\x32\x1b.overnight.v1.AdvertiseKeysH\x00\x12-\n\nshare_keys\x18\x06 \x01(\x0b\x32\x17.overnight.v1.ShareKeysH\x00\x12=\n\x12unmasking_response\x18\x07 \x01(\x0b\x32\x1f.overnight.v1.UnmaskingResponseH\x00\x12$\n\x05\x61\x62ort\x18\x08 \x01(\x0b\x32\x13.overnight.v1.AbortH\x00\x42\t\n\x07message\"\x82\x01\n\x11MaskedInputHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x11\n\tclient_id\x18\x03 \x01(\r\x12\x15\n\rsession_token\x18\x04 \x01(\x0c\x12\x15\n\rvector_length\x18\x05 \x01(\x04\"]\n\x10MaskedInputChunk\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.overnight.v1.MaskedInputHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"5\n\tSecAggAck\x12(\n\x05stage\x18\x01 \x01(\x0e\x32\x19.overnight.v1.SecAggStage\"\xa3\x01\n\x19\x41waitServerMessageRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x11\n\tclient_id\x18\x03 \x01(\r\x12\x15\n\rsession_token\x18\x04 \x01(\x0c\x12.\n\x0b\x61\x66ter_stage\x18\x05 \x01(\x0e\x32\x19.overnight.v1.SecAggStage\"P\n\rNeighbourKeys\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12,\n\x04keys\x18\x02 \x01(\x0b\x32\x1e.overnight.v1.PairOfPublicKeys\"C\n\x10ShareKeysRequest\x12/\n\nneighbours\x18\x01 \x03(\x0b\x32\x1b.overnight.v1.NeighbourKeys\"F\n\x12MaskedInputRequest\x12\x30\n\x06shares\x18\x01 \x03(\x0b\x32 .overnight.v1.EncryptedKeyShares\"=\n\x10UnmaskingRequest\x12\x13\n\x0b\x64ropped_ids\x18\x01 \x03(\r\x12\x14\n\x0csurvivor_ids\x18\x02 \x03(\r\"#\n\rSessionResult\x12\x12\n\nnum_summed\x18\x01 \x01(\r\"\xef\x02\n\x13SecAggServerMessage\x12<\n\x12share_keys_request\x18\x01 \x01(\x0b\x32\x1e.overnight.v1.ShareKeysRequestH\x00\x12@\n\x14masked_input_request\x18\x02 \x01(\x0b\x32 .overnight.v1.MaskedInputRequestH\x00\x12;\n\x11unmasking_request\x18\x03 \x01(\x0b\x32\x1e.overnight.v1.UnmaskingRequestH\x00\x12-\n\x06result\x18\x04 \x01(\x0b\x32\x1b.overnight.v1.SessionResultH\x00\x12$\n\x05\x61\x62ort\x18\x05 \x01(\x0b\x32\x13.overnight.v1.AbortH\x00\x12;\n\x0esession_config\x18\x06 \x01(\x0b\x32!.overnight.v1.SecAggSessionConfigH\x00\x42\t\n\x07message*\x90\x01\n\x0bSecAggStage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x44VERTISE_KEYS\x10\x01\x12\x0e\n\nSHARE_KEYS\x10\x02\x12\x1b\n\x17MASKED_INPUT_COLLECTION\x10\x03\x12\r\n\tUNMASKING\x10\x04\x12\r\n\tCOMPLETED\x10\x05\x12\x0b\n\x07\x41\x42ORTED\x10\x06\x32\x83\x02\n\rSecAggService\x12\x42\n\x04Send\x12!.overnight.v1.SecAggClientMessage\x1a\x17.overnight.v1.SecAggAck\x12L\n\x0fSendMaskedInput\x12\x1e.overnight.v1.MaskedInputChunk\x1a\x17.overnight.v1.SecAggAck(\x01\x12`\n\x12\x41waitServerMessage\x12\'.overnight.v1.AwaitServerMessageRequest\x1a!.overnight.v1.SecAggServerMessageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/secagg.proto\x12\x0covernight.v1\"\xd4\x01\n\x13SecAggSessionConfig\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x11\n\tclient_id\x18\x02 \x01(\r\x12\x13\n\x0bnum_clients\x18\x03 \x01(\r\x12\x16\n\x0enum_neighbours\x18\x04 \x01(\r\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12\x12\n\ngraph_seed\x18\x06 \x01(\x0c\x12\x14\n\x0cmodulus_bits\x18\x07 \x01(\r\x12\x15\n\rvector_length\x18\x08 \x01(\x04\x12\x15\n\rsession_token\x18\t \x01(\x0c\"J\n\x10PairOfPublicKeys\x12\x1d\n\x15\x65ncryption_public_key\x18\x01 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x02 \x01(\x0c\"P\n\rAdvertiseKeys\x12,\n\x04keys\x18\x01 \x01(\x0b\x32\x1e.overnight.v1.PairOfPublicKeys\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"Q\n\x12\x45ncryptedKeyShares\x12\x14\n\x0crecipient_id\x18\x01 \x01(\r\x12\x11\n\tsender_id\x18\x02 \x01(\r\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"=\n\tShareKeys\x12\x30\n\x06shares\x18\x01 \x03(\x0b\x32 .overnight.v1.EncryptedKeyShares\".\n\x0bSecretShare\x12\x10\n\x08owner_id\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x81\x01\n\x11UnmaskingResponse\x12\x38\n\x15self_mask_seed_shares\x18\x01 \x03(\x0b\x32\x19.overnight.v1.SecretShare\x12\x32\n\x0fmask_key_shares\x18\x02 \x03(\x0b\x32\x19.overnight.v1.SecretShare\"\x17\n\x05\x41\x62ort\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xc3\x02\n\x13SecAggClientMessage\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x11\n\tclient_id\x18\x03 \x01(\r\x12\x15\n\rsession_token\x18\x04 \x01(\x0c\x12\x35\n\x0e\x61\x64vertise_keys\x18\x05 \x01(\x0b\x32\x1b.overnight.v1.AdvertiseKeysH\x00\x12-\n\nshare_keys\x18\x06 \x01(\x0b\x32\x17.overnight.v1.ShareKeysH\x00\x12=\n\x12unmasking_response\x18\x07 \x01(\x0b\x32\x1f.overnight.v1.UnmaskingResponseH\x00\x12$\n\x05\x61\x62ort\x18\x08 \x01(\x0b\x32\x13.overnight.v1.AbortH\x00\x42\t\n\x07message\"\x82\x01\n\x11MaskedInputHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x11\n\tclient_id\x18\x03 \x01(\r\x12\x15\n\rsession_token\x18\x04 \x01(\x0c\x12\x15\n\rvector_length\x18\x05 \x01(\x04\"]\n\x10MaskedInputChunk\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.overnight.v1.MaskedInputHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"5\n\tSecAggAck\x12(\n\x05stage\x18\x01 \x01(\x0e\x32\x19.overnight.v1.SecAggStage\"\xa3\x01\n\x19\x41waitServerMessageRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x11\n\tclient_id\x18\x03 \x01(\r\x12\x15\n\rsession_token\x18\x04 \x01(\x0c\x12.\n\x0b\x61\x66ter_stage\x18\x05 \x01(\x0e\x32\x19.overnight.v1.SecAggStage\"~\n\rNeighbourKeys\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12,\n\x04keys\x18\x02 \x01(\x0b\x32\x1e.overnight.v1.PairOfPublicKeys\x12\x19\n\x11\x64\x65vice_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"C\n\x10ShareKeysRequest\x12/\n\nneighbours\x18\x01 \x03(\x0b\x32\x1b.overnight.v1.NeighbourKeys\"F\n\x12MaskedInputRequest\x12\x30\n\x06shares\x18\x01 \x03(\x0b\x32 .overnight.v1.EncryptedKeyShares\"=\n\x10UnmaskingRequest\x12\x13\n\x0b\x64ropped_ids\x18\x01 \x03(\r\x12\x14\n\x0csurvivor_ids\x18\x02 \x03(\r\"#\n\rSessionResult\x12\x12\n\nnum_summed\x18\x01 \x01(\r\"\xef\x02\n\x13SecAggServerMessage\x12<\n\x12share_keys_request\x18\x01 \x01(\x0b\x32\x1e.overnight.v1.ShareKeysRequestH\x00\x12@\n\x14masked_input_request\x18\x02 \x01(\x0b\x32 .overnight.v1.MaskedInputRequestH\x00\x12;\n\x11unmasking_request\x18\x03 \x01(\x0b\x32\x1e.overnight.v1.UnmaskingRequestH\x00\x12-\n\x06result\x18\x04 \x01(\x0b\x32\x1b.overnight.v1.SessionResultH\x00\x12$\n\x05\x61\x62ort\x18\x05 \x01(\x0b\x32\x13.overnight.v1.AbortH\x00\x12;\n\x0esession_config\x18\x06 \x01(\x0b\x32!.overnight.v1.SecAggSessionConfigH\x00\x42\t\n\x07message*\x90\x01\n\x0bSecAggStage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x44VERTISE_KEYS\x10\x01\x12\x0e\n\nSHARE_KEYS\x10\x02\x12\x1b\n\x17MASKED_INPUT_COLLECTION\x10\x03\x12\r\n\tUNMASKING\x10\x04\x12\r\n\tCOMPLETED\x10\x05\x12\x0b\n\x07\x41\x42ORTED\x10\x06\x32\x83\x02\n\rSecAggService\x12\x42\n\x04Send\x12!.overnight.v1.SecAggClientMessage\x1a\x17.overnight.v1.SecAggAck\x12L\n\x0fSendMaskedInput\x12\x1e.overnight.v1.MaskedInputChunk\x1a\x17.overnight.v1.SecAggAck(\x01\x12`\n\x12\x41waitServerMessage\x12\'.overnight.v1.AwaitServerMessageRequest\x1a!.overnight.v1.SecAggServerMessageb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.secagg_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_SECAGGSTAGE']._serialized_start=2211
-  _globals['_SECAGGSTAGE']._serialized_end=2355
+  _globals['_SECAGGSTAGE']._serialized_start=2276
+  _globals['_SECAGGSTAGE']._serialized_end=2420
   _globals['_SECAGGSESSIONCONFIG']._serialized_start=38
   _globals['_SECAGGSESSIONCONFIG']._serialized_end=250
   _globals['_PAIROFPUBLICKEYS']._serialized_start=252
   _globals['_PAIROFPUBLICKEYS']._serialized_end=326
   _globals['_ADVERTISEKEYS']._serialized_start=328
-  _globals['_ADVERTISEKEYS']._serialized_end=389
-  _globals['_ENCRYPTEDKEYSHARES']._serialized_start=391
-  _globals['_ENCRYPTEDKEYSHARES']._serialized_end=472
-  _globals['_SHAREKEYS']._serialized_start=474
-  _globals['_SHAREKEYS']._serialized_end=535
-  _globals['_SECRETSHARE']._serialized_start=537
-  _globals['_SECRETSHARE']._serialized_end=583
-  _globals['_UNMASKINGRESPONSE']._serialized_start=586
-  _globals['_UNMASKINGRESPONSE']._serialized_end=715
-  _globals['_ABORT']._serialized_start=717
-  _globals['_ABORT']._serialized_end=740
-  _globals['_SECAGGCLIENTMESSAGE']._serialized_start=743
-  _globals['_SECAGGCLIENTMESSAGE']._serialized_end=1066
-  _globals['_MASKEDINPUTHEADER']._serialized_start=1069
-  _globals['_MASKEDINPUTHEADER']._serialized_end=1199
-  _globals['_MASKEDINPUTCHUNK']._serialized_start=1201
-  _globals['_MASKEDINPUTCHUNK']._serialized_end=1294
-  _globals['_SECAGGACK']._serialized_start=1296
-  _globals['_SECAGGACK']._serialized_end=1349
-  _globals['_AWAITSERVERMESSAGEREQUEST']._serialized_start=1352
-  _globals['_AWAITSERVERMESSAGEREQUEST']._serialized_end=1515
-  _globals['_NEIGHBOURKEYS']._serialized_start=1517
-  _globals['_NEIGHBOURKEYS']._serialized_end=1597
-  _globals['_SHAREKEYSREQUEST']._serialized_start=1599
-  _globals['_SHAREKEYSREQUEST']._serialized_end=1666
-  _globals['_MASKEDINPUTREQUEST']._serialized_start=1668
-  _globals['_MASKEDINPUTREQUEST']._serialized_end=1738
-  _globals['_UNMASKINGREQUEST']._serialized_start=1740
-  _globals['_UNMASKINGREQUEST']._serialized_end=1801
-  _globals['_SESSIONRESULT']._serialized_start=1803
-  _globals['_SESSIONRESULT']._serialized_end=1838
-  _globals['_SECAGGSERVERMESSAGE']._serialized_start=1841
-  _globals['_SECAGGSERVERMESSAGE']._serialized_end=2208
-  _globals['_SECAGGSERVICE']._serialized_start=2358
-  _globals['_SECAGGSERVICE']._serialized_end=2617
+  _globals['_ADVERTISEKEYS']._serialized_end=408
+  _globals['_ENCRYPTEDKEYSHARES']._serialized_start=410
+  _globals['_ENCRYPTEDKEYSHARES']._serialized_end=491
+  _globals['_SHAREKEYS']._serialized_start=493
+  _globals['_SHAREKEYS']._serialized_end=554
+  _globals['_SECRETSHARE']._serialized_start=556
+  _globals['_SECRETSHARE']._serialized_end=602
+  _globals['_UNMASKINGRESPONSE']._serialized_start=605
+  _globals['_UNMASKINGRESPONSE']._serialized_end=734
+  _globals['_ABORT']._serialized_start=736
+  _globals['_ABORT']._serialized_end=759
+  _globals['_SECAGGCLIENTMESSAGE']._serialized_start=762
+  _globals['_SECAGGCLIENTMESSAGE']._serialized_end=1085
+  _globals['_MASKEDINPUTHEADER']._serialized_start=1088
+  _globals['_MASKEDINPUTHEADER']._serialized_end=1218
+  _globals['_MASKEDINPUTCHUNK']._serialized_start=1220
+  _globals['_MASKEDINPUTCHUNK']._serialized_end=1313
+  _globals['_SECAGGACK']._serialized_start=1315
+  _globals['_SECAGGACK']._serialized_end=1368
+  _globals['_AWAITSERVERMESSAGEREQUEST']._serialized_start=1371
+  _globals['_AWAITSERVERMESSAGEREQUEST']._serialized_end=1534
+  _globals['_NEIGHBOURKEYS']._serialized_start=1536
+  _globals['_NEIGHBOURKEYS']._serialized_end=1662
+  _globals['_SHAREKEYSREQUEST']._serialized_start=1664
+  _globals['_SHAREKEYSREQUEST']._serialized_end=1731
+  _globals['_MASKEDINPUTREQUEST']._serialized_start=1733
+  _globals['_MASKEDINPUTREQUEST']._serialized_end=1803
+  _globals['_UNMASKINGREQUEST']._serialized_start=1805
+  _globals['_UNMASKINGREQUEST']._serialized_end=1866
+  _globals['_SESSIONRESULT']._serialized_start=1868
+  _globals['_SESSIONRESULT']._serialized_end=1903
+  _globals['_SECAGGSERVERMESSAGE']._serialized_start=1906
+  _globals['_SECAGGSERVERMESSAGE']._serialized_end=2273
+  _globals['_SECAGGSERVICE']._serialized_start=2423
+  _globals['_SECAGGSERVICE']._serialized_end=2682
 # @@protoc_insertion_point(module_scope)

@@ -54,10 +54,12 @@ class PairOfPublicKeys(_message.Message):
     def __init__(self, encryption_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
 
 class AdvertiseKeys(_message.Message):
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "signature")
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     keys: PairOfPublicKeys
-    def __init__(self, keys: _Optional[_Union[PairOfPublicKeys, _Mapping]] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, keys: _Optional[_Union[PairOfPublicKeys, _Mapping]] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class EncryptedKeyShares(_message.Message):
     __slots__ = ("recipient_id", "sender_id", "ciphertext")
@@ -160,12 +162,16 @@ class AwaitServerMessageRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., client_id: _Optional[int] = ..., session_token: _Optional[bytes] = ..., after_stage: _Optional[_Union[SecAggStage, str]] = ...) -> None: ...
 
 class NeighbourKeys(_message.Message):
-    __slots__ = ("client_id", "keys")
+    __slots__ = ("client_id", "keys", "device_public_key", "signature")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     keys: PairOfPublicKeys
-    def __init__(self, client_id: _Optional[int] = ..., keys: _Optional[_Union[PairOfPublicKeys, _Mapping]] = ...) -> None: ...
+    device_public_key: bytes
+    signature: bytes
+    def __init__(self, client_id: _Optional[int] = ..., keys: _Optional[_Union[PairOfPublicKeys, _Mapping]] = ..., device_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ShareKeysRequest(_message.Message):
     __slots__ = ("neighbours",)

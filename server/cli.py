@@ -20,8 +20,11 @@ from server import operator_cli
 from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
 from server.data_dir import DataDirectory, DataDirError, default_full_check_below_bytes
+from server.device_identity import DeviceIdentities, IdentitySettings
+from server.enrollment.config import EnrollmentPolicy
 from server.errors import AlreadyExists, CoordinatorError
 from server.evaluation import HeldOutEvaluator
+from server.flood_limits import NetworkSettings
 from server.grpc_service import CoordinatorServer, freeze_startup_heap
 from server.operator_access import (
     FIRST_TOKEN_FILE,
@@ -115,6 +118,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     serve.add_argument("--seed", type=int, help="seed for retry-window jitter")
     serve.add_argument(
+        "--enrollment-secret-file",
+        help=(
+            "file holding a shared enrollment secret (at least 16 bytes; surrounding "
+            "whitespace ignored) that devices of every population present to enroll their "
+            "keys; only its salted hash is kept in memory. Without this or "
+            "--enrollment-config no device can enroll, so none can check in"
+        ),
+    )
+    serve.add_argument(
+        "--enrollment-config",
+        help=(
+            "TOML file with a verifier per population, overriding --enrollment-secret-file: "
+            '[population.NAME] secret_file = "FILE" (a shared secret) or '
+            'allowlist_file = "FILE" (device ids, one per line); paths relative to the file'
+        ),
+    )
+    serve.add_argument(
+        "--exempt-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help=(
+            "a network (e.g. 127.0.0.0/8 for an emulated fleet on this host) exempt from the "
+            "per-network enrollment rate limit and the tasks' max_network_share; repeatable. "
+            "Nothing is exempt by default: phones of an emulated fleet all connect from "
+            "loopback, so run `overnight emulate` against a coordinator started with "
+            "--exempt-network 127.0.0.0/8"
+        ),
+    )
+    serve.add_argument(
+        "--freshness-s",
+        type=float,
+        default=IdentitySettings().freshness_s,
+        help="how far a signed check-in's timestamp may be from this clock (default %(default)s)",
+    )
+    serve.add_argument(
         "--max-concurrent-uploads",
         type=int,
         default=2,
@@ -156,8 +195,24 @@ async def _serve_in(
     evaluator = HeldOutEvaluator(LocalExamples.load(args.eval_data)) if args.eval_data else None
     pace = PaceSteeringSettings(min_delay_s=args.min_retry_s, max_delay_s=args.max_retry_s)
     settings = CoordinatorSettings(pace=pace)
+    clock = RealClock()
+    try:
+        policy = EnrollmentPolicy.from_files(args.enrollment_secret_file, args.enrollment_config)
+        networks = NetworkSettings(exempt=tuple(args.exempt_network))
+        networks.exempt_networks()  # a malformed CIDR fails here, by name
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"serve: {exc}") from None
+    identities = DeviceIdentities(
+        store, clock, policy, IdentitySettings(freshness_s=args.freshness_s), networks
+    )
+    if policy.default is None and not policy.by_population:
+        print(
+            "serve: no --enrollment-secret-file or --enrollment-config: no device can enroll, "
+            "so none can check in",
+            file=sys.stderr,
+        )
     coordinator = Coordinator(
-        store, RealClock(), settings, evaluator, np.random.default_rng(args.seed)
+        store, clock, settings, evaluator, np.random.default_rng(args.seed), identities
     )
     tensorboard = TensorBoardSink(pathlib.Path(args.data_dir) / "tensorboard")
     coordinator.observers.append(tensorboard)

@@ -46,6 +46,8 @@ class TaskConfig:
     min_examples: int = 1
     min_separation_s: float = 0.0
     min_runtime_version: str = ""
+    # Sybil limit: share of a round's slots one source network may take (1 = no cap).
+    max_network_share: float = 0.1
     # "training", or "evaluation": devices evaluate the latest model of task `evaluates` on
     # their own data and report metrics only (federated evaluation).
     kind: str = "training"
@@ -160,6 +162,8 @@ class TaskConfig:
         integer("min_examples", 1, limits.max_examples_per_device)
         number("min_separation_s", 0.0, limits.max_separation_s)
         text("min_runtime_version", limits.max_version_string_bytes)
+        # 1 = no cap; a share of 0 would leave no slot for anyone.
+        number("max_network_share", 0.0, 1.0, low_open=True)
         if self.min_runtime_version:
             try:
                 parse_version(self.min_runtime_version)
@@ -209,6 +213,7 @@ class TaskConfig:
             kind=self.kind,
             evaluates=self.evaluates,
             aggregator=self.aggregator,
+            max_network_share=self.max_network_share,
             max_examples_per_device=self.max_examples_per_device,
         )
 
@@ -246,6 +251,7 @@ class TaskConfig:
             kind=message.kind or d.kind,
             evaluates=message.evaluates,
             aggregator=message.aggregator or d.aggregator,
+            max_network_share=message.max_network_share or d.max_network_share,
         ).validate()
 
     def to_dict(self) -> dict[str, Any]:

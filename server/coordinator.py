@@ -22,9 +22,11 @@ from typing import assert_never
 import numpy as np
 
 from device_runtime import constants as protocol
+from device_runtime import identity
 from device_runtime.clock import Clock
 from device_runtime.manifest import ManifestError
 from device_runtime.model_file import read_manifest
+from device_runtime.secagg.parameters import fewest_clients
 from protos import common_pb2, device_pb2
 from server import eligibility
 from server.aggregation import (
@@ -33,8 +35,10 @@ from server.aggregation import (
     UpdateAggregator,
     accumulate_received,
 )
+from server.aggregators.presets import parse_aggregator
 from server.aggregators.process import AggregationProcess
 from server.config import TaskConfig
+from server.device_identity import DeviceIdentities
 from server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -45,6 +49,7 @@ from server.errors import (
 )
 from server.evaluation import HeldOutEvaluator
 from server.example_credit import credited_header
+from server.flood_limits import RetryWindowMemory, network_slot_cap
 from server.optimizers import deserialize_state
 from server.pace_steering import PaceSteering, PaceSteeringSettings, PopulationActivity
 from server.round_driver import RoundDriver
@@ -75,6 +80,8 @@ class CoordinatorSettings:
     paused_task_retry_s: tuple[float, float] = (60.0, 300.0)
     # Fraction of the selection deadline in which pace steering aims to fill a round.
     fill_fraction: float = 0.5
+    # A device back before its retry window opens is turned away (TOO_EARLY), not selected.
+    enforce_retry_windows: bool = True
     # A device turned away because the store failed retries in this window.
     store_unavailable_retry_s: tuple[float, float] = (30.0, 60.0)
 
@@ -102,8 +109,13 @@ class Coordinator:
         settings: CoordinatorSettings | None = None,
         evaluator: HeldOutEvaluator | None = None,
         rng: np.random.Generator | None = None,
+        identities: DeviceIdentities | None = None,
     ) -> None:
         self.store = store
+        # Enrollment and the signature checks of every device message; without a policy no
+        # population takes enrollments.
+        self.identities = identities or DeviceIdentities(store, clock)
+        self._retry_windows = RetryWindowMemory()
         self._clock = clock
         self.settings = settings or CoordinatorSettings()
         self.evaluator = evaluator
@@ -174,6 +186,13 @@ class Coordinator:
         config.validate()
         if config.task_id in self._tasks:
             raise AlreadyExists(f"task {config.task_id!r} already exists")
+        fewest = fewest_clients()
+        if parse_aggregator(config.aggregator).secure and config.selection_quota < fewest:
+            raise InvalidArgument(
+                f"task config fields 'target_reports' x 'over_selection' select "
+                f"{config.selection_quota} devices, but secure_aggregator() needs at least "
+                f"{fewest}: raise target_reports or over_selection"
+            )
         if config.is_evaluation:
             return self._register_evaluation(config)
         try:
@@ -283,20 +302,42 @@ class Coordinator:
 
     # ----- check-in ------------------------------------------------------------------------
 
-    def check_in(self, request: device_pb2.CheckInRequest) -> device_pb2.CheckInResponse:
+    def check_in(
+        self, request: device_pb2.CheckInRequest, peer: str = ""
+    ) -> device_pb2.CheckInResponse:
+        """`peer` is the gRPC peer address (for the network limits); "" for in-process callers."""
         check_protocol_version(request.protocol_version)
-        if not request.device_id:
-            raise InvalidArgument("check-in needs a device_id")
         if request.example_count < 0:
             raise InvalidArgument(f"example_count must be >= 0, got {request.example_count}")
+        device_id = self.identities.verify_check_in(request)
         tasks = [t for t in self._tasks.values() if t.config.population == request.population]
         if not tasks:
             raise NotFound(f"unknown population {request.population!r}")
         now = self._clock.now()
+        # Windows are per population: a device may belong to several.
+        remembered_as = f"{request.population}/{device_id}"
+        wait = self._retry_windows.too_early(remembered_as, now)
+        if wait > 0 and self.settings.enforce_retry_windows:
+            # Not selected and not counted; its window stays as it was.
+            window = common_pb2.RetryWindow(min_delay_s=wait, max_delay_s=2 * wait)
+            return self._reject(device_pb2.Rejection.TOO_EARLY, "retry window not open", window)
+        network = self.identities.networks.of(peer)
+        response = self._answer_check_in(request, tasks, device_id, network, now)
+        self._retry_windows.remember(remembered_as, now, response.retry_window.min_delay_s)
+        return response
+
+    def _answer_check_in(
+        self,
+        request: device_pb2.CheckInRequest,
+        tasks: list[TaskRuntime],
+        device_id: str,
+        network: str | None,
+        now: float,
+    ) -> device_pb2.CheckInResponse:
         activity = self._activity.setdefault(
             request.population, PopulationActivity(self.settings.pace.horizon_s)
         )
-        activity.record(request.device_id, now)
+        activity.record(self.identities.networks.activity_key(device_id, network), now)
         running = [t for t in tasks if t.takes_devices and self._up_to_date(t)]
         if not running:
             paused = [t.task_id for t in tasks if t.state is TaskState.PAUSED and not t.completed]
@@ -323,20 +364,24 @@ class Coordinator:
                     task.config,
                     request.example_count,
                     request.runtime_version,
-                    self.store.last_assignment_time(task.task_id, request.device_id),
+                    self.store.last_assignment_time(task.task_id, device_id),
                     now,
                 )
                 if verdict is not None:
                     ineligible.append(verdict)
                     continue
                 round_ = self._selecting_round(task)
+                network_cap = network_slot_cap(
+                    task.config.max_network_share, task.config.selection_quota
+                )
                 if (
                     round_ is not None
                     and selecting.takes_devices(round_, task.config)
-                    and request.device_id not in round_.devices
+                    and device_id not in round_.devices
+                    and round_.network_has_room(network, network_cap)
                 ):
                     active = activity.active_devices(now)
-                    return self._assign(task, round_, request, active)
+                    return self._assign(task, round_, request, device_id, network, active)
             except StoreUnavailable as exc:
                 store_failure = exc  # this task cannot assign now; another one may
                 log.error("task %s: check-in could not be served: %s", task.task_id, exc)
@@ -416,19 +461,23 @@ class Coordinator:
         task: TaskRuntime,
         round_: RoundInProgress,
         request: device_pb2.CheckInRequest,
+        device_id: str,
+        network: str | None,
         active: int,
     ) -> device_pb2.CheckInResponse:
-        device_id = request.device_id
         token = secrets.token_bytes(32)
         digest = token_digest(token)
         now = self._clock.now()
-        # Stored first: if the write fails, nothing in memory has changed.
+        secure = self.secure_rounds.aggregator(round_) is not None
+        # Read and stored first: if the store fails, nothing in memory has changed.
+        device_key_der = (
+            self.identities.enrolled_key_der(device_id, task.config.population) if secure else b""
+        )
         self.store.add_assignment(
             AssignmentRecord(digest, task.task_id, round_.round_number, device_id, now)
         )
-        round_.assign(device_id, digest, request.example_count)
-        secure = self.secure_rounds.aggregator(round_) is not None
-        enrollment = self.secure_rounds.enroll(round_, digest) if secure else None
+        round_.assign(device_id, digest, request.example_count, network)
+        enrollment = self.secure_rounds.enroll(round_, digest, device_key_der) if secure else None
         self._issued[digest] = (task.task_id, round_.round_number)
         self.advance(task, round_)
         deadline = (
@@ -527,6 +576,12 @@ class Coordinator:
         check_protocol_version(header.protocol_version)
         task, round_, digest = self._open_assignment(header.upload_token)
         assignment = round_.assignments[digest]
+        self.identities.verify_report(
+            header.device_signature,
+            identity.upload_signed_bytes(header),
+            assignment.device_id,
+            task.config.population,
+        )
         if assignment.state is AssignmentState.REPORTED:
             raise AlreadyExists("an update for this upload token was already accepted")
         if assignment.state is AssignmentState.FAILED:
@@ -571,6 +626,12 @@ class Coordinator:
             raise InvalidArgument(f"failure cause {report.cause} is not a FailureReport.Cause")
         task, round_, digest = self._open_assignment(report.upload_token)
         assignment = round_.assignments[digest]
+        self.identities.verify_report(
+            report.device_signature,
+            identity.failure_signed_bytes(report),
+            assignment.device_id,
+            task.config.population,
+        )
         if assignment.state is not AssignmentState.ASSIGNED:
             raise FailedPrecondition(f"assignment already {assignment.state.value}")
         round_.set_state(
@@ -607,7 +668,8 @@ class Coordinator:
             state = round_.state
             match state:
                 case RoundState.SELECTING:
-                    following = selecting.next_state(round_, task.config, now)
+                    floor = self.secure_rounds.min_selected(round_)
+                    following = selecting.next_state(round_, task.config, now, floor)
                 case RoundState.REPORTING if self.secure_rounds.aggregator(round_) is not None:
                     following = self.secure_rounds.next_state(round_, task.config, now)
                 case RoundState.REPORTING:

@@ -42,7 +42,8 @@ class Unauthenticated(CoordinatorError):
 
 
 class PermissionDenied(CoordinatorError):
-    """A valid credential whose role does not allow the call (admin service)."""
+    """A valid credential that does not allow the call: an operator role (admin service), an
+    enrollment credential the verifier refuses, or a device key the upload token is not bound to."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
 

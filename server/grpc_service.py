@@ -168,10 +168,17 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         self._upload_slots = asyncio.Semaphore(max_concurrent_uploads)
 
     @abort_on_error
+    async def Enroll(
+        self, request: device_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+    ) -> device_pb2.EnrollResponse:
+        check_protocol_version(request.protocol_version)
+        return self._coordinator.identities.enroll(request, context.peer())
+
+    @abort_on_error
     async def CheckIn(
         self, request: device_pb2.CheckInRequest, context: grpc.aio.ServicerContext
     ) -> device_pb2.CheckInResponse:
-        return self._coordinator.check_in(request)
+        return self._coordinator.check_in(request, context.peer())
 
     async def Download(
         self, request: device_pb2.DownloadRequest, context: grpc.aio.ServicerContext

@@ -26,6 +26,7 @@ max_secagg_message_bytes = 1 << 20
 max_register_task_bytes = 256 << 20
 
 max_request_bytes_by_method: dict[str, int] = {
+    DEVICE_SERVICE + "Enroll": max_small_request_bytes,
     DEVICE_SERVICE + "CheckIn": max_check_in_bytes,
     DEVICE_SERVICE + "Download": max_small_request_bytes,
     DEVICE_SERVICE + "UploadUpdate": max_chunk_message_bytes,
@@ -45,6 +46,7 @@ max_string_bytes_by_field: dict[str, int] = {
     "overnight.v1.CheckInRequest.device_id": 128,
     "overnight.v1.CheckInRequest.population": 128,
     "overnight.v1.CheckInRequest.runtime_version": 64,
+    "overnight.v1.EnrollRequest.population": 128,
     "overnight.v1.DownloadRequest.sha256": 64,
     "overnight.v1.UploadHeader.encoding": 64,
 }

@@ -15,6 +15,7 @@ from server.errors import AlreadyExists, StoreUnavailable
 from server.private_files import ensure_private_file, prepare_data_dir
 from server.store import (
     AssignmentRecord,
+    EnrolledDevice,
     RoundRecord,
     RoundState,
     Store,
@@ -46,7 +47,13 @@ CREATE TABLE IF NOT EXISTS assignments (
   device_id TEXT NOT NULL, issued_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS assignments_by_device ON assignments (task_id, device_id, issued_at);
 CREATE INDEX IF NOT EXISTS assignments_by_round ON assignments (task_id, round_number);
+CREATE TABLE IF NOT EXISTS enrolled_devices (
+  device_id TEXT NOT NULL, population TEXT NOT NULL, public_key BLOB NOT NULL,
+  credential TEXT NOT NULL, enrolled_at REAL NOT NULL, PRIMARY KEY (device_id, population));
 """
+
+
+wal_size_limit_bytes = 4 << 20
 
 
 class SqliteStore(Store):
@@ -75,6 +82,10 @@ class SqliteStore(Store):
         # WAL + NORMAL: every committed transaction survives a process crash (kill -9); an OS
         # crash may lose the latest transactions but never corrupts the database.
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # The WAL grows to ~16 MiB between automatic checkpoints (1,000 pages of 16 KiB) and
+        # would keep that size for ever; past this limit a checkpoint truncates it. A chaos
+        # test found a full WAL filling a small disk and staying full.
+        self._db.execute(f"PRAGMA journal_size_limit={wal_size_limit_bytes}")
         self._db.executescript(_SCHEMA)
 
     @contextlib.contextmanager
@@ -148,7 +159,7 @@ class SqliteStore(Store):
         ]
 
     def set_task_state(self, task_id: str, state: TaskState) -> None:
-        with self._lock:
+        with self._locked():
             self._db.execute(
                 "INSERT INTO task_states VALUES (?, ?) "
                 "ON CONFLICT (task_id) DO UPDATE SET state = excluded.state",
@@ -304,6 +315,37 @@ class SqliteStore(Store):
                 (task_id, task_id),
             ).fetchall()
         return [UnrecordedRound(number, selected, started) for number, selected, started in rows]
+
+    def enroll_device(self, device: EnrolledDevice) -> bool:
+        with self._locked():
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO enrolled_devices VALUES (?, ?, ?, ?, ?)",
+                (
+                    device.device_id,
+                    device.population,
+                    device.public_key_der,
+                    device.credential,
+                    device.enrolled_at,
+                ),
+            )
+        return cursor.rowcount == 1
+
+    def enrolled_device(self, device_id: str, population: str) -> EnrolledDevice | None:
+        with self._locked():
+            row = self._db.execute(
+                "SELECT * FROM enrolled_devices WHERE device_id = ? AND population = ?",
+                (device_id, population),
+            ).fetchone()
+        if row is None:
+            return None
+        return EnrolledDevice(row[0], row[1], bytes(row[2]), row[3], row[4])
+
+    def enrolled_devices(self, population: str) -> int:
+        with self._locked():
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM enrolled_devices WHERE population = ?", (population,)
+            ).fetchone()
+        return int(row[0])
 
     def close(self) -> None:
         with self._locked():

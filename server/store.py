@@ -71,6 +71,17 @@ class AssignmentRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class EnrolledDevice:
+    """A device key enrolled in a population. `device_id` is the SHA-256 hex of the key."""
+
+    device_id: str
+    population: str
+    public_key_der: bytes
+    credential: str  # which credential admitted it (e.g. "shared-secret", "allowlist")
+    enrolled_at: float
+
+
+@dataclasses.dataclass(frozen=True)
 class UnrecordedRound:
     """A round that issued assignments but has no outcome in the store: it was open when a
     coordinator process ended."""
@@ -153,6 +164,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def is_counted(self, token_sha256: str) -> bool:
         """Whether an upload with this token hash was counted in a committed round."""
+
+    @abc.abstractmethod
+    def enroll_device(self, device: EnrolledDevice) -> bool:
+        """Records an enrolled key. Returns False, and changes nothing, if the device id was
+        already enrolled in the population (enrollment is idempotent)."""
+
+    @abc.abstractmethod
+    def enrolled_device(self, device_id: str, population: str) -> EnrolledDevice | None:
+        """The device's enrollment in the population, or None."""
+
+    @abc.abstractmethod
+    def enrolled_devices(self, population: str) -> int:
+        """How many devices are enrolled in the population."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -28,6 +28,7 @@ from server.grpc_service import CoordinatorServer, admin_max_message_bytes
 from server.operator_access import AdminTokens, Role, bearer_metadata
 from server.sqlite_store import SqliteStore
 from server.transport_security import ServerTls
+from tests.identities import make_coordinator
 
 POPULATION = "digits"
 
@@ -164,7 +165,7 @@ async def running_coordinator(
 ) -> AsyncIterator[RunningCoordinator]:
     """`insecure`: plaintext listeners, for the tests about what plaintext does."""
     store = SqliteStore(store_path)
-    coordinator = Coordinator(store, clock or RealClock(), settings)
+    coordinator = make_coordinator(store, clock or RealClock(), settings)
     if model_bytes is not None:
         coordinator.register_task(config or task_config(), model_bytes)
     with tempfile.TemporaryDirectory(prefix="admin-tokens-") as token_dir:

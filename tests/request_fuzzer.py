@@ -82,9 +82,17 @@ def rpcs(
     resource_sha256: str,
     model_bytes: bytes,
     num_parameters: int,
+    *,
+    enroll: device_pb2.EnrollRequest,
+    check_in: device_pb2.CheckInRequest,
+    sign_header: Callable[[device_pb2.UploadHeader], device_pb2.UploadHeader],
+    sign_failure: Callable[[device_pb2.FailureReport], device_pb2.FailureReport],
 ) -> list[Rpc]:
     """Every RPC of the device, admin and secure-aggregation services, with valid seeds built
-    from a running coordinator's state."""
+    from a running coordinator's state. Device messages are signed (device.proto): `enroll`
+    and `check_in` are valid signed requests of an enrolled device (a repeated check-in is a
+    replay, as any resent one would be); `sign_header` and `sign_failure` sign with the key
+    a token was issued to."""
     device, admin, secagg = (
         "/overnight.v1.DeviceService/",
         "/overnight.v1.AdminService/",
@@ -92,13 +100,15 @@ def rpcs(
     )
     headers = [
         device_pb2.UploadChunk(
-            header=device_pb2.UploadHeader(
-                protocol_version=V,
-                upload_token=token,
-                example_count=5,
-                num_elements=num_parameters,
-                encoding=constants.UPDATE_ENCODING_FLOAT32_DELTA,
-                metrics=common_pb2.ClientMetrics(loss=1.0, accuracy=0.5, num_examples=5),
+            header=sign_header(
+                device_pb2.UploadHeader(
+                    protocol_version=V,
+                    upload_token=token,
+                    example_count=5,
+                    num_elements=num_parameters,
+                    encoding=constants.UPDATE_ENCODING_FLOAT32_DELTA,
+                    metrics=common_pb2.ClientMetrics(loss=1.0, accuracy=0.5, num_examples=5),
+                )
             )
         )
         for token in tokens
@@ -112,20 +122,8 @@ def rpcs(
         header=secagg_pb2.MaskedInputHeader(**envelope, vector_length=num_parameters + 1)  # type: ignore[arg-type]
     )
     return [
-        Rpc(
-            device + "CheckIn",
-            False,
-            False,
-            (
-                device_pb2.CheckInRequest(
-                    protocol_version=V,
-                    population=population,
-                    device_id="fuzz",
-                    runtime_version=constants.RUNTIME_VERSION,
-                    example_count=10,
-                ),
-            ),
-        ),
+        Rpc(device + "Enroll", False, False, (enroll,)),
+        Rpc(device + "CheckIn", False, False, (check_in,)),
         Rpc(
             device + "Download",
             False,
@@ -138,11 +136,13 @@ def rpcs(
             False,
             False,
             tuple(
-                device_pb2.FailureReport(
-                    protocol_version=V,
-                    upload_token=token,
-                    cause=device_pb2.FailureReport.INTERRUPTED,
-                    message="picked up",
+                sign_failure(
+                    device_pb2.FailureReport(
+                        protocol_version=V,
+                        upload_token=token,
+                        cause=device_pb2.FailureReport.INTERRUPTED,
+                        message="picked up",
+                    )
                 )
                 for token in tokens
             ),

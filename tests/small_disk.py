@@ -44,7 +44,7 @@ def small_disk(tmp_path: pathlib.Path) -> Iterator[SmallDisk]:
     if os.geteuid() != 0:
         pytest.skip("a size-limited tmpfs needs root to mount; run the suite as root")
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mount_point)],
+        ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(mount_point)],
         check=True,
     )
     try:

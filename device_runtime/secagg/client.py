@@ -18,6 +18,7 @@ from typing import TypeVar
 import numpy as np
 
 from device_runtime import constants
+from device_runtime.identity import DeviceKey
 from device_runtime.secagg import (
     client_r0_advertise_keys,
     client_r1_share_keys,
@@ -36,7 +37,11 @@ T = TypeVar("T")
 
 
 class SecAggClient:
-    def __init__(self, config: secagg_pb2.SecAggSessionConfig) -> None:
+    def __init__(
+        self, config: secagg_pb2.SecAggSessionConfig, device_key: DeviceKey | None = None
+    ) -> None:
+        """`device_key`: the device's enrolled key. With it the device signs its advertised
+        keys and requires every neighbour's keys signed by the neighbour's enrolled key."""
         masking.check_modulus_bits(config.modulus_bits)
         if not 1 <= config.client_id <= config.num_clients:
             raise ValueError(f"client_id {config.client_id} is outside [1, {config.num_clients}]")
@@ -46,6 +51,7 @@ class SecAggClient:
             encryption_keys=KeyPair.generate(),
             mask_keys=KeyPair.generate(),
             self_mask_seed=os.urandom(masking.seed_bytes),
+            device_key=device_key,
         )
 
     @property

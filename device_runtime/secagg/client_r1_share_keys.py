@@ -3,10 +3,16 @@
 Each neighbour that advertised keys gets a share of both secrets, encrypted under the key
 agreed from the two devices' encryption keys, so the server, which routes them, learns
 nothing. The shares are t-of-(neighbours that advertised): any t of them recover a secret.
+
+A device with an enrolled key also checks each neighbour's advertisement signature against
+the enrolled key the server relays with it: a relay that swaps a neighbour's keys for its own
+(to learn the shares) is caught and the session aborts on this device. The server itself
+could swap the enrolled key too; README "Security" says what that leaves open.
 """
 
 from __future__ import annotations
 
+from device_runtime import identity
 from device_runtime.secagg import key_agreement, shamir, share_encryption
 from device_runtime.secagg.client_state import ClientSession
 from device_runtime.secagg.errors import SecAggError
@@ -28,10 +34,33 @@ def _check_neighbour_keys(session: ClientSession, request: secagg_pb2.ShareKeysR
             if key in seen or key in own:
                 raise SecAggError(f"client {neighbour.client_id} reuses an advertised key")
             seen.add(key)
+    if session.device_key is not None:
+        _check_signatures(session, request)
     if len(ids) < session.threshold:
         raise SecAggError(
             f"only {len(ids)} neighbours advertised keys; the threshold is {session.threshold}"
         )
+
+
+def _check_signatures(session: ClientSession, request: secagg_pb2.ShareKeysRequest) -> None:
+    assert session.device_key is not None
+    for neighbour in request.neighbours:
+        try:
+            key = identity.load_public_key(neighbour.device_public_key)
+        except identity.IdentityError as exc:
+            raise SecAggError(
+                f"client {neighbour.client_id}'s enrolled key is missing or malformed: {exc}"
+            ) from None
+        signed = identity.secagg_keys_signed_bytes(
+            session.session_id, neighbour.client_id, neighbour.keys
+        )
+        if not identity.verifies(key, neighbour.signature, signed):
+            raise SecAggError(
+                f"client {neighbour.client_id}'s keys are not signed by its enrolled key: "
+                "the relay substituted them"
+            )
+        if neighbour.device_public_key == session.device_key.public_key_der:
+            raise SecAggError(f"client {neighbour.client_id} claims this device's own key")
 
 
 def share_keys(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from device_runtime.identity import DeviceKey
 from device_runtime.secagg.graph import NeighbourGraph
 from device_runtime.secagg.key_agreement import KeyPair
 from device_runtime.secagg.share_encryption import KeyShares
@@ -29,6 +30,7 @@ class ClientSession:
     encryption_keys: KeyPair
     mask_keys: KeyPair
     self_mask_seed: bytes
+    device_key: DeviceKey | None = None  # the enrolled key; None outside coordinator rounds
     stage: ClientStage = ClientStage.ADVERTISE_KEYS
     # R1: the neighbours that advertised keys (U1), with their public keys.
     neighbour_keys: dict[int, secagg_pb2.PairOfPublicKeys] = dataclasses.field(default_factory=dict)

@@ -28,6 +28,7 @@ the same laws become the worst-case counts of Bonawitz et al.: D <= k - t and C 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 security_bits = 40  # sigma: statistical security, as FCP's parameter finder
@@ -113,3 +114,18 @@ def choose_parameters(
         f"no neighbour count and threshold protect {n} clients against "
         f"{dropouts} dropouts and {corrupt} corrupt clients; lower the rates or enrol more"
     )
+
+
+@functools.cache
+def fewest_clients(
+    dropout_rate: float = default_dropout_rate, corrupt_rate: float = default_corrupt_rate
+) -> int:
+    """The fewest clients any parameters protect at these rates: a secure round that selects
+    fewer cannot open its session."""
+    for n in range(2, 1000):
+        try:
+            choose_parameters(n, dropout_rate, corrupt_rate)
+        except ValueError:
+            continue
+        return n
+    raise ValueError("no client count up to 1,000 can be protected at these rates")

@@ -17,6 +17,7 @@ import numpy as np
 
 from device_runtime import constants
 from device_runtime.aggregation.norms import clip_l2
+from device_runtime.identity import DeviceKey
 from device_runtime.secagg.errors import SecAggError
 from device_runtime.secagg.secure_mean import SecureMeanEncoding
 from device_runtime.secagg.session_runner import SecAggSessionRunner, await_session_config
@@ -39,8 +40,14 @@ def secure_mean_encoding(
 
 
 class SecureUpload:
-    def __init__(self, channel: grpc.aio.Channel, assignment: device_pb2.Assignment) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        assignment: device_pb2.Assignment,
+        device_key: DeviceKey | None = None,
+    ) -> None:
         self._channel = channel
+        self._device_key = device_key
         self._enrollment = assignment.secure_aggregation
         self._spec = assignment.aggregation
         self._runner: SecAggSessionRunner | None = None
@@ -53,7 +60,7 @@ class SecureUpload:
 
     async def _join(self) -> None:
         self._config = config = await await_session_config(self._channel, self._enrollment)
-        self._runner = SecAggSessionRunner(self._channel, config)
+        self._runner = SecAggSessionRunner(self._channel, config, self._device_key)
         await self._runner.advertise_and_share_keys()
 
     def cancel(self) -> None:

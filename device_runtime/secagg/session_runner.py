@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 
 from device_runtime import constants
+from device_runtime.identity import DeviceKey
 from device_runtime.secagg import masking
 from device_runtime.secagg.client import SecAggClient
 from device_runtime.secagg.errors import SecAggAborted
@@ -65,9 +66,14 @@ async def await_session_config(
 
 
 class SecAggSessionRunner:
-    def __init__(self, channel: grpc.aio.Channel, config: secagg_pb2.SecAggSessionConfig) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        config: secagg_pb2.SecAggSessionConfig,
+        device_key: DeviceKey | None = None,
+    ) -> None:
         self._stub = secagg_pb2_grpc.SecAggServiceStub(channel)
-        self.client = SecAggClient(config)
+        self.client = SecAggClient(config, device_key)
         self._config = config
         self.sent_bytes = 0
 

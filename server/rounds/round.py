@@ -53,6 +53,8 @@ class RoundInProgress:
         self.assignments: dict[str, DeviceAssignment] = {}
         self._state_counts: collections.Counter[AssignmentState] = collections.Counter()
         self.devices: set[str] = set()
+        # Slots taken per source network (server/flood_limits.py); unlimited callers uncounted.
+        self.network_slots: collections.Counter[str] = collections.Counter()
         self.aggregate = aggregate
         self.client_metrics = ClientMetricsAccumulator()
         self.broadcast_bytes = 0
@@ -92,12 +94,19 @@ class RoundInProgress:
     def counted_tokens(self) -> list[str]:
         return [t for t, a in self.assignments.items() if a.state is AssignmentState.REPORTED]
 
-    def assign(self, device_id: str, token_sha256: str, declared_examples: int) -> None:
+    def assign(
+        self, device_id: str, token_sha256: str, declared_examples: int, network: str | None = None
+    ) -> None:
         self.assignments[token_sha256] = DeviceAssignment(
             device_id, token_sha256, declared_examples
         )
         self._state_counts[AssignmentState.ASSIGNED] += 1
         self.devices.add(device_id)
+        if network is not None:
+            self.network_slots[network] += 1
+
+    def network_has_room(self, network: str | None, cap: int) -> bool:
+        return network is None or self.network_slots[network] < cap
 
     def set_state(self, token_sha256: str, state: AssignmentState, failure: str = "") -> None:
         """Moves one assignment to `state` (the only way its state changes: counts stay O(1))."""

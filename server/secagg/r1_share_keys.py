@@ -28,7 +28,12 @@ class ShareKeysState(SecAggState):
     def message_for(self, client_id: int) -> secagg_pb2.SecAggServerMessage:
         request = secagg_pb2.ShareKeysRequest()
         for neighbour in sorted(self.data.neighbours_in(client_id, self.data.advertised)):
-            request.neighbours.add(client_id=neighbour, keys=self.data.advertised[neighbour])
+            request.neighbours.add(
+                client_id=neighbour,
+                keys=self.data.advertised[neighbour],
+                device_public_key=self.data.device_keys.get(neighbour, b""),
+                signature=self.data.key_signatures.get(neighbour, b""),
+            )
         return secagg_pb2.SecAggServerMessage(share_keys_request=request)
 
     def handle_share_keys(self, client_id: int, message: secagg_pb2.ShareKeys) -> None:

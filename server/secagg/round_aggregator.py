@@ -70,12 +70,17 @@ class SecureSumRoundAggregator:
             max_weight=self.config.max_weight,
         )
 
-    def enroll(self, token_sha256: str) -> secagg_pb2.SecAggSessionConfig:
-        """A selected device's partial session config (completed when the session opens)."""
+    def enroll(
+        self, token_sha256: str, device_public_key: bytes = b""
+    ) -> secagg_pb2.SecAggSessionConfig:
+        """A selected device's partial session config (completed when the session opens).
+        `device_public_key`: its enrolled key (DER), which then signs its advertised keys."""
         if self.session is not None:
             raise FailedPrecondition("the round's secure-aggregation session already opened")
         client_id = len(self._client_by_token) + 1
         self._client_by_token[token_sha256] = client_id
+        if device_public_key:
+            self.enrollment.device_keys[client_id] = device_public_key
         return secagg_pb2.SecAggSessionConfig(
             session_id=self.enrollment.session_id,
             client_id=client_id,

@@ -29,6 +29,7 @@ import collections
 import logging
 from collections.abc import Callable
 
+from device_runtime.secagg.parameters import fewest_clients
 from protos import secagg_pb2
 from server.config import TaskConfig
 from server.rounds.round import RoundInProgress
@@ -64,12 +65,19 @@ class SecureRounds:
         aggregate = round_.aggregate
         return aggregate if isinstance(aggregate, SecureSumRoundAggregator) else None
 
-    def enroll(self, round_: RoundInProgress, token_sha256: str) -> secagg_pb2.SecAggSessionConfig:
+    def min_selected(self, round_: RoundInProgress) -> int:
+        """The fewest devices a round must select: a secure round's session needs
+        `fewest_clients()`, any other round no minimum beyond its task's."""
+        return fewest_clients() if self.aggregator(round_) is not None else 0
+
+    def enroll(
+        self, round_: RoundInProgress, token_sha256: str, device_public_key: bytes = b""
+    ) -> secagg_pb2.SecAggSessionConfig:
         """Call for secure rounds only (`aggregator(round_)` is not None)."""
         aggregate = self.aggregator(round_)
         assert aggregate is not None
         self.service.expect_session(aggregate.enrollment)
-        return aggregate.enroll(token_sha256)
+        return aggregate.enroll(token_sha256, device_public_key)
 
     def selection_closed(self, round_: RoundInProgress, failed_tokens: list[str]) -> None:
         aggregate = self.aggregator(round_)

@@ -45,6 +45,9 @@ class SessionEnrollment:
     def __init__(self) -> None:
         self.session_id = secrets.token_bytes(session_id_bytes)
         self.tokens: dict[int, bytes] = {}
+        # Each device's enrolled public key (DER), when the coordinator knows it: then the
+        # device must sign its advertised keys, and its neighbours get the key to check them.
+        self.device_keys: dict[int, bytes] = {}
 
     def enroll(self, client_id: int) -> bytes:
         """The client's session token (issued on first call)."""
@@ -92,6 +95,7 @@ class SecAggServer:
             vector_length=vector_length,
             graph=NeighbourGraph(graph_seed, n, parameters.num_neighbours),
             token_by_client=dict(enrollment.tokens),
+            device_keys=dict(enrollment.device_keys),
         )
         self._state: SecAggState = AdvertiseKeysState(self._data)
 

@@ -28,9 +28,12 @@ class SessionData:
     vector_length: int
     graph: NeighbourGraph
     token_by_client: dict[int, bytes]
+    # Enrolled device keys (DER) by client id; empty for sessions outside coordinator rounds.
+    device_keys: dict[int, bytes] = dataclasses.field(default_factory=dict)
     # R0: U1, the devices that advertised keys.
     advertised: dict[int, secagg_pb2.PairOfPublicKeys] = dataclasses.field(default_factory=dict)
     key_owners: dict[bytes, int] = dataclasses.field(default_factory=dict)  # no key twice
+    key_signatures: dict[int, bytes] = dataclasses.field(default_factory=dict)
     # R1: U2, the devices that shared keys, and the ciphertexts waiting for each recipient.
     shared_keys: set[int] = dataclasses.field(default_factory=set)
     mailbox: dict[int, list[secagg_pb2.EncryptedKeyShares]] = dataclasses.field(

@@ -24,6 +24,7 @@ from server.pace_steering import PaceSteeringSettings
 from server.sqlite_store import SqliteStore
 from tests.fakes import FakeClock, ScriptedConditions
 from tests.harness import POPULATION, running_coordinator, task_config
+from tests.identities import ENROLLMENT_SECRET
 
 SETTINGS = CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=1.0))
 
@@ -41,11 +42,11 @@ def _run_rounds(
         async with running_coordinator(
             str(tmp_path / f"{aggregator[:8]}.sqlite"), model_bytes, config, clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address, running.trust)
+            client = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
             runtime = DeviceRuntime(
                 client=client,
                 population=POPULATION,
-                device_id="phone-1",
+                enrollment_secret=ENROLLMENT_SECRET,
                 examples=LocalExamples(digits.x[:40], digits.y[:40]),
                 conditions=ScriptedConditions(),
                 clock=clock,
@@ -101,7 +102,8 @@ def test_corrupt_encoded_upload_gets_invalid_argument_and_the_token_stays_usable
             str(tmp_path / "c.sqlite"), model_bytes, config, FakeClock(), SETTINGS
         ) as running:
             client = CoordinatorClient(running.address, running.trust)
-            response = await client.check_in(POPULATION, "phone-1", 40)
+            await client.enroll(POPULATION, ENROLLMENT_SECRET)
+            response = await client.check_in(POPULATION, 40)
             assignment = response.assignment
             num_parameters = running.coordinator.task("t1").record.num_parameters
             good = encode_for_upload(

@@ -15,6 +15,7 @@ from device_runtime.runtime import DeviceRuntime
 from device_runtime.transport import CoordinatorClient
 from tests.fakes import FakeClock, ScriptedConditions
 from tests.harness import POPULATION, running_coordinator, task_config
+from tests.identities import ENROLLMENT_SECRET
 
 RATE = 0.5
 INPUTS = 400
@@ -103,7 +104,7 @@ def test_two_devices_and_two_rounds_draw_different_masks(
                 DeviceRuntime(
                     client=client,
                     population=POPULATION,
-                    device_id=device_id,
+                    enrollment_secret=ENROLLMENT_SECRET,
                     examples=examples,
                     conditions=ScriptedConditions(),
                     clock=clock,

@@ -10,9 +10,11 @@ import sys
 import numpy as np
 
 from device_runtime.examples import LocalExamples
+from device_runtime.identity import DeviceKey
 from emulator.data import load_digits
 from server.store import RoundState
 from tests.harness import POPULATION, running_coordinator, task_config
+from tests.identities import ENROLLMENT_SECRET
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -52,6 +54,9 @@ def test_device_process_trains_without_tensorflow(
     blocker = _tensorflow_blocker(tmp_path / "blocker")
     env = dict(os.environ, PYTHONPATH=f"{blocker}{os.pathsep}{REPO}")
     config = task_config(target_reports=1, over_selection=1.0, total_rounds=1)
+    secret_path = tmp_path / "enrollment.secret"
+    secret_path.write_bytes(ENROLLMENT_SECRET + b"\n")
+    cache_dir = tmp_path / "device-cache"
 
     async def scenario() -> tuple[int, bytes, list]:
         async with running_coordinator(
@@ -72,8 +77,10 @@ def test_device_process_trains_without_tensorflow(
                 POPULATION,
                 "--examples",
                 str(examples_path),
-                "--device-id",
-                "edge-1",
+                "--cache-dir",
+                str(cache_dir),
+                "--enrollment-secret-file",
+                str(secret_path),
                 "--max-reports",
                 "1",
                 "--seed",
@@ -92,4 +99,9 @@ def test_device_process_trains_without_tensorflow(
     assert b"reported round 1" in output
     assert [r.state for r in rounds] == [RoundState.COMMITTED]
     assert rounds[0].reported == 1
+    # The installation's key, made on first run, private to its user; its hash is the id.
+    key_file = cache_dir / "device_key.pem"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    device_id = DeviceKey.load_or_create(cache_dir).device_id
+    assert f"device {device_id}".encode() in output
     assert np.isfinite(rounds[0].metrics["client_work/train/loss"])

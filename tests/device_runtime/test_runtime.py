@@ -17,6 +17,7 @@ from server.pace_steering import PaceSteeringSettings
 from server.rounds.round import AssignmentState
 from tests.fakes import FakeClock, ScriptedConditions
 from tests.harness import POPULATION, running_coordinator, task_config
+from tests.identities import ENROLLMENT_SECRET
 
 SETTINGS = CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=30.0))
 EXAMPLES = 40
@@ -32,7 +33,7 @@ def _runtime(
     return DeviceRuntime(
         client=client,
         population=POPULATION,
-        device_id="device-b",
+        enrollment_secret=ENROLLMENT_SECRET,
         examples=LocalExamples(digits.x[:EXAMPLES], digits.y[:EXAMPLES]),
         conditions=conditions,
         clock=clock,
@@ -52,9 +53,10 @@ def test_rejected_device_waits_for_the_next_round_as_told(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
         ) as running:
-            holder = CoordinatorClient(running.address, running.trust)
-            await holder.check_in(POPULATION, "device-a", EXAMPLES)  # takes the only seat
-            client = CoordinatorClient(running.address, running.trust)
+            holder = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
+            await holder.enroll(POPULATION, ENROLLMENT_SECRET)
+            await holder.check_in(POPULATION, EXAMPLES)  # takes the only seat
+            client = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
             stop = asyncio.Event()
 
             def record(attempt: Attempt) -> None:
@@ -94,7 +96,7 @@ def test_interruption_reaches_the_coordinator_as_a_dropout(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, task_config(), clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address, running.trust)
+            client = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
             attempt = await _runtime(client, clock, conditions).attempt()
             await client.close()
             return attempt, running.coordinator.task("t1").current
@@ -116,7 +118,7 @@ def test_ineligible_device_does_not_check_in(tmp_path: pathlib.Path, model_bytes
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, task_config(), clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address, running.trust)
+            client = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
             attempt = await _runtime(client, clock, ScriptedConditions(eligible=False)).attempt()
             await client.close()
             return attempt, running.coordinator.task("t1").current
@@ -138,7 +140,7 @@ def test_model_is_downloaded_once_and_weights_once_per_round(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
         ) as running:
-            client = CoordinatorClient(running.address, running.trust)
+            client = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
             await _runtime(client, clock, ScriptedConditions()).run(max_reports=2)
             await client.close()
             await running.settled()
@@ -153,3 +155,30 @@ def test_model_is_downloaded_once_and_weights_once_per_round(
 
     assert [r.reported for r in rounds] == [1, 1]
     assert downloaded == len(model_bytes) + 2 * 4 * num_parameters
+
+
+def test_a_device_with_a_skewed_clock_learns_the_coordinators_at_enrollment(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    clock = FakeClock()
+    config = task_config(target_reports=1, over_selection=1.0, reporting_deadline_s=1000.0)
+    # The phone's clock is stuck in 1970: only the offset learned at enrollment dates it.
+    stuck = lambda: 5000.0  # noqa: E731
+
+    async def scenario() -> tuple[Outcome, Outcome, int]:
+        async with running_coordinator(
+            str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
+        ) as running:
+            client = CoordinatorClient(running.address, running.trust, wall_clock=stuck)
+            runtime = _runtime(client, clock, ScriptedConditions())
+            first = await runtime.attempt()
+            clock.advance(900.0)  # the learned offset is now 900 s stale
+            second = await runtime.attempt()
+            await client.close()
+            return first.outcome, second.outcome, running.store.enrolled_devices(POPULATION)
+
+    first, second, enrolled = asyncio.run(scenario())
+
+    assert first is Outcome.REPORTED  # enrolled, then signed on the coordinator's clock
+    assert second is not Outcome.UNREACHABLE  # refused once, enrolled again, then answered
+    assert enrolled == 1

@@ -26,6 +26,7 @@ from emulator.data import federated_digits
 from emulator.fleet import Fleet
 from emulator.phone import RandomConditionsSettings
 from server.certificates import CertificateFiles, write_loopback_certificates
+from tests.identities import ENROLLMENT_SECRET
 from tests.small_disk import SmallDisk
 
 pytestmark = pytest.mark.e2e
@@ -53,8 +54,15 @@ def _free_port() -> int:
 class Coordinator:
     """`overnight serve` as a separate process, on fixed ports and one data directory."""
 
-    def __init__(self, data_dir: pathlib.Path, model: pathlib.Path, tls: CertificateFiles) -> None:
+    def __init__(
+        self,
+        data_dir: pathlib.Path,
+        model: pathlib.Path,
+        tls: CertificateFiles,
+        secret: pathlib.Path,
+    ) -> None:
         self.data_dir = data_dir
+        self.secret = secret
         self.model = model
         self.tls = tls
         self.port, self.admin_port = _free_port(), _free_port()
@@ -83,6 +91,10 @@ class Coordinator:
             str(self.model),
             "--min-retry-s",
             "0.05",
+            "--enrollment-secret-file",
+            str(self.secret),
+            "--exempt-network",
+            "127.0.0.0/8",  # every emulated phone dials from loopback
         ]
 
     async def start(self) -> None:
@@ -200,15 +212,18 @@ def test_faults_at_seeded_moments_lose_nothing_and_both_tasks_go_on(
     (small_disk.path / "plain.toml").write_text(PLAIN)
     db_path = data_dir / "coordinator.sqlite"
     tls = write_loopback_certificates(tmp_path / "tls")
-    coordinator = Coordinator(data_dir, model_path, tls)
+    secret = tmp_path / "enrollment.secret"
+    secret.write_bytes(ENROLLMENT_SECRET)
+    coordinator = Coordinator(data_dir, model_path, tls, secret)
     rng = np.random.default_rng(20261126)
     fleet = Fleet(
         f"127.0.0.1:{coordinator.port}",
         ServerTrust(root_certificates=tls.root_certs.read_bytes()),
         "digits",
-        federated_digits(12, seed=7).clients,
+        federated_digits(16, seed=7).clients,
         seed=7,
         conditions=RandomConditionsSettings(p_charging=1.0, p_idle=1.0, p_unmetered=1.0),
+        enrollment_secret=ENROLLMENT_SECRET,
     )
 
     async def until(condition, timeout_s: float = 180.0) -> dict:  # type: ignore[no-untyped-def]

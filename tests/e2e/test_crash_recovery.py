@@ -20,6 +20,7 @@ from emulator.data import federated_digits
 from emulator.fleet import Fleet
 from emulator.phone import RandomConditionsSettings
 from server.certificates import CertificateFiles, write_loopback_certificates
+from tests.identities import ENROLLMENT_SECRET
 
 pytestmark = pytest.mark.e2e
 
@@ -68,6 +69,8 @@ async def _start(
     model: pathlib.Path,
     tls: CertificateFiles,
 ):
+    secret = data_dir.parent / "enrollment.secret"
+    secret.write_bytes(ENROLLMENT_SECRET)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -89,6 +92,10 @@ async def _start(
         str(model),
         "--min-retry-s",
         "0.05",
+        "--enrollment-secret-file",
+        str(secret),
+        "--exempt-network",
+        "127.0.0.0/8",
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
@@ -120,6 +127,7 @@ def test_kill_minus_nine_at_ten_moments_loses_nothing(
         federated_digits(8, seed=5).clients,
         seed=5,
         conditions=RandomConditionsSettings(p_charging=1.0, p_idle=1.0, p_unmetered=1.0),
+        enrollment_secret=ENROLLMENT_SECRET,
     )
 
     async def scenario() -> tuple[list[dict], dict]:

@@ -26,6 +26,7 @@ from emulator.data import load_digits
 from requirements.for_target import pins_for_target
 from server.store import RoundState
 from tests.harness import POPULATION, running_coordinator, task_config
+from tests.identities import ENROLLMENT_SECRET
 
 pytestmark = pytest.mark.e2e
 
@@ -172,7 +173,6 @@ def test_device_from_the_base_install_reports_until_a_round_commits(
     examples_path = tmp_path / "examples.npz"
     LocalExamples(digits.x[:40], digits.y[:40]).save(examples_path)
     config = task_config(target_reports=1, over_selection=1.0, total_rounds=1)
-    device_id = f"edge-python-{edge_venv.version}"
 
     async def scenario() -> tuple[int, bytes, list, float]:
         async with running_coordinator(
@@ -181,13 +181,14 @@ def test_device_from_the_base_install_reports_until_a_round_commits(
             first_check_in: list[float] = []
             check_in = running.coordinator.check_in
 
-            def observed_check_in(request):  # type: ignore[no-untyped-def]
+            def observed_check_in(request, peer=""):  # type: ignore[no-untyped-def]
                 first_check_in.append(time.monotonic())
-                return check_in(request)
+                return check_in(request, peer)
 
             running.coordinator.check_in = observed_check_in  # type: ignore[method-assign]
             assert running.trust.root_certificates is not None
             (tmp_path / "ca.pem").write_bytes(running.trust.root_certificates)
+            (tmp_path / "enroll.secret").write_bytes(ENROLLMENT_SECRET)
             started = time.monotonic()
             process = await asyncio.create_subprocess_exec(
                 edge_venv.overnight,
@@ -200,8 +201,10 @@ def test_device_from_the_base_install_reports_until_a_round_commits(
                 POPULATION,
                 "--examples",
                 str(examples_path),
-                "--device-id",
-                device_id,
+                "--enrollment-secret-file",
+                str(tmp_path / "enroll.secret"),
+                "--cache-dir",
+                str(tmp_path / "device-cache"),  # its key is made there on first run
                 "--max-reports",
                 "1",
                 "--seed",

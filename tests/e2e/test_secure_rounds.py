@@ -26,6 +26,7 @@ from server.pace_steering import PaceSteeringSettings
 from server.store import RoundState
 from tests.fakes import ScriptedConditions
 from tests.harness import POPULATION, running_coordinator, task_config
+from tests.identities import ENROLLMENT_SECRET
 from tests.secagg.test_privacy_invariant import _reachable
 
 pytestmark = pytest.mark.e2e
@@ -127,6 +128,7 @@ def test_two_secure_rounds_with_a_dropout_commit_the_survivors_fedavg(
                 data.clients,
                 seed=5,
                 conditions_of=conditions_of,
+                enrollment_secret=ENROLLMENT_SECRET,
             )
             stop = asyncio.Event()
             fleet_task = asyncio.create_task(fleet.run(stop))

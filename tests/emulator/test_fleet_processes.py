@@ -21,6 +21,7 @@ from server.coordinator import Coordinator, CoordinatorSettings
 from server.pace_steering import PaceSteeringSettings
 from tests.fakes import FakeClock
 from tests.harness import POPULATION, running_coordinator, task_config
+from tests.identities import ENROLLMENT_SECRET
 
 pytestmark = pytest.mark.e2e
 
@@ -112,6 +113,7 @@ def test_worker_processes_train_rounds_and_report_participation(
                 speedup=1.0,
                 anchor_s=time.time(),
                 bin_virtual_s=5.0,
+                enrollment_secret=ENROLLMENT_SECRET,
             )
             fleet = FleetProcesses(spec, workers=2, nice=3)
             fleet.start()

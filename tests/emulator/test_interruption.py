@@ -21,6 +21,7 @@ from emulator.participation import dropout_cause
 from server.rounds.round import AssignmentState
 from tests.fakes import FakeClock
 from tests.harness import POPULATION, running_coordinator, task_config
+from tests.identities import ENROLLMENT_SECRET
 
 STEP_S = 20.0  # virtual seconds that pass between two looks at the conditions
 
@@ -73,11 +74,13 @@ def test_pickup_mid_training_is_an_interruption_the_coordinator_counts_as_dropou
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, task_config(), clock=FakeClock()
         ) as running:
-            client = CoordinatorClient(running.address, running.trust)
+            client = CoordinatorClient(
+                running.address, running.trust, key=profile.device_key(config.seed)
+            )
             runtime = DeviceRuntime(
                 client=client,
                 population=POPULATION,
-                device_id=profile.device_id,
+                enrollment_secret=ENROLLMENT_SECRET,
                 examples=examples,
                 conditions=conditions,
                 clock=RealClock(),
@@ -93,7 +96,7 @@ def test_pickup_mid_training_is_an_interruption_the_coordinator_counts_as_dropou
     assert "interrupted after 1 batches" in attempt.detail
     assert dropout_cause(attempt) == "picked up"
     [assignment] = current.assignments.values()
-    assert assignment.device_id == profile.device_id
+    assert assignment.device_id == profile.device_key(config.seed).device_id
     assert assignment.state is AssignmentState.FAILED
     assert assignment.failure == "INTERRUPTED"
     assert current.reported == 0

@@ -31,6 +31,7 @@ from server.secagg.server import SecAggServer
 from server.store import RoundState
 from tests.fakes import FakeClock
 from tests.harness import POPULATION
+from tests.identities import ENROLLMENT_SECRET, device_key
 from tests.secagg.soak import (
     SELECTION_DEADLINE_S,
     SESSION_STAGES,
@@ -147,7 +148,7 @@ class _ScriptedDevice:
         if await self._stop_here(0):
             return
         config = await await_session_config(self._coordinator.channel, enrollment)
-        self._secagg = secagg = SecAggClient(config)
+        self._secagg = secagg = SecAggClient(config, self._coordinator.key)
         await self._send(lambda m: m.advertise_keys.CopyFrom(secagg.advertise_keys()))
         record.advertised = True
         await self._progress.done(record, 1)
@@ -242,13 +243,19 @@ class GrpcSoakDriver:
         self._round_index += 1
         records = [DeviceRecord(plan) for plan in plans]
         progress = _Progress(records)
-        clients = [CoordinatorClient(self._address, self._trust) for _ in plans]
+        clients = [
+            CoordinatorClient(
+                self._address, self._trust, key=device_key(f"r{self._round_index}-d{i}")
+            )
+            for i in range(len(plans))
+        ]
         closed_before = len(coordinator.rounds("t1"))
         weights_before = task.weights.copy()
         try:
             assignments = []
-            for i, client in enumerate(clients):
-                response = await client.check_in(POPULATION, f"r{self._round_index}-d{i}", 40)
+            for client in clients:
+                await client.enroll(POPULATION, ENROLLMENT_SECRET)
+                response = await client.check_in(POPULATION, 40)
                 assert response.HasField("assignment"), response.rejection.message
                 assignments.append(response.assignment)
             round_ = task.open_rounds[assignments[0].round_number]

@@ -29,7 +29,7 @@ from server.secagg.round_aggregator import SecureSumRoundAggregator
 from server.secagg.server import SecAggServer
 from server.store import RoundState
 from tests.fakes import FakeClock
-from tests.harness import POPULATION
+from tests.identities import check_in, device_key, sign_failure, sign_header
 from tests.secagg.soak import (
     SELECTION_DEADLINE_S,
     SESSION_STAGES,
@@ -48,6 +48,7 @@ MAX_BURST = 4
 class _Device:
     record: DeviceRecord
     assignment: device_pb2.Assignment
+    name: str  # its enrolled key's name (tests/identities.py)
     secagg: SecAggClient | None = None
     stopped: bool = False
 
@@ -106,18 +107,16 @@ class InProcessSoakDriver:
         )
 
     def _check_in(self, plan: DevicePlan, index: int) -> _Device:
-        response = self._coordinator.check_in(
-            device_pb2.CheckInRequest(
-                protocol_version=constants.PROTOCOL_VERSION,
-                population=POPULATION,
-                device_id=f"r{self._round_index}-d{index}",
-                runtime_version=constants.RUNTIME_VERSION,
-                example_count=40,
-            )
+        name = f"r{self._round_index}-d{index}"
+        response = check_in(
+            self._coordinator,
+            name,
+            example_count=40,
+            runtime_version=constants.RUNTIME_VERSION,
         )
         assert response.HasField("assignment"), response.rejection.message
         record = DeviceRecord(plan, client_id=response.assignment.secure_aggregation.client_id)
-        return _Device(record, response.assignment)
+        return _Device(record, response.assignment, name)
 
     def _stops(self, device: _Device, stage: int) -> bool:
         """The device stops here if its plan says so (telling the coordinator, or not)."""
@@ -132,11 +131,13 @@ class InProcessSoakDriver:
         device.stopped = True
         with contextlib.suppress(CoordinatorError):  # refused once the round is over
             self._coordinator.report_failure(
-                device_pb2.FailureReport(
-                    protocol_version=constants.PROTOCOL_VERSION,
-                    upload_token=device.assignment.upload_token,
-                    cause=device_pb2.FailureReport.SECURE_AGGREGATION_ERROR,
-                    message=message,
+                sign_failure(
+                    device_pb2.FailureReport(
+                        protocol_version=constants.PROTOCOL_VERSION,
+                        upload_token=device.assignment.upload_token,
+                        cause=device_pb2.FailureReport.SECURE_AGGREGATION_ERROR,
+                        message=message,
+                    )
                 )
             )
 
@@ -164,7 +165,9 @@ class InProcessSoakDriver:
         for device in devices:
             if self._stops(device, 0):
                 continue
-            device.secagg = client = SecAggClient(session.session_config(device.record.client_id))
+            config = session.session_config(device.record.client_id)
+            # Signs its advertised keys with its enrolled key, and checks its neighbours'.
+            device.secagg = client = SecAggClient(config, device_key(device.name))
             message = client.envelope()
             message.advertise_keys.CopyFrom(client.advertise_keys())
             arrivals.append(self._message(device, message, "advertised"))
@@ -233,7 +236,7 @@ class InProcessSoakDriver:
                 ),
             )
             try:
-                self._coordinator.accept_upload(header, b"", 0)
+                self._coordinator.accept_upload(sign_header(header), b"", 0)
             except CoordinatorError:
                 return  # the round already failed (a burst's close aborted the session)
             device.record.reported = True

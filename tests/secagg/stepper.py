@@ -6,10 +6,11 @@ import copy
 
 import numpy as np
 
+from device_runtime.identity import DeviceKey
 from device_runtime.secagg.client import SecAggClient
 from device_runtime.secagg.parameters import SecAggParameters
 from protos import secagg_pb2
-from server.secagg.server import SecAggServer
+from server.secagg.server import SecAggServer, SessionEnrollment
 
 N = 5
 LENGTH = 50
@@ -17,10 +18,22 @@ MODULUS_BITS = 20
 PARAMETERS = SecAggParameters(N, N - 1, 3, 1, 1)
 
 
+def device_key_of(client_id: int) -> DeviceKey:
+    return DeviceKey.from_seed(f"secagg-device-{client_id}".encode())
+
+
 class Stepper:
-    def __init__(self, seed: int = 0) -> None:
-        self.server = SecAggServer(PARAMETERS, MODULUS_BITS, LENGTH)
-        self.clients = {c: SecAggClient(self.server.session_config(c)) for c in range(1, N + 1)}
+    def __init__(self, seed: int = 0, signed: bool = False) -> None:
+        """`signed`: the session knows each device's enrolled key (as in coordinator
+        rounds), devices sign their advertised keys and check their neighbours'."""
+        enrollment = SessionEnrollment()
+        if signed:
+            enrollment.device_keys = {c: device_key_of(c).public_key_der for c in range(1, N + 1)}
+        self.server = SecAggServer(PARAMETERS, MODULUS_BITS, LENGTH, enrollment)
+        self.clients = {
+            c: SecAggClient(self.server.session_config(c), device_key_of(c) if signed else None)
+            for c in range(1, N + 1)
+        }
         rng = np.random.default_rng(seed)
         self.inputs = {
             c: rng.integers(0, 1 << 16, LENGTH, dtype=np.uint64).astype(np.uint32)

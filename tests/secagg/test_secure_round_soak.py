@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import pathlib
 
-from server.coordinator import Coordinator
 from server.sqlite_store import SqliteStore
 from tests.fakes import FakeClock
+from tests.identities import make_coordinator
 from tests.secagg.soak import RoundOutcome, soak, soak_task_config
 from tests.secagg.soak_in_process import InProcessSoakDriver
 
@@ -30,7 +30,7 @@ def test_secure_rounds_commit_whenever_enough_devices_survive_every_stage(
 ) -> None:
     # Prepare
     clock = FakeClock()
-    coordinator = Coordinator(SqliteStore(tmp_path / "c.sqlite"), clock)
+    coordinator = make_coordinator(SqliteStore(tmp_path / "c.sqlite"), clock)
     coordinator.register_task(soak_task_config(), model_bytes)
     driver = InProcessSoakDriver(coordinator, clock)
 

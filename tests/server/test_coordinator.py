@@ -21,6 +21,7 @@ from server.sqlite_store import SqliteStore
 from server.store import RoundState
 from tests.fakes import FakeClock
 from tests.harness import POPULATION, task_config
+from tests.identities import check_in, make_coordinator, sign_failure, sign_header
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def store_path(tmp_path: pathlib.Path) -> pathlib.Path:
 def _coordinator(
     store_path: pathlib.Path, clock: FakeClock, model_bytes: bytes | None = None, **config: object
 ) -> Coordinator:
-    coordinator = Coordinator(SqliteStore(store_path), clock)
+    coordinator = make_coordinator(SqliteStore(store_path), clock)
     if model_bytes is not None:
         coordinator.register_task(task_config(**config), model_bytes)
     return coordinator
@@ -46,28 +47,23 @@ def _check_in(
     coordinator: Coordinator, device_id: str, population: str = POPULATION
 ) -> device_pb2.CheckInResponse:
     coordinator.tick()  # the round driver's pass since the last request
-    return coordinator.check_in(
-        device_pb2.CheckInRequest(
-            protocol_version=constants.PROTOCOL_VERSION,
-            population=population,
-            device_id=device_id,
-            example_count=10,
-        )
-    )
+    return check_in(coordinator, device_id, population)
 
 
 def _header(
     token: bytes, num_elements: int, example_count: int = 10, encoding: str = "float32_delta"
 ) -> device_pb2.UploadHeader:
-    return device_pb2.UploadHeader(
-        protocol_version=constants.PROTOCOL_VERSION,
-        upload_token=token,
-        example_count=example_count,
-        num_elements=num_elements,
-        encoding=encoding,
-        metrics=common_pb2.ClientMetrics(
-            loss=1.0, accuracy=0.5, num_examples=example_count, num_batches=2
-        ),
+    return sign_header(
+        device_pb2.UploadHeader(
+            protocol_version=constants.PROTOCOL_VERSION,
+            upload_token=token,
+            example_count=example_count,
+            num_elements=num_elements,
+            encoding=encoding,
+            metrics=common_pb2.ClientMetrics(
+                loss=1.0, accuracy=0.5, num_examples=example_count, num_batches=2
+            ),
+        )
     )
 
 
@@ -172,7 +168,7 @@ def _replace(header: device_pb2.UploadHeader, **fields: object) -> device_pb2.Up
     copy.CopyFrom(header)
     for name, value in fields.items():
         setattr(copy, name, value)
-    return copy
+    return sign_header(copy)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -227,7 +223,7 @@ def test_reused_token_after_commit_and_restart_is_refused(store_path, clock, mod
     delta = np.ones(coordinator.task("t1").record.num_parameters, np.float32)
     _upload(coordinator, token, delta)
 
-    restarted = Coordinator(SqliteStore(store_path), clock)
+    restarted = make_coordinator(SqliteStore(store_path), clock)
 
     with pytest.raises(AlreadyExists):
         _upload(restarted, token, delta)
@@ -297,7 +293,7 @@ def test_restart_resumes_from_the_last_committed_round(store_path, clock, model_
     in_flight = _check_in(coordinator, "e").assignment  # round 2 open when the process dies
     committed = coordinator.task("t1").weights.copy()
 
-    restarted = Coordinator(SqliteStore(store_path), clock)
+    restarted = make_coordinator(SqliteStore(store_path), clock)
 
     task = restarted.task("t1")
     np.testing.assert_array_equal(task.weights, committed)
@@ -388,10 +384,12 @@ def test_minimum_separation_samples_without_replacement(store_path, clock, model
     token = _check_in(coordinator, "d").assignment.upload_token
     _upload(coordinator, token, np.zeros(coordinator.task("t1").record.num_parameters, np.float32))
     clock.advance(600.0)
+    # A restarted coordinator has forgotten the retry window it gave; the store still knows.
+    restarted = make_coordinator(SqliteStore(store_path), clock)
 
-    too_soon = _check_in(coordinator, "d")
+    too_soon = _check_in(restarted, "d")
     clock.advance(3000.0)
-    later = _check_in(coordinator, "d")
+    later = _check_in(restarted, "d")
 
     assert too_soon.rejection.reason == device_pb2.Rejection.NOT_ELIGIBLE
     assert too_soon.retry_window.min_delay_s >= 3000.0
@@ -460,7 +458,7 @@ def test_adam_server_state_is_checkpointed_with_the_commit(store_path, clock, mo
     )
     state = coordinator.task("t1").optimizer_state
 
-    restarted = Coordinator(SqliteStore(store_path), clock)
+    restarted = make_coordinator(SqliteStore(store_path), clock)
 
     restored = restarted.task("t1").optimizer_state
     assert int(restored["step"]) == 1
@@ -472,10 +470,12 @@ def test_dropout_causes_are_recorded_per_round(store_path, clock, model_bytes) -
     coordinator = _coordinator(store_path, clock, model_bytes, target_reports=1, over_selection=3.0)
     tokens = [_check_in(coordinator, f"d{i}").assignment.upload_token for i in range(3)]
     coordinator.report_failure(
-        device_pb2.FailureReport(
-            protocol_version=constants.PROTOCOL_VERSION,
-            upload_token=tokens[0],
-            cause=device_pb2.FailureReport.INTERRUPTED,
+        sign_failure(
+            device_pb2.FailureReport(
+                protocol_version=constants.PROTOCOL_VERSION,
+                upload_token=tokens[0],
+                cause=device_pb2.FailureReport.INTERRUPTED,
+            )
         )
     )
     _upload(

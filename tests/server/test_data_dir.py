@@ -13,12 +13,12 @@ import pytest
 
 from device_runtime import constants
 from protos import common_pb2, device_pb2
-from server.coordinator import Coordinator
 from server.data_dir import DataDirectory, DataDirError
 from server.sqlite_store import SqliteStore
 from server.store import RoundState
 from tests.fakes import FakeClock
-from tests.harness import POPULATION, task_config
+from tests.harness import task_config
+from tests.identities import check_in, make_coordinator, sign_header
 from tests.small_disk import SmallDisk
 
 PAGE_BYTES = 16384  # SqliteStore's page size
@@ -75,18 +75,11 @@ def _store_with_a_committed_round(path: pathlib.Path, model_bytes: bytes) -> lis
     """A store whose task committed one round from two uploads; returns their token hashes."""
     clock = FakeClock()
     store = SqliteStore(path)
-    coordinator = Coordinator(store, clock)
+    coordinator = make_coordinator(store, clock)
     coordinator.register_task(task_config(target_reports=2, over_selection=1.0), model_bytes)
     n = coordinator.task("t1").record.num_parameters
     for i in range(2):
-        answer = coordinator.check_in(
-            device_pb2.CheckInRequest(
-                protocol_version=constants.PROTOCOL_VERSION,
-                population=POPULATION,
-                device_id=f"d{i}",
-                example_count=10,
-            )
-        )
+        answer = check_in(coordinator, f"d{i}")
         payload = np.full(n, 0.5, "<f4").tobytes()
         header = device_pb2.UploadHeader(
             protocol_version=constants.PROTOCOL_VERSION,
@@ -96,6 +89,7 @@ def _store_with_a_committed_round(path: pathlib.Path, model_bytes: bytes) -> lis
             encoding="float32_delta",
             metrics=common_pb2.ClientMetrics(num_examples=10, num_batches=1),
         )
+        sign_header(header)
         coordinator.accept_upload(header, payload, len(payload))
     coordinator.tick()
     tokens = coordinator.task("t1").last_round.counted_tokens()  # type: ignore[union-attr]
@@ -154,7 +148,7 @@ def test_repair_keeps_the_last_good_commit_when_a_table_page_is_lost(
 
     DataDirectory.open(data, repair=True).close()
 
-    restarted = Coordinator(SqliteStore(data / "coordinator.sqlite"), FakeClock())
+    restarted = make_coordinator(SqliteStore(data / "coordinator.sqlite"), FakeClock())
     assert restarted.task("t1").committed_rounds == 1
     assert restarted.task("t1").weights_sha256 == committed.weights_sha256
 

@@ -15,11 +15,12 @@ from server.errors import InvalidArgument
 from server.sqlite_store import SqliteStore
 from server.store import RoundState
 from tests.fakes import FakeClock
-from tests.harness import POPULATION, task_config
+from tests.harness import task_config
+from tests.identities import check_in, make_coordinator, sign_header
 
 
 def _coordinator(tmp_path: pathlib.Path, model_bytes: bytes, **config: object) -> Coordinator:
-    coordinator = Coordinator(SqliteStore(tmp_path / "c.sqlite"), FakeClock())
+    coordinator = make_coordinator(SqliteStore(tmp_path / "c.sqlite"), FakeClock())
     values: dict[str, object] = dict(target_reports=2, over_selection=1.0, min_reports=2)
     values.update(config)
     coordinator.register_task(task_config(**values), model_bytes)
@@ -27,14 +28,7 @@ def _coordinator(tmp_path: pathlib.Path, model_bytes: bytes, **config: object) -
 
 
 def _token(coordinator: Coordinator, device_id: str, declared: int) -> bytes:
-    response = coordinator.check_in(
-        device_pb2.CheckInRequest(
-            protocol_version=constants.PROTOCOL_VERSION,
-            population=POPULATION,
-            device_id=device_id,
-            example_count=declared,
-        )
-    )
+    response = check_in(coordinator, device_id, example_count=declared)
     return response.assignment.upload_token
 
 
@@ -53,6 +47,7 @@ def _upload(
         encoding=constants.UPDATE_ENCODING_FLOAT32_DELTA,
         metrics=metrics or common_pb2.ClientMetrics(loss=1.0, accuracy=0.5, num_examples=10),
     )
+    sign_header(header)
     coordinator.accept_upload(header, delta.astype("<f4").tobytes(), 0)
     coordinator.tick()  # the round driver ends the round if this report completed it
 

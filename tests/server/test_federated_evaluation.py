@@ -21,6 +21,7 @@ from server.errors import InvalidArgument
 from server.pace_steering import PaceSteeringSettings
 from server.store import RoundState
 from tests.harness import POPULATION, running_coordinator, task_config
+from tests.identities import ENROLLMENT_SECRET
 
 
 def test_evaluation_round_reports_the_held_out_metrics_of_the_training_model(
@@ -55,7 +56,7 @@ def test_evaluation_round_reports_the_held_out_metrics_of_the_training_model(
                 runtime = DeviceRuntime(
                     client=client,
                     population=POPULATION,
-                    device_id=f"d{index}",
+                    enrollment_secret=ENROLLMENT_SECRET,
                     examples=shard,
                     conditions=AlwaysEligible(),
                     clock=RealClock(),

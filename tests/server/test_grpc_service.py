@@ -20,6 +20,7 @@ from tests.harness import (
     running_coordinator,
     task_config,
 )
+from tests.identities import check_in_over, sign_header
 
 V = constants.PROTOCOL_VERSION
 
@@ -40,12 +41,7 @@ def _run(
 
 
 async def _assignment(channel: grpc.aio.Channel, device_id: str = "d") -> device_pb2.Assignment:
-    stub = device_pb2_grpc.DeviceServiceStub(channel)
-    response = await stub.CheckIn(
-        device_pb2.CheckInRequest(
-            protocol_version=V, population=POPULATION, device_id=device_id, example_count=10
-        )
-    )
+    response = await check_in_over(channel, device_id)
     return response.assignment
 
 
@@ -59,13 +55,15 @@ def _chunks(
 
 
 def _header(token: bytes, n: int) -> device_pb2.UploadHeader:
-    return device_pb2.UploadHeader(
-        protocol_version=V,
-        upload_token=token,
-        example_count=5,
-        num_elements=n,
-        encoding="float32_delta",
-        metrics=common_pb2.ClientMetrics(num_examples=5, num_batches=1),
+    return sign_header(
+        device_pb2.UploadHeader(
+            protocol_version=V,
+            upload_token=token,
+            example_count=5,
+            num_elements=n,
+            encoding="float32_delta",
+            metrics=common_pb2.ClientMetrics(num_examples=5, num_batches=1),
+        )
     )
 
 
@@ -88,11 +86,7 @@ def _status_of(
 
 def test_unknown_population_is_not_found(tmp_path, model_bytes) -> None:
     async def call(running, channel):
-        await device_pb2_grpc.DeviceServiceStub(channel).CheckIn(
-            device_pb2.CheckInRequest(
-                protocol_version=V, population="nobody", device_id="d", example_count=1
-            )
-        )
+        await check_in_over(channel, "d", "nobody")  # enrolled, but no task there
 
     code, details, _ = _status_of(tmp_path, model_bytes, call)
 
@@ -177,14 +171,9 @@ def test_populations_are_kept_apart(tmp_path, model_bytes) -> None:
         running.coordinator.register_task(
             task_config(task_id="t2", population="watches"), model_bytes
         )
-        stub = device_pb2_grpc.DeviceServiceStub(channel)
         answers = {}
         for population in (POPULATION, "watches"):
-            answers[population] = await stub.CheckIn(
-                device_pb2.CheckInRequest(
-                    protocol_version=V, population=population, device_id="d", example_count=10
-                )
-            )
+            answers[population] = await check_in_over(channel, "d", population)
         return answers
 
     answers = _run(tmp_path, model_bytes, body)

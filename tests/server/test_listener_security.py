@@ -28,6 +28,7 @@ from tests.harness import (
     session_ca,
     task_config,
 )
+from tests.identities import check_in_over
 
 V = constants.PROTOCOL_VERSION
 
@@ -106,7 +107,7 @@ def test_a_device_that_trusts_the_coordinators_ca_checks_in(tmp_path, model_byte
             running_coordinator(str(tmp_path / "s.sqlite"), model_bytes, task_config()) as running,
             running.device_channel() as channel,
         ):
-            return await device_pb2_grpc.DeviceServiceStub(channel).CheckIn(_check_in_request())
+            return await check_in_over(channel, "d")
 
     answer = asyncio.run(scenario())
 
@@ -319,9 +320,7 @@ def test_an_insecure_coordinator_serves_plaintext_clients_only(tmp_path, model_b
             str(tmp_path / "s.sqlite"), model_bytes, task_config(), insecure=True
         ) as running:
             async with running.device_channel() as plaintext:
-                answer = await device_pb2_grpc.DeviceServiceStub(plaintext).CheckIn(
-                    _check_in_request()
-                )
+                answer = await check_in_over(plaintext, "d")
             async with open_channel(
                 running.address, ServerTrust(session_ca().root_certificate)
             ) as tls:

@@ -16,18 +16,12 @@ from server.coordinator import Coordinator
 from server.sqlite_store import SqliteStore
 from server.store import RoundState
 from tests.fakes import FakeClock
-from tests.harness import POPULATION, task_config
+from tests.harness import task_config
+from tests.identities import check_in, make_coordinator, sign_header
 
 
 def _assignment(coordinator: Coordinator, device_id: str) -> device_pb2.Assignment:
-    return coordinator.check_in(
-        device_pb2.CheckInRequest(
-            protocol_version=constants.PROTOCOL_VERSION,
-            population=POPULATION,
-            device_id=device_id,
-            example_count=10,
-        )
-    ).assignment
+    return check_in(coordinator, device_id).assignment
 
 
 def _upload_raw(
@@ -46,6 +40,7 @@ def _upload_raw(
         encoding=constants.UPDATE_ENCODING_V1,
         metrics=common_pb2.ClientMetrics(loss=1.0, accuracy=0.5, num_examples=10),
     )
+    sign_header(header)
     coordinator.accept_upload(header, payload, len(payload))
     coordinator.tick()  # the round driver ends the round if this report completed it
 
@@ -81,7 +76,7 @@ def test_a_poisoned_update_moves_the_model_at_most_by_the_aggregators_bound(
     max_step: float,
     enforced: str,
 ) -> None:
-    coordinator = Coordinator(SqliteStore(tmp_path / "c.sqlite"), FakeClock())
+    coordinator = make_coordinator(SqliteStore(tmp_path / "c.sqlite"), FakeClock())
     coordinator.register_task(
         task_config(target_reports=2, over_selection=1.0, aggregator=aggregator), model_bytes
     )

@@ -19,7 +19,15 @@ from tests.harness import (
     running_coordinator,
     task_config,
 )
-from tests.request_fuzzer import RequestFuzzer, fuzz, rpcs
+from tests.identities import (
+    check_in_over,
+    device_key,
+    enroll_request,
+    sign_failure,
+    sign_header,
+    signed_check_in,
+)
+from tests.request_fuzzer import RequestFuzzer, Rpc, fuzz, rpcs
 
 V = constants.PROTOCOL_VERSION
 FUZZ_SEED = 20261126
@@ -27,12 +35,33 @@ REQUESTS = 10_000
 
 
 async def _token(channel: grpc.aio.Channel, population: str, device_id: str) -> bytes:
-    response = await device_pb2_grpc.DeviceServiceStub(channel).CheckIn(
-        device_pb2.CheckInRequest(
-            protocol_version=V, population=population, device_id=device_id, example_count=10
-        )
+    return (await check_in_over(channel, device_id, population)).assignment.upload_token
+
+
+async def fuzzed_rpcs(
+    channel: grpc.aio.Channel,
+    running: RunningCoordinator,
+    model_bytes: bytes,
+    tokens: list[bytes],
+    device: str,
+) -> list[Rpc]:
+    """Every RPC with valid seeds: `tokens` of devices that checked in, and the signed
+    enrollment and check-in of `device` (enrolled here, its check-in fresh)."""
+    enroll = enroll_request(device_key(device))
+    enrolled = await device_pb2_grpc.DeviceServiceStub(channel).Enroll(enroll)
+    task = running.coordinator.task("t1")
+    return rpcs(
+        POPULATION,
+        "t1",
+        tokens,
+        task.record.model_sha256,
+        model_bytes,
+        task.record.num_parameters,
+        enroll=enroll,
+        check_in=signed_check_in(device, enrolled.server_time_s),
+        sign_header=sign_header,
+        sign_failure=sign_failure,
     )
-    return response.assignment.upload_token
 
 
 async def _a_round_commits(
@@ -49,13 +78,15 @@ async def _a_round_commits(
     )
     n = registered.num_parameters
     for device_id in ("a", "b"):
-        header = device_pb2.UploadHeader(
-            protocol_version=V,
-            upload_token=await _token(channel, "after", device_id),
-            example_count=5,
-            num_elements=n,
-            encoding=constants.UPDATE_ENCODING_FLOAT32_DELTA,
-            metrics=common_pb2.ClientMetrics(loss=1.0, accuracy=0.5, num_examples=5),
+        header = sign_header(
+            device_pb2.UploadHeader(
+                protocol_version=V,
+                upload_token=await _token(channel, "after", device_id),
+                example_count=5,
+                num_elements=n,
+                encoding=constants.UPDATE_ENCODING_FLOAT32_DELTA,
+                metrics=common_pb2.ClientMetrics(loss=1.0, accuracy=0.5, num_examples=5),
+            )
         )
         chunks = [
             device_pb2.UploadChunk(header=header),
@@ -79,26 +110,16 @@ def test_malformed_requests_get_only_documented_codes_and_a_round_still_commits(
             ) as running,
             RoutedChannel(running) as channel,
         ):
-            task = running.coordinator.task("t1")
             tokens = [await _token(channel, POPULATION, f"seed{i}") for i in range(3)]
-            fuzzer = RequestFuzzer(
-                rpcs(
-                    POPULATION,
-                    "t1",
-                    tokens,
-                    task.record.model_sha256,
-                    model_bytes,
-                    task.record.num_parameters,
-                ),
-                FUZZ_SEED,
-            )
+            seeds = await fuzzed_rpcs(channel, running, model_bytes, tokens, "fuzz")
+            fuzzer = RequestFuzzer(seeds, FUZZ_SEED)
 
             report = await fuzz(channel, fuzzer, REQUESTS)
 
             assert report.sent >= REQUESTS
             assert report.undocumented == []
             methods = {method for method, _ in report.codes}
-            assert len(methods) == 11  # every RPC of the three services was fuzzed
+            assert len(methods) == 12  # every RPC of the three services was fuzzed
             await _a_round_commits(channel, running, model_bytes)
 
     asyncio.run(scenario())

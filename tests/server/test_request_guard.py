@@ -23,11 +23,19 @@ from tests.harness import (
     running_coordinator,
     task_config,
 )
+from tests.identities import (
+    check_in_over,
+    device_key,
+    enroll_request,
+    sign_header,
+    signed_check_in,
+)
 
 V = constants.PROTOCOL_VERSION
 UNDECODABLE = b"\xff\xff\xff"  # a field tag whose varint never ends
 # Every RPC, by kind: (full method name, request streaming, response streaming).
 METHODS = [
+    ("/overnight.v1.DeviceService/Enroll", False, False),
     ("/overnight.v1.DeviceService/CheckIn", False, False),
     ("/overnight.v1.DeviceService/Download", False, True),
     ("/overnight.v1.DeviceService/UploadUpdate", True, False),
@@ -148,15 +156,20 @@ def test_an_oversized_device_id_is_refused_and_not_stored(
     _run(tmp_path, model_bytes, body)
 
 
-def test_a_device_id_of_128_bytes_is_accepted(tmp_path: pathlib.Path, model_bytes: bytes) -> None:
+def test_a_device_id_of_128_bytes_passes_the_guard_to_the_identity_check(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
     async def body(running: RunningCoordinator, channel: grpc.aio.Channel) -> None:
         request = device_pb2.CheckInRequest(
             protocol_version=V, population=POPULATION, device_id="d" * 128, example_count=10
         )
 
-        response = await device_pb2_grpc.DeviceServiceStub(channel).CheckIn(request)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await device_pb2_grpc.DeviceServiceStub(channel).CheckIn(request)
 
-        assert response.WhichOneof("outcome") == "assignment"
+        # Not the size limit: the coordinator's own check that the id is a key's hash.
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "SHA-256 hex" in (refused.value.details() or "")
 
     _run(tmp_path, model_bytes, body)
 
@@ -177,10 +190,7 @@ def test_an_infinite_over_selection_is_refused_by_register_task(
 
         assert code is grpc.StatusCode.INVALID_ARGUMENT
         assert _rows(tmp_path / "s.sqlite") == before
-        check_in = device_pb2.CheckInRequest(
-            protocol_version=V, population=POPULATION, device_id="after", example_count=10
-        )
-        await device_pb2_grpc.DeviceServiceStub(channel).CheckIn(check_in)  # still serving
+        await check_in_over(channel, "after")  # still serving
 
     _run(tmp_path, model_bytes, body)
 
@@ -189,10 +199,11 @@ def test_a_store_failure_reaches_the_device_as_unavailable(
     tmp_path: pathlib.Path, model_bytes: bytes
 ) -> None:
     async def body(running: RunningCoordinator, channel: grpc.aio.Channel) -> None:
+        stub = device_pb2_grpc.DeviceServiceStub(channel)
+        enrolled = await stub.Enroll(enroll_request(device_key("d")))
         running.store.close()  # every later store call raises sqlite3.ProgrammingError
-        request = device_pb2.CheckInRequest(
-            protocol_version=V, population=POPULATION, device_id="d", example_count=10
-        )
+        now = enrolled.server_time_s
+        request = signed_check_in("d", now)
 
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await device_pb2_grpc.DeviceServiceStub(channel).CheckIn(request)
@@ -203,20 +214,18 @@ def test_a_store_failure_reaches_the_device_as_unavailable(
 
 
 async def _assignment(channel: grpc.aio.Channel, device_id: str) -> device_pb2.Assignment:
-    request = device_pb2.CheckInRequest(
-        protocol_version=V, population=POPULATION, device_id=device_id, example_count=10
-    )
-    response = await device_pb2_grpc.DeviceServiceStub(channel).CheckIn(request)
-    return response.assignment
+    return (await check_in_over(channel, device_id)).assignment
 
 
 def _header(assignment: device_pb2.Assignment) -> device_pb2.UploadHeader:
-    return device_pb2.UploadHeader(
-        protocol_version=V,
-        upload_token=assignment.upload_token,
-        example_count=5,
-        num_elements=assignment.weights.size_bytes // 4,
-        encoding=constants.UPDATE_ENCODING_FLOAT32_DELTA,
+    return sign_header(
+        device_pb2.UploadHeader(
+            protocol_version=V,
+            upload_token=assignment.upload_token,
+            example_count=5,
+            num_elements=assignment.weights.size_bytes // 4,
+            encoding=constants.UPDATE_ENCODING_FLOAT32_DELTA,
+        )
     )
 
 
@@ -322,12 +331,17 @@ def test_refused_uploads_do_not_use_up_the_connections_streams(
     ).SerializeToString()
     streams = limits.max_concurrent_streams_per_connection
 
+    # Well formed, but from a key no population enrolled.
     check_in = device_pb2.CheckInRequest(
-        protocol_version=V, population="other", device_id="d", example_count=10
+        protocol_version=V,
+        population="other",
+        device_id="0" * 64,
+        example_count=10,
+        nonce=b"n" * 16,
     ).SerializeToString()
     refused = [
         ("/overnight.v1.DeviceService/UploadUpdate", True, header, "UNAUTHENTICATED"),
-        ("/overnight.v1.DeviceService/CheckIn", False, check_in, "NOT_FOUND"),
+        ("/overnight.v1.DeviceService/CheckIn", False, check_in, "UNAUTHENTICATED"),
         ("/overnight.v1.DeviceService/CheckIn", False, UNDECODABLE, "INVALID_ARGUMENT"),
     ]
 
@@ -349,7 +363,7 @@ def test_refused_uploads_do_not_use_up_the_connections_streams(
             )
         )
 
-        assert set(codes) == {grpc.StatusCode.NOT_FOUND}
+        assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
 
     gc.disable()
     try:

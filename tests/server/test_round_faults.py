@@ -21,6 +21,7 @@ from server.sqlite_store import SqliteStore
 from server.store import RoundState
 from tests.fakes import FakeClock
 from tests.harness import POPULATION, running_coordinator, task_config
+from tests.identities import ENROLLMENT_SECRET, check_in, make_coordinator, sign_header
 from tests.small_disk import SmallDisk
 
 
@@ -32,14 +33,7 @@ def clock() -> FakeClock:
 def _check_in(
     coordinator: Coordinator, device_id: str, population: str = POPULATION
 ) -> device_pb2.CheckInResponse:
-    return coordinator.check_in(
-        device_pb2.CheckInRequest(
-            protocol_version=constants.PROTOCOL_VERSION,
-            population=population,
-            device_id=device_id,
-            example_count=10,
-        )
-    )
+    return check_in(coordinator, device_id, population=population)
 
 
 def _upload(coordinator: Coordinator, token: bytes, values: np.ndarray) -> None:
@@ -52,6 +46,7 @@ def _upload(coordinator: Coordinator, token: bytes, values: np.ndarray) -> None:
         encoding="float32_delta",
         metrics=common_pb2.ClientMetrics(loss=1.0, accuracy=0.5, num_examples=10, num_batches=2),
     )
+    sign_header(header)
     coordinator.accept_upload(header, payload, len(payload))
 
 
@@ -66,7 +61,7 @@ def test_a_failed_commit_is_retried_and_counts_each_upload_once(
     small_disk: SmallDisk, clock: FakeClock, model_bytes: bytes, caplog
 ) -> None:
     store = SqliteStore(small_disk.path / "store.sqlite")
-    coordinator = Coordinator(store, clock)
+    coordinator = make_coordinator(store, clock)
     coordinator.register_task(task_config(target_reports=2, over_selection=1.0), model_bytes)
     task = coordinator.task("t1")
     before = task.weights.copy()
@@ -95,7 +90,7 @@ def test_a_failed_commit_is_not_retried_before_its_backoff(
     small_disk: SmallDisk, clock: FakeClock, model_bytes: bytes
 ) -> None:
     store = SqliteStore(small_disk.path / "store.sqlite")
-    coordinator = Coordinator(store, clock)
+    coordinator = make_coordinator(store, clock)
     coordinator.register_task(task_config(target_reports=2, over_selection=1.0), model_bytes)
     _reported_round(coordinator, coordinator.task("t1").record.num_parameters)
     with small_disk.filled():
@@ -110,7 +105,7 @@ def test_a_store_failure_at_check_in_is_unavailable_with_a_retry_window(
     small_disk: SmallDisk, clock: FakeClock, model_bytes: bytes
 ) -> None:
     store = SqliteStore(small_disk.path / "store.sqlite")
-    coordinator = Coordinator(store, clock)
+    coordinator = make_coordinator(store, clock)
     coordinator.register_task(task_config(), model_bytes)
     with small_disk.filled(), pytest.raises(StoreUnavailable, match="disk is full") as refused:
         _check_in(coordinator, "d1")
@@ -134,7 +129,7 @@ def test_a_task_whose_logic_raises_fails_alone(
     tmp_path: pathlib.Path, clock: FakeClock, model_bytes: bytes
 ) -> None:
     store = SqliteStore(tmp_path / "store.sqlite")
-    coordinator = Coordinator(store, clock)
+    coordinator = make_coordinator(store, clock)
     coordinator.register_task(task_config(task_id="broken"), model_bytes)
     coordinator.register_task(task_config(task_id="spare", population="spare"), model_bytes)
     coordinator.register_task(
@@ -161,14 +156,14 @@ def test_a_restart_records_open_rounds_abandoned_with_their_true_counts(
     tmp_path: pathlib.Path, clock: FakeClock, model_bytes: bytes
 ) -> None:
     path = tmp_path / "store.sqlite"
-    coordinator = Coordinator(SqliteStore(path), clock)
+    coordinator = make_coordinator(SqliteStore(path), clock)
     coordinator.register_task(task_config(target_reports=3, over_selection=1.0), model_bytes)
     for i in range(3):
         _check_in(coordinator, f"d{i}")
     started = clock.now()
     clock.advance(5)
 
-    restarted = Coordinator(SqliteStore(path), clock)
+    restarted = make_coordinator(SqliteStore(path), clock)
 
     [record] = restarted.rounds("t1")
     assert record.state is RoundState.ABANDONED
@@ -184,10 +179,11 @@ def test_a_store_failure_reaches_a_device_as_unavailable_with_retry_after(
             str(small_disk.path / "store.sqlite"), model_bytes, task_config()
         ) as running:
             client = CoordinatorClient(running.address, running.trust)
+            await client.enroll(POPULATION, ENROLLMENT_SECRET)
             try:
                 with small_disk.filled():
                     try:
-                        await client.check_in(POPULATION, "d1", 10)
+                        await client.check_in(POPULATION, 10)
                     except TransportError as exc:
                         return exc
                 raise AssertionError("a check-in on a full disk was served")

@@ -16,6 +16,7 @@ from server.coordinator import Coordinator
 from server.secagg.server import SecAggServer
 from server.store import RoundState
 from tests.fakes import FakeClock
+from tests.identities import device_key
 from tests.server.test_secure_rounds import (
     _coordinator,
     _envelope,
@@ -72,7 +73,8 @@ def _run_round(
     before = task.weights.copy()
     assignments = _select(coordinator, 8)
     session = _session(coordinator)
-    clients = [SecAggClient(session.session_config(i + 1)) for i in range(8)]
+    # Client i + 1 is device d{i} (selected in that order); each signs its keys.
+    clients = [SecAggClient(session.session_config(i + 1), device_key(f"d{i}")) for i in range(8)]
     _share_keys(session, clients)
     inputs = [_honest_input(session, i + 1, a) for i, a in enumerate(assignments[:7])]
     if attack is not None:

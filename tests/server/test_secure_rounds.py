@@ -20,12 +20,13 @@ from server.sqlite_store import SqliteStore
 from server.store import RoundState
 from tests.fakes import FakeClock
 from tests.harness import POPULATION, task_config
+from tests.identities import check_in, device_key, make_coordinator, sign_failure, sign_header
 
 AGGREGATOR = "secure_aggregator(clip=0.5)"
 
 
 def _coordinator(tmp_path: pathlib.Path, clock: FakeClock, model_bytes: bytes) -> Coordinator:
-    coordinator = Coordinator(SqliteStore(tmp_path / "c.sqlite"), clock)
+    coordinator = make_coordinator(SqliteStore(tmp_path / "c.sqlite"), clock)
     config = task_config(
         target_reports=7, over_selection=1.14, min_reports=5, aggregator=AGGREGATOR
     )
@@ -36,14 +37,7 @@ def _coordinator(tmp_path: pathlib.Path, clock: FakeClock, model_bytes: bytes) -
 def _select(coordinator: Coordinator, count: int, first: int = 0) -> list[device_pb2.Assignment]:
     assignments = []
     for i in range(first, first + count):
-        response = coordinator.check_in(
-            device_pb2.CheckInRequest(
-                protocol_version=constants.PROTOCOL_VERSION,
-                population=POPULATION,
-                device_id=f"d{i}",
-                example_count=40,
-            )
-        )
+        response = check_in(coordinator, f"d{i}", POPULATION, example_count=40)
         assignments.append(response.assignment)
     return assignments
 
@@ -88,13 +82,15 @@ def _send_masked(
 
 
 def _report(assignment: device_pb2.Assignment, num_parameters: int) -> device_pb2.UploadHeader:
-    return device_pb2.UploadHeader(
-        protocol_version=constants.PROTOCOL_VERSION,
-        upload_token=assignment.upload_token,
-        example_count=40,
-        num_elements=num_parameters,
-        encoding=constants.UPDATE_ENCODING_SECURE_SUM,
-        metrics=common_pb2.ClientMetrics(loss=1.0, accuracy=0.5, num_examples=40),
+    return sign_header(
+        device_pb2.UploadHeader(
+            protocol_version=constants.PROTOCOL_VERSION,
+            upload_token=assignment.upload_token,
+            example_count=40,
+            num_elements=num_parameters,
+            encoding=constants.UPDATE_ENCODING_SECURE_SUM,
+            metrics=common_pb2.ClientMetrics(loss=1.0, accuracy=0.5, num_examples=40),
+        )
     )
 
 
@@ -126,7 +122,7 @@ def test_below_threshold_the_round_fails_and_the_task_opens_a_new_one(
     coordinator = _coordinator(tmp_path, clock, model_bytes)
     assignments = _select(coordinator, 8)
     session = _session(coordinator)
-    clients = [SecAggClient(session.session_config(i + 1)) for i in range(8)]
+    clients = [SecAggClient(session.session_config(i + 1), device_key(f"d{i}")) for i in range(8)]
     _share_keys(session, clients)
     for client, assignment in list(zip(clients, assignments, strict=True))[:3]:
         _send_masked(session, client, assignment)  # 3 survivors, t = 4
@@ -150,10 +146,12 @@ def test_a_device_that_reports_failure_is_a_session_dropout(
     session = _session(coordinator)
 
     coordinator.report_failure(
-        device_pb2.FailureReport(
-            protocol_version=constants.PROTOCOL_VERSION,
-            upload_token=assignments[2].upload_token,
-            cause=device_pb2.FailureReport.INTERRUPTED,
+        sign_failure(
+            device_pb2.FailureReport(
+                protocol_version=constants.PROTOCOL_VERSION,
+                upload_token=assignments[2].upload_token,
+                cause=device_pb2.FailureReport.INTERRUPTED,
+            )
         )
     )
 
@@ -169,7 +167,7 @@ def test_a_round_commits_the_secure_mean_and_refuses_reports_without_masked_inpu
     n_params = task.record.num_parameters
     assignments = _select(coordinator, 8)
     session = _session(coordinator)
-    clients = [SecAggClient(session.session_config(i + 1)) for i in range(8)]
+    clients = [SecAggClient(session.session_config(i + 1), device_key(f"d{i}")) for i in range(8)]
     _share_keys(session, clients)
     round_ = task.current
     assert round_ is not None
@@ -180,6 +178,7 @@ def test_a_round_commits_the_secure_mean_and_refuses_reports_without_masked_inpu
     with pytest.raises(InvalidArgument, match="SecAggService"):
         plain = _report(assignments[0], n_params)
         plain.encoding = constants.UPDATE_ENCODING_FLOAT32_DELTA
+        sign_header(plain)
         coordinator.accept_upload(plain, np.zeros(n_params, "<f4").tobytes(), 0)
     assert round_.reported == 0 and round_.aggregate.count == 0
 
@@ -207,7 +206,7 @@ def test_a_round_commits_the_secure_mean_and_refuses_reports_without_masked_inpu
 def test_adaptive_bounds_are_refused_for_the_secure_aggregator(
     tmp_path: pathlib.Path, model_bytes: bytes
 ) -> None:
-    coordinator = Coordinator(SqliteStore(tmp_path / "c.sqlite"), FakeClock())
+    coordinator = make_coordinator(SqliteStore(tmp_path / "c.sqlite"), FakeClock())
 
     with pytest.raises(InvalidArgument, match="adaptive zeroing is not supported"):
         coordinator.register_task(

@@ -10,7 +10,7 @@ import pytest
 from server.config import TaskConfig
 from server.errors import AlreadyExists
 from server.sqlite_store import SqliteStore
-from server.store import RoundRecord, RoundState, Store, TaskRecord, TaskState
+from server.store import EnrolledDevice, RoundRecord, RoundState, Store, TaskRecord, TaskState
 
 
 def _task(task_id: str = "t1") -> TaskRecord:
@@ -110,6 +110,27 @@ class StoreConformance:
             (1, RoundState.FAILED),
             (2, RoundState.COMMITTED),
         ]
+
+    def test_an_enrolled_key_is_found_in_its_population_only(self, store: Store) -> None:
+        device = EnrolledDevice("a" * 64, "p", b"key-der", "shared-secret", 5.0)
+
+        added = store.enroll_device(device)
+
+        assert added
+        assert store.enrolled_device("a" * 64, "p") == device
+        assert store.enrolled_device("a" * 64, "other") is None
+        assert store.enrolled_device("b" * 64, "p") is None
+        assert store.enrolled_devices("p") == 1
+
+    def test_enrolling_again_changes_nothing(self, store: Store) -> None:
+        first = EnrolledDevice("a" * 64, "p", b"key-der", "shared-secret", 5.0)
+        store.enroll_device(first)
+
+        again = store.enroll_device(EnrolledDevice("a" * 64, "p", b"other", "allowlist", 9.0))
+
+        assert not again
+        assert store.enrolled_device("a" * 64, "p") == first
+        assert store.enrolled_devices("p") == 1
 
 
 class TestSqliteInMemory(StoreConformance):

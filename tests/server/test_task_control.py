@@ -14,7 +14,8 @@ from server.errors import FailedPrecondition, NotFound
 from server.sqlite_store import SqliteStore
 from server.store import RoundState, TaskState
 from tests.fakes import FakeClock
-from tests.harness import POPULATION, task_config
+from tests.harness import task_config
+from tests.identities import check_in, make_coordinator, sign_header
 
 
 @pytest.fixture
@@ -30,21 +31,14 @@ def store_path(tmp_path: pathlib.Path) -> pathlib.Path:
 def _coordinator(
     store_path: pathlib.Path, clock: FakeClock, model_bytes: bytes | None = None, **config: object
 ) -> Coordinator:
-    coordinator = Coordinator(SqliteStore(store_path), clock)
+    coordinator = make_coordinator(SqliteStore(store_path), clock)
     if model_bytes is not None:
         coordinator.register_task(task_config(**config), model_bytes)
     return coordinator
 
 
 def _check_in(coordinator: Coordinator, device_id: str) -> device_pb2.CheckInResponse:
-    return coordinator.check_in(
-        device_pb2.CheckInRequest(
-            protocol_version=constants.PROTOCOL_VERSION,
-            population=POPULATION,
-            device_id=device_id,
-            example_count=10,
-        )
-    )
+    return check_in(coordinator, device_id)
 
 
 def _upload(coordinator: Coordinator, token: bytes) -> None:
@@ -58,6 +52,7 @@ def _upload(coordinator: Coordinator, token: bytes) -> None:
         encoding=constants.UPDATE_ENCODING_FLOAT32_DELTA,
         metrics=common_pb2.ClientMetrics(loss=1.0, accuracy=0.5, num_examples=10, num_batches=2),
     )
+    sign_header(header)
     coordinator.accept_upload(header, payload, len(payload))
     coordinator.tick()  # the round driver ends the round if this report completed it
 

@@ -24,6 +24,7 @@ from emulator.data import federated_digits
 from server.coordinator import CoordinatorSettings
 from server.pace_steering import PaceSteeringSettings
 from tests.harness import POPULATION, running_coordinator, task_config
+from tests.identities import ENROLLMENT_SECRET
 from tflite_export.exporter import export_model
 from tflite_export.model_zoo import create_digits_mlp
 
@@ -95,7 +96,7 @@ def _overnight_fedavg(
                 runtime = DeviceRuntime(
                     client=client,
                     population=POPULATION,
-                    device_id=f"device-{index}",
+                    enrollment_secret=ENROLLMENT_SECRET,
                     examples=examples,
                     conditions=AlwaysEligible(),
                     clock=RealClock(),

@@ -16,7 +16,14 @@ from typing import TypeVar
 import grpc
 
 from device_runtime import constants as protocol
-from protos import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, secagg_pb2_grpc
+from protos import (
+    admin_pb2,
+    admin_pb2_grpc,
+    device_pb2,
+    device_pb2_grpc,
+    secagg_pb2,
+    secagg_pb2_grpc,
+)
 from server import limits
 from server.aggregation import Buffer
 from server.config import TaskConfig
@@ -28,6 +35,7 @@ from server.errors import (
     abort_on_error,
     refuse,
 )
+from server.health import ListenerHealth
 from server.operator_access import AdminTokens, OperatorAuthentication
 from server.request_guard import RequestGuard
 from server.rounds.round import RoundInProgress
@@ -38,6 +46,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEVICE_SERVICE = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
+SECAGG_SERVICE = secagg_pb2.DESCRIPTOR.services_by_name["SecAggService"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 # The admin service takes whole models in one message; devices never send anything this big.
 admin_max_message_bytes = 256 << 20
 
@@ -361,7 +371,7 @@ class CoordinatorServer:
     the admin service answers only on `admin_address`, and only to an operator credential
     checked against `admin_tokens` (see server.operator_access). Without `admin_tokens` there
     is no admin listener at all. `tls` None means plaintext on both listeners (`--insecure`),
-    which is logged as a warning at start.
+    which is logged as a warning at start. Both listeners carry grpc.health.v1 (server/health.py).
     """
 
     def __init__(
@@ -388,6 +398,7 @@ class CoordinatorServer:
         secagg_pb2_grpc.add_SecAggServiceServicer_to_server(
             coordinator.secure_rounds.service, self._server
         )
+        self._health = [ListenerHealth(self._server, (DEVICE_SERVICE, SECAGG_SERVICE))]
         self.address = _listen(
             self._server, address, tls.device_credentials() if tls is not None else None
         )
@@ -407,6 +418,7 @@ class CoordinatorServer:
             admin_pb2_grpc.add_AdminServiceServicer_to_server(
                 AdminService(coordinator), self._admin
             )
+            self._health.append(ListenerHealth(self._admin, (ADMIN_SERVICE,)))
             self.admin_address = _listen(
                 self._admin, admin_address, tls.admin_credentials() if tls is not None else None
             )
@@ -417,9 +429,15 @@ class CoordinatorServer:
         return [self._server] + ([self._admin] if self._admin is not None else [])
 
     async def start(self) -> None:
+        """Starts both listeners and the round driver. The coordinator was built on an open
+        store with its tasks loaded, so health reports SERVING from here on."""
+        for health in self._health:
+            await health.not_yet_serving()
         for server in self._servers:
             await server.start()
         self._driver = asyncio.create_task(self.coordinator.driver.run())
+        for health in self._health:
+            await health.serving()
         if self.tls is None:
             log.warning(
                 "plaintext listeners (--insecure): anyone on the network path can read and "
@@ -431,6 +449,11 @@ class CoordinatorServer:
             self.admin_address or "no admin listener",
             "TLS" if self.tls is not None else "PLAINTEXT",
         )
+
+    async def stop_serving(self) -> None:
+        """Health reports NOT_SERVING on both listeners from now on (a drain has started)."""
+        for health in self._health:
+            await health.draining()
 
     async def stop(self, grace_s: float = 1.0) -> None:
         if self._driver is not None:

@@ -35,7 +35,7 @@ from server.errors import (
     abort_on_error,
     refuse,
 )
-from server.health import ListenerHealth
+from server.health import ListenerHealth, enable_reflection
 from server.operator_access import AdminTokens, OperatorAuthentication
 from server.request_guard import RequestGuard
 from server.rounds.round import RoundInProgress
@@ -371,7 +371,8 @@ class CoordinatorServer:
     the admin service answers only on `admin_address`, and only to an operator credential
     checked against `admin_tokens` (see server.operator_access). Without `admin_tokens` there
     is no admin listener at all. `tls` None means plaintext on both listeners (`--insecure`),
-    which is logged as a warning at start. Both listeners carry grpc.health.v1 (server/health.py).
+    which is logged as a warning at start. Both listeners carry grpc.health.v1 and the admin
+    listener server reflection (server/health.py).
     """
 
     def __init__(
@@ -419,6 +420,7 @@ class CoordinatorServer:
                 AdminService(coordinator), self._admin
             )
             self._health.append(ListenerHealth(self._admin, (ADMIN_SERVICE,)))
+            enable_reflection(self._admin, (ADMIN_SERVICE,))
             self.admin_address = _listen(
                 self._admin, admin_address, tls.admin_credentials() if tls is not None else None
             )

@@ -9,6 +9,7 @@ import pathlib
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos import admin_pb2, admin_pb2_grpc
 from server.grpc_service import ADMIN_SERVICE, DEVICE_SERVICE, SECAGG_SERVICE
@@ -94,3 +95,53 @@ def test_a_drain_turns_every_status_not_serving_and_watchers_see_it(tmp_path, mo
 
     assert seen == [SERVING, NOT_SERVING]
     assert after == [NOT_SERVING, NOT_SERVING, NOT_SERVING]
+
+
+async def _listed_services(channel: grpc.aio.Channel) -> list[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo(timeout=10)
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    response = await call.read()
+    await call.done_writing()
+    return sorted(s.name for s in response.list_services_response.service)
+
+
+def test_reflection_on_the_admin_listener_lists_the_admin_api_without_a_credential(
+    tmp_path, model_bytes
+) -> None:
+    async def scenario(running: RunningCoordinator) -> list[str]:
+        async with running.admin_channel() as channel:
+            return await _listed_services(channel)
+
+    services = _run(tmp_path, model_bytes, scenario)
+
+    assert ADMIN_SERVICE in services
+    assert DEVICE_SERVICE not in services
+
+
+def test_reflection_describes_an_admin_method_from_its_symbol(tmp_path, model_bytes) -> None:
+    async def scenario(running: RunningCoordinator) -> str:
+        async with running.admin_channel() as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            call = stub.ServerReflectionInfo(timeout=10)
+            await call.write(
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol=ADMIN_SERVICE)
+            )
+            response = await call.read()
+            await call.done_writing()
+            return response.WhichOneof("message_response")
+
+    kind = _run(tmp_path, model_bytes, scenario)
+
+    assert kind == "file_descriptor_response"
+
+
+def test_the_device_listener_offers_no_reflection(tmp_path, model_bytes) -> None:
+    async def scenario(running: RunningCoordinator) -> list[str]:
+        async with running.device_channel() as channel:
+            return await _listed_services(channel)
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        _run(tmp_path, model_bytes, scenario)
+
+    assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED

@@ -23,6 +23,7 @@ from server.data_dir import DataDirectory, DataDirError, default_full_check_belo
 from server.errors import AlreadyExists, CoordinatorError
 from server.evaluation import HeldOutEvaluator
 from server.grpc_service import CoordinatorServer, freeze_startup_heap
+from server.metrics import CoordinatorMetrics, metrics_served
 from server.operator_access import (
     FIRST_TOKEN_FILE,
     AdminTokens,
@@ -120,6 +121,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=2,
         help="uploads staged in memory at once; more wait under flow control (default 2)",
     )
+    serve.add_argument(
+        "--metrics-address",
+        help="host:port to serve Prometheus metrics on (GET /metrics); off unless given. "
+        "Keep it on loopback or a private network",
+    )
     serve.set_defaults(func=run_serve)
     operator_cli.register(subparsers)
 
@@ -167,15 +173,38 @@ async def _serve_in(
         config = TaskConfig.from_toml(args.task)
         with contextlib.suppress(AlreadyExists):
             coordinator.register_task(config, pathlib.Path(args.model).read_bytes())
+    metrics = CoordinatorMetrics() if args.metrics_address else None
     server = CoordinatorServer(
         coordinator,
         args.address,
         args.max_concurrent_uploads,
+        [] if metrics is None else [metrics.interceptor()],
         tls=tls,
         admin_address=args.admin_address,
         admin_tokens=AdminTokens(args.data_dir),
     )
     await server.start()
+    try:
+        async with contextlib.AsyncExitStack() as serving:
+            if metrics is not None:
+                slots = server.device_service.upload_slots
+                endpoint = await serving.enter_async_context(
+                    metrics_served(args.metrics_address, metrics, coordinator, slots)
+                )
+                print(f"metrics on http://{endpoint.address}/metrics", flush=True)
+            await _serve_until_stopped(server, args, tls, first_token)
+    finally:
+        await server.stop()
+    tensorboard.close()
+    store.close()
+
+
+async def _serve_until_stopped(
+    server: CoordinatorServer,
+    args: argparse.Namespace,
+    tls: ServerTls | None,
+    first_token: pathlib.Path | None,
+) -> None:
     freeze_startup_heap()
     print(
         f"coordinator listening on {server.address} (devices) and {server.admin_address} "
@@ -189,9 +218,6 @@ async def _serve_in(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.stop()
-    tensorboard.close()
-    store.close()
 
 
 def run_serve(args: argparse.Namespace) -> int:

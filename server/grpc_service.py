@@ -41,6 +41,7 @@ from server.request_guard import RequestGuard
 from server.rounds.round import RoundInProgress
 from server.store import RoundRecord, TaskState
 from server.transport_security import ServerTls
+from server.upload_slots import UploadSlots
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -175,7 +176,7 @@ async def _receive_payload(
 class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     def __init__(self, coordinator: Coordinator, max_concurrent_uploads: int = 2) -> None:
         self._coordinator = coordinator
-        self._upload_slots = asyncio.Semaphore(max_concurrent_uploads)
+        self.upload_slots = UploadSlots(max_concurrent_uploads)
 
     @abort_on_error
     async def CheckIn(
@@ -224,7 +225,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         parts = aiter(request_iterator)
         header, header_bytes = _upload_header(await anext(parts, None))
         expected = self._coordinator.check_upload_header(header)
-        async with self._upload_slots:
+        async with self.upload_slots:
             chunks, payload_bytes = await _receive_payload(parts, expected)
             return self._coordinator.accept_upload(header, chunks, header_bytes + payload_bytes)
 
@@ -395,7 +396,8 @@ class CoordinatorServer:
             interceptors=[*interceptors, RequestGuard(upload_idle_timeout_s)],
             options=[*server_options(protocol.max_message_bytes), *(extra_options or [])],
         )
-        add_device_service(DeviceService(coordinator, max_concurrent_uploads), self._server)
+        self.device_service = DeviceService(coordinator, max_concurrent_uploads)
+        add_device_service(self.device_service, self._server)
         secagg_pb2_grpc.add_SecAggServiceServicer_to_server(
             coordinator.secure_rounds.service, self._server
         )

@@ -28,6 +28,7 @@ from server import limits
 from server.aggregation import Buffer
 from server.config import TaskConfig
 from server.coordinator import Coordinator, TaskRuntime, check_protocol_version
+from server.drain import DrainGate
 from server.errors import (
     CoordinatorError,
     InvalidArgument,
@@ -391,9 +392,10 @@ class CoordinatorServer:
     ) -> None:
         self.coordinator = coordinator
         self.tls = tls
+        self.drain_gate = DrainGate()  # check-ins refused and calls counted for a drain
         self._server = grpc.aio.server(
             # The guard is innermost: it sees each method's own handler (request_guard.py).
-            interceptors=[*interceptors, RequestGuard(upload_idle_timeout_s)],
+            interceptors=[*interceptors, self.drain_gate, RequestGuard(upload_idle_timeout_s)],
             options=[*server_options(protocol.max_message_bytes), *(extra_options or [])],
         )
         self.device_service = DeviceService(coordinator, max_concurrent_uploads)
@@ -454,8 +456,10 @@ class CoordinatorServer:
             "TLS" if self.tls is not None else "PLAINTEXT",
         )
 
-    async def stop_serving(self) -> None:
-        """Health reports NOT_SERVING on both listeners from now on (a drain has started)."""
+    async def begin_drain(self) -> None:
+        """From now on check-ins are rejected with a retry window and health reports
+        NOT_SERVING on both listeners (server/drain.py)."""
+        self.drain_gate.close()
         for health in self._health:
             await health.draining()
 

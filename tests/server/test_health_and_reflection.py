@@ -81,7 +81,7 @@ def test_a_drain_turns_every_status_not_serving_and_watchers_see_it(tmp_path, mo
                 health_pb2.HealthCheckRequest(service=DEVICE_SERVICE)
             )
             seen = [(await watch.read()).status]
-            await running.server.stop_serving()
+            await running.server.begin_drain()
             seen.append((await watch.read()).status)
             watch.cancel()
             after = [

@@ -64,7 +64,8 @@ class CoordinatorMetrics:
         self.check_ins = prometheus_client.Counter(
             "overnight_check_ins",
             "Check-ins by population and outcome: assigned; rejected (reason: round_full, "
-            "not_eligible, no_task, draining); refused (reason: the gRPC status code)",
+            "not_eligible, no_task; a draining coordinator answers no_task); refused (reason: the "
+            "gRPC status code)",
             ["population", "outcome", "reason"],
             registry=r,
         )

@@ -98,6 +98,7 @@ def test_sigterm_lets_uploads_finish_commits_their_round_and_exits_0(
                 ).status != health_pb2.HealthCheckResponse.NOT_SERVING:
                     await asyncio.sleep(0.01)
                 late = await _check_in(channel, "late")
+                page = await asyncio.to_thread(_scrape, metrics_address)  # while draining
                 for upload in uploads:
                     await upload.finish()
             output = (await asyncio.wait_for(process.stdout.read(), 120)).decode()
@@ -116,12 +117,18 @@ def test_sigterm_lets_uploads_finish_commits_their_round_and_exits_0(
                 await process.wait()
 
     code, output, late, reason, committed, page = asyncio.run(scenario())
-    (tmp_path.parent / "metrics-sample.txt").write_text(page)  # for the closing note
+    check_ins = {
+        (s.labels["outcome"], s.labels["reason"]): s.value
+        for family in text_string_to_metric_families(page)
+        for s in family.samples
+        if s.name == "overnight_check_ins_total"
+    }
 
     assert code == 0
     assert "coordinator stopped (drained)" in output
     assert (late, reason) == ("rejection", 1)  # NO_TASK, with a retry window
     assert committed == 1
+    assert check_ins == {("assigned", ""): 3, ("rejected", "no_task"): 1}
 
 
 def _num_parameters(model_path: pathlib.Path) -> int:

@@ -21,11 +21,13 @@ from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
 from server.data_dir import DataDirectory, DataDirError, default_full_check_below_bytes
 from server.device_identity import DeviceIdentities, IdentitySettings
+from server.drain import Ending, abandon_open_rounds, default_drain_timeout_s, wait_for_drain
 from server.enrollment.config import EnrollmentPolicy
 from server.errors import AlreadyExists, CoordinatorError
 from server.evaluation import HeldOutEvaluator
 from server.flood_limits import NetworkSettings
 from server.grpc_service import CoordinatorServer, freeze_startup_heap
+from server.metrics import CoordinatorMetrics, metrics_served
 from server.operator_access import (
     FIRST_TOKEN_FILE,
     AdminTokens,
@@ -48,7 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "--admin-address, both over TLS (--tls-cert, --tls-key); state in "
             "DATA_DIR/coordinator.sqlite. Restarting with the same data directory resumes every "
             "task from its last committed round. On first start it makes an operator token "
-            f"and writes it to DATA_DIR/{FIRST_TOKEN_FILE}."
+            f"and writes it to DATA_DIR/{FIRST_TOKEN_FILE}. SIGTERM (or SIGINT) drains: "
+            "check-ins are turned away, calls under way finish and completed rounds commit "
+            "within --drain-timeout, open rounds are recorded abandoned, and it exits 0."
         ),
     )
     serve.add_argument(
@@ -159,6 +163,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=2,
         help="uploads staged in memory at once; more wait under flow control (default 2)",
     )
+    serve.add_argument(
+        "--metrics-address",
+        help="host:port to serve Prometheus metrics on (GET /metrics); off unless given. "
+        "Keep it on loopback or a private network",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=default_drain_timeout_s,
+        help="on SIGTERM, seconds to let uploads and downloads under way finish and completed "
+        "rounds commit before stopping; a second SIGTERM stops at once (default %(default)g)",
+    )
     serve.set_defaults(func=run_serve)
     operator_cli.register(subparsers)
 
@@ -222,15 +238,43 @@ async def _serve_in(
         config = TaskConfig.from_toml(args.task)
         with contextlib.suppress(AlreadyExists):
             coordinator.register_task(config, pathlib.Path(args.model).read_bytes())
+    metrics = CoordinatorMetrics() if args.metrics_address else None
     server = CoordinatorServer(
         coordinator,
         args.address,
         args.max_concurrent_uploads,
+        interceptors=[] if metrics is None else [metrics.interceptor()],
         tls=tls,
         admin_address=args.admin_address,
         admin_tokens=AdminTokens(args.data_dir),
     )
     await server.start()
+    ending = Ending.INTERRUPTED
+    try:
+        async with contextlib.AsyncExitStack() as serving:
+            if metrics is not None:
+                slots = server.device_service.upload_slots
+                endpoint = await serving.enter_async_context(
+                    metrics_served(args.metrics_address, metrics, coordinator, slots)
+                )
+                print(f"metrics on http://{endpoint.address}/metrics", flush=True)
+            ending = await _serve_until_drained(server, args, tls, first_token)
+    finally:
+        await server.stop(grace_s=0.0)
+    if ending is not Ending.INTERRUPTED:
+        abandoned = abandon_open_rounds(coordinator)
+        log.info("drain: %d open rounds recorded abandoned", abandoned)
+    tensorboard.close()
+    store.close()
+    print(f"coordinator stopped ({ending.value})", flush=True)
+
+
+async def _serve_until_drained(
+    server: CoordinatorServer,
+    args: argparse.Namespace,
+    tls: ServerTls | None,
+    first_token: pathlib.Path | None,
+) -> Ending:
     freeze_startup_heap()
     print(
         f"coordinator listening on {server.address} (devices) and {server.admin_address} "
@@ -239,14 +283,19 @@ async def _serve_in(
     )
     if first_token is not None:
         print(f"operator admin token written to {first_token} (0600)", flush=True)
-    stop = asyncio.Event()
+    # The first signal starts the drain, a second one ends it at once.
+    stop, interrupted = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (interrupted if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
-    await server.stop()
-    tensorboard.close()
-    store.close()
+    print(f"draining (at most {args.drain_timeout:g} s; signal again to stop now)", flush=True)
+    await server.begin_drain()
+    return await wait_for_drain(server, args.drain_timeout, interrupted)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -715,6 +715,7 @@ class Coordinator:
                 number = round_.round_number
                 log.error("task %s: round %d not recorded: %s", task.task_id, number, exc)
             self.forget(task, round_)
+            self.notify(task, record)
 
     def notify(self, task: TaskRuntime, record: RoundRecord) -> None:
         for observer in self.observers:

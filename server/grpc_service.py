@@ -16,11 +16,19 @@ from typing import TypeVar
 import grpc
 
 from device_runtime import constants as protocol
-from protos import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc, secagg_pb2_grpc
+from protos import (
+    admin_pb2,
+    admin_pb2_grpc,
+    device_pb2,
+    device_pb2_grpc,
+    secagg_pb2,
+    secagg_pb2_grpc,
+)
 from server import limits
 from server.aggregation import Buffer
 from server.config import TaskConfig
 from server.coordinator import Coordinator, TaskRuntime, check_protocol_version
+from server.drain import DrainGate
 from server.errors import (
     CoordinatorError,
     InvalidArgument,
@@ -28,16 +36,20 @@ from server.errors import (
     abort_on_error,
     refuse,
 )
+from server.health import ListenerHealth, enable_reflection
 from server.operator_access import AdminTokens, OperatorAuthentication
 from server.request_guard import RequestGuard
 from server.rounds.round import RoundInProgress
 from server.store import RoundRecord, TaskState
 from server.transport_security import ServerTls
+from server.upload_slots import UploadSlots
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEVICE_SERVICE = device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name
+SECAGG_SERVICE = secagg_pb2.DESCRIPTOR.services_by_name["SecAggService"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 # The admin service takes whole models in one message; devices never send anything this big.
 admin_max_message_bytes = 256 << 20
 
@@ -165,7 +177,7 @@ async def _receive_payload(
 class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     def __init__(self, coordinator: Coordinator, max_concurrent_uploads: int = 2) -> None:
         self._coordinator = coordinator
-        self._upload_slots = asyncio.Semaphore(max_concurrent_uploads)
+        self.upload_slots = UploadSlots(max_concurrent_uploads)
 
     @abort_on_error
     async def Enroll(
@@ -221,7 +233,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         parts = aiter(request_iterator)
         header, header_bytes = _upload_header(await anext(parts, None))
         expected = self._coordinator.check_upload_header(header)
-        async with self._upload_slots:
+        async with self.upload_slots:
             chunks, payload_bytes = await _receive_payload(parts, expected)
             return self._coordinator.accept_upload(header, chunks, header_bytes + payload_bytes)
 
@@ -368,7 +380,8 @@ class CoordinatorServer:
     the admin service answers only on `admin_address`, and only to an operator credential
     checked against `admin_tokens` (see server.operator_access). Without `admin_tokens` there
     is no admin listener at all. `tls` None means plaintext on both listeners (`--insecure`),
-    which is logged as a warning at start.
+    which is logged as a warning at start. Both listeners carry grpc.health.v1 and the admin
+    listener server reflection (server/health.py).
     """
 
     def __init__(
@@ -386,15 +399,18 @@ class CoordinatorServer:
     ) -> None:
         self.coordinator = coordinator
         self.tls = tls
+        self.drain_gate = DrainGate()  # check-ins refused and calls counted for a drain
         self._server = grpc.aio.server(
             # The guard is innermost: it sees each method's own handler (request_guard.py).
-            interceptors=[*interceptors, RequestGuard(upload_idle_timeout_s)],
+            interceptors=[*interceptors, self.drain_gate, RequestGuard(upload_idle_timeout_s)],
             options=[*server_options(protocol.max_message_bytes), *(extra_options or [])],
         )
-        add_device_service(DeviceService(coordinator, max_concurrent_uploads), self._server)
+        self.device_service = DeviceService(coordinator, max_concurrent_uploads)
+        add_device_service(self.device_service, self._server)
         secagg_pb2_grpc.add_SecAggServiceServicer_to_server(
             coordinator.secure_rounds.service, self._server
         )
+        self._health = [ListenerHealth(self._server, (DEVICE_SERVICE, SECAGG_SERVICE))]
         self.address = _listen(
             self._server, address, tls.device_credentials() if tls is not None else None
         )
@@ -414,6 +430,8 @@ class CoordinatorServer:
             admin_pb2_grpc.add_AdminServiceServicer_to_server(
                 AdminService(coordinator), self._admin
             )
+            self._health.append(ListenerHealth(self._admin, (ADMIN_SERVICE,)))
+            enable_reflection(self._admin, (ADMIN_SERVICE,))
             self.admin_address = _listen(
                 self._admin, admin_address, tls.admin_credentials() if tls is not None else None
             )
@@ -424,9 +442,15 @@ class CoordinatorServer:
         return [self._server] + ([self._admin] if self._admin is not None else [])
 
     async def start(self) -> None:
+        """Starts both listeners and the round driver. The coordinator was built on an open
+        store with its tasks loaded, so health reports SERVING from here on."""
+        for health in self._health:
+            await health.not_yet_serving()
         for server in self._servers:
             await server.start()
         self._driver = asyncio.create_task(self.coordinator.driver.run())
+        for health in self._health:
+            await health.serving()
         if self.tls is None:
             log.warning(
                 "plaintext listeners (--insecure): anyone on the network path can read and "
@@ -438,6 +462,13 @@ class CoordinatorServer:
             self.admin_address or "no admin listener",
             "TLS" if self.tls is not None else "PLAINTEXT",
         )
+
+    async def begin_drain(self) -> None:
+        """From now on check-ins are rejected with a retry window and health reports
+        NOT_SERVING on both listeners (server/drain.py)."""
+        self.drain_gate.close()
+        for health in self._health:
+            await health.draining()
 
     async def stop(self, grace_s: float = 1.0) -> None:
         if self._driver is not None:

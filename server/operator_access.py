@@ -9,6 +9,10 @@ password hash would be, and checking one costs microseconds.
 Every admin call is checked, and a method not listed as read-only needs the operator role:
 - no credential, or one that matches nothing: UNAUTHENTICATED;
 - a valid credential whose role does not allow the method: PERMISSION_DENIED.
+
+The open services on the admin listener, health and reflection (server/health.py), need no
+credential: a load balancer's probe has none, and they reveal only whether the coordinator
+serves and the admin API's schema (public in protos/), never data or an admin action.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from cryptography.x509.oid import NameOID
 
 from protos import admin_pb2
 from server.errors import CoordinatorError, PermissionDenied, Unauthenticated, status_code
+from server.health import is_open_method
 from server.private_files import write_private_file
 
 log = logging.getLogger(__name__)
@@ -215,6 +220,8 @@ class OperatorAuthentication(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return None
+        if is_open_method(details.method):
+            return handler
         needed = required_role(details.method)
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._guard(handler.unary_unary, needed))

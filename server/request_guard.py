@@ -15,6 +15,9 @@ whole server. `RequestGuard`, a server interceptor, wraps every method's handler
 - a CoordinatorError escaping a handler becomes its status (server.errors); any other
   exception is logged with its traceback and answered UNAVAILABLE: an internal or store
   failure, which the device retries later.
+
+The open services (health, reflection: server/health.py) pass unguarded: their handlers come
+from grpcio's own packages, answer with their own statuses, and stream by `context.write`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from server.errors import (
     answer_unexpected,
     refuse,
 )
+from server.health import is_open_method
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +132,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             return cached
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
+            return handler
+        if is_open_method(method):
             return handler
         guarded = self._guard(method, handler)
         self._handlers[method] = guarded

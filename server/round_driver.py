@@ -28,6 +28,8 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import time
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -85,6 +87,8 @@ class RoundDriver:
         self._passed = asyncio.Event()
         self._pending: dict[tuple[str, int], PendingCommit] = {}
         self._ending: set[RoundInProgress] = set()  # commits under way in a worker thread
+        # Called with the seconds each durable commit took (metrics); from the commit's thread.
+        self.commit_observers: list[Callable[[float], None]] = []
 
     def wake(self) -> None:
         """Asks for a pass soon. Safe to call from handlers at any time."""
@@ -233,12 +237,15 @@ class RoundDriver:
         record = self._record(round_, RoundState.COMMITTED, pending)
         store = self._coordinator.store
         try:
+            started = time.perf_counter()
             store.commit_round(
                 record,
                 pending.weights_bytes,
                 round_.counted_tokens(),
                 serialize_state(pending.optimizer_state),
             )
+            for observe in self.commit_observers:
+                observe(time.perf_counter() - started)
         except AlreadyExists:
             # A write that reported failure may still have become durable: the store is the
             # judge. Our own commit is there exactly as computed; anything else is a defect.

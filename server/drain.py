@@ -1,0 +1,207 @@
+"""Graceful drain: how `overnight serve` stops on SIGTERM without losing what devices send.
+
+1. `DrainGate.close` (through `CoordinatorServer.begin_drain`): check-ins get a rejection
+   with a retry window (`drain_retry_s`) instead of an assignment, and health turns
+   NOT_SERVING, so a load balancer sends devices elsewhere;
+2. `wait_for_drain`: the calls already under way (downloads, uploads, failure reports, SecAgg
+   messages) finish, and the round driver ends every round they completed: a round whose
+   target is reached commits. It ends at the drain timeout, or at once when `interrupted`
+   is set (a second SIGTERM);
+3. the server stops, and `abandon_open_rounds` records each round still selecting or
+   reporting as abandoned (unless interrupted: a restart records them the same way).
+
+Nothing committed is lost on any path: a commit is one SQLite transaction, and the store's
+lock makes closing it wait for a commit under way in the driver's worker thread.
+
+Devices are rejected with NO_TASK, the reason a coordinator without a running task gives: the
+protocol has no reason of its own for a coordinator going away, and the retry window is what
+a device acts on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from protos import common_pb2, device_pb2
+from server.errors import AlreadyExists, StoreUnavailable
+from server.health import is_open_method
+from server.rounds import closed
+from server.store import RoundState
+
+if TYPE_CHECKING:
+    from server.coordinator import Coordinator
+    from server.grpc_service import CoordinatorServer
+
+log = logging.getLogger(__name__)
+
+CHECK_IN = "/overnight.v1.DeviceService/CheckIn"
+# Devices turned away by a draining coordinator come back within this window: a restart or
+# another replica usually serves by then.
+drain_retry_s = (30.0, 90.0)
+default_drain_timeout_s = 30.0
+
+Behaviour = Callable[..., Any]
+
+
+class Ending(enum.Enum):
+    DRAINED = "drained"  # every call finished and every completed round was ended
+    TIMED_OUT = "timed out"
+    INTERRUPTED = "interrupted"
+
+
+class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """On the device listener, outside the request guard: counts the calls under way, and
+    once closed answers check-ins with a rejection. Calls other than check-ins are still
+    served while draining: they belong to devices that hold an assignment."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def idle(self) -> None:
+        """Returns once no call is under way."""
+        while self.in_flight:
+            await self._idle.wait()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = details.method  # type: ignore[attr-defined]
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(details)
+        if handler is None or is_open_method(method):
+            return handler
+        if method == CHECK_IN:
+            gated = handler._replace(unary_unary=self._check_in(handler.unary_unary))
+        elif handler.unary_unary is not None:
+            gated = handler._replace(unary_unary=self._counted(handler.unary_unary))
+        elif handler.unary_stream is not None:
+            gated = handler._replace(unary_stream=self._counted_stream(handler.unary_stream))
+        elif handler.stream_unary is not None:
+            gated = handler._replace(stream_unary=self._counted(handler.stream_unary))
+        else:
+            gated = handler
+        self._handlers[method] = gated
+        return gated
+
+    def _check_in(self, behaviour: Behaviour) -> Behaviour:
+        async def gated(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if self.closed:
+                return device_pb2.CheckInResponse(
+                    rejection=device_pb2.Rejection(
+                        reason=device_pb2.Rejection.NO_TASK,
+                        message="the coordinator is shutting down; check in again later",
+                    ),
+                    retry_window=common_pb2.RetryWindow(
+                        min_delay_s=drain_retry_s[0], max_delay_s=drain_retry_s[1]
+                    ),
+                )
+            return await behaviour(request, context)
+
+        return gated
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
+
+    def _counted(self, behaviour: Behaviour) -> Behaviour:
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self._enter()
+            try:
+                return await behaviour(request, context)
+            finally:
+                self._leave()
+
+        return counted
+
+    def _counted_stream(self, behaviour: Behaviour) -> Behaviour:
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self._enter()
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            finally:
+                self._leave()
+
+        return counted
+
+
+async def wait_for_drain(
+    server: CoordinatorServer, timeout_s: float, interrupted: asyncio.Event
+) -> Ending:
+    """Waits, after `server.begin_drain()`, until the calls under way have finished and the
+    round driver has ended the rounds they completed; or the timeout; or `interrupted`."""
+
+    async def drained() -> None:
+        await server.drain_gate.idle()
+        await server.coordinator.driver.settled()
+
+    draining = asyncio.ensure_future(drained())
+    interruption = asyncio.ensure_future(interrupted.wait())
+    try:
+        done, _ = await asyncio.wait(
+            (draining, interruption), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for waiter in (draining, interruption):
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+    if draining in done:
+        return Ending.DRAINED
+    return Ending.INTERRUPTED if interruption in done else Ending.TIMED_OUT
+
+
+def abandon_open_rounds(coordinator: Coordinator) -> int:
+    """Records every round still selecting or reporting as abandoned, once the server and
+    its round driver have stopped; returns how many. Rounds the driver was ending stay as
+    they are: a commit under way may still become durable, and a restart records any other
+    as abandoned."""
+    now = coordinator.now()
+    abandoned = 0
+    for task in coordinator.tasks():
+        for round_ in list(task.open_rounds.values()):
+            if round_.state not in (RoundState.SELECTING, RoundState.REPORTING):
+                continue
+            record = closed.summarize(round_, RoundState.ABANDONED, now)
+            try:
+                coordinator.store.record_closed_round(record)
+            except (StoreUnavailable, AlreadyExists) as exc:
+                log.error(
+                    "task %s: round %d not recorded: %s", task.task_id, round_.round_number, exc
+                )
+                continue
+            round_.state = RoundState.ABANDONED
+            coordinator.forget(task, round_)
+            coordinator.notify(task, record)
+            abandoned += 1
+            log.warning(
+                "task %s round %d abandoned by the drain: %d of %d reports",
+                task.task_id,
+                round_.round_number,
+                round_.reported,
+                task.config.target_reports,
+            )
+    return abandoned

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from device_runtime.channel import ServerTrust, open_channel
 from device_runtime.manifest import ModelManifest
 from server.certificates import write_loopback_certificates
+from tests.identities import ENROLLMENT_SECRET
 from tests.server.test_drain import HalfUpload, _check_in
 
 pytestmark = pytest.mark.e2e
@@ -61,6 +62,8 @@ def test_sigterm_lets_uploads_finish_commits_their_round_and_exits_0(
     tls = write_loopback_certificates(tmp_path / "tls")
     port, metrics_address = _free_port(), f"127.0.0.1:{_free_port()}"
     trust = ServerTrust(root_certificates=tls.root_certs.read_bytes())
+    secret = tmp_path / "enrollment.secret"
+    secret.write_bytes(ENROLLMENT_SECRET)
 
     async def scenario() -> tuple[int, str, str, int, int, str]:
         process = await asyncio.create_subprocess_exec(
@@ -72,6 +75,7 @@ def test_sigterm_lets_uploads_finish_commits_their_round_and_exits_0(
             *("--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)),
             *("--data-dir", str(data_dir), "--task", str(task), "--model", str(model_path)),
             *("--metrics-address", metrics_address),
+            *("--enrollment-secret-file", str(secret), "--exempt-network", "127.0.0.0/8"),
             cwd=REPO,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,

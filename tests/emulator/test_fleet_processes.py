@@ -58,8 +58,10 @@ def _watch_reporters_come_back(coordinator: Coordinator) -> asyncio.Event:
         if len(coordinator.rounds("t1")) >= 2 and not waiting_for:
             settled.set()
 
-    def watched_check_in(request: device_pb2.CheckInRequest) -> device_pb2.CheckInResponse:
-        response = check_in(request)
+    def watched_check_in(
+        request: device_pb2.CheckInRequest, *args: Any
+    ) -> device_pb2.CheckInResponse:
+        response = check_in(request, *args)  # device_id: the hash of the key that signed it
         waiting_for.discard(request.device_id)
         if response.HasField("assignment"):
             assignment = response.assignment

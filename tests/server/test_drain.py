@@ -16,16 +16,13 @@ from server.drain import Ending, abandon_open_rounds, drain_retry_s, wait_for_dr
 from server.sqlite_store import SqliteStore
 from server.store import RoundState
 from tests.harness import POPULATION, RunningCoordinator, running_coordinator, task_config
+from tests.identities import check_in_over, sign_header
 
 V = constants.PROTOCOL_VERSION
 
 
 async def _check_in(channel: grpc.aio.Channel, device_id: str) -> device_pb2.CheckInResponse:
-    return await device_pb2_grpc.DeviceServiceStub(channel).CheckIn(
-        device_pb2.CheckInRequest(
-            protocol_version=V, population=POPULATION, device_id=device_id, example_count=10
-        )
-    )
+    return await check_in_over(channel, device_id, POPULATION)
 
 
 class HalfUpload:
@@ -46,7 +43,7 @@ class HalfUpload:
         self.call = device_pb2_grpc.DeviceServiceStub(channel).UploadUpdate()
 
     async def start(self) -> None:
-        await self.call.write(device_pb2.UploadChunk(header=self._header))
+        await self.call.write(device_pb2.UploadChunk(header=sign_header(self._header)))
         await self.call.write(device_pb2.UploadChunk(data=self._parts[0]))
 
     async def finish(self) -> device_pb2.UploadResponse:

@@ -19,6 +19,7 @@ from device_runtime import constants
 from protos import common_pb2, device_pb2, device_pb2_grpc
 from server.metrics import CoordinatorMetrics, MetricsEndpoint
 from tests.harness import POPULATION, RunningCoordinator, running_coordinator, task_config
+from tests.identities import check_in_over, sign_failure, sign_header
 
 V = constants.PROTOCOL_VERSION
 CHECK_IN = "/overnight.v1.DeviceService/CheckIn"
@@ -81,11 +82,7 @@ def _run(
 async def _check_in(
     channel: grpc.aio.Channel, device_id: str, population: str = POPULATION
 ) -> device_pb2.CheckInResponse:
-    return await device_pb2_grpc.DeviceServiceStub(channel).CheckIn(
-        device_pb2.CheckInRequest(
-            protocol_version=V, population=population, device_id=device_id, example_count=10
-        )
-    )
+    return await check_in_over(channel, device_id, population)
 
 
 def _upload_parts(token: bytes, n: int) -> tuple[device_pb2.UploadChunk, list[bytes]]:
@@ -99,7 +96,7 @@ def _upload_parts(token: bytes, n: int) -> tuple[device_pb2.UploadChunk, list[by
     )
     payload = np.full(n, 0.25, "<f4").tobytes()
     half = len(payload) // 2
-    return device_pb2.UploadChunk(header=header), [payload[:half], payload[half:]]
+    return device_pb2.UploadChunk(header=sign_header(header)), [payload[:half], payload[half:]]
 
 
 async def _upload(channel: grpc.aio.Channel, token: bytes, n: int) -> None:
@@ -135,10 +132,12 @@ def test_a_committed_round_shows_its_outcome_reports_dropouts_and_commit(
         tokens = [(await _check_in(channel, d)).assignment.upload_token for d in "abc"]
         n = running.coordinator.task("t1").record.num_parameters
         await device_pb2_grpc.DeviceServiceStub(channel).ReportFailure(
-            device_pb2.FailureReport(
-                protocol_version=V,
-                upload_token=tokens[2],
-                cause=device_pb2.FailureReport.INTERRUPTED,
+            sign_failure(
+                device_pb2.FailureReport(
+                    protocol_version=V,
+                    upload_token=tokens[2],
+                    cause=device_pb2.FailureReport.INTERRUPTED,
+                )
             )
         )
         for token in tokens[:2]:

@@ -295,7 +295,9 @@ async def _serve_until_drained(
     await stop.wait()
     print(f"draining (at most {args.drain_timeout:g} s; signal again to stop now)", flush=True)
     await server.begin_drain()
-    return await wait_for_drain(server, args.drain_timeout, interrupted)
+    return await wait_for_drain(
+        server.drain_gate, server.coordinator.driver, args.drain_timeout, interrupted
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:

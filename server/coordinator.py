@@ -290,13 +290,8 @@ class Coordinator:
         self.store.set_task_state(task_id, target)
         task.state = target
         if target is TaskState.CANCELLED:
-            now = self._clock.now()
             for round_ in list(task.open_rounds.values()):
-                record = closed.summarize(round_, RoundState.ABANDONED, now)
-                self.store.record_closed_round(record)
-                round_.state = RoundState.ABANDONED
-                self.forget(task, round_)
-                self.notify(task, record)
+                self.abandon(task, round_)
         log.warning("task %s: %s by an operator", task_id, target.value)
         return task
 
@@ -705,17 +700,25 @@ class Coordinator:
         """Stops a task whose round logic raised: it takes no more devices, and its open
         rounds are abandoned (recorded when the store allows). Other tasks are untouched."""
         task.fault = reason
-        now = self._clock.now()
         for round_ in list(task.open_rounds.values()):
-            round_.state = RoundState.ABANDONED
-            record = closed.summarize(round_, RoundState.ABANDONED, now)
             try:
-                self.store.record_closed_round(record)
+                self.abandon(task, round_)
             except (StoreUnavailable, AlreadyExists) as exc:
                 number = round_.round_number
                 log.error("task %s: round %d not recorded: %s", task.task_id, number, exc)
-            self.forget(task, round_)
-            self.notify(task, record)
+                round_.state = RoundState.ABANDONED
+                self.forget(task, round_)
+
+    def abandon(self, task: TaskRuntime, round_: RoundInProgress) -> RoundRecord:
+        """Records an open round abandoned (an operator's cancel, a failed task, a drain),
+        then drops it from memory. Raises StoreUnavailable or AlreadyExists, changing nothing,
+        when the record cannot be written."""
+        record = closed.summarize(round_, RoundState.ABANDONED, self._clock.now())
+        self.store.record_closed_round(record)
+        round_.state = RoundState.ABANDONED
+        self.forget(task, round_)
+        self.notify(task, record)
+        return record
 
     def notify(self, task: TaskRuntime, record: RoundRecord) -> None:
         for observer in self.observers:

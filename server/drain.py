@@ -32,12 +32,11 @@ import grpc
 from protos import common_pb2, device_pb2
 from server.errors import AlreadyExists, StoreUnavailable
 from server.health import is_open_method
-from server.rounds import closed
 from server.store import RoundState
 
 if TYPE_CHECKING:
     from server.coordinator import Coordinator
-    from server.grpc_service import CoordinatorServer
+    from server.round_driver import RoundDriver
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +148,14 @@ class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 async def wait_for_drain(
-    server: CoordinatorServer, timeout_s: float, interrupted: asyncio.Event
+    gate: DrainGate, driver: RoundDriver, timeout_s: float, interrupted: asyncio.Event
 ) -> Ending:
-    """Waits, after `server.begin_drain()`, until the calls under way have finished and the
-    round driver has ended the rounds they completed; or the timeout; or `interrupted`."""
+    """Waits, after the gate closed, until the calls under way have finished and the round
+    driver has ended the rounds they completed; or the timeout; or `interrupted`."""
 
     async def drained() -> None:
-        await server.drain_gate.idle()
-        await server.coordinator.driver.settled()
+        await gate.idle()
+        await driver.settled()
 
     draining = asyncio.ensure_future(drained())
     interruption = asyncio.ensure_future(interrupted.wait())
@@ -179,23 +178,18 @@ def abandon_open_rounds(coordinator: Coordinator) -> int:
     its round driver have stopped; returns how many. Rounds the driver was ending stay as
     they are: a commit under way may still become durable, and a restart records any other
     as abandoned."""
-    now = coordinator.now()
     abandoned = 0
     for task in coordinator.tasks():
         for round_ in list(task.open_rounds.values()):
             if round_.state not in (RoundState.SELECTING, RoundState.REPORTING):
                 continue
-            record = closed.summarize(round_, RoundState.ABANDONED, now)
             try:
-                coordinator.store.record_closed_round(record)
+                coordinator.abandon(task, round_)
             except (StoreUnavailable, AlreadyExists) as exc:
                 log.error(
                     "task %s: round %d not recorded: %s", task.task_id, round_.round_number, exc
                 )
                 continue
-            round_.state = RoundState.ABANDONED
-            coordinator.forget(task, round_)
-            coordinator.notify(task, record)
             abandoned += 1
             log.warning(
                 "task %s round %d abandoned by the drain: %d of %d reports",

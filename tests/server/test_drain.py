@@ -25,6 +25,11 @@ async def _check_in(channel: grpc.aio.Channel, device_id: str) -> device_pb2.Che
     return await check_in_over(channel, device_id, POPULATION)
 
 
+async def _drain(running: RunningCoordinator) -> Ending:
+    gate, driver = running.server.drain_gate, running.coordinator.driver
+    return await wait_for_drain(gate, driver, 3600.0, asyncio.Event())
+
+
 class HalfUpload:
     """An upload stream that has sent its header and half its payload."""
 
@@ -102,7 +107,11 @@ def test_uploads_under_way_finish_and_their_round_commits(tmp_path, model_bytes)
         ):
             uploads = await _mid_upload(running, channel, "abc", uploading=2)
             await running.server.begin_drain()
-            ending = asyncio.create_task(wait_for_drain(running.server, 3600.0, asyncio.Event()))
+            ending = asyncio.create_task(
+                wait_for_drain(
+                    running.server.drain_gate, running.coordinator.driver, 3600.0, asyncio.Event()
+                )
+            )
             late = await _check_in(channel, "late")
             responses = [await u.finish() for u in uploads]
             return await ending, responses, late.WhichOneof("outcome")
@@ -124,7 +133,11 @@ def test_a_round_short_of_its_target_is_recorded_abandoned(tmp_path, model_bytes
         ):
             [upload] = await _mid_upload(running, channel, "abc", uploading=1)
             await running.server.begin_drain()
-            ending = asyncio.create_task(wait_for_drain(running.server, 3600.0, asyncio.Event()))
+            ending = asyncio.create_task(
+                wait_for_drain(
+                    running.server.drain_gate, running.coordinator.driver, 3600.0, asyncio.Event()
+                )
+            )
             await upload.finish()  # one report of the two the round needs
             result = await ending
             await running.server.stop(0)
@@ -156,7 +169,10 @@ def test_an_interrupted_or_timed_out_drain_ends_at_once_and_keeps_what_was_commi
             if how == "interrupted":
                 interrupted.set()  # a second SIGTERM
             ending = await wait_for_drain(
-                running.server, 3600.0 if how == "interrupted" else 0.0, interrupted
+                running.server.drain_gate,
+                running.coordinator.driver,
+                3600.0 if how == "interrupted" else 0.0,
+                interrupted,
             )
             await running.server.stop(0)
             with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -106,7 +106,8 @@ class DeviceServiceServicer(object):
         (as TFF's FedAvg does); the round's metrics count it in aggregator/num_nonfinite_updates.
         RESOURCE_EXHAUSTED   payload larger than the header announced, or a chunk over 4 MiB
         DEADLINE_EXCEEDED    the stream sent nothing for the coordinator's idle time (30 s by
-        default); the upload was cancelled
+        default), or, once older than that, averaged under 1 KiB/s;
+        the upload was cancelled
         An upload takes one of the coordinator's upload slots only once its header was accepted.
         The example count weighs the update at most as much as the count the device declared at
         check-in, and at most the task's max_examples_per_device. The coordinator applies the

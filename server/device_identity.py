@@ -97,6 +97,9 @@ class DeviceIdentities:
         self._per_network = RateLimiter(s.enroll_per_network, s.max_tracked_keys)
         self._per_credential = RateLimiter(s.enroll_per_credential, s.max_tracked_keys)
         self._nonces = ReplayGuard(2 * self.settings.freshness_s, self.settings.max_recent_nonces)
+        # The nonces seen before a restart are gone, so a check-in signed before this process
+        # started could be a replay; the device re-enrolls and signs again (runtime.py).
+        self._started_ms = int(clock.now() * 1000)
         self._keys: collections.OrderedDict[tuple[str, str], ec.EllipticCurvePublicKey] = (
             collections.OrderedDict()
         )
@@ -206,6 +209,11 @@ class DeviceIdentities:
             raise Unauthenticated(
                 f"the check-in's timestamp is {skew:.0f} s from the coordinator's clock "
                 f"(allowed: {self.settings.freshness_s:.0f} s); enroll again to learn it"
+            )
+        if request.timestamp_ms < self._started_ms:
+            raise Unauthenticated(
+                "the check-in was signed before the coordinator started, so a replay cannot be "
+                "ruled out; enroll again and sign a new one"
             )
         if self._nonces.seen(request.device_id, request.nonce, now):
             raise Unauthenticated("replayed check-in: this nonce was already used")

@@ -60,6 +60,10 @@ max_aggregator_expression_bytes = 1024
 # An upload (or masked-input) stream that sends nothing for this long is cancelled, and frees
 # the upload slot it held.
 upload_idle_timeout_s = 30.0
+# ... and one that, once it is older than the idle time, has averaged less than this is
+# cancelled too: a trickle (a byte every 29 s) would otherwise hold its slot until the round's
+# reporting deadline. 1 KiB/s is far below the slowest mobile uplink that finishes an upload.
+min_upload_bytes_per_s = 1024.0
 # A client stream the coordinator is done with (refused, or complete) is read to its end, up
 # to this many more messages, before the call ends (server/request_guard.py).
 max_drained_messages = 64

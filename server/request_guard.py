@@ -9,8 +9,9 @@ whole server. `RequestGuard`, a server interceptor, wraps every method's handler
   recursively; a request that fails becomes a `Refusal` that the handler wrapper answers with
   INVALID_ARGUMENT (undecodable, unknown enum value, string too long) or RESOURCE_EXHAUSTED
   (over the method's size limit), before any handler code runs;
-- a client stream that sends nothing for `idle_timeout_s` ends with DEADLINE_EXCEEDED, which
-  frees whatever the handler held (an upload slot); one the handler is done with is read to
+- a client stream that sends nothing for `idle_timeout_s`, or that averages less than
+  `limits.min_upload_bytes_per_s` once it is older than that, ends with DEADLINE_EXCEEDED,
+  which frees whatever the handler held (an upload slot); one the handler is done with is read to
   its end (bounded), so that gRPC frees the call at once (`_read_to_end`);
 - a CoordinatorError escaping a handler becomes its status (server.errors); any other
   exception is logged with its traceback and answered UNAVAILABLE: an internal or store
@@ -116,6 +117,13 @@ def guarded_deserializer(method: str, deserializer: Deserializer | None) -> Dese
     return deserialize
 
 
+def _wire_size(request: Any) -> int:
+    """Bytes a stream message took on the wire (uploads arrive undecoded, as a memoryview)."""
+    if isinstance(request, bytes | memoryview):
+        return len(request)
+    return int(request.ByteSize())
+
+
 class RequestGuard(grpc.aio.ServerInterceptor):
     def __init__(self, idle_timeout_s: float = limits.upload_idle_timeout_s) -> None:
         self.idle_timeout_s = idle_timeout_s
@@ -213,11 +221,14 @@ class RequestGuard(grpc.aio.ServerInterceptor):
 
     def _stream_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         idle_timeout_s = self.idle_timeout_s
+        min_rate = limits.min_upload_bytes_per_s
 
         async def checked(
             requests: AsyncIterator[Any], went_idle: list[bool]
         ) -> AsyncGenerator[Any, None]:
             iterator = aiter(requests)
+            loop = asyncio.get_running_loop()
+            started, received = loop.time(), 0
             while True:
                 try:
                     # asyncio.timeout, not wait_for: wait_for reads in a task of its own, whose
@@ -233,6 +244,13 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                     ) from None
                 if isinstance(request, Refusal):
                     raise request.raised()
+                received += _wire_size(request)
+                elapsed = loop.time() - started
+                if elapsed > idle_timeout_s and received < min_rate * elapsed:
+                    raise DeadlineExceeded(
+                        f"the stream averaged {received / elapsed:.0f} bytes/s, under the "
+                        f"coordinator's minimum of {min_rate:g}; it was cancelled"
+                    )
                 yield request
 
         async def guarded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:

@@ -331,3 +331,25 @@ def test_enrollment_with_an_oversized_population_is_invalid_argument(tmp_path, m
 
     assert code is grpc.StatusCode.INVALID_ARGUMENT and "population" in details
     assert changed == {}
+
+
+def test_a_check_in_replayed_after_a_restart_is_unauthenticated(tmp_path) -> None:
+    from server.errors import Unauthenticated
+    from server.sqlite_store import SqliteStore
+    from tests.identities import identities_for
+
+    clock = FakeClock()
+    store = SqliteStore(str(tmp_path / "s.sqlite"))
+    before_restart = identities_for(store, clock)
+    before_restart.enroll(enroll_request(device_key("a")))
+    recorded = signed_check_in("a", clock.now())
+    before_restart.verify_check_in(recorded)  # accepted; its nonce dies with the process
+    clock.advance(5.0)
+    after_restart = identities_for(store, clock)
+
+    with pytest.raises(Unauthenticated, match="signed before the coordinator started"):
+        after_restart.verify_check_in(recorded)
+    assert (
+        after_restart.verify_check_in(signed_check_in("a", clock.now()))
+        == device_key("a").device_id
+    )

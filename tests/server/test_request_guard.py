@@ -259,6 +259,41 @@ class UploadArrivals(grpc.aio.ServerInterceptor):
         return await continuation(handler_call_details)
 
 
+async def _trickle(
+    first: device_pb2.UploadChunk, every_s: float
+) -> AsyncIterator[device_pb2.UploadChunk]:
+    yield first
+    while True:  # never idle for long, but a few bytes at a time (a slow-loris that trickles)
+        await asyncio.sleep(every_s)
+        yield device_pb2.UploadChunk(data=b"\0" * 4)
+
+
+def test_a_trickling_upload_is_cancelled_and_frees_its_slot(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    async def body(running: RunningCoordinator, channel: grpc.aio.Channel) -> None:
+        tricklers = [await _assignment(channel, f"trickle{i}") for i in range(2)]
+        honest = await _assignment(channel, "honest")
+        stub = device_pb2_grpc.DeviceServiceStub(channel)
+        # Both upload slots taken by streams that send 4 bytes every tenth of the idle time.
+        calls = [
+            stub.UploadUpdate(_trickle(device_pb2.UploadChunk(header=_header(a)), 0.1))
+            for a in tricklers
+        ]
+
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as cancelled:
+                await asyncio.wait_for(call, 30)
+            assert cancelled.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "bytes/s" in (cancelled.value.details() or "")
+        await asyncio.wait_for(_honest_upload(channel, honest), 30)
+
+        round_ = running.coordinator.task("t1").current
+        assert round_ is not None and round_.reported == 1
+
+    _run(tmp_path, model_bytes, body, idle_s=1.0)
+
+
 def test_streams_that_send_nothing_take_no_upload_slot(
     tmp_path: pathlib.Path, model_bytes: bytes
 ) -> None:

@@ -19,6 +19,7 @@ from device_runtime.examples import LocalExamples
 from server import operator_cli
 from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
+from server.coordinator_config import add_config_option
 from server.data_dir import DataDirectory, DataDirError, default_full_check_below_bytes
 from server.device_identity import DeviceIdentities, IdentitySettings
 from server.drain import Ending, abandon_open_rounds, default_drain_timeout_s, wait_for_drain
@@ -52,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "task from its last committed round. On first start it makes an operator token "
             f"and writes it to DATA_DIR/{FIRST_TOKEN_FILE}. SIGTERM (or SIGINT) drains: "
             "check-ins are turned away, calls under way finish and completed rounds commit "
-            "within --drain-timeout, open rounds are recorded abandoned, and it exits 0."
+            "within --drain-timeout, open rounds are recorded abandoned, and it exits 0. "
+            "Every flag can also be set in a TOML file given with --config."
         ),
     )
     serve.add_argument(
@@ -175,6 +177,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="on SIGTERM, seconds to let uploads and downloads under way finish and completed "
         "rounds commit before stopping; a second SIGTERM stops at once (default %(default)g)",
     )
+    add_config_option(serve)  # last: its --help line comes after the flags it can set
     serve.set_defaults(func=run_serve)
     operator_cli.register(subparsers)
 

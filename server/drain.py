@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from overnight.logs import about
 from protos import common_pb2, device_pb2
 from server.errors import AlreadyExists, StoreUnavailable
 from server.health import is_open_method
@@ -187,7 +188,11 @@ def abandon_open_rounds(coordinator: Coordinator) -> int:
                 coordinator.abandon(task, round_)
             except (StoreUnavailable, AlreadyExists) as exc:
                 log.error(
-                    "task %s: round %d not recorded: %s", task.task_id, round_.round_number, exc
+                    "task %s: round %d not recorded: %s",
+                    task.task_id,
+                    round_.round_number,
+                    exc,
+                    extra=about(task.task_id, round_.round_number),
                 )
                 continue
             abandoned += 1
@@ -197,5 +202,6 @@ def abandon_open_rounds(coordinator: Coordinator) -> int:
                 round_.round_number,
                 round_.reported,
                 task.config.target_reports,
+                extra=about(task.task_id, round_.round_number),
             )
     return abandoned

@@ -254,11 +254,13 @@ async def _serve_in(
         with contextlib.suppress(AlreadyExists):
             coordinator.register_task(config, pathlib.Path(args.model).read_bytes())
     metrics = CoordinatorMetrics() if args.metrics_address else None
+    observed = [] if metrics is None else [metrics.interceptor()]  # both listeners' RPCs
     server = CoordinatorServer(
         coordinator,
         args.address,
         args.max_concurrent_uploads,
-        interceptors=[] if metrics is None else [metrics.interceptor()],
+        interceptors=observed,
+        admin_interceptors=observed,
         tls=tls,
         admin_address=args.admin_address,
         admin_tokens=AdminTokens(args.data_dir),

@@ -44,7 +44,7 @@ lint: .venv/.synced
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy device_runtime server emulator overnight protos/generate.py
 	# The base install (device runtime and the command) runs on Python 3.10 too.
-	.venv/bin/mypy --python-version 3.10 device_runtime overnight/cli.py
+	.venv/bin/mypy --python-version 3.10 device_runtime overnight/cli.py overnight/logs.py
 
 protos: .venv/.synced
 	.venv/bin/python -m protos.generate

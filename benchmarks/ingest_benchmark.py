@@ -8,7 +8,12 @@ coordinator validates, decodes and accumulates each update and commits the round
 last one arrives. Also reported: the coordinator's peak resident memory above idle during the
 uploads, in model sizes (goal: under 20; a list of updates would need 100).
 
+`--metrics-overhead` instead runs two coordinators side by side, one serving Prometheus
+metrics (`--metrics-address`, scraped after each repeat) and one without, and reports what
+the metrics cost the same uploads (goal: at most 3% slower).
+
 Run: .venv/bin/python -m benchmarks.ingest_benchmark [--uploads 100 --concurrency 10]
+     .venv/bin/python -m benchmarks.ingest_benchmark --metrics-overhead [--repeats 6]
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import grpc
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.machine import record_figures
 from device_runtime import constants, identity
@@ -35,6 +42,7 @@ from protos import common_pb2, device_pb2, device_pb2_grpc
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENROLLMENT_SECRET = b"ingest-benchmark-enrollment-secret"
 
+UPLOAD_METHOD = "/overnight.v1.DeviceService/UploadUpdate"
 NUM_PARAMETERS = 1_663_370  # the McMahan et al. CNN for 10 classes
 
 # argv[2] "protobuf": the generated registration, each chunk parsed into an UploadChunk;
@@ -146,10 +154,15 @@ async def _assignments(address: str, count: int) -> list[tuple[bytes, identity.D
     """Enrolled devices' upload tokens, each with the key it was issued to."""
     async with grpc.aio.insecure_channel(address) as channel:
         tokens = []
-        for _ in range(count):
+        while len(tokens) < count:
             client = CoordinatorClient(address, channel=channel)
             await client.enroll("bench", ENROLLMENT_SECRET)
             answer = await client.check_in("bench", 10)
+            if answer.WhichOneof("outcome") != "assignment":
+                # The round driver commits the last round off the request path; the next
+                # one opens once it has. A new device then, not this one: it must wait.
+                await asyncio.sleep(0.05)
+                continue
             tokens.append((answer.assignment.upload_token, client.key))
         return tokens
 
@@ -163,62 +176,86 @@ def _start(args: list[str]) -> subprocess.Popen[str]:
         text=True,
     )
     assert process.stdout is not None
-    if "listening" not in process.stdout.readline():
-        raise RuntimeError(f"server {args} did not start")
-    return process
+    for _ in range(3):  # `serve --metrics-address` says where its metrics are first
+        line = process.stdout.readline()
+        if "listening" in line:
+            return process
+        if not line.startswith("metrics on "):
+            break
+    raise RuntimeError(f"server {args} did not start")
+
+
+def _start_coordinator(
+    tmp: str,
+    name: str,
+    port: int,
+    task: pathlib.Path,
+    model: pathlib.Path,
+    slots: int | None,
+    *extra: str,
+) -> subprocess.Popen[str]:
+    secret = pathlib.Path(tmp) / "enrollment.secret"
+    secret.write_bytes(ENROLLMENT_SECRET)
+    return _start(
+        [
+            "-m",
+            "overnight",
+            "serve",
+            "--address",
+            f"127.0.0.1:{port}",
+            # Plaintext like the bare servers: this compares ingest, not TLS (see
+            # benchmarks/tls_check_in.py for what TLS costs).
+            "--insecure",
+            "--admin-address",
+            "127.0.0.1:0",
+            "--data-dir",
+            f"{tmp}/{name}",
+            "--task",
+            str(task),
+            "--model",
+            str(model),
+            "--enrollment-secret-file",
+            str(secret),
+            "--exempt-network",
+            "127.0.0.0/8",
+            *(["--max-concurrent-uploads", str(slots)] if slots else []),
+            *extra,
+        ]
+    )
+
+
+def _task_file(tmp: str, uploads: int, rounds: int) -> pathlib.Path:
+    task = pathlib.Path(tmp) / "task.toml"
+    task.write_text(
+        f'[task]\ntask_id = "ingest"\npopulation = "bench"\ntotal_rounds = {rounds}\n'
+        f"target_reports = {uploads}\nover_selection = 1.0\nbatch_size = 20\n"
+        "selection_deadline_s = 600\nreporting_deadline_s = 600\n"
+    )
+    return task
+
+
+def _payload(model: pathlib.Path) -> tuple[int, bytes]:
+    from device_runtime.model_file import read_manifest
+
+    payload = np.random.default_rng(0).normal(size=NUM_PARAMETERS).astype("<f4")
+    n = read_manifest(model.read_bytes()).num_parameters
+    return n, payload[:n].tobytes() if n <= NUM_PARAMETERS else np.resize(payload, n).tobytes()
 
 
 def run(
     uploads: int, concurrency: int, repeats: int, slots: int | None = None
 ) -> tuple[list[tuple[str, str]], str]:
     """The figures as (figure, value) rows, and the goals with whether they are met."""
-    payload = np.random.default_rng(0).normal(size=NUM_PARAMETERS).astype("<f4")
     with tempfile.TemporaryDirectory() as tmp:
         model = pathlib.Path(tmp) / "big.tflite"
         print("exporting a model of the McMahan CNN's size ...", flush=True)
         _export_model(model)
-        from device_runtime.model_file import read_manifest
-
-        n = read_manifest(model.read_bytes()).num_parameters
-        payload_bytes = (
-            payload[:n].tobytes() if n <= NUM_PARAMETERS else np.resize(payload, n).tobytes()
-        )
-        task = pathlib.Path(tmp) / "task.toml"
-        task.write_text(
-            f'[task]\ntask_id = "ingest"\npopulation = "bench"\ntotal_rounds = {repeats + 1}\n'
-            f"target_reports = {uploads}\nover_selection = 1.0\nbatch_size = 20\n"
-            "selection_deadline_s = 600\nreporting_deadline_s = 600\n"
-        )
-        secret = pathlib.Path(tmp) / "enrollment.secret"
-        secret.write_bytes(ENROLLMENT_SECRET)
+        n, payload_bytes = _payload(model)
+        task = _task_file(tmp, uploads, repeats + 1)
         bare_port, raw_port, ours_port = _free_port(), _free_port(), _free_port()
         bare = _start(["-c", BARE_SERVER, f"127.0.0.1:{bare_port}", "protobuf"])
         raw = _start(["-c", BARE_SERVER, f"127.0.0.1:{raw_port}", "raw"])
-        ours = _start(
-            [
-                "-m",
-                "overnight",
-                "serve",
-                "--address",
-                f"127.0.0.1:{ours_port}",
-                # Plaintext like the bare servers: this compares ingest, not TLS (see
-                # benchmarks/tls_check_in.py for what TLS costs).
-                "--insecure",
-                "--admin-address",
-                "127.0.0.1:0",
-                "--data-dir",
-                f"{tmp}/state",
-                "--task",
-                str(task),
-                "--model",
-                str(model),
-                "--enrollment-secret-file",
-                str(secret),
-                "--exempt-network",
-                "127.0.0.0/8",
-                *(["--max-concurrent-uploads", str(slots)] if slots else []),
-            ]
-        )
+        ours = _start_coordinator(tmp, "state", ours_port, task, model, slots)
         bare_s: list[float] = []
         raw_s: list[float] = []
         ours_s: list[float] = []
@@ -291,6 +328,85 @@ def run(
     return figures, goal
 
 
+def run_metrics_overhead(
+    uploads: int, concurrency: int, repeats: int, slots: int | None = None
+) -> tuple[list[tuple[str, str]], str]:
+    """Two coordinators, metrics on and off, the same uploads in alternating order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model = pathlib.Path(tmp) / "big.tflite"
+        print("exporting a model of the McMahan CNN's size ...", flush=True)
+        _export_model(model)
+        n, payload_bytes = _payload(model)
+        task = _task_file(tmp, uploads, repeats + 1)
+        off_port, on_port, metrics_port = _free_port(), _free_port(), _free_port()
+        metrics_address = f"127.0.0.1:{metrics_port}"
+        off = _start_coordinator(tmp, "off", off_port, task, model, slots)
+        on = _start_coordinator(
+            tmp, "on", on_port, task, model, slots, "--metrics-address", metrics_address
+        )
+        times: dict[str, list[float]] = {"off": [], "on": []}
+        try:
+            for repeat in range(repeats):
+                # Alternate which goes first, so a drift in the machine's load hits both.
+                order = [("off", off_port), ("on", on_port)]
+                for name, port in order if repeat % 2 == 0 else order[::-1]:
+                    tokens = asyncio.run(_assignments(f"127.0.0.1:{port}", uploads))
+                    streams = [_chunks(t, payload_bytes, n, key) for t, key in tokens]
+                    print(f"repeat {repeat + 1}/{repeats}: metrics {name} ...", flush=True)
+                    times[name].append(
+                        asyncio.run(_upload_all(f"127.0.0.1:{port}", streams, concurrency))
+                    )
+                    del streams
+                # A scrape per repeat, as Prometheus would do; and proof the metrics counted.
+                with urllib.request.urlopen(f"http://{metrics_address}/metrics") as page:
+                    scraped = page.read().decode()
+        finally:
+            for process in (off, on):
+                process.terminate()
+                process.wait(timeout=30)
+    uploads_counted = sum(
+        sample.value
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+        if sample.name == "overnight_rpcs_total"
+        and sample.labels == {"method": UPLOAD_METHOD, "code": "OK"}
+    )
+    best_off, best_on = min(times["off"]), min(times["on"])
+    per_repeat = statistics.median(
+        on_s / off_s for on_s, off_s in zip(times["on"], times["off"], strict=True)
+    )
+    total_mb = uploads * len(payload_bytes) / 1e6
+
+    def listed(all_s: list[float]) -> str:
+        return ", ".join(f"{s:.2f}" for s in all_s)
+
+    overhead = best_on / best_off - 1
+    figures = [
+        (
+            "setting",
+            f"{uploads} uploads of {n:,} float32 ({len(payload_bytes) / 1e6:.2f} MB) in 1 MiB "
+            f"chunks, {concurrency} concurrent, loopback, two coordinators in their own "
+            f"processes; {repeats} repeats alternating which goes first, best of each",
+        ),
+        (
+            "coordinator, metrics off",
+            f"{best_off:.2f} s, {total_mb / best_off:.0f} MB/s (all: {listed(times['off'])} s)",
+        ),
+        (
+            "coordinator, metrics on (--metrics-address, scraped each repeat)",
+            f"{best_on:.2f} s, {total_mb / best_on:.0f} MB/s (all: {listed(times['on'])} s)",
+        ),
+        (
+            "metrics overhead",
+            f"{100 * overhead:+.1f}% best of each, {100 * (per_repeat - 1):+.1f}% median of "
+            f"the per-repeat ratios (goal <= +3%); uploads counted: {uploads_counted:.0f}",
+        ),
+    ]
+    met = overhead <= 0.03 and uploads_counted == uploads * repeats
+    goal = f"metrics cost at most 3% of ingest time: {'met' if met else 'not met'}"
+    return figures, goal
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -303,14 +419,25 @@ def main() -> None:
         type=int,
         help="the coordinator's upload slots (default: overnight serve's default)",
     )
+    parser.add_argument(
+        "--metrics-overhead",
+        action="store_true",
+        help="compare a coordinator serving Prometheus metrics with one that does not",
+    )
     parser.add_argument("--no-record", action="store_true", help="print only")
     args = parser.parse_args()
-    figures, goal = run(args.uploads, args.concurrency, args.repeats, args.max_concurrent_uploads)
+    measure = run_metrics_overhead if args.metrics_overhead else run
+    figures, goal = measure(
+        args.uploads, args.concurrency, args.repeats, args.max_concurrent_uploads
+    )
     print("\n".join(f"{name}: {value}" for name, value in [*figures, ("goal", goal)]))
     if not args.no_record:
-        record_figures(
-            "Upload ingest: coordinator vs bare gRPC server (issue 4)", figures, goal=goal
+        title = (
+            "Upload ingest: metrics on vs off (issue 14)"
+            if args.metrics_overhead
+            else "Upload ingest: coordinator vs bare gRPC server (issue 4)"
         )
+        record_figures(title, figures, goal=goal)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ class DeviceRuntime:
         presenting `enrollment_secret`."""
         self._client = client
         self._population = population
-        self._device_id = client.device_id[:12]  # for logs
+        # A device id is logged at DEBUG only (overnight/logs.py): in the `device` field.
+        self._log = logging.LoggerAdapter(log, {"device": client.device_id})
         self._enrollment_secret = enrollment_secret
         self._enrolled = False
         self._examples = examples
@@ -126,7 +127,7 @@ class DeviceRuntime:
             self._unreachable_backoff_s = min(delay * 2, constants.unreachable_backoff_max_s)
             if exc.retry_after_s is not None:  # the coordinator said when it can serve again
                 delay = max(delay, exc.retry_after_s)
-            log.warning("device %s: check-in failed: %s", self._device_id, exc)
+            self._log.warning("check-in failed: %s", exc)
             return Attempt(Outcome.UNREACHABLE, delay, detail=str(exc))
         self._unreachable_backoff_s = constants.unreachable_backoff_min_s
         delay = pick_delay(response.retry_window, self._rng)
@@ -146,7 +147,7 @@ class DeviceRuntime:
             except TransportError as exc:
                 if exc.code is not grpc.StatusCode.UNAUTHENTICATED or retry:
                     raise
-                log.info("device %s: check-in refused (%s); enrolling again", self._device_id, exc)
+                self._log.info("check-in refused (%s); enrolling again", exc)
                 self._enrolled = False
         raise AssertionError("unreachable")
 
@@ -245,9 +246,7 @@ class DeviceRuntime:
         try:
             await self._client.upload(token, update, len(examples), metrics)
         except TransportError as exc:
-            log.info(
-                "device %s: upload for round %d refused: %s", self._device_id, round_number, exc
-            )
+            self._log.info("upload for round %d refused: %s", round_number, exc)
             return Attempt(Outcome.FAILED, delay, round_number, detail=str(exc))
         return Attempt(Outcome.REPORTED, delay, round_number)
 
@@ -275,7 +274,7 @@ class DeviceRuntime:
         except (TransportError, SecAggError) as exc:
             # The update is in the sum and counted; the session may still complete without
             # this device's shares (it then had t other survivors among its neighbours).
-            log.info("device %s: unmasking in round %d: %s", self._device_id, round_number, exc)
+            self._log.info("unmasking in round %d: %s", round_number, exc)
         return Attempt(Outcome.REPORTED, delay, round_number, detail="secure")
 
     async def _evaluate(
@@ -300,7 +299,7 @@ class DeviceRuntime:
         try:
             await self._client.report_evaluation(token, len(examples), metrics)
         except TransportError as exc:
-            log.info("device %s: evaluation report refused: %s", self._device_id, exc)
+            self._log.info("evaluation report refused: %s", exc)
             return Attempt(Outcome.FAILED, delay, round_number, detail=str(exc))
         return Attempt(Outcome.REPORTED, delay, round_number, detail="evaluation")
 
@@ -312,13 +311,13 @@ class DeviceRuntime:
         round_number: int,
         delay: float,
     ) -> Attempt:
-        log.info("device %s: round %d not reported: %s", self._device_id, round_number, detail)
+        self._log.info("round %d not reported: %s", round_number, detail)
         try:
             await self._client.report_failure(token, cause, detail)
         except TransportError as exc:
             # The coordinator counts a silent assignment as a dropout at the deadline anyway.
             if exc.code is not grpc.StatusCode.FAILED_PRECONDITION:
-                log.info("device %s: failure report not delivered: %s", self._device_id, exc)
+                self._log.info("failure report not delivered: %s", exc)
         return Attempt(Outcome.FAILED, delay, round_number, detail=detail)
 
     async def _fetch(self, ref: common_pb2.ResourceRef) -> bytes:

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
+from overnight import logs
+
 
 @dataclasses.dataclass(frozen=True)
 class Component:
@@ -60,6 +62,7 @@ COMPONENTS: tuple[Component, ...] = (
             "status": "show populations, tasks, current rounds and recent history",
             "task": "manage tasks on a running coordinator (create, pause, resume, cancel)",
             "admin-token": "create, list or revoke admin tokens of a data directory",
+            "backup": "copy a coordinator's store while it runs (SQLite online backup)",
         },
         ("server",),
         min_python=(3, 11),  # task and fleet files are read with tomllib
@@ -171,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(level)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -137,11 +137,13 @@ class Rejection(_message.Message):
         ROUND_FULL: _ClassVar[Rejection.Reason]
         NOT_ELIGIBLE: _ClassVar[Rejection.Reason]
         TOO_EARLY: _ClassVar[Rejection.Reason]
+        SHUTTING_DOWN: _ClassVar[Rejection.Reason]
     REASON_UNSPECIFIED: Rejection.Reason
     NO_TASK: Rejection.Reason
     ROUND_FULL: Rejection.Reason
     NOT_ELIGIBLE: Rejection.Reason
     TOO_EARLY: Rejection.Reason
+    SHUTTING_DOWN: Rejection.Reason
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     reason: Rejection.Reason

@@ -16,9 +16,11 @@ import numpy as np
 from device_runtime.channel import insecure_warning
 from device_runtime.clock import RealClock
 from device_runtime.examples import LocalExamples
-from server import operator_cli
+from overnight import logs
+from server import backup, operator_cli
 from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
+from server.coordinator_config import add_config_option
 from server.data_dir import DataDirectory, DataDirError, default_full_check_below_bytes
 from server.device_identity import DeviceIdentities, IdentitySettings
 from server.drain import Ending, abandon_open_rounds, default_drain_timeout_s, wait_for_drain
@@ -39,6 +41,8 @@ from server.tensorboard_sink import TensorBoardSink
 from server.transport_security import ServerTls
 
 log = logging.getLogger(__name__)
+# Progress lines ("listening on ...") go to stdout in the chosen --log-format, at any level.
+status = logging.getLogger("overnight.serve")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -52,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "task from its last committed round. On first start it makes an operator token "
             f"and writes it to DATA_DIR/{FIRST_TOKEN_FILE}. SIGTERM (or SIGINT) drains: "
             "check-ins are turned away, calls under way finish and completed rounds commit "
-            "within --drain-timeout, open rounds are recorded abandoned, and it exits 0."
+            "within --drain-timeout, open rounds are recorded abandoned, and it exits 0. "
+            "Every flag can also be set in a TOML file given with --config."
         ),
     )
     serve.add_argument(
@@ -175,8 +180,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="on SIGTERM, seconds to let uploads and downloads under way finish and completed "
         "rounds commit before stopping; a second SIGTERM stops at once (default %(default)g)",
     )
+    serve.add_argument(
+        "--log-format",
+        choices=logs.LOG_FORMATS,
+        default=logs.TEXT,
+        help="text (default, for people) or json: one object per line with time, level, "
+        "logger, message, and task, round and device where they apply (device ids only at "
+        "-vv, debug); progress lines on stdout take the same format",
+    )
+    add_config_option(serve)  # last: its --help line comes after the flags it can set
     serve.set_defaults(func=run_serve)
     operator_cli.register(subparsers)
+    backup.register(subparsers)
 
 
 def server_tls(args: argparse.Namespace) -> ServerTls | None:
@@ -217,15 +232,15 @@ async def _serve_in(
         networks = NetworkSettings(exempt=tuple(args.exempt_network))
         networks.exempt_networks()  # a malformed CIDR fails here, by name
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"serve: {exc}") from None
+        raise ValueError(str(exc)) from None
     identities = DeviceIdentities(
         store, clock, policy, IdentitySettings(freshness_s=args.freshness_s), networks
     )
     if policy.default is None and not policy.by_population:
-        print(
+        _warn(
+            args,
             "serve: no --enrollment-secret-file or --enrollment-config: no device can enroll, "
             "so none can check in",
-            file=sys.stderr,
         )
     coordinator = Coordinator(
         store, clock, settings, evaluator, np.random.default_rng(args.seed), identities
@@ -234,16 +249,18 @@ async def _serve_in(
     coordinator.observers.append(tensorboard)
     if args.task:
         if not args.model:
-            raise SystemExit("--task needs --model")
+            raise ValueError("--task needs --model")
         config = TaskConfig.from_toml(args.task)
         with contextlib.suppress(AlreadyExists):
             coordinator.register_task(config, pathlib.Path(args.model).read_bytes())
     metrics = CoordinatorMetrics() if args.metrics_address else None
+    observed = [] if metrics is None else [metrics.interceptor()]  # both listeners' RPCs
     server = CoordinatorServer(
         coordinator,
         args.address,
         args.max_concurrent_uploads,
-        interceptors=[] if metrics is None else [metrics.interceptor()],
+        interceptors=observed,
+        admin_interceptors=observed,
         tls=tls,
         admin_address=args.admin_address,
         admin_tokens=AdminTokens(args.data_dir),
@@ -257,7 +274,7 @@ async def _serve_in(
                 endpoint = await serving.enter_async_context(
                     metrics_served(args.metrics_address, metrics, coordinator, slots)
                 )
-                print(f"metrics on http://{endpoint.address}/metrics", flush=True)
+                status.info("metrics on http://%s/metrics", endpoint.address)
             ending = await _serve_until_drained(server, args, tls, first_token)
     finally:
         await server.stop(grace_s=0.0)
@@ -266,7 +283,7 @@ async def _serve_in(
         log.info("drain: %d open rounds recorded abandoned", abandoned)
     tensorboard.close()
     store.close()
-    print(f"coordinator stopped ({ending.value})", flush=True)
+    status.info("coordinator stopped (%s)", ending.value)
 
 
 async def _serve_until_drained(
@@ -276,14 +293,8 @@ async def _serve_until_drained(
     first_token: pathlib.Path | None,
 ) -> Ending:
     freeze_startup_heap()
-    print(
-        f"coordinator listening on {server.address} (devices) and {server.admin_address} "
-        f"(admin), {'TLS' if tls is not None else 'PLAINTEXT'}, data in {args.data_dir}",
-        flush=True,
-    )
-    if first_token is not None:
-        print(f"operator admin token written to {first_token} (0600)", flush=True)
-    # The first signal starts the drain, a second one ends it at once.
+    # The first signal starts the drain, a second one ends it at once. Handled before the
+    # listening line: a process manager may signal as soon as it reads it.
     stop, interrupted = asyncio.Event(), asyncio.Event()
 
     def on_signal() -> None:
@@ -292,8 +303,17 @@ async def _serve_until_drained(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    status.info(
+        "coordinator listening on %s (devices) and %s (admin), %s, data in %s",
+        server.address,
+        server.admin_address,
+        "TLS" if tls is not None else "PLAINTEXT",
+        args.data_dir,
+    )
+    if first_token is not None:
+        status.info("operator admin token written to %s (0600)", first_token)
     await stop.wait()
-    print(f"draining (at most {args.drain_timeout:g} s; signal again to stop now)", flush=True)
+    status.info("draining (at most %g s; signal again to stop now)", args.drain_timeout)
     await server.begin_drain()
     return await wait_for_drain(
         server.drain_gate, server.coordinator.driver, args.drain_timeout, interrupted
@@ -302,13 +322,24 @@ async def _serve_until_drained(
 
 def run_serve(args: argparse.Namespace) -> int:
     """Expected failures end with one line on stderr and exit status 2, never a traceback."""
+    logs.use_format(args.log_format)
+    logs.status_logger(status.name, args.log_format)
     try:
         tls = server_tls(args)
         if tls is None:
-            print(insecure_warning("serve"), file=sys.stderr, flush=True)
+            _warn(args, insecure_warning("serve"))
         asyncio.run(serve(args, tls))
     except (CoordinatorError, DataDirError, ValueError, OSError) as exc:
         # OSError: a missing --task/--model/certificate file, a port in use.
-        print(f"serve: {exc}", file=sys.stderr)
+        _warn(args, f"serve: {exc}", logging.ERROR)
         return 2
     return 0
+
+
+def _warn(args: argparse.Namespace, message: str, level: int = logging.WARNING) -> None:
+    """One line on stderr: as it is in text, a log record in JSON (every line of a JSON
+    log parses)."""
+    if args.log_format == logs.JSON:
+        log.log(level, message)
+    else:
+        print(message, file=sys.stderr, flush=True)

@@ -27,6 +27,7 @@ from device_runtime.clock import Clock
 from device_runtime.manifest import ManifestError
 from device_runtime.model_file import read_manifest
 from device_runtime.secagg.parameters import fewest_clients
+from overnight.logs import about
 from protos import common_pb2, device_pb2
 from server import eligibility
 from server.aggregation import (
@@ -147,6 +148,7 @@ class Coordinator:
                 task_id,
                 lost.round_number,
                 lost.selected,
+                extra=about(task_id, lost.round_number),
             )
         rounds = self.store.rounds(task_id)
         committed = [r for r in rounds if r.state is RoundState.COMMITTED]
@@ -230,7 +232,12 @@ class Coordinator:
         )
         self.store.add_task(record)
         self._load_task(record)
-        log.info("registered task %s for population %s", config.task_id, config.population)
+        log.info(
+            "registered task %s for population %s",
+            config.task_id,
+            config.population,
+            extra=about(config.task_id),
+        )
         return record
 
     def _register_evaluation(self, config: TaskConfig) -> TaskRecord:
@@ -253,7 +260,12 @@ class Coordinator:
         )
         self.store.add_task(record)
         self._load_task(record)
-        log.info("registered evaluation task %s of %s", config.task_id, config.evaluates)
+        log.info(
+            "registered evaluation task %s of %s",
+            config.task_id,
+            config.evaluates,
+            extra=about(config.task_id),
+        )
         return record
 
     def task(self, task_id: str) -> TaskRuntime:
@@ -292,7 +304,7 @@ class Coordinator:
         if target is TaskState.CANCELLED:
             for round_ in list(task.open_rounds.values()):
                 self.abandon(task, round_)
-        log.warning("task %s: %s by an operator", task_id, target.value)
+        log.warning("task %s: %s by an operator", task_id, target.value, extra=about(task_id))
         return task
 
     # ----- check-in ------------------------------------------------------------------------
@@ -379,7 +391,12 @@ class Coordinator:
                     return self._assign(task, round_, request, device_id, network, active)
             except StoreUnavailable as exc:
                 store_failure = exc  # this task cannot assign now; another one may
-                log.error("task %s: check-in could not be served: %s", task.task_id, exc)
+                log.error(
+                    "task %s: check-in could not be served: %s",
+                    task.task_id,
+                    exc,
+                    extra=about(task.task_id),
+                )
         if store_failure is not None:
             low, high = self.settings.store_unavailable_retry_s
             store_failure.retry_after_s = float(self._jitter.uniform(low, high))
@@ -403,7 +420,9 @@ class Coordinator:
                 self.advance(task, round_)
             _ = task.config.selection_quota  # a config that cannot select fails its task
         except Exception as exc:
-            log.exception("task %s failed: its round logic raised", task.task_id)
+            log.exception(
+                "task %s failed: its round logic raised", task.task_id, extra=about(task.task_id)
+            )
             self.fail_task(task, f"{type(exc).__name__}: {exc}")
             return False
         return True
@@ -448,7 +467,12 @@ class Coordinator:
             )
             task.open_rounds[round_.round_number] = round_
             task.next_round_number += 1
-            log.info("task %s: round %d selecting", task.task_id, round_.round_number)
+            log.info(
+                "task %s: round %d selecting",
+                task.task_id,
+                round_.round_number,
+                extra=about(task.task_id, round_.round_number),
+            )
         return task.selecting
 
     def _assign(
@@ -475,6 +499,12 @@ class Coordinator:
         enrollment = self.secure_rounds.enroll(round_, digest, device_key_der) if secure else None
         self._issued[digest] = (task.task_id, round_.round_number)
         self.advance(task, round_)
+        log.debug(
+            "task %s: round %d assigned a device",
+            task.task_id,
+            round_.round_number,
+            extra=about(task.task_id, round_.round_number, device_id),
+        )
         deadline = (
             round_.reporting_deadline
             if round_.state is RoundState.REPORTING
@@ -705,7 +735,13 @@ class Coordinator:
                 self.abandon(task, round_)
             except (StoreUnavailable, AlreadyExists) as exc:
                 number = round_.round_number
-                log.error("task %s: round %d not recorded: %s", task.task_id, number, exc)
+                log.error(
+                    "task %s: round %d not recorded: %s",
+                    task.task_id,
+                    number,
+                    exc,
+                    extra=about(task.task_id, number),
+                )
                 round_.state = RoundState.ABANDONED
                 self.forget(task, round_)
 

@@ -198,8 +198,7 @@ class DeviceIdentities:
         key = self.enrolled_key(request.device_id, request.population)
         if key is None:
             raise Unauthenticated(
-                f"device {request.device_id[:12]} is not enrolled in population "
-                f"{request.population!r}; enroll first"
+                f"this device is not enrolled in population {request.population!r}; enroll first"
             )
         if not identity.verifies(key, request.signature, identity.check_in_signed_bytes(request)):
             raise Unauthenticated("the check-in's signature does not verify")

@@ -13,9 +13,8 @@
 Nothing committed is lost on any path: a commit is one SQLite transaction, and the store's
 lock makes closing it wait for a commit under way in the driver's worker thread.
 
-Devices are rejected with NO_TASK, the reason a coordinator without a running task gives: the
-protocol has no reason of its own for a coordinator going away, and the retry window is what
-a device acts on.
+Devices are rejected with SHUTTING_DOWN, so a device (and the check-in metrics) can tell a
+coordinator going away from one without a task; the retry window is what a device acts on.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from overnight.logs import about
 from protos import common_pb2, device_pb2
 from server.errors import AlreadyExists, StoreUnavailable
 from server.health import is_open_method
@@ -105,7 +105,7 @@ class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if self.closed:
                 return device_pb2.CheckInResponse(
                     rejection=device_pb2.Rejection(
-                        reason=device_pb2.Rejection.NO_TASK,
+                        reason=device_pb2.Rejection.SHUTTING_DOWN,
                         message="the coordinator is shutting down; check in again later",
                     ),
                     retry_window=common_pb2.RetryWindow(
@@ -187,7 +187,11 @@ def abandon_open_rounds(coordinator: Coordinator) -> int:
                 coordinator.abandon(task, round_)
             except (StoreUnavailable, AlreadyExists) as exc:
                 log.error(
-                    "task %s: round %d not recorded: %s", task.task_id, round_.round_number, exc
+                    "task %s: round %d not recorded: %s",
+                    task.task_id,
+                    round_.round_number,
+                    exc,
+                    extra=about(task.task_id, round_.round_number),
                 )
                 continue
             abandoned += 1
@@ -197,5 +201,6 @@ def abandon_open_rounds(coordinator: Coordinator) -> int:
                 round_.round_number,
                 round_.reported,
                 task.config.target_reports,
+                extra=about(task.task_id, round_.round_number),
             )
     return abandoned

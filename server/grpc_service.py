@@ -396,6 +396,7 @@ class CoordinatorServer:
         admin_address: str = "127.0.0.1:0",
         admin_tokens: AdminTokens | None = None,
         upload_idle_timeout_s: float = limits.upload_idle_timeout_s,
+        admin_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.coordinator = coordinator
         self.tls = tls
@@ -420,6 +421,7 @@ class CoordinatorServer:
         if admin_tokens is not None:
             self._admin = grpc.aio.server(
                 interceptors=[
+                    *admin_interceptors,  # outermost: they see refused credentials too
                     OperatorAuthentication(
                         admin_tokens, tls is not None and tls.operator_ca is not None
                     ),

@@ -3,7 +3,8 @@ for the ML engineer). Served over HTTP by `overnight serve --metrics-address hos
 
 Each coordinator has its own `CollectorRegistry`, so several run in one process (tests).
 Where the numbers come from:
-- `RpcMetrics`, a server interceptor on the device listener: every RPC's latency and status,
+- `RpcMetrics`, a server interceptor on the device and admin listeners: every RPC's latency
+  and status,
   bytes received and sent (serialized messages, as gRPC hands them over), check-ins by
   population and outcome, failure reports by cause;
 - the coordinator's round observers: round outcome and duration per task, reports and
@@ -64,8 +65,8 @@ class CoordinatorMetrics:
         self.check_ins = prometheus_client.Counter(
             "overnight_check_ins",
             "Check-ins by population and outcome: assigned; rejected (reason: round_full, "
-            "not_eligible, no_task; a draining coordinator answers no_task); refused (reason: the "
-            "gRPC status code)",
+            "not_eligible, no_task, too_early, shutting_down); refused (reason: the gRPC status "
+            "code)",
             ["population", "outcome", "reason"],
             registry=r,
         )

@@ -34,6 +34,7 @@ from typing import Protocol
 
 import numpy as np
 
+from overnight.logs import about, log_context
 from server.errors import AlreadyExists, StoreUnavailable
 from server.evaluation import HeldOutEvaluator
 from server.optimizers import State, serialize_state
@@ -167,18 +168,20 @@ class RoundDriver:
 
     @contextlib.contextmanager
     def _contained(self, task: TaskRuntime):  # type: ignore[no-untyped-def]
-        try:
-            yield
-        except StoreUnavailable as exc:
-            delay = min(store_retry_max_s, max(store_retry_min_s, 2 * task.store_retry_s))
-            task.store_retry_s = delay
-            task.store_retry_at = self._coordinator.now() + delay
-            log.error("task %s: %s; retrying in %.0f s", task.task_id, exc, delay)
-        except Exception as exc:  # a defect in one task's round logic must not reach others
-            log.exception("task %s failed: its round logic raised", task.task_id)
-            self._coordinator.fail_task(task, f"{type(exc).__name__}: {exc}")
-        else:
-            task.store_retry_s = 0.0
+        # Everything logged while the driver works for a task is about that task.
+        with log_context(task.task_id):
+            try:
+                yield
+            except StoreUnavailable as exc:
+                delay = min(store_retry_max_s, max(store_retry_min_s, 2 * task.store_retry_s))
+                task.store_retry_s = delay
+                task.store_retry_at = self._coordinator.now() + delay
+                log.error("task %s: %s; retrying in %.0f s", task.task_id, exc, delay)
+            except Exception as exc:  # a defect in one task's round logic must not reach others
+                log.exception("task %s failed: its round logic raised", task.task_id)
+                self._coordinator.fail_task(task, f"{type(exc).__name__}: {exc}")
+            else:
+                task.store_retry_s = 0.0
 
     # ----- ending a round ------------------------------------------------------------------
 
@@ -205,6 +208,7 @@ class RoundDriver:
                 "fails and the model stays as it was",
                 task.task_id,
                 round_.round_number,
+                extra=about(task.task_id, round_.round_number),
             )
             round_.state = RoundState.FAILED
             return None
@@ -283,6 +287,7 @@ class RoundDriver:
             round_.round_number,
             round_.reported,
             pending.metrics.get("eval/accuracy", "n/a"),
+            extra=about(task.task_id, round_.round_number),
         )
         self._coordinator.notify(task, record)
 
@@ -298,5 +303,6 @@ class RoundDriver:
             round_.round_number,
             round_.reported,
             task.config.effective_min_reports,
+            extra=about(task.task_id, round_.round_number),
         )
         self._coordinator.notify(task, record)

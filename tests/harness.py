@@ -162,6 +162,7 @@ async def running_coordinator(
     insecure: bool = False,
     upload_idle_timeout_s: float = limits.upload_idle_timeout_s,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    admin_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> AsyncIterator[RunningCoordinator]:
     """`insecure`: plaintext listeners, for the tests about what plaintext does."""
     store = SqliteStore(store_path)
@@ -177,6 +178,7 @@ async def running_coordinator(
             tls=None if insecure else loopback_tls(),
             admin_tokens=admin_tokens,
             interceptors=interceptors,
+            admin_interceptors=admin_interceptors,
             upload_idle_timeout_s=upload_idle_timeout_s,
         )
         await server.start()

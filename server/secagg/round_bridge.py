@@ -30,6 +30,7 @@ import logging
 from collections.abc import Callable
 
 from device_runtime.secagg.parameters import fewest_clients
+from overnight.logs import about
 from protos import secagg_pb2
 from server.config import TaskConfig
 from server.rounds.round import RoundInProgress
@@ -98,6 +99,7 @@ class SecureRounds:
             session.num_clients,
             session.num_neighbours,
             session.threshold,
+            extra=about(round_.task_id, round_.round_number),
         )
 
     def next_state(self, round_: RoundInProgress, config: TaskConfig, now: float) -> RoundState:
@@ -117,6 +119,7 @@ class SecureRounds:
                 round_.round_number,
                 summed,
                 config.effective_min_reports,
+                extra=about(round_.task_id, round_.round_number),
             )
             return RoundState.FAILED
         if stage == secagg_pb2.ABORTED:

@@ -130,9 +130,9 @@ def test_sigterm_lets_uploads_finish_commits_their_round_and_exits_0(
 
     assert code == 0
     assert "coordinator stopped (drained)" in output
-    assert (late, reason) == ("rejection", 1)  # NO_TASK, with a retry window
+    assert (late, reason) == ("rejection", 5)  # SHUTTING_DOWN, with a retry window
     assert committed == 1
-    assert check_ins == {("assigned", ""): 3, ("rejected", "no_task"): 1}
+    assert check_ins == {("assigned", ""): 3, ("rejected", "shutting_down"): 1}
 
 
 def _num_parameters(model_path: pathlib.Path) -> int:

@@ -92,7 +92,7 @@ def test_check_ins_during_a_drain_are_rejected_with_a_retry_window(tmp_path, mod
     response = asyncio.run(scenario())
 
     assert response.WhichOneof("outcome") == "rejection"
-    assert response.rejection.reason == device_pb2.Rejection.NO_TASK
+    assert response.rejection.reason == device_pb2.Rejection.SHUTTING_DOWN
     window = response.retry_window
     assert (window.min_delay_s, window.max_delay_s) == drain_retry_s
 

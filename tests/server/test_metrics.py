@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from device_runtime import constants
-from protos import common_pb2, device_pb2, device_pb2_grpc
+from protos import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2, device_pb2_grpc
 from server.metrics import CoordinatorMetrics, MetricsEndpoint
 from tests.harness import POPULATION, RunningCoordinator, running_coordinator, task_config
 from tests.identities import check_in_over, sign_failure, sign_header
@@ -24,6 +24,7 @@ from tests.identities import check_in_over, sign_failure, sign_header
 V = constants.PROTOCOL_VERSION
 CHECK_IN = "/overnight.v1.DeviceService/CheckIn"
 UPLOAD = "/overnight.v1.DeviceService/UploadUpdate"
+LIST_TASKS = "/overnight.v1.AdminService/ListTasks"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -33,11 +34,13 @@ async def _instrumented(
     tmp_path: pathlib.Path, model_bytes: bytes
 ) -> AsyncIterator[tuple[RunningCoordinator, MetricsEndpoint]]:
     metrics = CoordinatorMetrics()
+    observed = [metrics.interceptor()]  # as `overnight serve` has it: on both listeners
     async with running_coordinator(
         str(tmp_path / "s.sqlite"),
         model_bytes,
         task_config(),
-        interceptors=[metrics.interceptor()],
+        interceptors=observed,
+        admin_interceptors=observed,
     ) as running:
         metrics.instrument(running.coordinator, running.server.device_service.upload_slots)
         endpoint = MetricsEndpoint("127.0.0.1:0", metrics.registry)
@@ -157,6 +160,23 @@ def test_a_committed_round_shows_its_outcome_reports_dropouts_and_commit(
     assert _value(samples, "overnight_failure_reports_total", cause="interrupted") == 1
     assert _value(samples, "overnight_store_commit_duration_seconds_count") == 1
     assert _value(samples, "overnight_rpcs_total", method=UPLOAD, code="OK") == 2
+
+
+def test_admin_calls_are_timed_and_counted_refused_ones_too(tmp_path, model_bytes) -> None:
+    async def body(running, endpoint, channel) -> Samples:
+        async with running.admin_channel() as admin_channel:
+            admin = admin_pb2_grpc.AdminServiceStub(admin_channel)
+            request = admin_pb2.ListTasksRequest(protocol_version=V)
+            await admin.ListTasks(request, metadata=running.admin_metadata())
+            with pytest.raises(grpc.aio.AioRpcError):
+                await admin.ListTasks(request)  # no operator token
+        return await _scrape(endpoint)
+
+    samples = _run(tmp_path, model_bytes, body)
+
+    assert _value(samples, "overnight_rpc_duration_seconds_count", method=LIST_TASKS) == 2
+    assert _value(samples, "overnight_rpcs_total", method=LIST_TASKS, code="OK") == 1
+    assert _value(samples, "overnight_rpcs_total", method=LIST_TASKS, code="UNAUTHENTICATED") == 1
 
 
 def test_bytes_received_and_sent_are_the_messages_on_the_wire(tmp_path, model_bytes) -> None:

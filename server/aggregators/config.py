@@ -83,14 +83,20 @@ class DpConfig:
     initial_l2_norm_clip: float = 0.1
     target_unclipped_quantile: float = 0.5
     learning_rate: float = 0.2
-    clipped_count_stddev: float | None = None  # None: 0.05 * clients_per_round (TFF)
+    clipped_count_stddev: float | None = None  # None: TFF's default, see count_stddev
     target_delta: float = 1e-5  # the delta at which epsilon is reported
 
     @property
     def count_stddev(self) -> float:
+        """The stddev of the noise on the clipped count of adaptive clipping.
+
+        TFF's rule (differential_privacy.adaptive_clip_noise_params, v0.87): a given stddev is
+        used as given; without one it is 0.05 * clients_per_round when the noise multiplier is
+        positive, and 0 when it is 0 (no privacy is claimed, so the clip's trajectory is
+        deterministic)."""
         if self.clipped_count_stddev is not None:
             return self.clipped_count_stddev
-        return 0.05 * self.clients_per_round
+        return 0.05 * self.clients_per_round if self.noise_multiplier > 0 else 0.0
 
     def validate(self) -> None:
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):

@@ -25,6 +25,9 @@ block's L2 norm); when that cannot settle it and a clipping stage follows, the u
 zeroed but is clipped like any other, so what zeroing might miss is still bounded by the clip.
 Without a clipping stage, zeroing is the only bound and the server pays for the exact norm.
 
+An update with a NaN or an infinity counts as TFF's FedAvg makes it: all zeros (weight 0 in a
+weighted mean, one client in an unweighted one), voting "below" every adaptive estimate.
+
 The adaptive estimates take each device's vote (norm <= estimate), which only the device can
 know before its clipping. The server accepts a "below" vote only when the decoded norm is
 consistent with it; a device can still vote "above" at will, moving the estimate by at most
@@ -126,8 +129,23 @@ class NormEnforcer:
         self._clip_slack = 1.0 + rounding_tolerance if clipping_is_sensitivity else self._slack
         self._exact_clip = clipping_is_sensitivity
 
+    def judge_non_finite(self) -> Verdict:
+        """The verdict on an update with a NaN or an infinity, whatever its flags claim.
+
+        TFF's FedAvg client replaces such a delta with zeros (and weight 0), and TFF's
+        aggregators then see a vector of norm 0: not zeroed, not clipped, and a "below" vote
+        for every adaptive estimate. The server judges it as that zero vector. A device gains
+        nothing by it: an honest all-zero update earns the same votes (and, weighted, more
+        weight)."""
+        flags = UpdateFlags(0)
+        if self._zeroing is not None and self._zeroing.estimate > 0:
+            flags |= UpdateFlags.BELOW_ZEROING_ESTIMATE
+        if self._clipping is not None and self._clipping.estimate > 0:
+            flags |= UpdateFlags.BELOW_CLIPPING_ESTIMATE
+        return Verdict(0.0, flags, UpdateFlags(0))
+
     def judge(self, update: ParsedUpdate) -> Verdict:
-        """`update` must be finite (non-finite updates are weighted 0 before this)."""
+        """`update` must be finite (see `judge_non_finite` for the others)."""
         norms = DecodedNorms(self._meter, update)
         claimed = update.flags
         flags, enforced = UpdateFlags(0), UpdateFlags(0)

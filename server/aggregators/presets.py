@@ -6,6 +6,8 @@ TFF defaults (tensorflow_federated/python/learning/model_update_aggregator.py, v
 - clipping: adaptive L2, initial estimate 1, target quantile 0.8, learning rate 0.2;
 - compression: 8-bit stochastic uniform quantization of tensors over 20,000 elements;
 - dp_aggregator: zeroing(gaussian_adaptive(noise_multiplier, clients_per_round)), unweighted;
+  its clipped count is noised with stddev 0.05 * clients_per_round, or not at all when the
+  noise multiplier is 0 (DpConfig.count_stddev);
 - secure_aggregator: TFF's is adaptive zeroing and adaptive clipping around a secure sum. Ours
   clips with a fixed bound (default 1, TFF's initial clipping estimate) and has no zeroing:
   adapting a bound needs the devices' votes secure-summed too, which is not built yet.

@@ -71,7 +71,7 @@ class EncodedRoundAggregator:
         self._sum = self.codec.new_accumulator()
         self.count = 0
         self.total_weight = 0.0
-        self._finite = 0
+        self._nonfinite = 0
         self._flag_counts = {flag: 0 for flag in UpdateFlags}
 
     def client_spec(self) -> device_pb2.AggregationSpec:
@@ -100,15 +100,19 @@ class EncodedRoundAggregator:
         self._check_flags(update.flags)
         # Everything below is infallible: a refused update changed nothing above.
         self.count += 1
-        if not update.finite:
-            return  # counted as a report, weighted 0 (TFF zeroes non-finite updates)
         weight = float(header.example_count) if self.config.weighted else 1.0
-        # The server's own zeroing and clipping, whatever the device's flags claim.
-        verdict = self._enforcer.judge(update)
+        if update.finite:
+            # The server's own zeroing and clipping, whatever the device's flags claim.
+            verdict = self._enforcer.judge(update)
+        else:
+            # As TFF's FedAvg: a zero update with weight 0. An unweighted mean ignores weights,
+            # so there it still counts as one client, as in TFF's unweighted FedAvg.
+            verdict = self._enforcer.judge_non_finite()
+            weight = 0.0 if self.config.weighted else weight
+            self._nonfinite += 1
         if verdict.scale > 0:
             self._sum.add(update, weight * verdict.scale)
         self.total_weight += weight
-        self._finite += 1
         for flag in UpdateFlags:
             self._flag_counts[flag] += bool(verdict.flags & flag)
         for flag in self._enforced:
@@ -136,7 +140,7 @@ class EncodedRoundAggregator:
         self._sum.merge(other._sum)
         self.count += other.count
         self.total_weight += other.total_weight
-        self._finite += other._finite
+        self._nonfinite += other._nonfinite
         for flag in UpdateFlags:
             self._flag_counts[flag] += other._flag_counts[flag]
         for flag in self._enforced:
@@ -148,12 +152,13 @@ class EncodedRoundAggregator:
         metrics: dict[str, float] = {
             "aggregator/num_reports": float(self.count),
             "aggregator/total_weight": self.total_weight,
-            "aggregator/num_nonfinite_updates": float(self.count - self._finite),
+            "aggregator/num_nonfinite_updates": float(self._nonfinite),
             "aggregator/codec/payload_bits_per_parameter": (
                 8.0 * self.codec.payload_bytes / self.codec.num_parameters
             ),
         }
-        counts, finite = self._flag_counts, self._finite
+        # Every report votes, non-finite ones included (as zeros), as in TFF.
+        counts, voters = self._flag_counts, self.count
         if config.zeroing is not None and client.zeroing is not None:
             metrics["aggregator/zeroing/zeroing_norm"] = client.zeroing.bound
             metrics["aggregator/zeroing/zeroed_count"] = float(counts[UpdateFlags.ZEROED])
@@ -163,7 +168,7 @@ class EncodedRoundAggregator:
                     config.zeroing.adaptive,
                     state["zeroing_estimate"],
                     counts[UpdateFlags.BELOW_ZEROING_ESTIMATE],
-                    finite,
+                    voters,
                 )
         if config.clipping is not None and client.clipping is not None:
             metrics["aggregator/clipping/clipping_norm"] = client.clipping.bound
@@ -176,7 +181,7 @@ class EncodedRoundAggregator:
                     config.clipping.adaptive,
                     state["clipping_estimate"],
                     counts[UpdateFlags.BELOW_CLIPPING_ESTIMATE],
-                    finite,
+                    voters,
                 )
         if config.dp is not None:
             mean = self._private_mean(total, state, metrics)
@@ -195,7 +200,9 @@ class EncodedRoundAggregator:
         assert dp is not None and self.client.clipping is not None
         clip = self.client.clipping.bound
         stddev = privacy.sum_noise_multiplier(dp) * clip
-        noised = total.astype(np.float64) + self._rng.normal(0.0, stddev, total.shape)
+        noised = total.astype(np.float64)
+        if stddev > 0:
+            noised += self._rng.normal(0.0, stddev, total.shape)
         if dp.fixed_clip is None:
             # The clipped-count query of adaptive clipping, noised with its own stddev.
             estimator = QuantileEstimatorConfig(
@@ -205,13 +212,16 @@ class EncodedRoundAggregator:
                 estimator,
                 state["dp_clip"],
                 self._flag_counts[UpdateFlags.BELOW_CLIPPING_ESTIMATE],
-                self._finite,
+                self.count,
                 noise_stddev=dp.count_stddev,
                 denominator=dp.clients_per_round,
                 rng=self._rng,
             )
         state["dp_rounds"] = state.get("dp_rounds", 0.0) + 1
-        metrics["aggregator/dp/clip"] = clip
+        # TFF's `dp_query_metrics/clip` is the clip after this round's update, the one the
+        # next round uses; both are reported, each under a name that says which it is.
+        metrics["aggregator/dp/clip_applied"] = clip
+        metrics["aggregator/dp/next_clip"] = state.get("dp_clip", clip)
         metrics["aggregator/dp/noise_stddev"] = stddev
         metrics["aggregator/dp/clipped_count"] = float(self._flag_counts[UpdateFlags.CLIPPED])
         metrics["aggregator/dp/enforced_count"] = float(self._enforced[UpdateFlags.CLIPPED])

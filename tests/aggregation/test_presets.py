@@ -46,6 +46,20 @@ def test_dp_aggregator_is_unweighted_zeroed_and_adaptive() -> None:
     assert config.dp.count_stddev == pytest.approx(1.0)  # 0.05 * clients_per_round
 
 
+@pytest.mark.parametrize(
+    "arguments, stddev",
+    [
+        ("noise_multiplier=0, clients_per_round=20", 0.0),  # TFF: no noise, no count noise
+        ("noise_multiplier=0.5, clients_per_round=20", 1.0),
+        ("noise_multiplier=0, clients_per_round=20, clipped_count_stddev=0.3", 0.3),
+    ],
+)
+def test_dp_clipped_count_noise_follows_tffs_rule(arguments: str, stddev: float) -> None:
+    config = parse_aggregator(f"dp({arguments})")
+
+    assert config.dp is not None and config.dp.count_stddev == pytest.approx(stddev)
+
+
 def test_composition_of_stages() -> None:
     config = parse_aggregator(
         "zeroing(norm=5, clipping(norm=2, mean(uniform(bits=4, rotation=true))))"

@@ -238,3 +238,71 @@ def test_adaptive_dp_clip_moves_toward_the_target_quantile() -> None:
     aggregator.finalize()
 
     assert process.state["dp_clip"] > 0.1  # the clip grows toward the median norm
+
+
+def _nan_update() -> np.ndarray:
+    update = np.full(N, 0.5, np.float32)
+    update[11] = np.nan
+    return update
+
+
+def test_non_finite_update_votes_below_every_adaptive_estimate() -> None:
+    process = _process("robust_aggregator()")
+    aggregator = _round(process)
+    above_clip = np.full(N, 2.0 / math.sqrt(N), np.float32)  # L2 norm 2 > clip 1
+
+    for _ in range(3):
+        _upload(aggregator, above_clip)
+    _upload(aggregator, _nan_update())  # what TFF's client sends: zeros, weight 0
+    mean, metrics = aggregator.finalize()
+
+    # Clipping: 1 of 4 below (the zeros); zeroing: 4 of 4 below (TFF counts every client).
+    assert process.state["clipping_estimate"] == pytest.approx(math.exp(-0.2 * (1 / 4 - 0.8)))
+    assert process.state["zeroing_estimate"] == pytest.approx(10 * math.exp(-math.log(10) * 0.02))
+    assert metrics["aggregator/clipping/clipped_count"] == 3
+    assert metrics["aggregator/total_weight"] == 30  # the non-finite update weighs 0
+    np.testing.assert_allclose(mean, 1.0 / math.sqrt(N), rtol=1e-5)  # three clipped to norm 1
+
+
+def test_non_finite_update_is_one_client_of_an_unweighted_mean() -> None:
+    aggregator = _round(_process("unweighted_mean"))
+
+    _upload(aggregator, np.ones(N, np.float32))
+    _upload(aggregator, _nan_update())
+    mean, metrics = aggregator.finalize()
+
+    np.testing.assert_allclose(mean, 0.5)  # TFF's unweighted FedAvg ignores the weight 0
+    assert metrics["aggregator/num_nonfinite_updates"] == 1
+
+
+def test_dp_without_noise_is_deterministic_with_tffs_clipped_count() -> None:
+    expression = "dp_aggregator(noise_multiplier=0, clients_per_round=4)"
+    runs = []
+    for seed in (1, 2):  # different generators: nothing random may remain
+        process = _process(expression, seed=seed)
+        aggregator = _round(process)
+        for delta in _deltas(3, scale=1.0):  # norms ~ 72: above the clip 0.1
+            _upload(aggregator, delta)
+        _upload(aggregator, np.full(N, 0.0001, np.float32))  # norm ~ 0.007: below it
+        runs.append((*aggregator.finalize(), process.state["dp_clip"]))
+
+    (mean_1, metrics_1, clip_1), (mean_2, _, clip_2) = runs
+    np.testing.assert_array_equal(mean_1, mean_2)
+    assert clip_1 == clip_2 == pytest.approx(0.1 * math.exp(-0.2 * (1 / 4 - 0.5)))
+    assert metrics_1["aggregator/dp/noise_stddev"] == 0
+
+
+def test_dp_reports_the_clip_it_applied_and_the_next_rounds() -> None:
+    process = _process("dp_aggregator(noise_multiplier=0, clients_per_round=2)")
+
+    first = _round(process)
+    for delta in _deltas(2, scale=1.0):
+        _upload(first, delta)
+    _, metrics = first.finalize()
+    second = _round(process)
+
+    assert metrics["aggregator/dp/clip_applied"] == 0.1
+    # TFF's `dp_query_metrics/clip`: the clip after this round's update.
+    assert metrics["aggregator/dp/next_clip"] == pytest.approx(0.1 * math.exp(0.2 * 0.5))
+    assert second.client.clipping is not None
+    assert second.client.clipping.bound == metrics["aggregator/dp/next_clip"]

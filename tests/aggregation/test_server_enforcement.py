@@ -193,3 +193,26 @@ def test_with_clipping_a_rotated_codecs_outlier_is_at_least_clipped() -> None:
     enforced += metrics["aggregator/clipping/enforced_count"]
     assert enforced == 1
     assert np.linalg.norm(mean) <= 1.6 * aggregator.client.clipping.bound
+
+
+def test_non_finite_upload_counts_as_a_zero_update_whatever_its_flags_claim() -> None:
+    aggregator = _round("robust_aggregator()")
+    zero_update = _round("robust_aggregator()")
+    claims = UpdateFlags.ZEROED | UpdateFlags.CLIPPED
+    poisoned = np.full(N, 1.0, np.float32)
+    poisoned[3] = np.inf
+
+    _unclipped(aggregator, poisoned, flags=claims, count=1000)
+    _honest(zero_update, np.zeros(N, np.float32), count=1000)
+    _, metrics = aggregator.finalize()
+    _, zero_metrics = zero_update.finalize()
+
+    # Not zeroed, not clipped, below both estimates: the votes of an honest zero update, with
+    # weight 0 where the zero update has its example count.
+    for name in ("zeroing/zeroed_count", "clipping/clipped_count"):
+        assert metrics[f"aggregator/{name}"] == zero_metrics[f"aggregator/{name}"] == 0
+    for name in ("zeroing_estimate", "clipping_estimate"):
+        state = f"aggregator_state/{name}"
+        assert metrics[state] == zero_metrics[state]
+    assert metrics["aggregator/total_weight"] == 0
+    assert zero_metrics["aggregator/total_weight"] == 1000

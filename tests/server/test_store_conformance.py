@@ -1,14 +1,18 @@
-"""One conformance suite that every coordinator store implementation must pass."""
+"""One conformance suite that every coordinator store implementation must pass: SQLite in
+memory, SQLite on file, and PostgreSQL (a real server, started for the session by
+tests/postgres_server.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import pathlib
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from server.config import TaskConfig
 from server.errors import AlreadyExists
+from server.postgres_store import PostgresStore
 from server.sqlite_store import SqliteStore
 from server.store import EnrolledDevice, RoundRecord, RoundState, Store, TaskRecord, TaskState
 
@@ -32,12 +36,46 @@ def _committed(round_number: int, weights: bytes) -> RoundRecord:
     )
 
 
-class StoreConformance:
-    """Subclasses provide `store`; every test here must pass for every implementation."""
+StoreOpener = Callable[[], Store]
 
-    @pytest.fixture
-    def store(self, tmp_path: pathlib.Path) -> Store:
-        raise NotImplementedError
+
+def _opener(kind: str, request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> StoreOpener:
+    """Opens the same store each time it is called (a new, empty one per test)."""
+    match kind:
+        case "sqlite-memory":
+            return lambda: SqliteStore(":memory:")
+        case "sqlite-file":
+            return lambda: SqliteStore(tmp_path / "store.sqlite")
+        case "postgresql":
+            url = request.getfixturevalue("postgres_url")
+            return lambda: PostgresStore(url)
+    raise AssertionError(kind)
+
+
+@pytest.fixture
+def open_store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[StoreOpener]:
+    opened: list[Store] = []
+    make = _opener(request.param, request, tmp_path)
+
+    def open_() -> Store:
+        opened.append(make())
+        return opened[-1]
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(open_store: StoreOpener) -> Store:
+    return open_store()
+
+
+@pytest.mark.parametrize(
+    "open_store", ["sqlite-memory", "sqlite-file", "postgresql"], indirect=True
+)
+class TestStoreConformance:
+    """Every test here must pass for every implementation."""
 
     def test_resources_are_content_addressed_and_idempotent(self, store: Store) -> None:
         first = store.put_resource("model", b"abc")
@@ -133,35 +171,26 @@ class StoreConformance:
         assert store.enrolled_devices("p") == 1
 
 
-class TestSqliteInMemory(StoreConformance):
-    @pytest.fixture
-    def store(self, tmp_path: pathlib.Path) -> Store:
-        return SqliteStore(":memory:")
-
-
-class TestSqliteFile(StoreConformance):
-    @pytest.fixture
-    def store(self, tmp_path: pathlib.Path) -> Store:
-        return SqliteStore(tmp_path / "store.sqlite")
-
-    def test_state_survives_reopening(self, tmp_path: pathlib.Path) -> None:
-        store = SqliteStore(tmp_path / "s.sqlite")
+@pytest.mark.parametrize("open_store", ["sqlite-file", "postgresql"], indirect=True)
+class TestDurableStores:
+    def test_state_survives_reopening(self, open_store: StoreOpener) -> None:
+        store = open_store()
         store.add_task(_task())
         store.commit_round(_committed(1, b"w1"), b"w1", ["tok"])
         store.close()
 
-        reopened = SqliteStore(tmp_path / "s.sqlite")
+        reopened = open_store()
 
         assert reopened.tasks() == [_task()]
         assert reopened.is_counted("tok")
         assert reopened.rounds("t1") == [_committed(1, b"w1")]
 
-    def test_an_operator_decision_survives_reopening(self, tmp_path: pathlib.Path) -> None:
-        store = SqliteStore(tmp_path / "s.sqlite")
+    def test_an_operator_decision_survives_reopening(self, open_store: StoreOpener) -> None:
+        store = open_store()
         store.add_task(_task())
         store.set_task_state("t1", TaskState.CANCELLED)
         store.close()
 
-        reopened = SqliteStore(tmp_path / "s.sqlite")
+        reopened = open_store()
 
         assert reopened.tasks()[0].state is TaskState.CANCELLED

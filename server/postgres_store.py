@@ -1,0 +1,408 @@
+"""PostgreSQL implementation of the coordinator store (psycopg 3 and its connection pool), for
+coordinators that keep their state in a database their operators already run:
+`overnight serve --store postgresql://USER@HOST/DB`.
+
+Same contract and conformance suite as the SQLite store. Each method is one transaction on a
+pooled connection; `commit_round` makes the round, its weights, its counted uploads and the
+server state durable together (PostgreSQL's default `synchronous_commit = on`: a commit
+returns once its WAL is flushed).
+
+One coordinator per database: opened with `sole_coordinator=True` (as `overnight serve` opens
+it) the store holds a session advisory lock on a connection of its own for as long as it is
+open, and a second coordinator on the same database is refused at start. PostgreSQL drops the
+lock when that connection ends, so a coordinator killed with `kill -9` frees it at once (the
+kernel closes its socket); one cut off by a network partition frees it when the server notices
+the dead connection (TCP keepalive). Several replicas on one database need leadership by lease
+(issue 15), which this lock stands in for until then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+
+import psycopg
+import psycopg_pool
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from server.config import TaskConfig
+from server.errors import AlreadyExists, StoreUnavailable
+from server.postgres_schema import upgrade
+from server.store import (
+    AssignmentRecord,
+    EnrolledDevice,
+    RoundRecord,
+    RoundState,
+    Store,
+    TaskRecord,
+    TaskState,
+    UnrecordedRound,
+)
+
+# The event loop calls the store inline and a commit runs in a worker thread, so a few
+# connections serve a coordinator; each replica of a cluster opens this many at most.
+pool_max_connections = 4
+# How long a call waits for a pooled connection before it fails as StoreUnavailable. Short:
+# calls block the event loop, and a device told UNAVAILABLE simply comes back later.
+pool_wait_s = 2.0
+# libpq's own limit on opening a connection (it does not accept fractions).
+connect_timeout_s = 5
+# Held by the coordinator that serves from the database (see the module docstring).
+sole_coordinator_lock_key = 0x6F7665726E696702  # "overnig" + 2
+
+
+def describe(url: str) -> str:
+    """Where a connection string points, without its password: for messages and logs."""
+    try:
+        parts = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise ValueError(f"--store is not a valid PostgreSQL connection string: {exc}") from None
+    host = parts.get("host") or "the local socket"
+    port = f":{parts['port']}" if parts.get("port") else ""
+    return f"PostgreSQL database {parts.get('dbname') or '(default)'!s} on {host}{port}"
+
+
+class PostgresStore(Store):
+    def __init__(self, url: str, sole_coordinator: bool = False) -> None:
+        self._where = describe(url)
+        # The application name tells this process in pg_stat_activity, and so in the
+        # refusal a second coordinator gets.
+        self._conninfo = make_conninfo(
+            url,
+            application_name=f"overnight coordinator pid {os.getpid()} on {socket.gethostname()}"[
+                :63
+            ],
+            connect_timeout=connect_timeout_s,
+        )
+        self._claim: psycopg.Connection | None = None
+        try:
+            with psycopg.connect(self._conninfo) as first:
+                upgrade(first, self._where)
+            if sole_coordinator:
+                self._claim = self._claim_database()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot use the {self._where}: {_reason(exc)}") from None
+        self._pool = psycopg_pool.ConnectionPool(
+            self._conninfo,
+            min_size=1,
+            max_size=pool_max_connections,
+            timeout=pool_wait_s,
+            name="overnight-store",
+            open=False,
+        )
+        self._pool.open()
+
+    def _claim_database(self) -> psycopg.Connection:
+        claim = psycopg.connect(self._conninfo, autocommit=True)
+        row = claim.execute(
+            "SELECT pg_try_advisory_lock(%s)", (sole_coordinator_lock_key,)
+        ).fetchone()
+        if row and row[0]:
+            return claim
+        holder = claim.execute(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+            "WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.classid::bigint = %s AND l.objid::bigint = %s",
+            (sole_coordinator_lock_key >> 32, sole_coordinator_lock_key & 0xFFFFFFFF),
+        ).fetchone()
+        claim.close()
+        raise StoreUnavailable(
+            f"the {self._where} is in use by another coordinator "
+            f"({holder[0] if holder and holder[0] else 'unknown'}); stop that one first, or "
+            "give this one another database"
+        )
+
+    def _hold_claim(self) -> None:
+        """A commit goes ahead only while this coordinator still holds its claim; a lost
+        connection (a database restart) is claimed again if no one else took it meanwhile."""
+        if self._claim is None:
+            return
+        try:
+            self._claim.execute("SELECT 1")
+            return
+        except psycopg.Error:
+            self._claim.close()
+        self._pool.check()  # what ended the claim's connection likely ended the pool's too
+        try:
+            self._claim = self._claim_database()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"lost the claim on the {self._where}: {_reason(exc)}") from None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection]:
+        """One transaction on a pooled connection: committed when the block ends, rolled back
+        if it raises. Failures of the database or the network become StoreUnavailable naming
+        the cause; constraint violations stay psycopg.IntegrityError for the caller to map."""
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except psycopg.IntegrityError:
+            raise
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                # A lost connection (a database restart, a network cut) fails this call; the
+                # pool's other idle connections are tested now, so the next call does not
+                # fail on one of them as well.
+                self._pool.check()
+            raise StoreUnavailable(
+                f"the coordinator's store ({self._where}) failed: {_reason(exc)}"
+            ) from exc
+
+    def put_resource(self, kind: str, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO resources VALUES (%s, %s, %b) ON CONFLICT (sha256) DO NOTHING",
+                (digest, kind, data),
+            )
+        return digest
+
+    def get_resource(self, sha256: str) -> bytes | None:
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT data FROM resources WHERE sha256 = %s", (sha256,), binary=True
+            ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def add_task(self, task: TaskRecord) -> None:
+        try:
+            with self._transaction() as conn:
+                conn.execute(
+                    "INSERT INTO tasks VALUES (%s, %s, %s, %s, %s, %s)",
+                    (
+                        task.config.task_id,
+                        json.dumps(task.config.to_dict()),
+                        task.model_sha256,
+                        task.initial_weights_sha256,
+                        task.num_parameters,
+                        task.created_at,
+                    ),
+                )
+        except psycopg.errors.UniqueViolation:
+            raise AlreadyExists(f"task {task.config.task_id!r} already exists") from None
+
+    def tasks(self) -> list[TaskRecord]:
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT tasks.task_id, config, model_sha256, initial_weights_sha256, "
+                "num_parameters, created_at, COALESCE(task_states.state, 'running') FROM tasks "
+                "LEFT JOIN task_states USING (task_id) "
+                # Byte order, as SQLite sorts, whatever the database's locale.
+                'ORDER BY created_at, tasks.task_id COLLATE "C"'
+            ).fetchall()
+        return [
+            TaskRecord(
+                TaskConfig.from_dict(json.loads(config)),
+                model,
+                weights,
+                num,
+                created,
+                TaskState(state),
+            )
+            for _, config, model, weights, num, created, state in rows
+        ]
+
+    def set_task_state(self, task_id: str, state: TaskState) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO task_states VALUES (%s, %s) "
+                "ON CONFLICT (task_id) DO UPDATE SET state = excluded.state",
+                (task_id, state.value),
+            )
+
+    def commit_round(
+        self,
+        record: RoundRecord,
+        weights: bytes,
+        counted_tokens: list[str],
+        server_state: bytes = b"",
+    ) -> None:
+        digest = hashlib.sha256(weights).hexdigest()
+        if record.state is not RoundState.COMMITTED or record.weights_sha256 != digest:
+            raise ValueError("commit_round needs a committed record naming the weights it commits")
+        self._hold_claim()
+        try:
+            with self._transaction() as conn:
+                conn.execute(
+                    "INSERT INTO resources VALUES (%s, 'weights', %b) "
+                    "ON CONFLICT (sha256) DO NOTHING",
+                    (digest, weights),
+                )
+                _insert_round(conn, record)
+                with conn.cursor() as cursor:
+                    cursor.executemany(
+                        "INSERT INTO counted_uploads VALUES (%s, %s, %s)",
+                        [(token, record.task_id, record.round_number) for token in counted_tokens],
+                    )
+                conn.execute(
+                    "INSERT INTO server_state VALUES (%s, %s, %b)",
+                    (record.task_id, record.round_number, server_state),
+                )
+        except psycopg.errors.UniqueViolation:
+            raise AlreadyExists(
+                f"task {record.task_id!r} round {record.round_number}: "
+                "the round or one of its uploads was already committed"
+            ) from None
+
+    def record_closed_round(self, record: RoundRecord) -> None:
+        if record.state not in (RoundState.FAILED, RoundState.ABANDONED):
+            raise ValueError(
+                f"record_closed_round takes failed or abandoned rounds, not {record.state}"
+            )
+        try:
+            with self._transaction() as conn:
+                _insert_round(conn, record)
+        except psycopg.errors.UniqueViolation:
+            raise AlreadyExists(
+                f"task {record.task_id!r} round {record.round_number} already recorded"
+            ) from None
+
+    def rounds(self, task_id: str) -> list[RoundRecord]:
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT task_id, round_number, state, selected, reported, dropped, metrics, "
+                "started_at, finished_at, weights_sha256 FROM rounds WHERE task_id = %s "
+                "ORDER BY round_number",
+                (task_id,),
+            ).fetchall()
+        return [
+            RoundRecord(
+                task_id=row[0],
+                round_number=row[1],
+                state=RoundState(row[2]),
+                selected=row[3],
+                reported=row[4],
+                dropped=row[5],
+                metrics=json.loads(row[6]),
+                started_at=row[7],
+                finished_at=row[8],
+                weights_sha256=row[9],
+            )
+            for row in rows
+        ]
+
+    def is_counted(self, token_sha256: str) -> bool:
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM counted_uploads WHERE token_sha256 = %s", (token_sha256,)
+            ).fetchone()
+        return row is not None
+
+    def server_state(self, task_id: str) -> bytes:
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT state FROM server_state WHERE task_id = %s "
+                "ORDER BY round_number DESC LIMIT 1",
+                (task_id,),
+                binary=True,
+            ).fetchone()
+        return bytes(row[0]) if row else b""
+
+    def add_assignment(self, assignment: AssignmentRecord) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO assignments VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (token_sha256) DO NOTHING",
+                (
+                    assignment.token_sha256,
+                    assignment.task_id,
+                    assignment.round_number,
+                    assignment.device_id,
+                    assignment.issued_at,
+                ),
+            )
+
+    def assignment(self, token_sha256: str) -> AssignmentRecord | None:
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT token_sha256, task_id, round_number, device_id, issued_at "
+                "FROM assignments WHERE token_sha256 = %s",
+                (token_sha256,),
+            ).fetchone()
+        return AssignmentRecord(*row) if row else None
+
+    def last_assignment_time(self, task_id: str, device_id: str) -> float | None:
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT MAX(issued_at) FROM assignments WHERE task_id = %s AND device_id = %s",
+                (task_id, device_id),
+            ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def unrecorded_rounds(self, task_id: str) -> list[UnrecordedRound]:
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT round_number, COUNT(*), MIN(issued_at) FROM assignments a "
+                "WHERE task_id = %s AND NOT EXISTS (SELECT 1 FROM rounds r "
+                "WHERE r.task_id = a.task_id AND r.round_number = a.round_number) "
+                "GROUP BY round_number ORDER BY round_number",
+                (task_id,),
+            ).fetchall()
+        return [UnrecordedRound(number, selected, started) for number, selected, started in rows]
+
+    def enroll_device(self, device: EnrolledDevice) -> bool:
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "INSERT INTO enrolled_devices VALUES (%s, %s, %b, %s, %s) "
+                "ON CONFLICT (device_id, population) DO NOTHING",
+                (
+                    device.device_id,
+                    device.population,
+                    device.public_key_der,
+                    device.credential,
+                    device.enrolled_at,
+                ),
+            )
+        return cursor.rowcount == 1
+
+    def enrolled_device(self, device_id: str, population: str) -> EnrolledDevice | None:
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT device_id, population, public_key, credential, enrolled_at "
+                "FROM enrolled_devices WHERE device_id = %s AND population = %s",
+                (device_id, population),
+                binary=True,
+            ).fetchone()
+        if row is None:
+            return None
+        return EnrolledDevice(row[0], row[1], bytes(row[2]), row[3], row[4])
+
+    def enrolled_devices(self, population: str) -> int:
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM enrolled_devices WHERE population = %s", (population,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        self._pool.close()
+        if self._claim is not None:
+            self._claim.close()  # frees the database for the next coordinator
+
+
+def _insert_round(conn: psycopg.Connection, record: RoundRecord) -> None:
+    conn.execute(
+        "INSERT INTO rounds VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            record.task_id,
+            record.round_number,
+            record.state.value,
+            record.selected,
+            record.reported,
+            record.dropped,
+            json.dumps(record.metrics, sort_keys=True),
+            record.started_at,
+            record.finished_at,
+            record.weights_sha256,
+        ),
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of a driver error: libpq's messages run on with hints and context."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

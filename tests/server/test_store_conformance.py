@@ -14,7 +14,16 @@ from server.config import TaskConfig
 from server.errors import AlreadyExists
 from server.postgres_store import PostgresStore
 from server.sqlite_store import SqliteStore
-from server.store import EnrolledDevice, RoundRecord, RoundState, Store, TaskRecord, TaskState
+from server.store import (
+    AssignmentRecord,
+    EnrolledDevice,
+    RoundRecord,
+    RoundState,
+    Store,
+    TaskRecord,
+    TaskState,
+    UnrecordedRound,
+)
 
 
 def _task(task_id: str = "t1") -> TaskRecord:
@@ -169,6 +178,43 @@ class TestStoreConformance:
         assert not again
         assert store.enrolled_device("a" * 64, "p") == first
         assert store.enrolled_devices("p") == 1
+
+    def test_an_assignment_is_found_by_its_token_hash(self, store: Store) -> None:
+        issued = AssignmentRecord("h" * 64, "t1", 1, "dev-a", 5.0)
+
+        store.add_assignment(issued)
+        store.add_assignment(AssignmentRecord("g" * 64, "t1", 1, "dev-a", 7.5))
+
+        assert store.assignment("h" * 64) == issued
+        assert store.assignment("x" * 64) is None
+        assert store.last_assignment_time("t1", "dev-a") == 7.5
+        assert store.last_assignment_time("t1", "dev-b") is None
+
+    def test_rounds_with_assignments_but_no_record_are_unrecorded(self, store: Store) -> None:
+        store.add_task(_task())
+        for token, round_number, issued_at in [("a", 1, 3.0), ("b", 2, 4.0), ("c", 2, 2.0)]:
+            store.add_assignment(AssignmentRecord(token * 64, "t1", round_number, "d", issued_at))
+        store.commit_round(_committed(1, b"w1"), b"w1", ["a" * 64])
+
+        assert store.unrecorded_rounds("t1") == [UnrecordedRound(2, 2, 2.0)]
+        assert store.unrecorded_rounds("t2") == []
+
+    def test_the_server_state_is_the_latest_committed_one(self, store: Store) -> None:
+        store.add_task(_task())
+        assert store.server_state("t1") == b""
+
+        store.commit_round(_committed(1, b"w1"), b"w1", [], server_state=b"state-1")
+        store.commit_round(_committed(2, b"w2"), b"w2", [], server_state=b"state-2")
+
+        assert store.server_state("t1") == b"state-2"
+
+    def test_a_closed_round_is_recorded_once(self, store: Store) -> None:
+        failed = RoundRecord("t1", 1, RoundState.FAILED, 3, 0, 3, {}, 1.0, 2.0)
+        store.record_closed_round(failed)
+
+        with pytest.raises(AlreadyExists):
+            store.record_closed_round(failed)
+        assert store.rounds("t1") == [failed]
 
 
 @pytest.mark.parametrize("open_store", ["sqlite-file", "postgresql"], indirect=True)

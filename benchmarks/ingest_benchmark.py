@@ -168,6 +168,49 @@ def _start(args: list[str]) -> subprocess.Popen[str]:
     return process
 
 
+def serve_command(
+    port: int,
+    data_dir: pathlib.Path,
+    task: pathlib.Path,
+    model: pathlib.Path,
+    secret: pathlib.Path,
+    extra: list[str],
+) -> list[str]:
+    """`overnight serve` for the benchmark task (as arguments to the Python interpreter)."""
+    return [
+        "-m",
+        "overnight",
+        "serve",
+        "--address",
+        f"127.0.0.1:{port}",
+        # Plaintext like the bare servers: this compares ingest, not TLS (see
+        # benchmarks/tls_check_in.py for what TLS costs).
+        "--insecure",
+        "--admin-address",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(data_dir),
+        "--task",
+        str(task),
+        "--model",
+        str(model),
+        "--enrollment-secret-file",
+        str(secret),
+        "--exempt-network",
+        "127.0.0.0/8",
+        *extra,
+    ]
+
+
+def task_toml(uploads: int, rounds: int) -> str:
+    """The benchmark task: one round per repeat, closing at `uploads` reports."""
+    return (
+        f'[task]\ntask_id = "ingest"\npopulation = "bench"\ntotal_rounds = {rounds}\n'
+        f"target_reports = {uploads}\nover_selection = 1.0\nbatch_size = 20\n"
+        "selection_deadline_s = 600\nreporting_deadline_s = 600\n"
+    )
+
+
 def run(
     uploads: int, concurrency: int, repeats: int, slots: int | None = None
 ) -> tuple[list[tuple[str, str]], str]:
@@ -184,40 +227,21 @@ def run(
             payload[:n].tobytes() if n <= NUM_PARAMETERS else np.resize(payload, n).tobytes()
         )
         task = pathlib.Path(tmp) / "task.toml"
-        task.write_text(
-            f'[task]\ntask_id = "ingest"\npopulation = "bench"\ntotal_rounds = {repeats + 1}\n'
-            f"target_reports = {uploads}\nover_selection = 1.0\nbatch_size = 20\n"
-            "selection_deadline_s = 600\nreporting_deadline_s = 600\n"
-        )
+        task.write_text(task_toml(uploads, repeats + 1))
         secret = pathlib.Path(tmp) / "enrollment.secret"
         secret.write_bytes(ENROLLMENT_SECRET)
         bare_port, raw_port, ours_port = _free_port(), _free_port(), _free_port()
         bare = _start(["-c", BARE_SERVER, f"127.0.0.1:{bare_port}", "protobuf"])
         raw = _start(["-c", BARE_SERVER, f"127.0.0.1:{raw_port}", "raw"])
         ours = _start(
-            [
-                "-m",
-                "overnight",
-                "serve",
-                "--address",
-                f"127.0.0.1:{ours_port}",
-                # Plaintext like the bare servers: this compares ingest, not TLS (see
-                # benchmarks/tls_check_in.py for what TLS costs).
-                "--insecure",
-                "--admin-address",
-                "127.0.0.1:0",
-                "--data-dir",
-                f"{tmp}/state",
-                "--task",
-                str(task),
-                "--model",
-                str(model),
-                "--enrollment-secret-file",
-                str(secret),
-                "--exempt-network",
-                "127.0.0.0/8",
-                *(["--max-concurrent-uploads", str(slots)] if slots else []),
-            ]
+            serve_command(
+                ours_port,
+                pathlib.Path(tmp) / "state",
+                task,
+                model,
+                secret,
+                ["--max-concurrent-uploads", str(slots)] if slots else [],
+            )
         )
         bare_s: list[float] = []
         raw_s: list[float] = []

@@ -51,6 +51,15 @@ MIGRATIONS = (
             " PRIMARY KEY (device_id, population))",
         ),
     ),
+    Migration(
+        2,
+        "task leases: each task's leader, its epoch and expiry (fencing, server/leases.py)",
+        (
+            "CREATE TABLE task_leases ("
+            " task_id TEXT PRIMARY KEY, holder TEXT NOT NULL, epoch BIGINT NOT NULL,"
+            " expires_at DOUBLE PRECISION NOT NULL)",
+        ),
+    ),
 )
 
 # Session-independent advisory lock keys (64-bit), named so `pg_locks` readers can tell ours

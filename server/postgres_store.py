@@ -24,6 +24,7 @@ import json
 import os
 import socket
 from collections.abc import Iterator
+from typing import Literal
 
 import psycopg
 import psycopg_pool
@@ -31,6 +32,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from server.config import TaskConfig
 from server.errors import AlreadyExists, StoreUnavailable
+from server.leases import Lease, check_fence, next_lease, released_at
 from server.postgres_schema import upgrade
 from server.store import (
     AssignmentRecord,
@@ -220,6 +222,7 @@ class PostgresStore(Store):
         weights: bytes,
         counted_tokens: list[str],
         server_state: bytes = b"",
+        fence: Lease | None = None,
     ) -> None:
         digest = hashlib.sha256(weights).hexdigest()
         if record.state is not RoundState.COMMITTED or record.weights_sha256 != digest:
@@ -227,6 +230,7 @@ class PostgresStore(Store):
         self._hold_claim()
         try:
             with self._transaction() as conn:
+                _check_fence(conn, record, fence)
                 conn.execute(
                     "INSERT INTO resources VALUES (%s, 'weights', %b) "
                     "ON CONFLICT (sha256) DO NOTHING",
@@ -248,18 +252,56 @@ class PostgresStore(Store):
                 "the round or one of its uploads was already committed"
             ) from None
 
-    def record_closed_round(self, record: RoundRecord) -> None:
+    def record_closed_round(self, record: RoundRecord, fence: Lease | None = None) -> None:
         if record.state not in (RoundState.FAILED, RoundState.ABANDONED):
             raise ValueError(
                 f"record_closed_round takes failed or abandoned rounds, not {record.state}"
             )
         try:
             with self._transaction() as conn:
+                _check_fence(conn, record, fence)
                 _insert_round(conn, record)
         except psycopg.errors.UniqueViolation:
             raise AlreadyExists(
                 f"task {record.task_id!r} round {record.round_number} already recorded"
             ) from None
+
+    def acquire_lease(
+        self, task_id: str, holder: str, now: float, duration_s: float
+    ) -> Lease | None:
+        with self._transaction() as conn:
+            # The row lock makes acquirers take turns: the second one reads the first one's
+            # lease once it commits, and is refused while that lease is live.
+            current = _lease(conn, task_id, "FOR UPDATE")
+            granted = next_lease(current, task_id, holder, now, duration_s)
+            if granted is None:
+                return None
+            if current is None:
+                # No row to lock yet: of two first acquirers, the second inserts nothing.
+                inserted = conn.execute(
+                    "INSERT INTO task_leases VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (task_id) DO NOTHING",
+                    (task_id, granted.holder, granted.epoch, granted.expires_at),
+                )
+                return granted if inserted.rowcount == 1 else None
+            conn.execute(
+                "UPDATE task_leases SET holder = %s, epoch = %s, expires_at = %s "
+                "WHERE task_id = %s",
+                (granted.holder, granted.epoch, granted.expires_at, task_id),
+            )
+        return granted
+
+    def release_lease(self, lease: Lease) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE task_leases SET expires_at = %s WHERE task_id = %s AND holder = %s "
+                "AND epoch = %s",
+                (released_at, lease.task_id, lease.holder, lease.epoch),
+            )
+
+    def current_lease(self, task_id: str) -> Lease | None:
+        with self._transaction() as conn:
+            return _lease(conn, task_id)
 
     def rounds(self, task_id: str) -> list[RoundRecord]:
         with self._transaction() as conn:
@@ -382,6 +424,28 @@ class PostgresStore(Store):
         self._pool.close()
         if self._claim is not None:
             self._claim.close()  # frees the database for the next coordinator
+
+
+def _lease(
+    conn: psycopg.Connection,
+    task_id: str,
+    lock: Literal["", "FOR UPDATE", "FOR SHARE"] = "",
+) -> Lease | None:
+    row = conn.execute(
+        f"SELECT holder, epoch, expires_at FROM task_leases WHERE task_id = %s {lock}",
+        (task_id,),
+    ).fetchone()
+    return Lease(task_id, row[0], row[1], row[2]) if row else None
+
+
+def _check_fence(conn: psycopg.Connection, record: RoundRecord, fence: Lease | None) -> None:
+    """In the commit's transaction; the shared row lock holds off a takeover until the
+    commit is durable (the new leader then finds it), so no commit slips in after one."""
+    if fence is None:
+        return
+    if fence.task_id != record.task_id:
+        raise ValueError(f"a lease of task {fence.task_id!r} fences {record.task_id!r}")
+    check_fence(fence, _lease(conn, fence.task_id, "FOR SHARE"))
 
 
 def _insert_round(conn: psycopg.Connection, record: RoundRecord) -> None:

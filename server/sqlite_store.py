@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from server.config import TaskConfig
 from server.errors import AlreadyExists, StoreUnavailable
+from server.leases import Lease, check_fence, next_lease, released_at
 from server.private_files import ensure_private_file, prepare_data_dir
 from server.schema_migrations import Migration, pending_migrations
 from server.store import (
@@ -64,6 +65,15 @@ MIGRATIONS = (
             " device_id TEXT NOT NULL, population TEXT NOT NULL, public_key BLOB NOT NULL,"
             " credential TEXT NOT NULL, enrolled_at REAL NOT NULL,"
             " PRIMARY KEY (device_id, population))",
+        ),
+    ),
+    Migration(
+        2,
+        "task leases: each task's leader, its epoch and expiry (fencing, server/leases.py)",
+        (
+            "CREATE TABLE task_leases ("
+            " task_id TEXT PRIMARY KEY, holder TEXT NOT NULL, epoch INTEGER NOT NULL,"
+            " expires_at REAL NOT NULL)",
         ),
     ),
 )
@@ -231,6 +241,7 @@ class SqliteStore(Store):
         weights: bytes,
         counted_tokens: list[str],
         server_state: bytes = b"",
+        fence: Lease | None = None,
     ) -> None:
         digest = hashlib.sha256(weights).hexdigest()
         if record.state is not RoundState.COMMITTED or record.weights_sha256 != digest:
@@ -238,6 +249,7 @@ class SqliteStore(Store):
         with self._locked():
             try:
                 self._db.execute("BEGIN IMMEDIATE")
+                self._check_fence(record, fence)
                 self._db.execute(
                     "INSERT OR IGNORE INTO resources (sha256, kind, data) VALUES (?, 'weights', ?)",
                     (digest, weights),
@@ -269,18 +281,71 @@ class SqliteStore(Store):
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
 
-    def record_closed_round(self, record: RoundRecord) -> None:
+    def record_closed_round(self, record: RoundRecord, fence: Lease | None = None) -> None:
         if record.state not in (RoundState.FAILED, RoundState.ABANDONED):
             raise ValueError(
                 f"record_closed_round takes failed or abandoned rounds, not {record.state}"
             )
         with self._locked():
             try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._check_fence(record, fence)
                 self._insert_round(record)
+                self._db.execute("COMMIT")
             except sqlite3.IntegrityError:
+                self._rollback()
                 raise AlreadyExists(
                     f"task {record.task_id!r} round {record.round_number} already recorded"
                 ) from None
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _check_fence(self, record: RoundRecord, fence: Lease | None) -> None:
+        """Inside the write transaction, so no lease can change before it commits."""
+        if fence is None:
+            return
+        if fence.task_id != record.task_id:
+            raise ValueError(f"a lease of task {fence.task_id!r} fences {record.task_id!r}")
+        check_fence(fence, self._lease(fence.task_id))
+
+    def acquire_lease(
+        self, task_id: str, holder: str, now: float, duration_s: float
+    ) -> Lease | None:
+        with self._locked():
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                granted = next_lease(self._lease(task_id), task_id, holder, now, duration_s)
+                if granted is not None:
+                    self._db.execute(
+                        "INSERT INTO task_leases VALUES (?, ?, ?, ?) ON CONFLICT (task_id) "
+                        "DO UPDATE SET holder = excluded.holder, epoch = excluded.epoch, "
+                        "expires_at = excluded.expires_at",
+                        (task_id, granted.holder, granted.epoch, granted.expires_at),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        return granted
+
+    def release_lease(self, lease: Lease) -> None:
+        with self._locked():
+            self._db.execute(
+                "UPDATE task_leases SET expires_at = ? WHERE task_id = ? AND holder = ? "
+                "AND epoch = ?",
+                (released_at, lease.task_id, lease.holder, lease.epoch),
+            )
+
+    def current_lease(self, task_id: str) -> Lease | None:
+        with self._locked():
+            return self._lease(task_id)
+
+    def _lease(self, task_id: str) -> Lease | None:
+        row = self._db.execute(
+            "SELECT holder, epoch, expires_at FROM task_leases WHERE task_id = ?", (task_id,)
+        ).fetchone()
+        return Lease(task_id, row[0], row[1], row[2]) if row else None
 
     def _insert_round(self, record: RoundRecord) -> None:
         self._db.execute(

@@ -4,14 +4,17 @@ tests/postgres_server.py)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import pathlib
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from server.config import TaskConfig
-from server.errors import AlreadyExists
+from server.errors import AlreadyExists, StaleLeader
+from server.leases import Lease
 from server.postgres_store import PostgresStore
 from server.sqlite_store import SqliteStore
 from server.store import (
@@ -240,3 +243,115 @@ class TestDurableStores:
         reopened = open_store()
 
         assert reopened.tasks()[0].state is TaskState.CANCELLED
+
+
+@pytest.mark.parametrize(
+    "open_store", ["sqlite-memory", "sqlite-file", "postgresql"], indirect=True
+)
+class TestTaskLeases:
+    """Leadership by lease with fencing (server/leases.py), the same on every store."""
+
+    def test_the_first_acquirer_leads_at_epoch_one(self, store: Store) -> None:
+        lease = store.acquire_lease("t1", "replica-a", now=100.0, duration_s=10.0)
+
+        assert lease == Lease("t1", "replica-a", 1, 110.0)
+        assert store.current_lease("t1") == lease
+        assert store.current_lease("t2") is None
+
+    def test_the_leader_renews_at_the_same_epoch(self, store: Store) -> None:
+        store.acquire_lease("t1", "replica-a", now=100.0, duration_s=10.0)
+
+        renewed = store.acquire_lease("t1", "replica-a", now=105.0, duration_s=10.0)
+
+        assert renewed == Lease("t1", "replica-a", 1, 115.0)
+
+    def test_another_replica_waits_while_the_lease_is_live(self, store: Store) -> None:
+        lease = store.acquire_lease("t1", "replica-a", now=100.0, duration_s=10.0)
+
+        refused = store.acquire_lease("t1", "replica-b", now=109.9, duration_s=10.0)
+
+        assert refused is None
+        assert store.current_lease("t1") == lease
+
+    def test_an_expired_lease_passes_to_another_replica_at_the_next_epoch(
+        self, store: Store
+    ) -> None:
+        store.acquire_lease("t1", "replica-a", now=100.0, duration_s=10.0)
+
+        taken = store.acquire_lease("t1", "replica-b", now=110.0, duration_s=10.0)
+
+        assert taken == Lease("t1", "replica-b", 2, 120.0)
+        assert store.acquire_lease("t1", "replica-a", now=111.0, duration_s=10.0) is None
+
+    def test_a_leader_back_after_its_lease_lapsed_starts_a_new_epoch(self, store: Store) -> None:
+        store.acquire_lease("t1", "replica-a", now=100.0, duration_s=10.0)
+
+        back = store.acquire_lease("t1", "replica-a", now=130.0, duration_s=10.0)
+
+        assert back == Lease("t1", "replica-a", 2, 140.0)
+
+    def test_a_released_lease_is_free_at_once_and_a_stale_release_changes_nothing(
+        self, store: Store
+    ) -> None:
+        first = store.acquire_lease("t1", "replica-a", now=100.0, duration_s=10.0)
+        assert first is not None
+        store.release_lease(first)
+
+        taken = store.acquire_lease("t1", "replica-b", now=101.0, duration_s=10.0)
+        store.release_lease(first)  # the old leader releasing again, late
+
+        assert taken == Lease("t1", "replica-b", 2, 111.0)
+        assert store.current_lease("t1") == taken
+
+    def test_the_current_leader_commits(self, store: Store) -> None:
+        lease = store.acquire_lease("t1", "replica-a", now=100.0, duration_s=10.0)
+
+        store.commit_round(_committed(1, b"w1"), b"w1", ["tok-a"], fence=lease)
+
+        assert [r.round_number for r in store.rounds("t1")] == [1]
+
+    def test_a_stale_leaders_commit_is_refused_and_changes_nothing(self, store: Store) -> None:
+        stale = store.acquire_lease("t1", "replica-a", now=100.0, duration_s=10.0)
+        store.acquire_lease("t1", "replica-b", now=125.0, duration_s=10.0)  # a took a long nap
+
+        with pytest.raises(StaleLeader, match="another replica leads it now"):
+            store.commit_round(_committed(1, b"w1"), b"w1", ["tok-a"], fence=stale)
+
+        assert store.rounds("t1") == []
+        assert not store.is_counted("tok-a")
+        assert store.get_resource(hashlib.sha256(b"w1").hexdigest()) is None
+
+    def test_a_stale_leader_cannot_record_a_failed_round(self, store: Store) -> None:
+        stale = store.acquire_lease("t1", "replica-a", now=100.0, duration_s=10.0)
+        store.acquire_lease("t1", "replica-b", now=125.0, duration_s=10.0)
+        failed = RoundRecord("t1", 1, RoundState.FAILED, 3, 0, 3, {}, 1.0, 2.0)
+
+        with pytest.raises(StaleLeader):
+            store.record_closed_round(failed, fence=stale)
+
+        assert store.rounds("t1") == []
+
+    def test_an_expired_lease_still_fences_while_no_one_took_over(self, store: Store) -> None:
+        # Fencing is by epoch, not by clock: with no other leader, this commit is the only one.
+        lapsed = store.acquire_lease("t1", "replica-a", now=100.0, duration_s=10.0)
+
+        store.commit_round(_committed(1, b"w1"), b"w1", [], fence=lapsed)
+
+        assert [r.round_number for r in store.rounds("t1")] == [1]
+
+
+@pytest.mark.parametrize("open_store", ["sqlite-file", "postgresql"], indirect=True)
+def test_of_replicas_racing_for_a_free_task_exactly_one_leads(open_store: StoreOpener) -> None:
+    replicas = [open_store() for _ in range(6)]
+    start = threading.Barrier(len(replicas))
+
+    def race(store: Store, name: str) -> Lease | None:
+        start.wait()
+        return store.acquire_lease("t1", name, now=100.0, duration_s=10.0)
+
+    with concurrent.futures.ThreadPoolExecutor(len(replicas)) as pool:
+        leases = list(pool.map(race, replicas, [f"replica-{i}" for i in range(len(replicas))]))
+
+    granted = [lease for lease in leases if lease is not None]
+    assert len(granted) == 1
+    assert replicas[0].current_lease("t1") == granted[0]

@@ -20,6 +20,7 @@ from tests.server.test_store_conformance import _committed, _task
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NEWEST = len(sqlite_store.MIGRATIONS)
+_TASK_ROW = ("t1", '{"task_id": "t1", "population": "p"}', "m" * 64, "w" * 64, 10, 1.0)
 
 
 def _sqlite_versions(path: pathlib.Path) -> list[int]:
@@ -56,10 +57,7 @@ def test_a_sqlite_store_from_before_versioning_is_upgraded_and_keeps_its_data(
     with sqlite3.connect(path) as db:
         for statement in sqlite_store.MIGRATIONS[0].statements:
             db.execute(statement)
-        db.execute(
-            "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?)",
-            ("t1", '{"task_id": "t1", "population": "p"}', "m" * 64, "w" * 64, 10, 1.0),
-        )
+        db.execute("INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?)", _TASK_ROW)
 
     store = SqliteStore(path)
     store.commit_round(_committed(1, b"w1"), b"w1", ["tok"])
@@ -68,6 +66,47 @@ def test_a_sqlite_store_from_before_versioning_is_upgraded_and_keeps_its_data(
     assert store.is_counted("tok")
     store.close()
     assert _sqlite_versions(path)[0] == 1 and _sqlite_versions(path)[-1] == NEWEST
+
+
+@pytest.mark.parametrize("version", range(1, NEWEST))
+def test_a_sqlite_store_at_an_older_version_is_upgraded_and_keeps_its_data(
+    tmp_path: pathlib.Path, version: int
+) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL)")
+        for migration in sqlite_store.MIGRATIONS[:version]:
+            for statement in migration.statements:
+                db.execute(statement)
+            db.execute("INSERT INTO schema_version VALUES (?, 0)", (migration.version,))
+        db.execute("INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?)", _TASK_ROW)
+
+    store = SqliteStore(path)
+
+    assert [t.config.task_id for t in store.tasks()] == ["t1"]
+    assert store.acquire_lease("t1", "replica-a", now=1.0, duration_s=10.0) is not None
+    store.close()
+    assert _sqlite_versions(path) == list(range(1, NEWEST + 1))
+
+
+@pytest.mark.parametrize("version", range(1, NEWEST))
+def test_a_postgres_store_at_an_older_version_is_upgraded_and_keeps_its_data(
+    postgres_url: str, version: int
+) -> None:
+    with psycopg.connect(postgres_url) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at FLOAT8)")
+        for migration in postgres_schema.MIGRATIONS[:version]:
+            for statement in migration.statements:
+                db.execute(statement)
+            db.execute("INSERT INTO schema_version VALUES (%s, 0)", (migration.version,))
+        db.execute("INSERT INTO tasks VALUES (%s, %s, %s, %s, %s, %s)", _TASK_ROW)
+
+    store = PostgresStore(postgres_url)
+
+    assert [t.config.task_id for t in store.tasks()] == ["t1"]
+    assert store.acquire_lease("t1", "replica-a", now=1.0, duration_s=10.0) is not None
+    store.close()
+    assert _postgres_versions(postgres_url) == list(range(1, NEWEST + 1))
 
 
 def test_a_sqlite_store_from_a_newer_version_is_refused(tmp_path: pathlib.Path) -> None:

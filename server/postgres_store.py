@@ -92,6 +92,8 @@ class PostgresStore(Store):
             self._conninfo,
             min_size=1,
             max_size=pool_max_connections,
+            kwargs={"autocommit": True},
+            configure=_relaxed_commits,
             timeout=pool_wait_s,
             name="overnight-store",
             open=False,
@@ -135,10 +137,11 @@ class PostgresStore(Store):
             raise StoreUnavailable(f"lost the claim on the {self._where}: {_reason(exc)}") from None
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[psycopg.Connection]:
-        """One transaction on a pooled connection: committed when the block ends, rolled back
-        if it raises. Failures of the database or the network become StoreUnavailable naming
-        the cause; constraint violations stay psycopg.IntegrityError for the caller to map."""
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection in autocommit mode: each statement is its own transaction, one
+        round trip (a transaction block would add BEGIN and COMMIT to every read). Failures
+        of the database or the network become StoreUnavailable naming the cause; constraint
+        violations stay psycopg.IntegrityError for the caller to map."""
         try:
             with self._pool.connection() as conn:
                 yield conn
@@ -154,9 +157,17 @@ class PostgresStore(Store):
                 f"the coordinator's store ({self._where}) failed: {_reason(exc)}"
             ) from exc
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection]:
+        """A durable transaction: committed when the block ends (once PostgreSQL has flushed
+        it, under the database's own synchronous_commit), rolled back if it raises."""
+        with self._connection() as conn, conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit TO DEFAULT")
+            yield conn
+
     def put_resource(self, kind: str, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
-        with self._transaction() as conn:
+        with self._connection() as conn:
             conn.execute(
                 "INSERT INTO resources VALUES (%s, %s, %b) ON CONFLICT (sha256) DO NOTHING",
                 (digest, kind, data),
@@ -164,7 +175,7 @@ class PostgresStore(Store):
         return digest
 
     def get_resource(self, sha256: str) -> bytes | None:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             row = conn.execute(
                 "SELECT data FROM resources WHERE sha256 = %s", (sha256,), binary=True
             ).fetchone()
@@ -188,7 +199,7 @@ class PostgresStore(Store):
             raise AlreadyExists(f"task {task.config.task_id!r} already exists") from None
 
     def tasks(self) -> list[TaskRecord]:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             rows = conn.execute(
                 "SELECT tasks.task_id, config, model_sha256, initial_weights_sha256, "
                 "num_parameters, created_at, COALESCE(task_states.state, 'running') FROM tasks "
@@ -300,11 +311,11 @@ class PostgresStore(Store):
             )
 
     def current_lease(self, task_id: str) -> Lease | None:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             return _lease(conn, task_id)
 
     def rounds(self, task_id: str) -> list[RoundRecord]:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             rows = conn.execute(
                 "SELECT task_id, round_number, state, selected, reported, dropped, metrics, "
                 "started_at, finished_at, weights_sha256 FROM rounds WHERE task_id = %s "
@@ -328,14 +339,14 @@ class PostgresStore(Store):
         ]
 
     def is_counted(self, token_sha256: str) -> bool:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             row = conn.execute(
                 "SELECT 1 FROM counted_uploads WHERE token_sha256 = %s", (token_sha256,)
             ).fetchone()
         return row is not None
 
     def server_state(self, task_id: str) -> bytes:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             row = conn.execute(
                 "SELECT state FROM server_state WHERE task_id = %s "
                 "ORDER BY round_number DESC LIMIT 1",
@@ -345,7 +356,7 @@ class PostgresStore(Store):
         return bytes(row[0]) if row else b""
 
     def add_assignment(self, assignment: AssignmentRecord) -> None:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             conn.execute(
                 "INSERT INTO assignments VALUES (%s, %s, %s, %s, %s) "
                 "ON CONFLICT (token_sha256) DO NOTHING",
@@ -359,7 +370,7 @@ class PostgresStore(Store):
             )
 
     def assignment(self, token_sha256: str) -> AssignmentRecord | None:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             row = conn.execute(
                 "SELECT token_sha256, task_id, round_number, device_id, issued_at "
                 "FROM assignments WHERE token_sha256 = %s",
@@ -368,7 +379,7 @@ class PostgresStore(Store):
         return AssignmentRecord(*row) if row else None
 
     def last_assignment_time(self, task_id: str, device_id: str) -> float | None:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             row = conn.execute(
                 "SELECT MAX(issued_at) FROM assignments WHERE task_id = %s AND device_id = %s",
                 (task_id, device_id),
@@ -376,7 +387,7 @@ class PostgresStore(Store):
         return float(row[0]) if row and row[0] is not None else None
 
     def unrecorded_rounds(self, task_id: str) -> list[UnrecordedRound]:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             rows = conn.execute(
                 "SELECT round_number, COUNT(*), MIN(issued_at) FROM assignments a "
                 "WHERE task_id = %s AND NOT EXISTS (SELECT 1 FROM rounds r "
@@ -387,7 +398,7 @@ class PostgresStore(Store):
         return [UnrecordedRound(number, selected, started) for number, selected, started in rows]
 
     def enroll_device(self, device: EnrolledDevice) -> bool:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             cursor = conn.execute(
                 "INSERT INTO enrolled_devices VALUES (%s, %s, %b, %s, %s) "
                 "ON CONFLICT (device_id, population) DO NOTHING",
@@ -402,7 +413,7 @@ class PostgresStore(Store):
         return cursor.rowcount == 1
 
     def enrolled_device(self, device_id: str, population: str) -> EnrolledDevice | None:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             row = conn.execute(
                 "SELECT device_id, population, public_key, credential, enrolled_at "
                 "FROM enrolled_devices WHERE device_id = %s AND population = %s",
@@ -414,7 +425,7 @@ class PostgresStore(Store):
         return EnrolledDevice(row[0], row[1], bytes(row[2]), row[3], row[4])
 
     def enrolled_devices(self, population: str) -> int:
-        with self._transaction() as conn:
+        with self._connection() as conn:
             row = conn.execute(
                 "SELECT COUNT(*) FROM enrolled_devices WHERE population = %s", (population,)
             ).fetchone()
@@ -424,6 +435,18 @@ class PostgresStore(Store):
         self._pool.close()
         if self._claim is not None:
             self._claim.close()  # frees the database for the next coordinator
+
+
+def _relaxed_commits(conn: psycopg.Connection) -> None:
+    """Pooled connections commit without waiting for the WAL flush: an assignment, an
+    enrollment or a resource written on the request path costs a round trip, not a disk
+    flush (4 ms here). A crash of this process loses none of them, since PostgreSQL has
+    them; a crash of the database server may lose the last fraction of a second of them, as
+    an OS crash may with SQLite's synchronous=NORMAL. Writes that must outlive any crash
+    (round commits and records, tasks and operator decisions, leases) run in `_transaction`,
+    which restores the database's own setting. A later durable commit also flushes every
+    relaxed one before it: the WAL is one sequence."""
+    conn.execute("SET synchronous_commit = off")
 
 
 def _lease(

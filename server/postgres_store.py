@@ -3,17 +3,15 @@ coordinators that keep their state in a database their operators already run:
 `overnight serve --store postgresql://USER@HOST/DB`.
 
 Same contract and conformance suite as the SQLite store. Each method is one transaction on a
-pooled connection; `commit_round` makes the round, its weights, its counted uploads and the
-server state durable together (PostgreSQL's default `synchronous_commit = on`: a commit
-returns once its WAL is flushed).
+pooled connection. `commit_round` makes the round, its weights, its counted uploads and the
+server state visible together, and returns once they are durable under the database's
+`synchronous_commit` (by default: its WAL flushed). Writes on the request path (assignments,
+enrollments, resources) do not wait for the flush; see `_relaxed_commits` for why that is as
+safe as the SQLite store's `synchronous=NORMAL`.
 
 One coordinator per database: opened with `sole_coordinator=True` (as `overnight serve` opens
-it) the store holds a session advisory lock on a connection of its own for as long as it is
-open, and a second coordinator on the same database is refused at start. PostgreSQL drops the
-lock when that connection ends, so a coordinator killed with `kill -9` frees it at once (the
-kernel closes its socket); one cut off by a network partition frees it when the server notices
-the dead connection (TCP keepalive). Several replicas on one database need leadership by lease
-(issue 15), which this lock stands in for until then.
+it), the store holds the database's claim (server/postgres_claim.py) and checks it before every
+commit.
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from server.config import TaskConfig
 from server.errors import AlreadyExists, StoreUnavailable
 from server.leases import Lease, check_fence, next_lease, released_at
+from server.postgres_claim import DatabaseClaim
 from server.postgres_schema import upgrade
 from server.store import (
     AssignmentRecord,
@@ -53,8 +52,6 @@ pool_max_connections = 4
 pool_wait_s = 2.0
 # libpq's own limit on opening a connection (it does not accept fractions).
 connect_timeout_s = 5
-# Held by the coordinator that serves from the database (see the module docstring).
-sole_coordinator_lock_key = 0x6F7665726E696702  # "overnig" + 2
 
 
 def describe(url: str) -> str:
@@ -73,19 +70,16 @@ class PostgresStore(Store):
         self._where = describe(url)
         # The application name tells this process in pg_stat_activity, and so in the
         # refusal a second coordinator gets.
+        name = f"overnight coordinator pid {os.getpid()} on {socket.gethostname()}"
         self._conninfo = make_conninfo(
-            url,
-            application_name=f"overnight coordinator pid {os.getpid()} on {socket.gethostname()}"[
-                :63
-            ],
-            connect_timeout=connect_timeout_s,
+            url, application_name=name[:63], connect_timeout=connect_timeout_s
         )
-        self._claim: psycopg.Connection | None = None
+        self._claim: DatabaseClaim | None = None
         try:
             with psycopg.connect(self._conninfo) as first:
                 upgrade(first, self._where)
             if sole_coordinator:
-                self._claim = self._claim_database()
+                self._claim = DatabaseClaim(self._conninfo, self._where)
         except psycopg.Error as exc:
             raise StoreUnavailable(f"cannot use the {self._where}: {_reason(exc)}") from None
         self._pool = psycopg_pool.ConnectionPool(
@@ -99,42 +93,6 @@ class PostgresStore(Store):
             open=False,
         )
         self._pool.open()
-
-    def _claim_database(self) -> psycopg.Connection:
-        claim = psycopg.connect(self._conninfo, autocommit=True)
-        row = claim.execute(
-            "SELECT pg_try_advisory_lock(%s)", (sole_coordinator_lock_key,)
-        ).fetchone()
-        if row and row[0]:
-            return claim
-        holder = claim.execute(
-            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
-            "WHERE l.locktype = 'advisory' AND l.granted "
-            "AND l.classid::bigint = %s AND l.objid::bigint = %s",
-            (sole_coordinator_lock_key >> 32, sole_coordinator_lock_key & 0xFFFFFFFF),
-        ).fetchone()
-        claim.close()
-        raise StoreUnavailable(
-            f"the {self._where} is in use by another coordinator "
-            f"({holder[0] if holder and holder[0] else 'unknown'}); stop that one first, or "
-            "give this one another database"
-        )
-
-    def _hold_claim(self) -> None:
-        """A commit goes ahead only while this coordinator still holds its claim; a lost
-        connection (a database restart) is claimed again if no one else took it meanwhile."""
-        if self._claim is None:
-            return
-        try:
-            self._claim.execute("SELECT 1")
-            return
-        except psycopg.Error:
-            self._claim.close()
-        self._pool.check()  # what ended the claim's connection likely ended the pool's too
-        try:
-            self._claim = self._claim_database()
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"lost the claim on the {self._where}: {_reason(exc)}") from None
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[psycopg.Connection]:
@@ -238,7 +196,8 @@ class PostgresStore(Store):
         digest = hashlib.sha256(weights).hexdigest()
         if record.state is not RoundState.COMMITTED or record.weights_sha256 != digest:
             raise ValueError("commit_round needs a committed record naming the weights it commits")
-        self._hold_claim()
+        if self._claim is not None:
+            self._claim.hold(on_lost=self._pool.check)
         try:
             with self._transaction() as conn:
                 _check_fence(conn, record, fence)
@@ -434,7 +393,7 @@ class PostgresStore(Store):
     def close(self) -> None:
         self._pool.close()
         if self._claim is not None:
-            self._claim.close()  # frees the database for the next coordinator
+            self._claim.release()
 
 
 def _relaxed_commits(conn: psycopg.Connection) -> None:

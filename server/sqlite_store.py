@@ -5,18 +5,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import pathlib
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 
 from server.config import TaskConfig
 from server.errors import AlreadyExists, StoreUnavailable
 from server.leases import Lease, check_fence, next_lease, released_at
 from server.private_files import ensure_private_file, prepare_data_dir
-from server.schema_migrations import Migration, pending_migrations
+from server.sqlite_schema import upgrade
 from server.store import (
     AssignmentRecord,
     EnrolledDevice,
@@ -27,58 +25,6 @@ from server.store import (
     TaskState,
     UnrecordedRound,
 )
-
-# The schema, one migration per version (see server/schema_migrations.py); the PostgreSQL
-# store lists the same versions in its dialect. Version 1 is the schema stores had before
-# versioning: such a store (tables, no schema_version) is recorded as version 1 on opening.
-MIGRATIONS = (
-    Migration(
-        1,
-        "resources, tasks, rounds, counted uploads, server state, assignments, enrollments",
-        (
-            "CREATE TABLE IF NOT EXISTS resources ("
-            " sha256 TEXT PRIMARY KEY, kind TEXT NOT NULL, data BLOB NOT NULL)",
-            "CREATE TABLE IF NOT EXISTS tasks ("
-            " task_id TEXT PRIMARY KEY, config TEXT NOT NULL, model_sha256 TEXT NOT NULL,"
-            " initial_weights_sha256 TEXT NOT NULL, num_parameters INTEGER NOT NULL,"
-            " created_at REAL NOT NULL)",
-            "CREATE TABLE IF NOT EXISTS task_states ("
-            " task_id TEXT PRIMARY KEY, state TEXT NOT NULL)",
-            "CREATE TABLE IF NOT EXISTS rounds ("
-            " task_id TEXT NOT NULL, round_number INTEGER NOT NULL, state TEXT NOT NULL,"
-            " selected INTEGER NOT NULL, reported INTEGER NOT NULL, dropped INTEGER NOT NULL,"
-            " metrics TEXT NOT NULL, started_at REAL NOT NULL, finished_at REAL NOT NULL,"
-            " weights_sha256 TEXT NOT NULL, PRIMARY KEY (task_id, round_number))",
-            "CREATE TABLE IF NOT EXISTS counted_uploads ("
-            " token_sha256 TEXT PRIMARY KEY, task_id TEXT NOT NULL, round_number INTEGER NOT NULL)",
-            "CREATE TABLE IF NOT EXISTS server_state ("
-            " task_id TEXT NOT NULL, round_number INTEGER NOT NULL, state BLOB NOT NULL,"
-            " PRIMARY KEY (task_id, round_number))",
-            "CREATE TABLE IF NOT EXISTS assignments ("
-            " token_sha256 TEXT PRIMARY KEY, task_id TEXT NOT NULL, round_number INTEGER NOT NULL,"
-            " device_id TEXT NOT NULL, issued_at REAL NOT NULL)",
-            "CREATE INDEX IF NOT EXISTS assignments_by_device"
-            " ON assignments (task_id, device_id, issued_at)",
-            "CREATE INDEX IF NOT EXISTS assignments_by_round"
-            " ON assignments (task_id, round_number)",
-            "CREATE TABLE IF NOT EXISTS enrolled_devices ("
-            " device_id TEXT NOT NULL, population TEXT NOT NULL, public_key BLOB NOT NULL,"
-            " credential TEXT NOT NULL, enrolled_at REAL NOT NULL,"
-            " PRIMARY KEY (device_id, population))",
-        ),
-    ),
-    Migration(
-        2,
-        "task leases: each task's leader, its epoch and expiry (fencing, server/leases.py)",
-        (
-            "CREATE TABLE task_leases ("
-            " task_id TEXT PRIMARY KEY, holder TEXT NOT NULL, epoch INTEGER NOT NULL,"
-            " expires_at REAL NOT NULL)",
-        ),
-    ),
-)
-
-log = logging.getLogger(__name__)
 
 wal_size_limit_bytes = 4 << 20
 
@@ -113,49 +59,7 @@ class SqliteStore(Store):
         # would keep that size for ever; past this limit a checkpoint truncates it. A chaos
         # test found a full WAL filling a small disk and staying full.
         self._db.execute(f"PRAGMA journal_size_limit={wal_size_limit_bytes}")
-        self._migrate(f"store {path}")
-
-    def _migrate(self, store_name: str) -> None:
-        """Brings the schema to the newest version, or raises IncompatibleStore. A store that
-        is already current is only read, so a read-only or full disk still opens it."""
-        pending = pending_migrations(self._schema_version(), MIGRATIONS, store_name)
-        if not pending and self._has_table("schema_version"):
-            return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version ("
-                " version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
-            )
-            found = self._schema_version()
-            if found and self._db.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 0:
-                # A store from before versioning: its tables are version 1.
-                self._db.execute("INSERT INTO schema_version VALUES (1, ?)", (time.time(),))
-            for migration in pending_migrations(found, MIGRATIONS, store_name):
-                for statement in migration.statements:
-                    self._db.execute(statement)
-                self._db.execute(
-                    "INSERT INTO schema_version VALUES (?, ?)", (migration.version, time.time())
-                )
-                log.info("%s: schema version %d (%s)", store_name, migration.version, migration.why)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._rollback()
-            raise
-
-    def _schema_version(self) -> int:
-        if self._has_table("schema_version"):
-            row = self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
-            if row[0] is not None:
-                return int(row[0])
-        # A store from before versioning has the tables of version 1 and no version row.
-        return 1 if self._has_table("tasks") else 0
-
-    def _has_table(self, name: str) -> bool:
-        row = self._db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
-        ).fetchone()
-        return row is not None
+        upgrade(self._db, f"store {path}")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -15,7 +15,8 @@ import pytest
 from device_runtime import constants
 from protos import common_pb2, device_pb2
 from server.errors import StoreUnavailable
-from server.postgres_store import PostgresStore, sole_coordinator_lock_key
+from server.postgres_claim import lock_key
+from server.postgres_store import PostgresStore
 from server.store import RoundRecord, RoundState
 from tests.fakes import FakeClock
 from tests.harness import task_config
@@ -45,7 +46,7 @@ def _wait_until_unclaimed(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as admin:
         while admin.execute(
             "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid::bigint = %s",
-            (sole_coordinator_lock_key & 0xFFFFFFFF,),
+            (lock_key & 0xFFFFFFFF,),
         ).fetchone():
             assert time.monotonic() < deadline, "the lock outlived its process"
             time.sleep(0.05)

@@ -11,7 +11,7 @@ import sys
 import psycopg
 import pytest
 
-from server import postgres_schema, sqlite_store
+from server import postgres_schema, sqlite_schema
 from server.errors import StoreUnavailable
 from server.postgres_store import PostgresStore
 from server.schema_migrations import IncompatibleStore, Migration
@@ -19,7 +19,7 @@ from server.sqlite_store import SqliteStore
 from tests.server.test_store_conformance import _committed, _task
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-NEWEST = len(sqlite_store.MIGRATIONS)
+NEWEST = len(sqlite_schema.MIGRATIONS)
 _TASK_ROW = ("t1", '{"task_id": "t1", "population": "p"}', "m" * 64, "w" * 64, 10, 1.0)
 
 
@@ -34,7 +34,7 @@ def _postgres_versions(url: str) -> list[int]:
 
 
 def test_both_stores_list_the_same_versions() -> None:
-    sqlite = [(m.version, m.why) for m in sqlite_store.MIGRATIONS]
+    sqlite = [(m.version, m.why) for m in sqlite_schema.MIGRATIONS]
     postgres = [(m.version, m.why) for m in postgres_schema.MIGRATIONS]
 
     assert sqlite == postgres
@@ -55,7 +55,7 @@ def test_a_sqlite_store_from_before_versioning_is_upgraded_and_keeps_its_data(
     # What every coordinator wrote before schema versions: version 1's tables, no version row.
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as db:
-        for statement in sqlite_store.MIGRATIONS[0].statements:
+        for statement in sqlite_schema.MIGRATIONS[0].statements:
             db.execute(statement)
         db.execute("INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?)", _TASK_ROW)
 
@@ -75,7 +75,7 @@ def test_a_sqlite_store_at_an_older_version_is_upgraded_and_keeps_its_data(
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL)")
-        for migration in sqlite_store.MIGRATIONS[:version]:
+        for migration in sqlite_schema.MIGRATIONS[:version]:
             for statement in migration.statements:
                 db.execute(statement)
             db.execute("INSERT INTO schema_version VALUES (?, 0)", (migration.version,))
@@ -165,7 +165,7 @@ def test_a_failed_sqlite_upgrade_changes_nothing(
     store.add_task(_task())
     store.close()
     monkeypatch.setattr(
-        sqlite_store, "MIGRATIONS", (*sqlite_store.MIGRATIONS, _broken_next_version())
+        sqlite_schema, "MIGRATIONS", (*sqlite_schema.MIGRATIONS, _broken_next_version())
     )
 
     with pytest.raises(sqlite3.OperationalError, match="no_such_table"):

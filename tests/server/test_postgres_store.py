@@ -1,8 +1,10 @@
 """The PostgreSQL store beyond the shared contract: one coordinator per database, failures of
-the database as StoreUnavailable, and a coordinator that runs and resumes on it."""
+the database as StoreUnavailable, a lease takeover that waits for a commit under way, and a
+coordinator that runs and resumes on it."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import pytest
 from device_runtime import constants
 from protos import common_pb2, device_pb2
 from server.errors import StoreUnavailable
+from server.leases import Lease
 from server.postgres_claim import lock_key
 from server.postgres_store import PostgresStore
 from server.store import RoundRecord, RoundState
@@ -187,3 +190,33 @@ def test_a_coordinator_commits_on_postgresql_and_a_restart_resumes_after_it(
     assert rounds[0].reported == 2
     np.testing.assert_array_equal(restarted.task("t1").weights, committed)
     restarted.store.close()
+
+
+def test_a_takeover_waits_for_a_commit_under_way(postgres_url: str) -> None:
+    store = PostgresStore(postgres_url)
+    store.acquire_lease("t1", "replica-a", now=100.0, duration_s=10.0)
+    with (
+        psycopg.connect(postgres_url) as commit_under_way,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        # What a fenced commit holds from its fence check to its end: a share lock on the row.
+        commit_under_way.execute("SELECT epoch FROM task_leases WHERE task_id = 't1' FOR SHARE")
+        takeover = pool.submit(store.acquire_lease, "t1", "replica-b", 125.0, 10.0)
+        _wait_until_a_session_waits_for_a_lock(postgres_url)
+        assert not takeover.done()
+
+        commit_under_way.commit()
+
+        assert takeover.result() == Lease("t1", "replica-b", 2, 135.0)
+    store.close()
+
+
+def _wait_until_a_session_waits_for_a_lock(url: str) -> None:
+    deadline = time.monotonic() + 60
+    with psycopg.connect(url, autocommit=True) as admin:
+        while not admin.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'"
+        ).fetchone():
+            assert time.monotonic() < deadline, "no session waits for the lease row"
+            time.sleep(0.05)

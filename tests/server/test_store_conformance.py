@@ -341,8 +341,13 @@ class TestTaskLeases:
 
 
 @pytest.mark.parametrize("open_store", ["sqlite-file", "postgresql"], indirect=True)
-def test_of_replicas_racing_for_a_free_task_exactly_one_leads(open_store: StoreOpener) -> None:
+@pytest.mark.parametrize("task", ["never led", "its leader's lease expired"])
+def test_of_replicas_racing_for_a_task_exactly_one_leads(
+    open_store: StoreOpener, task: str
+) -> None:
     replicas = [open_store() for _ in range(6)]
+    if task == "its leader's lease expired":
+        replicas[0].acquire_lease("t1", "replica-gone", now=0.0, duration_s=10.0)
     start = threading.Barrier(len(replicas))
 
     def race(store: Store, name: str) -> Lease | None:

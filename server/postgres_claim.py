@@ -3,13 +3,14 @@ the PostgreSQL store, until several replicas share a database by task leases
 (server/task_leadership.py).
 
 The claim is a session advisory lock held on a connection of its own for as long as the
-coordinator runs; a second coordinator on the database is refused at start, naming the first
-(its application name: pid and host). PostgreSQL drops the lock when that connection ends, so
-a coordinator killed with `kill -9` frees the database at once (the kernel closes its socket);
-one cut off by a network partition frees it when the server notices the dead connection (TCP
-keepalive). Before each commit the store checks that the claim still holds: after a database
-restart it is taken again if no one else took it meanwhile, and otherwise the commit fails as
-StoreUnavailable (another coordinator now owns the database).
+coordinator runs; a second coordinator on the database is refused at start (after waiting
+`claim_wait_s` for it), naming the first (its application name: pid and host). PostgreSQL
+drops the lock when that connection ends, so a coordinator killed with `kill -9` frees the
+database within moments (the kernel closes its socket); one cut off by a network partition
+frees it when the server notices the dead connection (TCP keepalive). Before each commit the
+store checks that the claim still holds: after a database restart it is taken again if no one
+else took it meanwhile, and otherwise the commit fails as StoreUnavailable (another
+coordinator now owns the database).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import psycopg
 from server.errors import StoreUnavailable
 
 lock_key = 0x6F7665726E696702  # "overnig" + 2 (the schema upgrade lock is + 1)
+# A coordinator restarted at once after its predecessor was killed may find the claim still
+# held for a moment, until PostgreSQL sees the old connection closed; it waits this long.
+claim_wait_s = 5.0
 
 
 class DatabaseClaim:
@@ -33,9 +37,12 @@ class DatabaseClaim:
 
     def _take(self) -> psycopg.Connection:
         connection = psycopg.connect(self._conninfo, autocommit=True)
-        row = connection.execute("SELECT pg_try_advisory_lock(%s)", (lock_key,)).fetchone()
-        if row and row[0]:
+        connection.execute(f"SET lock_timeout = {round(claim_wait_s * 1000)}")
+        try:
+            connection.execute("SELECT pg_advisory_lock(%s)", (lock_key,))
             return connection
+        except psycopg.errors.LockNotAvailable:
+            pass
         holder = connection.execute(
             "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
             "WHERE l.locktype = 'advisory' AND l.granted "

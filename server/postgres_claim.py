@@ -15,6 +15,7 @@ coordinator now owns the database).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import psycopg
@@ -33,6 +34,9 @@ class DatabaseClaim:
         the database cannot be reached)."""
         self._conninfo = conninfo
         self._where = where
+        # Commits of several tasks may check at once (each in its worker thread); one of them
+        # takes a lost claim back, the others then find it held.
+        self._checking = threading.Lock()
         self._connection = self._take()
 
     def _take(self) -> psycopg.Connection:
@@ -60,17 +64,18 @@ class DatabaseClaim:
         """Returns if the claim still holds, or was taken again; raises StoreUnavailable if
         another coordinator has it now. `on_lost` runs when the claim's connection was found
         dead (what ended it likely ended the store's pooled connections too)."""
-        try:
-            self._connection.execute("SELECT 1")
-            return
-        except psycopg.Error:
-            self._connection.close()
-        on_lost()
-        try:
-            self._connection = self._take()
-        except psycopg.Error as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise StoreUnavailable(f"lost the claim on the {self._where}: {reason}") from None
+        with self._checking:
+            try:
+                self._connection.execute("SELECT 1")
+                return
+            except psycopg.Error:
+                self._connection.close()
+            on_lost()
+            try:
+                self._connection = self._take()
+            except psycopg.Error as exc:
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise StoreUnavailable(f"lost the claim on the {self._where}: {reason}") from None
 
     def release(self) -> None:
         """Frees the database for the next coordinator."""

@@ -196,41 +196,15 @@ def _start_coordinator(
 ) -> subprocess.Popen[str]:
     secret = pathlib.Path(tmp) / "enrollment.secret"
     secret.write_bytes(ENROLLMENT_SECRET)
+    slot_flags = ["--max-concurrent-uploads", str(slots)] if slots else []
     return _start(
-        [
-            "-m",
-            "overnight",
-            "serve",
-            "--address",
-            f"127.0.0.1:{port}",
-            # Plaintext like the bare servers: this compares ingest, not TLS (see
-            # benchmarks/tls_check_in.py for what TLS costs).
-            "--insecure",
-            "--admin-address",
-            "127.0.0.1:0",
-            "--data-dir",
-            f"{tmp}/{name}",
-            "--task",
-            str(task),
-            "--model",
-            str(model),
-            "--enrollment-secret-file",
-            str(secret),
-            "--exempt-network",
-            "127.0.0.0/8",
-            *(["--max-concurrent-uploads", str(slots)] if slots else []),
-            *extra,
-        ]
+        serve_command(port, pathlib.Path(tmp) / name, task, model, secret, [*slot_flags, *extra])
     )
 
 
 def _task_file(tmp: str, uploads: int, rounds: int) -> pathlib.Path:
     task = pathlib.Path(tmp) / "task.toml"
-    task.write_text(
-        f'[task]\ntask_id = "ingest"\npopulation = "bench"\ntotal_rounds = {rounds}\n'
-        f"target_reports = {uploads}\nover_selection = 1.0\nbatch_size = 20\n"
-        "selection_deadline_s = 600\nreporting_deadline_s = 600\n"
-    )
+    task.write_text(task_toml(uploads, rounds))
     return task
 
 
@@ -240,6 +214,49 @@ def _payload(model: pathlib.Path) -> tuple[int, bytes]:
     payload = np.random.default_rng(0).normal(size=NUM_PARAMETERS).astype("<f4")
     n = read_manifest(model.read_bytes()).num_parameters
     return n, payload[:n].tobytes() if n <= NUM_PARAMETERS else np.resize(payload, n).tobytes()
+
+
+def serve_command(
+    port: int,
+    data_dir: pathlib.Path,
+    task: pathlib.Path,
+    model: pathlib.Path,
+    secret: pathlib.Path,
+    extra: list[str],
+) -> list[str]:
+    """`overnight serve` for the benchmark task (as arguments to the Python interpreter)."""
+    return [
+        "-m",
+        "overnight",
+        "serve",
+        "--address",
+        f"127.0.0.1:{port}",
+        # Plaintext like the bare servers: this compares ingest, not TLS (see
+        # benchmarks/tls_check_in.py for what TLS costs).
+        "--insecure",
+        "--admin-address",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(data_dir),
+        "--task",
+        str(task),
+        "--model",
+        str(model),
+        "--enrollment-secret-file",
+        str(secret),
+        "--exempt-network",
+        "127.0.0.0/8",
+        *extra,
+    ]
+
+
+def task_toml(uploads: int, rounds: int) -> str:
+    """The benchmark task: one round per repeat, closing at `uploads` reports."""
+    return (
+        f'[task]\ntask_id = "ingest"\npopulation = "bench"\ntotal_rounds = {rounds}\n'
+        f"target_reports = {uploads}\nover_selection = 1.0\nbatch_size = 20\n"
+        "selection_deadline_s = 600\nreporting_deadline_s = 600\n"
+    )
 
 
 def run(

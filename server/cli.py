@@ -36,7 +36,8 @@ from server.operator_access import (
     ensure_first_token,
 )
 from server.pace_steering import PaceSteeringSettings
-from server.sqlite_store import SqliteStore
+from server.schema_migrations import IncompatibleStore
+from server.store_location import check_location, is_postgres, open_store
 from server.tensorboard_sink import TensorBoardSink
 from server.transport_security import ServerTls
 
@@ -52,8 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description=(
             "Runs the coordinator: the device services on --address and the admin service on "
             "--admin-address, both over TLS (--tls-cert, --tls-key); state in "
-            "DATA_DIR/coordinator.sqlite. Restarting with the same data directory resumes every "
-            "task from its last committed round. On first start it makes an operator token "
+            "DATA_DIR/coordinator.sqlite, or in the PostgreSQL database --store names. "
+            "Restarting on the same store resumes every task from its last committed round. "
+            "On first start it makes an operator token "
             f"and writes it to DATA_DIR/{FIRST_TOKEN_FILE}. SIGTERM (or SIGINT) drains: "
             "check-ins are turned away, calls under way finish and completed rounds commit "
             "within --drain-timeout, open rounds are recorded abandoned, and it exits 0. "
@@ -86,7 +88,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument(
         "--data-dir",
         default="overnight-data",
-        help="directory for the SQLite store (default ./overnight-data)",
+        help="directory for the SQLite store, the operator tokens and TensorBoard logs "
+        "(default ./overnight-data)",
+    )
+    serve.add_argument(
+        "--store",
+        metavar="URL",
+        help="keep the state in this PostgreSQL database (postgresql://USER@HOST:PORT/DB; "
+        "libpq reads the password from PGPASSWORD or ~/.pgpass) instead of "
+        "DATA_DIR/coordinator.sqlite; one coordinator per database",
     )
     serve.add_argument(
         "--repair",
@@ -209,8 +219,12 @@ def server_tls(args: argparse.Namespace) -> ServerTls | None:
 
 
 async def serve(args: argparse.Namespace, tls: ServerTls | None) -> None:
+    check_location(args.store)
     data_dir = DataDirectory.open(
-        args.data_dir, int(args.full_check_below_mb * (1 << 20)), repair=args.repair
+        args.data_dir,
+        int(args.full_check_below_mb * (1 << 20)),
+        repair=args.repair,
+        sqlite_store=not is_postgres(args.store),
     )
     try:
         await _serve_in(data_dir, args, tls)
@@ -221,7 +235,7 @@ async def serve(args: argparse.Namespace, tls: ServerTls | None) -> None:
 async def _serve_in(
     data_dir: DataDirectory, args: argparse.Namespace, tls: ServerTls | None
 ) -> None:
-    store = SqliteStore.in_data_dir(data_dir.path)
+    store = open_store(args.store, data_dir.path)
     first_token = ensure_first_token(args.data_dir)
     evaluator = HeldOutEvaluator(LocalExamples.load(args.eval_data)) if args.eval_data else None
     pace = PaceSteeringSettings(min_delay_s=args.min_retry_s, max_delay_s=args.max_retry_s)
@@ -329,7 +343,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if tls is None:
             _warn(args, insecure_warning("serve"))
         asyncio.run(serve(args, tls))
-    except (CoordinatorError, DataDirError, ValueError, OSError) as exc:
+    except (CoordinatorError, DataDirError, IncompatibleStore, ValueError, OSError) as exc:
         # OSError: a missing --task/--model/certificate file, a port in use.
         _warn(args, f"serve: {exc}", logging.ERROR)
         return 2

@@ -6,9 +6,16 @@
    `overnight serve` on the same directory exits at once and changes nothing — the kernel
    drops the lock when its process dies, `kill -9` included;
 3. checks that the directory is writable;
-4. checks the store: `PRAGMA integrity_check` below `full_check_below_bytes`, the faster
-   `PRAGMA quick_check` above. A damaged store stops the start-up with a message that says
-   what to do; with `repair=True` it is rebuilt from what is readable (server/store_repair.py).
+4. checks the SQLite store: `PRAGMA integrity_check` below `full_check_below_bytes`, the
+   faster `PRAGMA quick_check` above. A damaged store stops the start-up with a message that
+   says what to do; with `repair=True` it is rebuilt from what is readable
+   (server/store_repair.py).
+
+With the state in PostgreSQL (`sqlite_store=False`), the directory still holds the operator
+tokens and TensorBoard logs, and still has its lock; the store's own checks move to the
+database: PostgreSQL replays its WAL after a crash by itself, a second coordinator on the
+database is refused by an advisory lock (server/postgres_store.py), and damage is for
+PostgreSQL's tools (amcheck, a backup), so `repair=True` is refused.
 
 Every refusal is a DataDirError whose message is one line an operator can act on.
 """
@@ -51,8 +58,15 @@ class DataDirectory:
         path: str | pathlib.Path,
         full_check_below_bytes: int = default_full_check_below_bytes,
         repair: bool = False,
+        sqlite_store: bool = True,
     ) -> DataDirectory:
         directory = pathlib.Path(path)
+        if repair and not sqlite_store:
+            raise DataDirError(
+                "--repair rebuilds a damaged SQLite store; PostgreSQL recovers from a crash by "
+                "itself, and a damaged database is repaired with its own tools (amcheck, a "
+                "backup): start without --repair"
+            )
         try:
             prepare_data_dir(directory)
         except OSError as exc:
@@ -65,6 +79,8 @@ class DataDirectory:
         data_dir = cls(directory, _lock(directory))
         try:
             _check_writable(directory)
+            if not sqlite_store:
+                return data_dir
             problem = store_problem(data_dir.store_path, full_check_below_bytes)
             if problem is not None and not repair:
                 raise DataDirError(

@@ -37,6 +37,11 @@ class FailedPrecondition(CoordinatorError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class StaleLeader(FailedPrecondition):
+    """A commit fenced by a task lease that is no longer the task's current one: another
+    replica took the task over (server/leases.py). The store changed nothing."""
+
+
 class Unauthenticated(CoordinatorError):
     code = grpc.StatusCode.UNAUTHENTICATED
 

@@ -12,7 +12,9 @@ from collections.abc import Iterator
 
 from server.config import TaskConfig
 from server.errors import AlreadyExists, StoreUnavailable
+from server.leases import Lease, check_fence, next_lease, released_at
 from server.private_files import ensure_private_file, prepare_data_dir
+from server.sqlite_schema import upgrade
 from server.store import (
     AssignmentRecord,
     EnrolledDevice,
@@ -23,35 +25,6 @@ from server.store import (
     TaskState,
     UnrecordedRound,
 )
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS resources (
-  sha256 TEXT PRIMARY KEY, kind TEXT NOT NULL, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS tasks (
-  task_id TEXT PRIMARY KEY, config TEXT NOT NULL, model_sha256 TEXT NOT NULL,
-  initial_weights_sha256 TEXT NOT NULL, num_parameters INTEGER NOT NULL, created_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS task_states (
-  task_id TEXT PRIMARY KEY, state TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS rounds (
-  task_id TEXT NOT NULL, round_number INTEGER NOT NULL, state TEXT NOT NULL,
-  selected INTEGER NOT NULL, reported INTEGER NOT NULL, dropped INTEGER NOT NULL,
-  metrics TEXT NOT NULL, started_at REAL NOT NULL, finished_at REAL NOT NULL,
-  weights_sha256 TEXT NOT NULL, PRIMARY KEY (task_id, round_number));
-CREATE TABLE IF NOT EXISTS counted_uploads (
-  token_sha256 TEXT PRIMARY KEY, task_id TEXT NOT NULL, round_number INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS server_state (
-  task_id TEXT NOT NULL, round_number INTEGER NOT NULL, state BLOB NOT NULL,
-  PRIMARY KEY (task_id, round_number));
-CREATE TABLE IF NOT EXISTS assignments (
-  token_sha256 TEXT PRIMARY KEY, task_id TEXT NOT NULL, round_number INTEGER NOT NULL,
-  device_id TEXT NOT NULL, issued_at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS assignments_by_device ON assignments (task_id, device_id, issued_at);
-CREATE INDEX IF NOT EXISTS assignments_by_round ON assignments (task_id, round_number);
-CREATE TABLE IF NOT EXISTS enrolled_devices (
-  device_id TEXT NOT NULL, population TEXT NOT NULL, public_key BLOB NOT NULL,
-  credential TEXT NOT NULL, enrolled_at REAL NOT NULL, PRIMARY KEY (device_id, population));
-"""
-
 
 wal_size_limit_bytes = 4 << 20
 
@@ -86,7 +59,7 @@ class SqliteStore(Store):
         # would keep that size for ever; past this limit a checkpoint truncates it. A chaos
         # test found a full WAL filling a small disk and staying full.
         self._db.execute(f"PRAGMA journal_size_limit={wal_size_limit_bytes}")
-        self._db.executescript(_SCHEMA)
+        upgrade(self._db, f"store {path}")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -172,6 +145,7 @@ class SqliteStore(Store):
         weights: bytes,
         counted_tokens: list[str],
         server_state: bytes = b"",
+        fence: Lease | None = None,
     ) -> None:
         digest = hashlib.sha256(weights).hexdigest()
         if record.state is not RoundState.COMMITTED or record.weights_sha256 != digest:
@@ -179,6 +153,7 @@ class SqliteStore(Store):
         with self._locked():
             try:
                 self._db.execute("BEGIN IMMEDIATE")
+                self._check_fence(record, fence)
                 self._db.execute(
                     "INSERT OR IGNORE INTO resources (sha256, kind, data) VALUES (?, 'weights', ?)",
                     (digest, weights),
@@ -210,18 +185,71 @@ class SqliteStore(Store):
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
 
-    def record_closed_round(self, record: RoundRecord) -> None:
+    def record_closed_round(self, record: RoundRecord, fence: Lease | None = None) -> None:
         if record.state not in (RoundState.FAILED, RoundState.ABANDONED):
             raise ValueError(
                 f"record_closed_round takes failed or abandoned rounds, not {record.state}"
             )
         with self._locked():
             try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._check_fence(record, fence)
                 self._insert_round(record)
+                self._db.execute("COMMIT")
             except sqlite3.IntegrityError:
+                self._rollback()
                 raise AlreadyExists(
                     f"task {record.task_id!r} round {record.round_number} already recorded"
                 ) from None
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _check_fence(self, record: RoundRecord, fence: Lease | None) -> None:
+        """Inside the write transaction, so no lease can change before it commits."""
+        if fence is None:
+            return
+        if fence.task_id != record.task_id:
+            raise ValueError(f"a lease of task {fence.task_id!r} fences {record.task_id!r}")
+        check_fence(fence, self._lease(fence.task_id))
+
+    def acquire_lease(
+        self, task_id: str, holder: str, now: float, duration_s: float
+    ) -> Lease | None:
+        with self._locked():
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                granted = next_lease(self._lease(task_id), task_id, holder, now, duration_s)
+                if granted is not None:
+                    self._db.execute(
+                        "INSERT INTO task_leases VALUES (?, ?, ?, ?) ON CONFLICT (task_id) "
+                        "DO UPDATE SET holder = excluded.holder, epoch = excluded.epoch, "
+                        "expires_at = excluded.expires_at",
+                        (task_id, granted.holder, granted.epoch, granted.expires_at),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        return granted
+
+    def release_lease(self, lease: Lease) -> None:
+        with self._locked():
+            self._db.execute(
+                "UPDATE task_leases SET expires_at = ? WHERE task_id = ? AND holder = ? "
+                "AND epoch = ?",
+                (released_at, lease.task_id, lease.holder, lease.epoch),
+            )
+
+    def current_lease(self, task_id: str) -> Lease | None:
+        with self._locked():
+            return self._lease(task_id)
+
+    def _lease(self, task_id: str) -> Lease | None:
+        row = self._db.execute(
+            "SELECT holder, epoch, expires_at FROM task_leases WHERE task_id = ?", (task_id,)
+        ).fetchone()
+        return Lease(task_id, row[0], row[1], row[2]) if row else None
 
     def _insert_round(self, record: RoundRecord) -> None:
         self._db.execute(

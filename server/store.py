@@ -4,7 +4,10 @@ Contract (checked by tests/server/test_store_conformance.py for every implementa
 - resources are content-addressed and immutable;
 - `commit_round` is atomic: the round summary, the new global weights and the set of counted
   uploads become visible together or not at all;
-- a token counted once can never be counted again (`commit_round` raises AlreadyExists).
+- a token counted once can never be counted again (`commit_round` raises AlreadyExists);
+- a commit fenced by a task lease goes through only while that lease is the task's current
+  one (`commit_round` raises StaleLeader), checked in the commit's own transaction
+  (server/leases.py has the lease rule).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import dataclasses
 import enum
 
 from server.config import TaskConfig
+from server.leases import Lease
 
 
 class RoundState(enum.Enum):
@@ -122,20 +126,39 @@ class Store(abc.ABC):
         weights: bytes,
         counted_tokens: list[str],
         server_state: bytes = b"",
+        fence: Lease | None = None,
     ) -> None:
         """Atomically records a committed round, its new weights, the uploads it counted and
         the server state (optimizer moments) after it.
 
         Raises AlreadyExists (and changes nothing) if the round number or a token was already
-        committed.
+        committed; StaleLeader (and changes nothing) if `fence` is given and is no longer the
+        task's current lease.
         """
 
     @abc.abstractmethod
-    def record_closed_round(self, record: RoundRecord) -> None:
+    def record_closed_round(self, record: RoundRecord, fence: Lease | None = None) -> None:
         """Records a round that ended without a commit (failed or abandoned).
 
-        Raises AlreadyExists if the round was already recorded.
+        Raises AlreadyExists if the round was already recorded; StaleLeader as commit_round.
         """
+
+    @abc.abstractmethod
+    def acquire_lease(
+        self, task_id: str, holder: str, now: float, duration_s: float
+    ) -> Lease | None:
+        """Takes or renews the task's lease for `holder` by the rule of server/leases.py, as
+        one atomic step against every other replica. Returns the lease, or None (and changes
+        nothing) while another holder's lease is live at `now`."""
+
+    @abc.abstractmethod
+    def release_lease(self, lease: Lease) -> None:
+        """Ends `lease` now if it is still the task's current lease (same holder and epoch);
+        otherwise changes nothing. The epoch stays, so the next holder's is higher."""
+
+    @abc.abstractmethod
+    def current_lease(self, task_id: str) -> Lease | None:
+        """The task's lease row (live or expired), or None if it never had one."""
 
     @abc.abstractmethod
     def server_state(self, task_id: str) -> bytes:

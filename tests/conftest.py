@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 BATCH_SIZE = 8
 # Fixtures defined beside the fakes, for every test folder.
-pytest_plugins = ["tests.small_disk"]
+pytest_plugins = ["tests.small_disk", "tests.postgres_server"]
 
 
 @pytest.fixture(scope="session")

@@ -1,18 +1,23 @@
 """`kill -9` the coordinator at 10 seeded moments of a running task, with devices still
-running; after each restart no committed round is lost and no update is counted twice."""
+running; after each restart no committed round is lost and no update is counted twice. On
+the SQLite store in its data directory, and on PostgreSQL (`--store`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import pathlib
 import signal
 import socket
 import sqlite3
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+import psycopg
 import pytest
 
 from device_runtime.channel import ServerTrust
@@ -34,8 +39,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _snapshot(db_path: pathlib.Path) -> dict[str, object]:
-    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
+# Opens a read connection to the coordinator's store (the same SQL reads both).
+StoreReader = Callable[[], Any]
+
+
+def _snapshot(connect: StoreReader) -> dict[str, object]:
+    with contextlib.closing(connect()) as db:
         rounds = db.execute(
             "SELECT round_number, state, reported, weights_sha256 FROM rounds ORDER BY round_number"
         ).fetchall()
@@ -68,6 +77,7 @@ async def _start(
     task: pathlib.Path,
     model: pathlib.Path,
     tls: CertificateFiles,
+    extra: Sequence[str] = (),
 ):
     secret = data_dir.parent / "enrollment.secret"
     secret.write_bytes(ENROLLMENT_SECRET)
@@ -96,6 +106,7 @@ async def _start(
         str(secret),
         "--exempt-network",
         "127.0.0.0/8",
+        *extra,
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
@@ -106,8 +117,9 @@ async def _start(
     return process
 
 
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 def test_kill_minus_nine_at_ten_moments_loses_nothing(
-    tmp_path: pathlib.Path, model_path: pathlib.Path
+    tmp_path: pathlib.Path, model_path: pathlib.Path, store: str, request: pytest.FixtureRequest
 ) -> None:
     task = tmp_path / "task.toml"
     task.write_text(
@@ -116,7 +128,15 @@ def test_kill_minus_nine_at_ten_moments_loses_nothing(
         "reporting_deadline_s = 5.0\nepochs = 1\nbatch_size = 8\n"
     )
     data_dir = tmp_path / "state"
-    db_path = data_dir / "coordinator.sqlite"
+    connect: StoreReader
+    if store == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+        extra = ["--store", url]
+        connect = functools.partial(psycopg.connect, url)
+    else:
+        db_path = data_dir / "coordinator.sqlite"
+        extra = []
+        connect = functools.partial(sqlite3.connect, f"file:{db_path}?mode=ro", uri=True)
     port = _free_port()
     delays = np.random.default_rng(20261121).uniform(0.2, 2.5, KILLS)
     tls = write_loopback_certificates(tmp_path / "tls")
@@ -132,19 +152,19 @@ def test_kill_minus_nine_at_ten_moments_loses_nothing(
 
     async def scenario() -> tuple[list[dict], dict]:
         snapshots = []
-        process = await _start(port, data_dir, task, model_path, tls)
+        process = await _start(port, data_dir, task, model_path, tls, extra)
         stop = asyncio.Event()
         devices = asyncio.create_task(fleet.run(stop))
         try:
             for delay in delays:
                 await asyncio.sleep(float(delay))
-                before = _snapshot(db_path)
+                before = _snapshot(connect)
                 os.kill(process.pid, signal.SIGKILL)
                 await process.wait()
-                after = _snapshot(db_path)
+                after = _snapshot(connect)
                 _check_invariants(before, after)
                 snapshots.append(after)
-                process = await _start(port, data_dir, task, model_path, tls)
+                process = await _start(port, data_dir, task, model_path, tls, extra)
             # The restarted coordinator still makes progress with the same devices.
             committed = sum(r[1] == "committed" for r in snapshots[-1]["rounds"])
             # Waits for the event (two more commits), bounded only to fail rather than hang:
@@ -152,7 +172,7 @@ def test_kill_minus_nine_at_ten_moments_loses_nothing(
             # and on a loaded machine a restart takes seconds.
             for _ in range(3000):
                 await asyncio.sleep(0.1)
-                final = _snapshot(db_path)
+                final = _snapshot(connect)
                 if sum(r[1] == "committed" for r in final["rounds"]) > committed + 1:
                     break
             return snapshots, final

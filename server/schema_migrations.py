@@ -1,0 +1,49 @@
+"""Versioned schema of the coordinator's store, shared by every store implementation.
+
+Each store keeps a `schema_version` table with one row per migration applied to it (its
+version and when). On opening, a store reads the highest version, then:
+- applies the migrations after it, in order, in one transaction (the store is upgraded, or
+  left exactly as it was if any step fails);
+- refuses a store whose version is newer than this code knows (written by a newer
+  overnight): an older coordinator must not guess at columns it has never seen.
+
+Every implementation lists the same versions, each written in its own SQL dialect
+(tests/server/test_store_migrations.py checks that the lists match). A migration is never
+edited once released; a change to the schema is a new migration at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    version: int
+    why: str  # one line for the log and for `schema_version` readers
+    statements: tuple[str, ...]
+
+
+class IncompatibleStore(Exception):
+    """The store cannot be used by this version of the coordinator; the message says why
+    and what to do."""
+
+
+def pending_migrations(
+    found_version: int, migrations: Sequence[Migration], store_name: str
+) -> list[Migration]:
+    """The migrations that bring a store at `found_version` (0: empty) to the newest one.
+
+    Raises IncompatibleStore if the store is newer than `migrations` know."""
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(migrations) + 1)):
+        raise AssertionError(f"migrations must be numbered 1, 2, ... without gaps: {versions}")
+    newest = len(migrations)
+    if found_version > newest:
+        raise IncompatibleStore(
+            f"{store_name} has schema version {found_version}, written by a newer overnight; "
+            f"this one knows versions up to {newest}. Run the newer overnight, or restore a "
+            "backup taken before it first ran"
+        )
+    return list(migrations[found_version:])

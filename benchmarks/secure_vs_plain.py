@@ -65,7 +65,9 @@ def main() -> None:
         print(summarize("plain", plain[-1:])[1], flush=True)
         secure.append(asyncio.run(run_job(secure_job, model)))
         print(summarize("secure", secure[-1:])[1], flush=True)
-    ratio = statistics.median(s.wall_per_round_s / p.wall_per_round_s for p, s in zip(plain, secure, strict=True))
+    ratio = statistics.median(
+        s.wall_per_round_s / p.wall_per_round_s for p, s in zip(plain, secure, strict=True)
+    )
     median_ratio = statistics.median(
         s.median_round_s / p.median_round_s for p, s in zip(plain, secure, strict=True)
     )
@@ -86,9 +88,8 @@ def main() -> None:
         ),
     ]
     met = ratio <= GOAL_RATIO and failed == 0
-    goal = (
-        f"secure <= {GOAL_RATIO}x plain wall time per committed round, no failed round: "
-        + ("met" if met else "not met")
+    goal = f"secure <= {GOAL_RATIO}x plain wall time per committed round, no failed round: " + (
+        "met" if met else "not met"
     )
     print("\n".join(f"- {name}: {value}" for name, value in [*figures, ("goal", goal)]))
     if not args.no_record:

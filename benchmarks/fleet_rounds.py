@@ -29,6 +29,7 @@ class FleetJob:
     reporting_deadline_s: float = 30.0
     # The demo's retry windows: the fleet lives minutes, not days.
     min_delay_s: float = 0.1
+    min_spread_s: float = 1.0
     horizon_s: float = 60.0
 
 
@@ -90,7 +91,11 @@ async def run_job(job: FleetJob, model_bytes: bytes) -> RoundTimes:
             store,
             clock,
             CoordinatorSettings(
-                pace=PaceSteeringSettings(min_delay_s=job.min_delay_s, horizon_s=job.horizon_s)
+                pace=PaceSteeringSettings(
+                    min_delay_s=job.min_delay_s,
+                    min_spread_s=job.min_spread_s,
+                    horizon_s=job.horizon_s,
+                )
             ),
             HeldOutEvaluator(data.test),
             np.random.default_rng(demo.seed),

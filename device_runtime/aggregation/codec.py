@@ -305,8 +305,9 @@ class CodecAccumulator:
     per value as decoding the whole update first, so the sum does not depend on the pieces.
     """
 
-    def __init__(self, codec: UpdateCodec, piece_size: int = 1 << 17) -> None:
-        # 2**17 values: a float64 piece is 1 MiB, inside a server core's L2 cache.
+    def __init__(self, codec: UpdateCodec, piece_size: int = 1 << 18) -> None:
+        # 2**18 values: a float32 piece is 1 MiB, inside a server core's L2 cache; smaller
+        # pieces pay more per-call overhead than they save (measured on a 2 MiB-L2 EPYC).
         self.codec = codec
         self.exact = np.zeros(codec.num_exact, np.float64)
         # float32: quantization error dwarfs float32 rounding of the sum, and it halves the

@@ -325,20 +325,21 @@ class CodecAccumulator:
         name = codec.spec.name
         if not codec.num_compressed or name == FLOAT32:
             return
-        starts = codec.domain_starts
-        if name == UNIFORM:
-            bits = codec.spec.bits
+        if name in (UNIFORM, SIGN):
+            steps = np.empty(codec.num_segments, np.float32)
             for s in range(codec.num_segments):
-                low, high = update.scalars[2 * s], update.scalars[2 * s + 1]
-                self.offsets[s] += weight * float(low)
-                step = np.float32(weight * quantization.dequantize_step(low, high, bits))
-                self._add_scaled_codes(update, starts[s], starts[s + 1], step)
-        elif name == SIGN:
-            # scale * (1 - 2 * bit) = scale - 2 * scale * bit: the constant goes to offsets.
-            for s in range(codec.num_segments):
-                scale = weight * float(update.scalars[s])
-                self.offsets[s] += scale
-                self._add_scaled_codes(update, starts[s], starts[s + 1], np.float32(-2.0 * scale))
+                if name == UNIFORM:
+                    low, high = update.scalars[2 * s], update.scalars[2 * s + 1]
+                    self.offsets[s] += weight * float(low)
+                    step = quantization.dequantize_step(low, high, codec.spec.bits)
+                    steps[s] = np.float32(weight * step)
+                else:
+                    # scale * (1 - 2 * bit) = scale - 2 * scale * bit: the constant goes to
+                    # offsets.
+                    scale = weight * float(update.scalars[s])
+                    self.offsets[s] += scale
+                    steps[s] = np.float32(-2.0 * scale)
+            self._add_scaled_codes(update, steps)
         else:
             assert name == TOP_K
             # Sparse: add the sent values at their coordinates (indices are distinct).
@@ -359,13 +360,23 @@ class CodecAccumulator:
             np.multiply(exact[a:b], weight, out=piece, dtype=np.float32)
             np.add(self.exact[a:b], piece, out=self.exact[a:b])
 
-    def _add_scaled_codes(self, update: ParsedUpdate, a: int, b: int, step: np.float32) -> None:
-        """domain[a:b] += codes[a:b] * step, each product rounded to float32 first."""
-        scratch = self._scratch
-        for start in range(a, b, scratch.size):
-            end = min(start + scratch.size, b)
+    def _add_scaled_codes(self, update: ParsedUpdate, steps: np.ndarray) -> None:
+        """domain += codes * (the step of each code's segment), each product rounded to
+        float32 first. Codes are unpacked a piece at a time, and each piece is added once
+        whatever number of segments (rotation blocks) it spans."""
+        starts, scratch = self.codec.domain_starts, self._scratch
+        segment = 0
+        for start in range(0, self.codec.domain_size, scratch.size):
+            end = min(start + scratch.size, self.codec.domain_size)
+            codes = update.code_range(start, end)
+            while starts[segment + 1] <= start:
+                segment += 1
+            s = segment
+            while s < len(steps) and starts[s] < end:
+                a, b = max(int(starts[s]), start) - start, min(int(starts[s + 1]), end) - start
+                np.multiply(codes[a:b], steps[s], out=scratch[a:b])
+                s += 1
             piece = scratch[: end - start]
-            np.multiply(update.code_range(start, end), step, out=piece)
             np.add(self.domain[start:end], piece, out=self.domain[start:end])
 
     def merge(self, other: CodecAccumulator) -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device_runtime.aggregation.bitpack import pack_bits, packed_size_bytes, unpack_bits
+from device_runtime.aggregation.bitpack import (
+    checked_stream,
+    pack_bits,
+    packed_size_bytes,
+    unpack_bits,
+    unpack_range,
+)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 5, 7, 8, 11, 16, 32])
@@ -37,3 +43,24 @@ def test_nonzero_padding_is_refused_as_corrupt() -> None:
 def test_code_too_large_for_its_width_is_refused() -> None:
     with pytest.raises(ValueError, match="codes must lie"):
         pack_bits(np.array([8]), 3)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16])
+def test_a_range_unpacks_to_the_same_codes_as_the_whole_stream(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 1 << bits, size=1001, dtype=np.uint64)
+    stream = checked_stream(pack_bits(codes, bits), bits, 1001)
+
+    pieces = [unpack_range(stream, bits, a, b) for a, b in [(0, 1), (3, 500), (501, 1001)]]
+
+    whole = unpack_bits(pack_bits(codes, bits), bits, 1001)
+    for piece, (a, b) in zip(pieces, [(0, 1), (3, 500), (501, 1001)], strict=True):
+        assert piece.dtype == whole.dtype
+        np.testing.assert_array_equal(piece, whole[a:b])
+
+
+def test_a_range_of_codes_that_straddle_bytes_is_refused() -> None:
+    stream = checked_stream(pack_bits(np.arange(8), 3), 3, 8)
+
+    with pytest.raises(ValueError, match="straddle"):
+        unpack_range(stream, 3, 1, 4)

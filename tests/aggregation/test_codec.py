@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device_runtime.aggregation.codec import UpdateCodec, UpdateFlags
+from device_runtime.aggregation.codec import CodecAccumulator, UpdateCodec, UpdateFlags
 from device_runtime.aggregation.codec_spec import CodecError, CodecSpec
 
 SIZES = (3000, 40, 5000, 10)
@@ -127,6 +127,34 @@ def test_merge_equals_sequential_accumulation(spec: CodecSpec) -> None:
     left.merge(right)
 
     np.testing.assert_allclose(left.weighted_sum(), sequential.weighted_sum(), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        CodecSpec(),
+        CodecSpec("uniform", bits=4, threshold=0),
+        CodecSpec("uniform", bits=3, threshold=0, rotation=True),
+        CodecSpec("sign", threshold=0, keep_fraction=0.8),
+        CodecSpec("top_k", threshold=0),
+    ],
+)
+def test_sum_is_the_same_to_the_bit_whatever_the_pieces_it_is_added_in(spec: CodecSpec) -> None:
+    codec, rng = UpdateCodec(spec, SIZES, seed=4), np.random.default_rng(2)
+    payloads = [_encode(codec, _update(s), rng) for s in range(3)]
+    whole, unpacked_first = codec.new_accumulator(), codec.new_accumulator()
+    # Odd, so pieces start and end inside the bytes of packed codes.
+    in_pieces = CodecAccumulator(codec, piece_size=7)
+
+    for i, payload in enumerate(payloads):
+        whole.add(codec.parse(payload), 0.1 * (i + 1))
+        in_pieces.add(codec.parse(payload), 0.1 * (i + 1))
+        update = codec.parse(payload)
+        update.codes  # noqa: B018 (unpacked now, as the server's norm meter does)
+        unpacked_first.add(update, 0.1 * (i + 1))
+
+    assert whole.weighted_sum().tobytes() == in_pieces.weighted_sum().tobytes()
+    assert whole.weighted_sum().tobytes() == unpacked_first.weighted_sum().tobytes()
 
 
 def test_payload_sizes_match_the_bits_per_parameter_claimed() -> None:

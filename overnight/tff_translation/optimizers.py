@@ -213,8 +213,11 @@ def server_optimizer(optimizer: object, learning_rate: float | None = None) -> S
 
 def _refuse_zero_hparams(optimizer: object, plan: ServerOptimizerPlan) -> None:
     # In a task config 0 means "TFF's default", so a true 0 cannot be expressed.
-    fields = {"adam": ("beta_1", "beta_2", "epsilon"), "yogi": ("beta_1", "beta_2", "epsilon")}
-    fields["adagrad"] = ("epsilon", "initial_preconditioner")
+    fields: dict[str, tuple[str, ...]] = {
+        "adam": ("beta_1", "beta_2", "epsilon"),
+        "yogi": ("beta_1", "beta_2", "epsilon"),
+        "adagrad": ("epsilon", "initial_preconditioner"),
+    }
     for field in fields.get(plan.name, ()):
         if getattr(plan, field) == 0.0:
             raise NotTranslatable(optimizer, f"{field} = 0 is not supported", SERVER_SUPPORTED)

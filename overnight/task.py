@@ -47,6 +47,11 @@ class Task:
         self._model_tflite = model_tflite
         self._build_keras_model = build_keras_model
 
+    @property
+    def model_tflite(self) -> bytes | None:
+        """The exported training model the devices run (when this handle has it)."""
+        return self._model_tflite
+
     def __repr__(self) -> str:
         return f"Task({self.task_id!r})"
 

@@ -85,6 +85,10 @@ class Task:
         Args:
           after_round: skip rounds numbered up to this one (to resume a broken loop).
           progress: show a tqdm progress bar of committed rounds (in a notebook, a widget).
+
+        Raises:
+          AdminError: NOT_FOUND for an unknown task; UNAVAILABLE when the coordinator stops
+            (call again with `after_round` set to the last round received).
         """
         total = self.status().config.total_rounds
         bar = _progress_bar(total, self.task_id) if progress else None

@@ -80,3 +80,12 @@ def test_an_untrusted_coordinator_is_not_reached(overnight_coordinator) -> None:
         client.tasks()
 
     assert refused.value.code is grpc.StatusCode.UNAVAILABLE
+
+
+def test_rounds_shows_a_progress_bar_of_committed_rounds(overnight_coordinator, capsys) -> None:
+    task = _create(overnight_coordinator.connect())
+    task.cancel()
+
+    list(task.rounds())
+
+    assert "task t1" in capsys.readouterr().err  # tqdm's bar (a widget in a notebook)

@@ -15,7 +15,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/admin.proto\x12\x0covernight.v1\x1a\x13protos/common.proto\"=\n\x10PauseTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\">\n\x11ResumeTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\">\n\x11\x43\x61ncelTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\",\n\x10ListTasksRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"<\n\x11ListTasksResponse\x12\'\n\x05tasks\x18\x01 \x03(\x0b\x32\x18.overnight.v1.TaskStatus\"\x81\x04\n\nTaskConfig\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\npopulation\x18\x02 \x01(\t\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\r\x12\x16\n\x0etarget_reports\x18\x04 \x01(\r\x12\x16\n\x0eover_selection\x18\x05 \x01(\x01\x12\x13\n\x0bmin_reports\x18\x06 \x01(\r\x12\x1c\n\x14selection_deadline_s\x18\x07 \x01(\x01\x12\x1c\n\x14reporting_deadline_s\x18\x08 \x01(\x01\x12 \n\x04plan\x18\t \x01(\x0b\x32\x12.overnight.v1.Plan\x12\x1c\n\x14server_learning_rate\x18\n \x01(\x01\x12\x1d\n\x15max_concurrent_rounds\x18\x0b \x01(\r\x12\x37\n\x10server_optimizer\x18\x0c \x01(\x0b\x32\x1d.overnight.v1.ServerOptimizer\x12.\n\x0b\x65ligibility\x18\r \x01(\x0b\x32\x19.overnight.v1.Eligibility\x12\x0c\n\x04kind\x18\x0e \x01(\t\x12\x11\n\tevaluates\x18\x0f \x01(\t\x12\x12\n\naggregator\x18\x10 \x01(\t\x12\x19\n\x11max_network_share\x18\x14 \x01(\x01\x12\x1f\n\x17max_examples_per_device\x18\x11 \x01(\x03\"\x82\x01\n\x0fServerOptimizer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08momentum\x18\x02 \x01(\x01\x12\x0e\n\x06\x62\x65ta_1\x18\x03 \x01(\x01\x12\x0e\n\x06\x62\x65ta_2\x18\x04 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x05 \x01(\x01\x12\x1e\n\x16initial_preconditioner\x18\x06 \x01(\x01\"Z\n\x0b\x45ligibility\x12\x14\n\x0cmin_examples\x18\x01 \x01(\x03\x12\x18\n\x10min_separation_s\x18\x02 \x01(\x01\x12\x1b\n\x13min_runtime_version\x18\x03 \x01(\t\"\x88\x01\n\x13RegisterTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12(\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x18.overnight.v1.TaskConfig\x12\x14\n\x0cmodel_tflite\x18\x03 \x01(\x0c\x12\x17\n\x0finitial_weights\x18\x04 \x01(\x0c\"U\n\x14RegisterTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\x12\x16\n\x0enum_parameters\x18\x03 \x01(\x03\"A\n\x14GetTaskStatusRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"\xfb\x01\n\x0cRoundSummary\x12\x14\n\x0cround_number\x18\x01 \x01(\x03\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08selected\x18\x03 \x01(\x03\x12\x10\n\x08reported\x18\x04 \x01(\x03\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x03\x12\x38\n\x07metrics\x18\x06 \x03(\x0b\x32\'.overnight.v1.RoundSummary.MetricsEntry\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc0\x01\n\nTaskStatus\x12(\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x18.overnight.v1.TaskConfig\x12\r\n\x05state\x18\x02 \x01(\t\x12\x18\n\x10\x63ommitted_rounds\x18\x03 \x01(\x03\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\x12\x16\n\x0enum_parameters\x18\x05 \x01(\x03\x12\x31\n\rcurrent_round\x18\x06 \x01(\x0b\x32\x1a.overnight.v1.RoundSummary\">\n\x11ListRoundsRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"@\n\x12ListRoundsResponse\x12*\n\x06rounds\x18\x01 \x03(\x0b\x32\x1a.overnight.v1.RoundSummary2\xac\x04\n\x0c\x41\x64minService\x12U\n\x0cRegisterTask\x12!.overnight.v1.RegisterTaskRequest\x1a\".overnight.v1.RegisterTaskResponse\x12M\n\rGetTaskStatus\x12\".overnight.v1.GetTaskStatusRequest\x1a\x18.overnight.v1.TaskStatus\x12O\n\nListRounds\x12\x1f.overnight.v1.ListRoundsRequest\x1a .overnight.v1.ListRoundsResponse\x12L\n\tListTasks\x12\x1e.overnight.v1.ListTasksRequest\x1a\x1f.overnight.v1.ListTasksResponse\x12\x45\n\tPauseTask\x12\x1e.overnight.v1.PauseTaskRequest\x1a\x18.overnight.v1.TaskStatus\x12G\n\nResumeTask\x12\x1f.overnight.v1.ResumeTaskRequest\x1a\x18.overnight.v1.TaskStatus\x12G\n\nCancelTask\x12\x1f.overnight.v1.CancelTaskRequest\x1a\x18.overnight.v1.TaskStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/admin.proto\x12\x0covernight.v1\x1a\x13protos/common.proto\"C\n\x16\x44ownloadWeightsRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"j\n\x0cWeightsChunk\x12\x18\n\x10\x63ommitted_rounds\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x12\n\ntotal_size\x18\x05 \x01(\x03\"T\n\x12WatchRoundsRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x66ter_round\x18\x03 \x01(\x03\"=\n\x10PauseTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\">\n\x11ResumeTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\">\n\x11\x43\x61ncelTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\",\n\x10ListTasksRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"<\n\x11ListTasksResponse\x12\'\n\x05tasks\x18\x01 \x03(\x0b\x32\x18.overnight.v1.TaskStatus\"\x81\x04\n\nTaskConfig\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\npopulation\x18\x02 \x01(\t\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\r\x12\x16\n\x0etarget_reports\x18\x04 \x01(\r\x12\x16\n\x0eover_selection\x18\x05 \x01(\x01\x12\x13\n\x0bmin_reports\x18\x06 \x01(\r\x12\x1c\n\x14selection_deadline_s\x18\x07 \x01(\x01\x12\x1c\n\x14reporting_deadline_s\x18\x08 \x01(\x01\x12 \n\x04plan\x18\t \x01(\x0b\x32\x12.overnight.v1.Plan\x12\x1c\n\x14server_learning_rate\x18\n \x01(\x01\x12\x1d\n\x15max_concurrent_rounds\x18\x0b \x01(\r\x12\x37\n\x10server_optimizer\x18\x0c \x01(\x0b\x32\x1d.overnight.v1.ServerOptimizer\x12.\n\x0b\x65ligibility\x18\r \x01(\x0b\x32\x19.overnight.v1.Eligibility\x12\x0c\n\x04kind\x18\x0e \x01(\t\x12\x11\n\tevaluates\x18\x0f \x01(\t\x12\x12\n\naggregator\x18\x10 \x01(\t\x12\x19\n\x11max_network_share\x18\x14 \x01(\x01\x12\x1f\n\x17max_examples_per_device\x18\x11 \x01(\x03\"\x82\x01\n\x0fServerOptimizer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08momentum\x18\x02 \x01(\x01\x12\x0e\n\x06\x62\x65ta_1\x18\x03 \x01(\x01\x12\x0e\n\x06\x62\x65ta_2\x18\x04 \x01(\x01\x12\x0f\n\x07\x65psilon\x18\x05 \x01(\x01\x12\x1e\n\x16initial_preconditioner\x18\x06 \x01(\x01\"Z\n\x0b\x45ligibility\x12\x14\n\x0cmin_examples\x18\x01 \x01(\x03\x12\x18\n\x10min_separation_s\x18\x02 \x01(\x01\x12\x1b\n\x13min_runtime_version\x18\x03 \x01(\t\"\x88\x01\n\x13RegisterTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12(\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x18.overnight.v1.TaskConfig\x12\x14\n\x0cmodel_tflite\x18\x03 \x01(\x0c\x12\x17\n\x0finitial_weights\x18\x04 \x01(\x0c\"U\n\x14RegisterTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\x12\x16\n\x0enum_parameters\x18\x03 \x01(\x03\"A\n\x14GetTaskStatusRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"\xfb\x01\n\x0cRoundSummary\x12\x14\n\x0cround_number\x18\x01 \x01(\x03\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08selected\x18\x03 \x01(\x03\x12\x10\n\x08reported\x18\x04 \x01(\x03\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x03\x12\x38\n\x07metrics\x18\x06 \x03(\x0b\x32\'.overnight.v1.RoundSummary.MetricsEntry\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc0\x01\n\nTaskStatus\x12(\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x18.overnight.v1.TaskConfig\x12\r\n\x05state\x18\x02 \x01(\t\x12\x18\n\x10\x63ommitted_rounds\x18\x03 \x01(\x03\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\x12\x16\n\x0enum_parameters\x18\x05 \x01(\x03\x12\x31\n\rcurrent_round\x18\x06 \x01(\x0b\x32\x1a.overnight.v1.RoundSummary\">\n\x11ListRoundsRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"@\n\x12ListRoundsResponse\x12*\n\x06rounds\x18\x01 \x03(\x0b\x32\x1a.overnight.v1.RoundSummary2\xd2\x05\n\x0c\x41\x64minService\x12U\n\x0cRegisterTask\x12!.overnight.v1.RegisterTaskRequest\x1a\".overnight.v1.RegisterTaskResponse\x12M\n\rGetTaskStatus\x12\".overnight.v1.GetTaskStatusRequest\x1a\x18.overnight.v1.TaskStatus\x12O\n\nListRounds\x12\x1f.overnight.v1.ListRoundsRequest\x1a .overnight.v1.ListRoundsResponse\x12L\n\tListTasks\x12\x1e.overnight.v1.ListTasksRequest\x1a\x1f.overnight.v1.ListTasksResponse\x12\x45\n\tPauseTask\x12\x1e.overnight.v1.PauseTaskRequest\x1a\x18.overnight.v1.TaskStatus\x12G\n\nResumeTask\x12\x1f.overnight.v1.ResumeTaskRequest\x1a\x18.overnight.v1.TaskStatus\x12G\n\nCancelTask\x12\x1f.overnight.v1.CancelTaskRequest\x1a\x18.overnight.v1.TaskStatus\x12M\n\x0bWatchRounds\x12 .overnight.v1.WatchRoundsRequest\x1a\x1a.overnight.v1.RoundSummary0\x01\x12U\n\x0f\x44ownloadWeights\x12$.overnight.v1.DownloadWeightsRequest\x1a\x1a.overnight.v1.WeightsChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -24,38 +24,44 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
   _globals['_ROUNDSUMMARY_METRICSENTRY']._options = None
   _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_PAUSETASKREQUEST']._serialized_start=57
-  _globals['_PAUSETASKREQUEST']._serialized_end=118
-  _globals['_RESUMETASKREQUEST']._serialized_start=120
-  _globals['_RESUMETASKREQUEST']._serialized_end=182
-  _globals['_CANCELTASKREQUEST']._serialized_start=184
-  _globals['_CANCELTASKREQUEST']._serialized_end=246
-  _globals['_LISTTASKSREQUEST']._serialized_start=248
-  _globals['_LISTTASKSREQUEST']._serialized_end=292
-  _globals['_LISTTASKSRESPONSE']._serialized_start=294
-  _globals['_LISTTASKSRESPONSE']._serialized_end=354
-  _globals['_TASKCONFIG']._serialized_start=357
-  _globals['_TASKCONFIG']._serialized_end=870
-  _globals['_SERVEROPTIMIZER']._serialized_start=873
-  _globals['_SERVEROPTIMIZER']._serialized_end=1003
-  _globals['_ELIGIBILITY']._serialized_start=1005
-  _globals['_ELIGIBILITY']._serialized_end=1095
-  _globals['_REGISTERTASKREQUEST']._serialized_start=1098
-  _globals['_REGISTERTASKREQUEST']._serialized_end=1234
-  _globals['_REGISTERTASKRESPONSE']._serialized_start=1236
-  _globals['_REGISTERTASKRESPONSE']._serialized_end=1321
-  _globals['_GETTASKSTATUSREQUEST']._serialized_start=1323
-  _globals['_GETTASKSTATUSREQUEST']._serialized_end=1388
-  _globals['_ROUNDSUMMARY']._serialized_start=1391
-  _globals['_ROUNDSUMMARY']._serialized_end=1642
-  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_start=1596
-  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_end=1642
-  _globals['_TASKSTATUS']._serialized_start=1645
-  _globals['_TASKSTATUS']._serialized_end=1837
-  _globals['_LISTROUNDSREQUEST']._serialized_start=1839
-  _globals['_LISTROUNDSREQUEST']._serialized_end=1901
-  _globals['_LISTROUNDSRESPONSE']._serialized_start=1903
-  _globals['_LISTROUNDSRESPONSE']._serialized_end=1967
-  _globals['_ADMINSERVICE']._serialized_start=1970
-  _globals['_ADMINSERVICE']._serialized_end=2526
+  _globals['_DOWNLOADWEIGHTSREQUEST']._serialized_start=57
+  _globals['_DOWNLOADWEIGHTSREQUEST']._serialized_end=124
+  _globals['_WEIGHTSCHUNK']._serialized_start=126
+  _globals['_WEIGHTSCHUNK']._serialized_end=232
+  _globals['_WATCHROUNDSREQUEST']._serialized_start=234
+  _globals['_WATCHROUNDSREQUEST']._serialized_end=318
+  _globals['_PAUSETASKREQUEST']._serialized_start=320
+  _globals['_PAUSETASKREQUEST']._serialized_end=381
+  _globals['_RESUMETASKREQUEST']._serialized_start=383
+  _globals['_RESUMETASKREQUEST']._serialized_end=445
+  _globals['_CANCELTASKREQUEST']._serialized_start=447
+  _globals['_CANCELTASKREQUEST']._serialized_end=509
+  _globals['_LISTTASKSREQUEST']._serialized_start=511
+  _globals['_LISTTASKSREQUEST']._serialized_end=555
+  _globals['_LISTTASKSRESPONSE']._serialized_start=557
+  _globals['_LISTTASKSRESPONSE']._serialized_end=617
+  _globals['_TASKCONFIG']._serialized_start=620
+  _globals['_TASKCONFIG']._serialized_end=1133
+  _globals['_SERVEROPTIMIZER']._serialized_start=1136
+  _globals['_SERVEROPTIMIZER']._serialized_end=1266
+  _globals['_ELIGIBILITY']._serialized_start=1268
+  _globals['_ELIGIBILITY']._serialized_end=1358
+  _globals['_REGISTERTASKREQUEST']._serialized_start=1361
+  _globals['_REGISTERTASKREQUEST']._serialized_end=1497
+  _globals['_REGISTERTASKRESPONSE']._serialized_start=1499
+  _globals['_REGISTERTASKRESPONSE']._serialized_end=1584
+  _globals['_GETTASKSTATUSREQUEST']._serialized_start=1586
+  _globals['_GETTASKSTATUSREQUEST']._serialized_end=1651
+  _globals['_ROUNDSUMMARY']._serialized_start=1654
+  _globals['_ROUNDSUMMARY']._serialized_end=1905
+  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_start=1859
+  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_end=1905
+  _globals['_TASKSTATUS']._serialized_start=1908
+  _globals['_TASKSTATUS']._serialized_end=2100
+  _globals['_LISTROUNDSREQUEST']._serialized_start=2102
+  _globals['_LISTROUNDSREQUEST']._serialized_end=2164
+  _globals['_LISTROUNDSRESPONSE']._serialized_start=2166
+  _globals['_LISTROUNDSRESPONSE']._serialized_end=2230
+  _globals['_ADMINSERVICE']._serialized_start=2233
+  _globals['_ADMINSERVICE']._serialized_end=2955
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,38 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class DownloadWeightsRequest(_message.Message):
+    __slots__ = ("protocol_version", "task_id")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    task_id: str
+    def __init__(self, protocol_version: _Optional[int] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("committed_rounds", "sha256", "data", "offset", "total_size")
+    COMMITTED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    committed_rounds: int
+    sha256: str
+    data: bytes
+    offset: int
+    total_size: int
+    def __init__(self, committed_rounds: _Optional[int] = ..., sha256: _Optional[str] = ..., data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class WatchRoundsRequest(_message.Message):
+    __slots__ = ("protocol_version", "task_id", "after_round")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    task_id: str
+    after_round: int
+    def __init__(self, protocol_version: _Optional[int] = ..., task_id: _Optional[str] = ..., after_round: _Optional[int] = ...) -> None: ...
+
 class PauseTaskRequest(_message.Message):
     __slots__ = ("protocol_version", "task_id")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]

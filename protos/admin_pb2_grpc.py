@@ -49,6 +49,16 @@ class AdminServiceStub(object):
                 request_serializer=protos_dot_admin__pb2.CancelTaskRequest.SerializeToString,
                 response_deserializer=protos_dot_admin__pb2.TaskStatus.FromString,
                 )
+        self.WatchRounds = channel.unary_stream(
+                '/overnight.v1.AdminService/WatchRounds',
+                request_serializer=protos_dot_admin__pb2.WatchRoundsRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.RoundSummary.FromString,
+                )
+        self.DownloadWeights = channel.unary_stream(
+                '/overnight.v1.AdminService/DownloadWeights',
+                request_serializer=protos_dot_admin__pb2.DownloadWeightsRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.WeightsChunk.FromString,
+                )
 
 
 class AdminServiceServicer(object):
@@ -117,6 +127,31 @@ class AdminServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRounds(self, request, context):
+        """Streams a task's closed rounds (committed, failed, abandoned) as they close, oldest
+        first: first the recorded rounds numbered above `after_round`, then each round as the
+        coordinator records it. Nothing polls: the stream wakes when a round is recorded. The
+        stream ends (OK) once the task is completed, cancelled or failed and every closed round
+        has been sent; a client that wants a live task's rounds keeps it open, and resumes a
+        broken stream with `after_round` set to the last round it received.
+        NOT_FOUND    unknown task
+        CANCELLED    the caller went away
+        UNAVAILABLE  the coordinator is stopping (resume with after_round later)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadWeights(self, request, context):
+        """The task's latest committed weights (its initial weights before any commit): a float32
+        little-endian vector in the layout of the model's manifest, in chunks of at most 1 MiB.
+        Operators only: the weights are the aggregate of devices' updates.
+        NOT_FOUND  unknown task
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +189,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.CancelTask,
                     request_deserializer=protos_dot_admin__pb2.CancelTaskRequest.FromString,
                     response_serializer=protos_dot_admin__pb2.TaskStatus.SerializeToString,
+            ),
+            'WatchRounds': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRounds,
+                    request_deserializer=protos_dot_admin__pb2.WatchRoundsRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.RoundSummary.SerializeToString,
+            ),
+            'DownloadWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadWeights,
+                    request_deserializer=protos_dot_admin__pb2.DownloadWeightsRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.WeightsChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -281,5 +326,39 @@ class AdminService(object):
         return grpc.experimental.unary_unary(request, target, '/overnight.v1.AdminService/CancelTask',
             protos_dot_admin__pb2.CancelTaskRequest.SerializeToString,
             protos_dot_admin__pb2.TaskStatus.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def WatchRounds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(request, target, '/overnight.v1.AdminService/WatchRounds',
+            protos_dot_admin__pb2.WatchRoundsRequest.SerializeToString,
+            protos_dot_admin__pb2.RoundSummary.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def DownloadWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(request, target, '/overnight.v1.AdminService/DownloadWeights',
+            protos_dot_admin__pb2.DownloadWeightsRequest.SerializeToString,
+            protos_dot_admin__pb2.WeightsChunk.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

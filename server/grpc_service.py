@@ -39,6 +39,7 @@ from server.errors import (
 from server.health import ListenerHealth, enable_reflection
 from server.operator_access import AdminTokens, OperatorAuthentication
 from server.request_guard import RequestGuard
+from server.round_feed import RoundFeed
 from server.rounds.round import RoundInProgress
 from server.store import RoundRecord, TaskState
 from server.transport_security import ServerTls
@@ -275,6 +276,7 @@ def task_status(task: TaskRuntime) -> admin_pb2.TaskStatus:
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self._coordinator = coordinator
+        self.round_feed = RoundFeed(coordinator)
 
     @abort_on_error
     async def RegisterTask(
@@ -334,7 +336,37 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.TaskStatus:
         check_protocol_version(request.protocol_version)
-        return task_status(self._coordinator.control_task(request.task_id, TaskState.CANCELLED))
+        task = self._coordinator.control_task(request.task_id, TaskState.CANCELLED)
+        self.round_feed.task_changed(request.task_id)  # a task without open rounds ends too
+        return task_status(task)
+
+    async def DownloadWeights(
+        self, request: admin_pb2.DownloadWeightsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[admin_pb2.WeightsChunk]:
+        # Streaming: the request guard maps a CoordinatorError raised here to its status.
+        check_protocol_version(request.protocol_version)
+        task = self._coordinator.task(request.task_id)
+        committed, sha256 = task.committed_rounds, task.weights_sha256
+        data = self._coordinator.resource(sha256)
+        for start in range(0, max(len(data), 1), protocol.chunk_size_bytes):
+            yield admin_pb2.WeightsChunk(
+                committed_rounds=committed,
+                sha256=sha256,
+                data=data[start : start + protocol.chunk_size_bytes],
+                offset=start,
+                total_size=len(data),
+            )
+
+    async def WatchRounds(
+        self, request: admin_pb2.WatchRoundsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[admin_pb2.RoundSummary]:
+        # Streaming: the request guard maps a CoordinatorError raised here to its status.
+        check_protocol_version(request.protocol_version)
+        self._coordinator.task(request.task_id)  # NOT_FOUND before the stream opens
+        # Headers at once: the caller knows the watch is established before any round closes.
+        await context.send_initial_metadata(())
+        async for record in self.round_feed.closed_rounds(request.task_id, request.after_round):
+            yield round_summary(record)
 
 
 def freeze_startup_heap() -> None:
@@ -417,6 +449,7 @@ class CoordinatorServer:
         )
         self.port = int(self.address.rsplit(":", 1)[1])
         self._admin: grpc.aio.Server | None = None
+        self.admin_service: AdminService | None = None
         self.admin_address: str | None = None
         if admin_tokens is not None:
             self._admin = grpc.aio.server(
@@ -429,9 +462,8 @@ class CoordinatorServer:
                 ],
                 options=server_options(admin_max_message_bytes),
             )
-            admin_pb2_grpc.add_AdminServiceServicer_to_server(
-                AdminService(coordinator), self._admin
-            )
+            self.admin_service = AdminService(coordinator)
+            admin_pb2_grpc.add_AdminServiceServicer_to_server(self.admin_service, self._admin)
             self._health.append(ListenerHealth(self._admin, (ADMIN_SERVICE,)))
             enable_reflection(self._admin, (ADMIN_SERVICE,))
             self.admin_address = _listen(
@@ -473,6 +505,8 @@ class CoordinatorServer:
             await health.draining()
 
     async def stop(self, grace_s: float = 1.0) -> None:
+        if self.admin_service is not None:
+            self.admin_service.round_feed.close()  # WatchRounds streams end UNAVAILABLE
         if self._driver is not None:
             self._driver.cancel()
             with contextlib.suppress(asyncio.CancelledError):

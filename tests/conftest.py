@@ -12,8 +12,8 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 BATCH_SIZE = 8
-# Fixtures defined beside the fakes, for every test folder.
-pytest_plugins = ["tests.small_disk", "tests.postgres_server"]
+# Fixtures defined beside the fakes, for every test folder; our public test harness too.
+pytest_plugins = ["tests.small_disk", "tests.postgres_server", "overnight.testing"]
 
 
 @pytest.fixture(scope="session")

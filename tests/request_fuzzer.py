@@ -174,6 +174,20 @@ def rpcs(
         ),
         Rpc(admin + "ListTasks", False, False, (admin_pb2.ListTasksRequest(protocol_version=V),)),
         Rpc(
+            admin + "DownloadWeights",
+            False,
+            True,
+            (admin_pb2.DownloadWeightsRequest(protocol_version=V, task_id=task_id),),
+        ),
+        # A live task's stream stays open until the task ends: the seed names no task, so a
+        # well-formed case is NOT_FOUND rather than a stream the fuzzer would wait out.
+        Rpc(
+            admin + "WatchRounds",
+            False,
+            True,
+            (admin_pb2.WatchRoundsRequest(protocol_version=V, task_id="no-such-task"),),
+        ),
+        Rpc(
             secagg + "Send",
             False,
             False,

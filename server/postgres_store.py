@@ -28,7 +28,6 @@ import psycopg
 import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from server.config import TaskConfig
 from server.errors import AlreadyExists, StoreUnavailable
 from server.leases import Lease, check_fence, next_lease, released_at
 from server.postgres_claim import DatabaseClaim
@@ -165,17 +164,7 @@ class PostgresStore(Store):
                 # Byte order, as SQLite sorts, whatever the database's locale.
                 'ORDER BY created_at, tasks.task_id COLLATE "C"'
             ).fetchall()
-        return [
-            TaskRecord(
-                TaskConfig.from_dict(json.loads(config)),
-                model,
-                weights,
-                num,
-                created,
-                TaskState(state),
-            )
-            for _, config, model, weights, num, created, state in rows
-        ]
+        return [TaskRecord.from_row(row) for row in rows]
 
     def set_task_state(self, task_id: str, state: TaskState) -> None:
         with self._transaction() as conn:
@@ -281,21 +270,7 @@ class PostgresStore(Store):
                 "ORDER BY round_number",
                 (task_id,),
             ).fetchall()
-        return [
-            RoundRecord(
-                task_id=row[0],
-                round_number=row[1],
-                state=RoundState(row[2]),
-                selected=row[3],
-                reported=row[4],
-                dropped=row[5],
-                metrics=json.loads(row[6]),
-                started_at=row[7],
-                finished_at=row[8],
-                weights_sha256=row[9],
-            )
-            for row in rows
-        ]
+        return [RoundRecord.from_row(row) for row in rows]
 
     def is_counted(self, token_sha256: str) -> bool:
         with self._connection() as conn:

@@ -10,7 +10,6 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 
-from server.config import TaskConfig
 from server.errors import AlreadyExists, StoreUnavailable
 from server.leases import Lease, check_fence, next_lease, released_at
 from server.private_files import ensure_private_file, prepare_data_dir
@@ -119,17 +118,7 @@ class SqliteStore(Store):
                 "LEFT JOIN task_states ON tasks.task_id = task_states.task_id "
                 "ORDER BY created_at, tasks.task_id"
             ).fetchall()
-        return [
-            TaskRecord(
-                TaskConfig.from_dict(json.loads(config)),
-                model,
-                weights,
-                num,
-                created,
-                TaskState(state),
-            )
-            for _, config, model, weights, num, created, state in rows
-        ]
+        return [TaskRecord.from_row(row) for row in rows]
 
     def set_task_state(self, task_id: str, state: TaskState) -> None:
         with self._locked():
@@ -273,21 +262,7 @@ class SqliteStore(Store):
             rows = self._db.execute(
                 "SELECT * FROM rounds WHERE task_id = ? ORDER BY round_number", (task_id,)
             ).fetchall()
-        return [
-            RoundRecord(
-                task_id=row[0],
-                round_number=row[1],
-                state=RoundState(row[2]),
-                selected=row[3],
-                reported=row[4],
-                dropped=row[5],
-                metrics=json.loads(row[6]),
-                started_at=row[7],
-                finished_at=row[8],
-                weights_sha256=row[9],
-            )
-            for row in rows
-        ]
+        return [RoundRecord.from_row(row) for row in rows]
 
     def is_counted(self, token_sha256: str) -> bool:
         with self._locked():

@@ -15,6 +15,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import json
+from collections.abc import Sequence
+from typing import Any
 
 from server.config import TaskConfig
 from server.leases import Lease
@@ -50,6 +53,15 @@ class TaskRecord:
     created_at: float
     state: TaskState = TaskState.RUNNING
 
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> TaskRecord:
+        """From (task_id, config JSON, model_sha256, initial_weights_sha256, num_parameters,
+        created_at, state): the columns every store selects for its tasks."""
+        _, config, model, weights, num, created, state = row
+        return cls(
+            TaskConfig.from_dict(json.loads(config)), model, weights, num, created, TaskState(state)
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class RoundRecord:
@@ -63,6 +75,23 @@ class RoundRecord:
     started_at: float
     finished_at: float
     weights_sha256: str = ""  # committed rounds: the global weights after this round
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> RoundRecord:
+        """From the `rounds` table's columns in order (metrics as JSON), in every store."""
+        task_id, number, state, selected, reported, dropped, metrics, started, finished = row[:9]
+        return cls(
+            task_id=task_id,
+            round_number=number,
+            state=RoundState(state),
+            selected=selected,
+            reported=reported,
+            dropped=dropped,
+            metrics=json.loads(metrics),
+            started_at=started,
+            finished_at=finished,
+            weights_sha256=row[9],
+        )
 
 
 @dataclasses.dataclass(frozen=True)

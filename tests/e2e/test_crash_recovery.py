@@ -112,7 +112,9 @@ async def _start(
         stderr=asyncio.subprocess.DEVNULL,
     )
     assert process.stdout is not None
-    line = await asyncio.wait_for(process.stdout.readline(), timeout=60)
+    line = await asyncio.wait_for(
+        process.stdout.readline(), timeout=300
+    )  # start-up on a loaded machine
     assert b"listening" in line, line
     return process
 
@@ -190,4 +192,4 @@ def test_kill_minus_nine_at_ten_moments_loses_nothing(
         "rounds"
     ][-12:]
     assert any(r[1] == "abandoned" for r in final["rounds"]), "no kill caught a round open"
-    assert fleet.stats.outcomes["reported"] >= committed_final * 2
+    assert fleet.stats.outcomes["reported"] >= committed_final * 2, fleet.stats.outcomes

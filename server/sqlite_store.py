@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS assignments (
   device_id TEXT NOT NULL, issued_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS assignments_by_device ON assignments (task_id, device_id, issued_at);
 CREATE INDEX IF NOT EXISTS assignments_by_round ON assignments (task_id, round_number);
+CREATE INDEX IF NOT EXISTS assignments_by_time ON assignments (task_id, issued_at);
 CREATE TABLE IF NOT EXISTS enrolled_devices (
   device_id TEXT NOT NULL, population TEXT NOT NULL, public_key BLOB NOT NULL,
   credential TEXT NOT NULL, enrolled_at REAL NOT NULL, PRIMARY KEY (device_id, population));
@@ -315,6 +316,57 @@ class SqliteStore(Store):
                 (task_id, task_id),
             ).fetchall()
         return [UnrecordedRound(number, selected, started) for number, selected, started in rows]
+
+    def prune_history(self, task_id: str, before: float) -> int:
+        # Deleted pages go to SQLite's free list and are reused by later inserts, so the file
+        # stops growing once the retention age is reached; no VACUUM (it rewrites the file).
+        old_assignments = (
+            "FROM assignments AS a WHERE a.task_id = ? AND a.issued_at < ? AND EXISTS "
+            "(SELECT 1 FROM rounds AS r WHERE r.task_id = a.task_id "
+            "AND r.round_number = a.round_number)"
+        )
+        old_commits = (
+            "SELECT round_number FROM rounds WHERE task_id = ? AND state = 'committed' "
+            "AND finished_at < ? AND round_number < (SELECT MAX(round_number) FROM rounds "
+            "WHERE task_id = ? AND state = 'committed')"
+        )
+        still_named = (
+            "SELECT initial_weights_sha256 FROM tasks UNION "
+            "SELECT weights_sha256 FROM rounds WHERE finished_at >= ? UNION "
+            "SELECT r.weights_sha256 FROM rounds AS r WHERE r.state = 'committed' AND "
+            "r.round_number = (SELECT MAX(round_number) FROM rounds "
+            "WHERE task_id = r.task_id AND state = 'committed')"
+        )
+        with self._locked():
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                removed = self._db.execute(
+                    "DELETE FROM counted_uploads WHERE token_sha256 IN "
+                    f"(SELECT a.token_sha256 {old_assignments})",
+                    (task_id, before),
+                ).rowcount
+                removed += self._db.execute(
+                    f"DELETE FROM assignments WHERE token_sha256 IN "
+                    f"(SELECT a.token_sha256 {old_assignments})",
+                    (task_id, before),
+                ).rowcount
+                removed += self._db.execute(
+                    "DELETE FROM resources WHERE kind = 'weights' AND sha256 IN "
+                    f"(SELECT weights_sha256 FROM rounds WHERE task_id = ? "
+                    f"AND round_number IN ({old_commits})) "
+                    f"AND sha256 NOT IN ({still_named})",
+                    (task_id, task_id, before, task_id, before),
+                ).rowcount
+                removed += self._db.execute(
+                    "DELETE FROM server_state WHERE task_id = ? "
+                    f"AND round_number IN ({old_commits})",
+                    (task_id, task_id, before, task_id),
+                ).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        return removed
 
     def enroll_device(self, device: EnrolledDevice) -> bool:
         with self._locked():

@@ -16,6 +16,7 @@ commit latency) are recorded for the benchmarks; tests use only virtual time.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import itertools
@@ -90,7 +91,10 @@ class VirtualFleet:
         data_dir: pathlib.Path,
         fleet: FleetSettings,
         settings: CoordinatorSettings | None = None,
+        keep_rounds: int | None = None,
     ) -> None:
+        """`keep_rounds`: how many of the latest rounds' costs to keep (None: all); a long
+        run keeps few, so that its own memory stays flat."""
         self.clock = VirtualClock()
         self.fleet = fleet
         self.rng = np.random.default_rng(fleet.seed)
@@ -108,7 +112,8 @@ class VirtualFleet:
         self.task_id = task.task_id
         self.num_parameters = self.coordinator.task(task.task_id).record.num_parameters
         self._payload = np.zeros(self.num_parameters, "<f4").tobytes()
-        self.rounds: list[RoundCost] = []
+        self.rounds: collections.deque[RoundCost] = collections.deque(maxlen=keep_rounds)
+        self.closed_rounds = 0
         self.check_ins = 0
         self.uploads = 0
         self._check_ins_open = 0
@@ -126,7 +131,6 @@ class VirtualFleet:
             first = float(self.rng.uniform(0.0, fleet.first_check_in_s))
             if fleet.mean_days_between_sessions is not None:
                 phone.next_session = self.clock.time + first
-                first = 0.0
                 self._start_session(phone)
             self._at(first, phone, b"")
 
@@ -224,6 +228,7 @@ class VirtualFleet:
         self.rounds.append(RoundCost(record, self._check_ins_open, self._check_in_s_open, commit_s))
         self._check_ins_open = 0
         self._check_in_s_open = 0.0
+        self.closed_rounds += 1
 
     # ----- the run -------------------------------------------------------------------------
 
@@ -251,7 +256,7 @@ class VirtualFleet:
 
     def run_rounds(self, rounds: int, max_virtual_s: float = 30 * DAY_S) -> None:
         end = self.clock.time + max_virtual_s
-        while len(self.rounds) < rounds and self.clock.time < end and self.step():
+        while self.closed_rounds < rounds and self.clock.time < end and self.step():
             pass
 
     def close(self) -> None:

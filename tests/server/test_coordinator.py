@@ -10,7 +10,6 @@ import pytest
 from device_runtime import constants
 from protos import common_pb2, device_pb2
 from server.coordinator import Coordinator, CoordinatorSettings
-from server.pace_steering import PaceSteeringSettings
 from server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -18,6 +17,7 @@ from server.errors import (
     NotFound,
     Unauthenticated,
 )
+from server.pace_steering import PaceSteeringSettings
 from server.sqlite_store import SqliteStore
 from server.store import RoundState
 from tests.fakes import FakeClock

@@ -184,7 +184,7 @@ class VirtualFleet:
         try:
             response = self.coordinator.check_in(request)
         except CoordinatorError as exc:
-            self._come_back(phone, exc.retry_after_s or 60.0)
+            self._come_back(phone, float(getattr(exc, "retry_after_s", 60.0)))
             return
         finally:
             self._check_in_s_open += time.perf_counter() - started

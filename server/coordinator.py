@@ -66,7 +66,7 @@ from server.store import (
     TaskRecord,
     TaskState,
 )
-from server.task_runtime import TaskRuntime
+from server.task_runtime import TaskRuntime, recent_outcomes_kept
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,8 @@ class Coordinator:
             aggregated_bits=last_metrics.get("aggregated_bits", 0.0),
             state=record.state,
         )
+        for closed_round in rounds[-recent_outcomes_kept:]:
+            runtime.remember_outcome(closed_round.round_number, closed_round.state)
         self._tasks[task_id] = runtime
         return runtime
 
@@ -556,14 +558,8 @@ class Coordinator:
         if round_ is None or not round_.open:
             if self.store.is_counted(digest):
                 raise AlreadyExists("an update for this upload token was already counted")
-            state = next(
-                (
-                    r.state.value
-                    for r in self.store.rounds(issued[0])
-                    if r.round_number == issued[1]
-                ),
-                "closed",
-            )
+            outcome = task.recent_outcomes.get(issued[1])
+            state = outcome.value if outcome is not None else "closed"
             raise FailedPrecondition(
                 f"round {issued[1]} of task {issued[0]!r} is {state} and takes no reports"
             )
@@ -708,6 +704,7 @@ class Coordinator:
         self.secure_rounds.round_closed(round_)
         task.open_rounds.pop(round_.round_number, None)
         task.last_round = round_
+        task.remember_outcome(round_.round_number, round_.state)
         for digest in round_.assignments:
             self._issued.pop(digest, None)
 

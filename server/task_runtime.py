@@ -20,6 +20,8 @@ from server.store import RoundState, TaskRecord, TaskState
 # a guess of a quarter of the deadline sent a small population away for 15 s of a 60 s
 # deadline while its first rounds took 1.5 s, and those rounds closed short of their quota.
 unmeasured_reporting_fraction = 0.0
+# Outcomes of this many latest rounds are kept in memory (TaskRuntime.recent_outcomes).
+recent_outcomes_kept = 64
 
 
 @dataclasses.dataclass
@@ -47,6 +49,15 @@ class TaskRuntime:
     store_retry_at: float = float("-inf")
     store_retry_s: float = 0.0
     state: TaskState = TaskState.RUNNING  # the operator's decision, as stored
+    # How the latest rounds ended, so a late report learns it without a scan of the store.
+    recent_outcomes: collections.OrderedDict[int, RoundState] = dataclasses.field(
+        default_factory=collections.OrderedDict
+    )
+
+    def remember_outcome(self, round_number: int, state: RoundState) -> None:
+        self.recent_outcomes[round_number] = state
+        while len(self.recent_outcomes) > recent_outcomes_kept:
+            self.recent_outcomes.popitem(last=False)
 
     @property
     def config(self) -> TaskConfig:

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS assignments (
 CREATE INDEX IF NOT EXISTS assignments_by_device ON assignments (task_id, device_id, issued_at);
 CREATE INDEX IF NOT EXISTS assignments_by_round ON assignments (task_id, round_number);
 CREATE INDEX IF NOT EXISTS assignments_by_time ON assignments (task_id, issued_at);
+CREATE INDEX IF NOT EXISTS rounds_by_finish ON rounds (finished_at);
 CREATE TABLE IF NOT EXISTS enrolled_devices (
   device_id TEXT NOT NULL, population TEXT NOT NULL, public_key BLOB NOT NULL,
   credential TEXT NOT NULL, enrolled_at REAL NOT NULL, PRIMARY KEY (device_id, population));
@@ -325,17 +326,21 @@ class SqliteStore(Store):
             "(SELECT 1 FROM rounds AS r WHERE r.task_id = a.task_id "
             "AND r.round_number = a.round_number)"
         )
+        # Committed rounds whose checkpoint is still held, older than `before`, except the
+        # latest: a committed round always has a server_state row, so that small table (not
+        # every round ever recorded) is what these queries walk.
         old_commits = (
-            "SELECT round_number FROM rounds WHERE task_id = ? AND state = 'committed' "
-            "AND finished_at < ? AND round_number < (SELECT MAX(round_number) FROM rounds "
-            "WHERE task_id = ? AND state = 'committed')"
+            "SELECT s.round_number FROM server_state AS s WHERE s.task_id = ? "
+            "AND s.round_number < (SELECT MAX(round_number) FROM server_state WHERE task_id = ?) "
+            "AND EXISTS (SELECT 1 FROM rounds AS r WHERE r.task_id = s.task_id "
+            "AND r.round_number = s.round_number AND r.finished_at < ?)"
         )
         still_named = (
             "SELECT initial_weights_sha256 FROM tasks UNION "
             "SELECT weights_sha256 FROM rounds WHERE finished_at >= ? UNION "
-            "SELECT r.weights_sha256 FROM rounds AS r WHERE r.state = 'committed' AND "
-            "r.round_number = (SELECT MAX(round_number) FROM rounds "
-            "WHERE task_id = r.task_id AND state = 'committed')"
+            "SELECT r.weights_sha256 FROM (SELECT task_id, MAX(round_number) AS n "
+            "FROM server_state GROUP BY task_id) AS latest JOIN rounds AS r "
+            "ON r.task_id = latest.task_id AND r.round_number = latest.n"
         )
         with self._locked():
             try:
@@ -350,17 +355,18 @@ class SqliteStore(Store):
                     f"(SELECT a.token_sha256 {old_assignments})",
                     (task_id, before),
                 ).rowcount
+                # CROSS JOIN keeps SQLite from driving this from `rounds` (every round ever).
                 removed += self._db.execute(
                     "DELETE FROM resources WHERE kind = 'weights' AND sha256 IN "
-                    f"(SELECT weights_sha256 FROM rounds WHERE task_id = ? "
-                    f"AND round_number IN ({old_commits})) "
+                    f"(SELECT r.weights_sha256 FROM ({old_commits}) AS o CROSS JOIN rounds AS r "
+                    "ON r.task_id = ? AND r.round_number = o.round_number) "
                     f"AND sha256 NOT IN ({still_named})",
                     (task_id, task_id, before, task_id, before),
                 ).rowcount
                 removed += self._db.execute(
                     "DELETE FROM server_state WHERE task_id = ? "
                     f"AND round_number IN ({old_commits})",
-                    (task_id, task_id, before, task_id),
+                    (task_id, task_id, task_id, before),
                 ).rowcount
                 self._db.execute("COMMIT")
             except BaseException:

@@ -113,8 +113,9 @@ def main() -> None:
             f"{args.phones} always-available phones, target 10 (13 selected), virtual training "
             f"5-15 s; first vs last {args.window} rounds (first / last).",
             "",
-            "| run | rounds | check-in handling CPU mean, ms, first / last (ratio) | check-in p90 of "
-            "round means, ms, first / last | commit median, ms, first / last (ratio) | commit p90, ms, first / last | wall |",
+            "| run | rounds | check-in handling CPU mean, ms, first / last (ratio) "
+            "| check-in p90 of round means, ms, first / last "
+            "| commit median, ms, first / last (ratio) | commit p90, ms, first / last | wall |",
             "|---|---|---|---|---|---|---|",
             *rows,
         ]

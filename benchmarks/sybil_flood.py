@@ -38,6 +38,7 @@ from server.device_identity import DeviceIdentities
 from server.enrollment.config import EnrollmentPolicy
 from server.errors import CoordinatorError
 from server.flood_limits import NetworkSettings, RateLimit
+from server.pace_steering import PaceSteeringSettings
 from server.sqlite_store import SqliteStore
 from server.store import RoundState
 
@@ -130,7 +131,12 @@ class FloodSimulation:
         self.coordinator = Coordinator(
             store,
             self.clock,
-            CoordinatorSettings(enforce_retry_windows=defended),
+            CoordinatorSettings(
+                # A fixed capacity (25 check-ins/s for devices) keeps the windows, and so the
+                # run, independent of this machine's speed.
+                pace=PaceSteeringSettings(capacity_check_ins_per_s=50.0),
+                enforce_retry_windows=defended,
+            ),
             rng=np.random.default_rng(seed),
             identities=identities,
         )

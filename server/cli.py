@@ -36,6 +36,7 @@ from server.operator_access import (
     ensure_first_token,
 )
 from server.pace_steering import PaceSteeringSettings
+from server.retention import RetentionSettings
 from server.schema_migrations import IncompatibleStore
 from server.store_location import check_location, is_postgres, open_store
 from server.tensorboard_sink import TensorBoardSink
@@ -135,7 +136,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=pace.max_delay_s,
         help="longest retry delay handed to devices (default %(default)s)",
     )
+    serve.add_argument(
+        "--check-in-capacity",
+        type=float,
+        help=(
+            "check-ins per second this coordinator serves; pace steering spreads devices so "
+            "they use at most half of it (default: measured from its own check-in handling)"
+        ),
+    )
     serve.add_argument("--seed", type=int, help="seed for retry-window jitter")
+    serve.add_argument(
+        "--retention-s",
+        type=float,
+        default=RetentionSettings().age_s,
+        help=(
+            "how long the store keeps assignments and old checkpoints of closed rounds "
+            "(default %(default)g s, a week; a task's min_separation_s keeps them longer)"
+        ),
+    )
     serve.add_argument(
         "--enrollment-secret-file",
         help=(
@@ -238,8 +256,16 @@ async def _serve_in(
     store = open_store(args.store, data_dir.path)
     first_token = ensure_first_token(args.data_dir)
     evaluator = HeldOutEvaluator(LocalExamples.load(args.eval_data)) if args.eval_data else None
-    pace = PaceSteeringSettings(min_delay_s=args.min_retry_s, max_delay_s=args.max_retry_s)
-    settings = CoordinatorSettings(pace=pace)
+    if args.check_in_capacity is not None and not args.check_in_capacity > 0:
+        raise SystemExit("serve: --check-in-capacity must be positive")
+    pace = PaceSteeringSettings(
+        min_delay_s=args.min_retry_s,
+        max_delay_s=args.max_retry_s,
+        capacity_check_ins_per_s=args.check_in_capacity,
+    )
+    if not args.retention_s > 0:
+        raise SystemExit("serve: --retention-s must be positive")
+    settings = CoordinatorSettings(pace=pace, retention=RetentionSettings(age_s=args.retention_s))
     clock = RealClock()
     try:
         policy = EnrollmentPolicy.from_files(args.enrollment_secret_file, args.enrollment_config)

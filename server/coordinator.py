@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from typing import assert_never
 
@@ -53,6 +54,7 @@ from server.example_credit import credited_header
 from server.flood_limits import RetryWindowMemory, network_slot_cap
 from server.optimizers import deserialize_state
 from server.pace_steering import PaceSteering, PaceSteeringSettings, PopulationActivity
+from server.retention import Retention, RetentionSettings
 from server.round_driver import RoundDriver
 from server.rounds import closed, reporting, selecting
 from server.rounds.round import AssignmentState, RoundInProgress
@@ -65,7 +67,7 @@ from server.store import (
     TaskRecord,
     TaskState,
 )
-from server.task_runtime import TaskRuntime
+from server.task_runtime import TaskRuntime, recent_outcomes_kept
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +81,11 @@ class CoordinatorSettings:
     no_task_retry_s: tuple[float, float] = (600.0, 1200.0)
     # ... and sooner when a task is only paused: an operator may resume it any minute.
     paused_task_retry_s: tuple[float, float] = (60.0, 300.0)
-    # Fraction of the selection deadline in which pace steering aims to fill a round.
-    fill_fraction: float = 0.5
     # A device back before its retry window opens is turned away (TOO_EARLY), not selected.
     enforce_retry_windows: bool = True
     # A device turned away because the store failed retries in this window.
     store_unavailable_retry_s: tuple[float, float] = (30.0, 60.0)
+    retention: RetentionSettings = RetentionSettings()
 
 
 def _window(bounds: tuple[float, float]) -> common_pb2.RetryWindow:
@@ -128,7 +129,7 @@ class Coordinator:
         # clear; a leaked database cannot be used to upload.
         self._issued: dict[str, tuple[str, int]] = {}
         self.observers: list[RoundObserver] = []
-        self.driver = RoundDriver(self)
+        self.driver = RoundDriver(self, retention=Retention(self.settings.retention))
         # Rounds of secure_aggregator() tasks run a SecAgg session (its gRPC service too);
         # a message may complete a stage, so it wakes the driver.
         self.secure_rounds = SecureRounds(on_change=self._secure_change)
@@ -178,6 +179,8 @@ class Coordinator:
             aggregated_bits=last_metrics.get("aggregated_bits", 0.0),
             state=record.state,
         )
+        for closed_round in rounds[-recent_outcomes_kept:]:
+            runtime.remember_outcome(closed_round.round_number, closed_round.state)
         self._tasks[task_id] = runtime
         return runtime
 
@@ -313,6 +316,7 @@ class Coordinator:
         self, request: device_pb2.CheckInRequest, peer: str = ""
     ) -> device_pb2.CheckInResponse:
         """`peer` is the gRPC peer address (for the network limits); "" for in-process callers."""
+        started = time.perf_counter()  # pace steering's capacity is measured from this
         check_protocol_version(request.protocol_version)
         if request.example_count < 0:
             raise InvalidArgument(f"example_count must be >= 0, got {request.example_count}")
@@ -331,6 +335,7 @@ class Coordinator:
         network = self.identities.networks.of(peer)
         response = self._answer_check_in(request, tasks, device_id, network, now)
         self._retry_windows.remember(remembered_as, now, response.retry_window.min_delay_s)
+        self._pace.capacity.observe(time.perf_counter() - started)
         return response
 
     def _answer_check_in(
@@ -430,12 +435,14 @@ class Coordinator:
     def _steer(
         self, task: TaskRuntime, active: int, now: float, not_before_s: float = 0.0
     ) -> common_pb2.RetryWindow:
+        population = task.config.population
         return self._pace.window(
             active_devices=active,
-            devices_wanted=task.config.selection_quota,
-            fill_time_s=self.settings.fill_fraction * task.config.selection_deadline_s,
             next_selection_in_s=task.next_selection_in_s(now),
             not_before_s=not_before_s,
+            other_populations=[
+                a.active_devices(now) for p, a in self._activity.items() if p != population
+            ],
         )
 
     def _reject(
@@ -581,14 +588,8 @@ class Coordinator:
         if round_ is None or not round_.open:
             if self.store.is_counted(digest):
                 raise AlreadyExists("an update for this upload token was already counted")
-            state = next(
-                (
-                    r.state.value
-                    for r in self.store.rounds(issued[0])
-                    if r.round_number == issued[1]
-                ),
-                "closed",
-            )
+            outcome = task.recent_outcomes.get(issued[1])
+            state = outcome.value if outcome is not None else "closed"
             raise FailedPrecondition(
                 f"round {issued[1]} of task {issued[0]!r} is {state} and takes no reports"
             )
@@ -668,6 +669,16 @@ class Coordinator:
         window = self._steer(task, self._active_devices(task, now), now)
         return device_pb2.FailureAck(retry_window=window)
 
+    def tracked_devices(self) -> dict[str, int]:
+        """Entries this process holds in memory per device, by map. Each is bounded by an
+        expiry or a capacity; the retention test and benchmark watch them."""
+        return {
+            "retry_windows": self._retry_windows.entries(),
+            "population_activity": sum(len(a) for a in self._activity.values()),
+            "issued_tokens": len(self._issued),
+            **self.identities.tracked_devices(),
+        }
+
     def _active_devices(self, task: TaskRuntime, now: float) -> int:
         activity = self._activity.get(task.config.population)
         return activity.active_devices(now) if activity else 0
@@ -723,6 +734,7 @@ class Coordinator:
         self.secure_rounds.round_closed(round_)
         task.open_rounds.pop(round_.round_number, None)
         task.last_round = round_
+        task.remember_outcome(round_.round_number, round_.state)
         for digest in round_.assignments:
             self._issued.pop(digest, None)
 

@@ -165,6 +165,14 @@ class DeviceIdentities:
             )
         return device_pb2.EnrollResponse(device_id=device_id, server_time_s=now)
 
+    def tracked_devices(self) -> dict[str, int]:
+        """Entries held in memory per device or network (see Coordinator.tracked_devices)."""
+        return {
+            "recent_nonces": len(self._nonces),
+            "cached_keys": len(self._keys),
+            "enrollment_buckets": len(self._per_network) + len(self._per_credential),
+        }
+
     # ----- signed messages -----------------------------------------------------------------
 
     def enrolled_key(self, device_id: str, population: str) -> ec.EllipticCurvePublicKey | None:

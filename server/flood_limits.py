@@ -109,6 +109,9 @@ class RateLimiter:
         self._max_keys = max_keys
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, updated_at)
 
+    def __len__(self) -> int:
+        return len(self._buckets)
+
     def try_take(self, key: str, now: float) -> bool:
         tokens, updated = self._buckets.pop(key, (self._limit.burst, now))
         tokens = min(self._limit.burst, tokens + (now - updated) * self._limit.per_s)
@@ -135,6 +138,10 @@ class RetryWindowMemory:
     def __len__(self) -> int:
         return len(self._opens_at)
 
+    def entries(self) -> int:
+        """Everything held: the windows, and the heap that expires them."""
+        return len(self._opens_at) + len(self._heap)
+
     def remember(self, device_id: str, now: float, min_delay_s: float) -> None:
         opens_at = now + max(0.0, min_delay_s) - self._tolerance_s
         self._expire(now)
@@ -145,6 +152,11 @@ class RetryWindowMemory:
         heapq.heappush(self._heap, (opens_at, device_id))
         while len(self._opens_at) > self._max_devices:
             self._pop_soonest()
+        # A device told a new window before its old one opened leaves a stale heap entry
+        # (when windows are not enforced, on every check-in); rebuild before they pile up.
+        if len(self._heap) > 2 * len(self._opens_at) + 1024:
+            self._heap = [(at, device) for device, at in self._opens_at.items()]
+            heapq.heapify(self._heap)
 
     def too_early(self, device_id: str, now: float) -> float:
         """Seconds until the device's window opens; 0 when it is on time."""

@@ -1,22 +1,34 @@
-"""Pace steering: retry windows that bring back as many devices as the next round needs.
+"""Pace steering: retry windows that bring devices back as fast as the coordinator can serve.
 
 Each device that leaves (rejected, or done with an assignment) is told a window
-[start, start + spread] to come back in. If the population holds N active devices and each
-returns uniformly within a window of length `spread`, they arrive at about N / spread per
-second. The next round wants `quota` devices within `fill_time_s`, so
+[start, start + spread] to come back in. The start is when the task is next expected to
+select (the round cadence: now while a round selects, else when the reporting round is
+expected to close), or later if eligibility says so. The spread sets the check-in rate: if a
+population holds N active devices and each returns uniformly within `spread`, they arrive at
+N / spread per second. The coordinator serves a known number of check-ins per second (its
+capacity: configured, or measured from its own check-in handling time), so
 
-    spread = N * fill_time_s / quota
+    spread = max(min_spread_s, N / (capacity_utilization * capacity))
 
-A large population is spread thin (no stampede when a round opens); a small one gets a
-short spread that starts when the next round is expected to select, so its check-ins bunch
-into that round. The start is jittered so windows of devices answered together differ.
-N is estimated as the number of distinct devices seen over the last `horizon_s`.
+A small population bunches into the next round: all of it returns within `min_spread_s` of
+the moment the round opens, so the round fills its whole quota (over-selection included)
+before its first reports arrive. A large population is spread just enough that its arrivals
+stay under capacity; each round then fills from the steady stream. The selection deadline is
+not a target: a round takes devices as fast as they come.
+
+Populations share the capacity max-min fairly: each may take what it needs to bunch, and
+the populations that need more than their share split what is left.
+
+N is estimated as the number of distinct devices seen over the last `horizon_s`; past
+horizon_s * utilization * capacity devices the estimate saturates (a device spread over more
+than the horizon is not seen in it), so keep the horizon above the longest spread.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -27,9 +39,68 @@ from protos import common_pb2
 class PaceSteeringSettings:
     min_delay_s: float = 1.0  # nobody is told to come back sooner
     max_delay_s: float = 24 * 3600.0  # nor later
-    min_spread_s: float = 1.0
+    min_spread_s: float = 1.0  # a bunched population returns within this
     horizon_s: float = 3600.0  # how far back distinct devices count towards N
     jitter_fraction: float = 0.1  # of the spread, added to the start
+    # Check-ins per second this coordinator serves; None measures it (CheckInCapacity).
+    capacity_check_ins_per_s: float | None = None
+    # The share of the capacity that check-ins may take: the rest is for gRPC's own work per
+    # call (not in the measured handling time), downloads, uploads and bursts.
+    capacity_utilization: float = 0.5
+
+
+class CheckInCapacity:
+    """Check-ins per second the coordinator can serve: as configured, or measured as the
+    inverse of its mean check-in handling time (exponentially weighted, so it follows load).
+    Handling runs on one event loop, so one check-in at a time is what it can do."""
+
+    # Before the first measurement: a conservative figure (a signed check-in takes well
+    # under 2 ms on the machines measured in benchmarks/RESULTS.md).
+    unmeasured_check_ins_per_s = 500.0
+    smoothing = 0.02  # weight of each new measurement
+
+    def __init__(self, configured: float | None) -> None:
+        if configured is not None and not configured > 0:
+            raise ValueError("check-in capacity must be positive")
+        self._configured = configured
+        self._mean_s: float | None = None
+
+    @property
+    def measured(self) -> bool:
+        return self._configured is None
+
+    def observe(self, handling_s: float) -> None:
+        if self._configured is not None or not handling_s > 0:
+            return
+        if self._mean_s is None:
+            self._mean_s = handling_s
+        else:
+            self._mean_s += self.smoothing * (handling_s - self._mean_s)
+
+    def check_ins_per_s(self) -> float:
+        if self._configured is not None:
+            return self._configured
+        if self._mean_s is None:
+            return self.unmeasured_check_ins_per_s
+        return 1.0 / self._mean_s
+
+
+def population_rate(
+    active_devices: int, other_populations: Iterable[int], budget_per_s: float, min_spread_s: float
+) -> float:
+    """The check-ins per second one population may take of `budget_per_s`: max-min fair.
+    Each population wants all its devices back within `min_spread_s`; the smallest wants
+    are met first, and what they leave is split evenly among the rest."""
+    wants = sorted(n / min_spread_s for n in other_populations)
+    mine = active_devices / min_spread_s
+    remaining = budget_per_s
+    left = len(wants) + 1
+    for want in wants:
+        if want >= mine:
+            break
+        remaining -= min(want, remaining / left)
+        left -= 1
+    return min(mine, remaining / left)
 
 
 class PopulationActivity:
@@ -38,6 +109,9 @@ class PopulationActivity:
     def __init__(self, horizon_s: float) -> None:
         self._horizon_s = horizon_s
         self._last_seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._last_seen)
 
     def record(self, device_id: str, now: float) -> None:
         self._last_seen.pop(device_id, None)
@@ -58,20 +132,34 @@ class PopulationActivity:
 
 class PaceSteering:
     def __init__(self, settings: PaceSteeringSettings, rng: np.random.Generator) -> None:
+        if not 0 < settings.capacity_utilization <= 1:
+            raise ValueError("capacity_utilization must be in (0, 1]")
         self.settings = settings
+        self.capacity = CheckInCapacity(settings.capacity_check_ins_per_s)
         self._rng = rng
+
+    def spread_s(self, active_devices: int, other_populations: Iterable[int] = ()) -> float:
+        """How widely the population's devices are spread: the shortest spread that keeps
+        its share of check-ins under capacity."""
+        s = self.settings
+        if active_devices <= 0:
+            return s.min_spread_s
+        budget = s.capacity_utilization * self.capacity.check_ins_per_s()
+        rate = population_rate(active_devices, other_populations, budget, s.min_spread_s)
+        return max(s.min_spread_s, active_devices / rate)
 
     def window(
         self,
         active_devices: int,
-        devices_wanted: int,
-        fill_time_s: float,
         next_selection_in_s: float,
         not_before_s: float = 0.0,
+        other_populations: Iterable[int] = (),
     ) -> common_pb2.RetryWindow:
-        """The window for one device. `not_before_s` is a hard lower bound (e.g. eligibility)."""
+        """The window for one device of a population with `active_devices`, whose task
+        selects next in `next_selection_in_s`. `not_before_s` is a hard lower bound (e.g.
+        eligibility); `other_populations` are the active devices of the others."""
         s = self.settings
-        spread = max(s.min_spread_s, active_devices * fill_time_s / max(devices_wanted, 1))
+        spread = self.spread_s(active_devices, other_populations)
         start = max(next_selection_in_s, not_before_s, s.min_delay_s)
         start += float(self._rng.uniform(0.0, s.jitter_fraction * spread))
         start = min(start, s.max_delay_s)

@@ -60,6 +60,14 @@ MIGRATIONS = (
             " expires_at DOUBLE PRECISION NOT NULL)",
         ),
     ),
+    Migration(
+        3,
+        "retention: assignments by issue time, rounds by finish time (prune_history)",
+        (
+            "CREATE INDEX IF NOT EXISTS assignments_by_time ON assignments (task_id, issued_at)",
+            "CREATE INDEX IF NOT EXISTS rounds_by_finish ON rounds (finished_at)",
+        ),
+    ),
 )
 
 # Session-independent advisory lock keys (64-bit), named so `pg_locks` readers can tell ours

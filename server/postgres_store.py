@@ -320,6 +320,54 @@ class PostgresStore(Store):
             ).fetchone()
         return float(row[0]) if row and row[0] is not None else None
 
+    def prune_history(self, task_id: str, before: float) -> int:
+        # The same rule as the SQLite store's (see there); PostgreSQL's autovacuum reclaims
+        # the deleted rows' space for later inserts.
+        old_assignments = (
+            "FROM assignments AS a WHERE a.task_id = %(task)s AND a.issued_at < %(before)s "
+            "AND EXISTS (SELECT 1 FROM rounds AS r WHERE r.task_id = a.task_id "
+            "AND r.round_number = a.round_number)"
+        )
+        old_commits = (
+            "SELECT s.round_number FROM server_state AS s WHERE s.task_id = %(task)s "
+            "AND s.round_number < (SELECT MAX(round_number) FROM server_state "
+            "WHERE task_id = %(task)s) AND EXISTS (SELECT 1 FROM rounds AS r "
+            "WHERE r.task_id = s.task_id AND r.round_number = s.round_number "
+            "AND r.finished_at < %(before)s)"
+        )
+        still_named = (
+            "SELECT initial_weights_sha256 FROM tasks UNION "
+            "SELECT weights_sha256 FROM rounds WHERE finished_at >= %(before)s UNION "
+            "SELECT r.weights_sha256 FROM (SELECT task_id, MAX(round_number) AS n "
+            "FROM server_state GROUP BY task_id) AS latest JOIN rounds AS r "
+            "ON r.task_id = latest.task_id AND r.round_number = latest.n"
+        )
+        names = {"task": task_id, "before": before}
+        with self._transaction() as conn:
+            removed = conn.execute(
+                "DELETE FROM counted_uploads WHERE token_sha256 IN "
+                f"(SELECT a.token_sha256 {old_assignments})",
+                names,
+            ).rowcount
+            removed += conn.execute(
+                "DELETE FROM assignments WHERE token_sha256 IN "
+                f"(SELECT a.token_sha256 {old_assignments})",
+                names,
+            ).rowcount
+            removed += conn.execute(
+                "DELETE FROM resources WHERE kind = 'weights' AND sha256 IN "
+                f"(SELECT r.weights_sha256 FROM ({old_commits}) AS o JOIN rounds AS r "
+                "ON r.task_id = %(task)s AND r.round_number = o.round_number) "
+                f"AND sha256 NOT IN ({still_named})",
+                names,
+            ).rowcount
+            removed += conn.execute(
+                f"DELETE FROM server_state WHERE task_id = %(task)s AND round_number IN "
+                f"({old_commits})",
+                names,
+            ).rowcount
+        return removed
+
     def unrecorded_rounds(self, task_id: str) -> list[UnrecordedRound]:
         with self._connection() as conn:
             rows = conn.execute(

@@ -38,6 +38,7 @@ from overnight.logs import about, log_context
 from server.errors import AlreadyExists, StoreUnavailable
 from server.evaluation import HeldOutEvaluator
 from server.optimizers import State, serialize_state
+from server.retention import Retention
 from server.rounds import aggregating, closed
 from server.rounds.round import RoundInProgress
 from server.store import RoundRecord, RoundState, Store
@@ -81,9 +82,15 @@ class RoundHost(Protocol):
 
 
 class RoundDriver:
-    def __init__(self, coordinator: RoundHost, interval_s: float = drive_interval_s) -> None:
+    def __init__(
+        self,
+        coordinator: RoundHost,
+        interval_s: float = drive_interval_s,
+        retention: Retention | None = None,
+    ) -> None:
         self._coordinator = coordinator
         self._interval_s = interval_s
+        self._retention = retention
         self._wake = asyncio.Event()
         self._passed = asyncio.Event()
         self._pending: dict[tuple[str, int], PendingCommit] = {}
@@ -109,6 +116,7 @@ class RoundDriver:
                         self._apply(task, round_, pending)
                     else:
                         self._record_failed(task, round_)
+        self._prune()
 
     async def settled(self) -> None:
         """Returns once a pass of the serving loop found no round waiting to end: every
@@ -152,7 +160,19 @@ class RoundDriver:
                         finally:
                             self._ending.discard(round_)
                         self._apply(task, round_, pending)
+            if self._retention is not None and self._retention.due(self._coordinator.now()):
+                await asyncio.to_thread(self._prune)
             self._passed.set()
+
+    def _prune(self) -> None:
+        """Forgets history past the retention age (between rounds, never inside one)."""
+        if self._retention is None:
+            return
+        configs = [task.config for task in self._coordinator.tasks()]
+        try:
+            self._retention.prune(self._coordinator.store, configs, self._coordinator.now())
+        except StoreUnavailable as exc:
+            log.error("retention: pruning failed, retried at the next interval: %s", exc)
 
     def _ending_rounds(self, task: TaskRuntime) -> list[RoundInProgress]:
         """Applies deadlines to the task's open rounds; returns those that must end now."""

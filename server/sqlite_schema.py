@@ -60,6 +60,14 @@ MIGRATIONS = (
             " expires_at REAL NOT NULL)",
         ),
     ),
+    Migration(
+        3,
+        "retention: assignments by issue time, rounds by finish time (prune_history)",
+        (
+            "CREATE INDEX IF NOT EXISTS assignments_by_time ON assignments (task_id, issued_at)",
+            "CREATE INDEX IF NOT EXISTS rounds_by_finish ON rounds (finished_at)",
+        ),
+    ),
 )
 
 

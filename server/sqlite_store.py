@@ -319,6 +319,62 @@ class SqliteStore(Store):
             ).fetchall()
         return [UnrecordedRound(number, selected, started) for number, selected, started in rows]
 
+    def prune_history(self, task_id: str, before: float) -> int:
+        # Deleted pages go to SQLite's free list and are reused by later inserts, so the file
+        # stops growing once the retention age is reached; no VACUUM (it rewrites the file).
+        old_assignments = (
+            "FROM assignments AS a WHERE a.task_id = ? AND a.issued_at < ? AND EXISTS "
+            "(SELECT 1 FROM rounds AS r WHERE r.task_id = a.task_id "
+            "AND r.round_number = a.round_number)"
+        )
+        # Committed rounds whose checkpoint is still held, older than `before`, except the
+        # latest: a committed round always has a server_state row, so that small table (not
+        # every round ever recorded) is what these queries walk.
+        old_commits = (
+            "SELECT s.round_number FROM server_state AS s WHERE s.task_id = ? "
+            "AND s.round_number < (SELECT MAX(round_number) FROM server_state WHERE task_id = ?) "
+            "AND EXISTS (SELECT 1 FROM rounds AS r WHERE r.task_id = s.task_id "
+            "AND r.round_number = s.round_number AND r.finished_at < ?)"
+        )
+        still_named = (
+            "SELECT initial_weights_sha256 FROM tasks UNION "
+            "SELECT weights_sha256 FROM rounds WHERE finished_at >= ? UNION "
+            "SELECT r.weights_sha256 FROM (SELECT task_id, MAX(round_number) AS n "
+            "FROM server_state GROUP BY task_id) AS latest JOIN rounds AS r "
+            "ON r.task_id = latest.task_id AND r.round_number = latest.n"
+        )
+        with self._locked():
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                removed = self._db.execute(
+                    "DELETE FROM counted_uploads WHERE token_sha256 IN "
+                    f"(SELECT a.token_sha256 {old_assignments})",
+                    (task_id, before),
+                ).rowcount
+                removed += self._db.execute(
+                    f"DELETE FROM assignments WHERE token_sha256 IN "
+                    f"(SELECT a.token_sha256 {old_assignments})",
+                    (task_id, before),
+                ).rowcount
+                # CROSS JOIN keeps SQLite from driving this from `rounds` (every round ever).
+                removed += self._db.execute(
+                    "DELETE FROM resources WHERE kind = 'weights' AND sha256 IN "
+                    f"(SELECT r.weights_sha256 FROM ({old_commits}) AS o CROSS JOIN rounds AS r "
+                    "ON r.task_id = ? AND r.round_number = o.round_number) "
+                    f"AND sha256 NOT IN ({still_named})",
+                    (task_id, task_id, before, task_id, before),
+                ).rowcount
+                removed += self._db.execute(
+                    "DELETE FROM server_state WHERE task_id = ? "
+                    f"AND round_number IN ({old_commits})",
+                    (task_id, task_id, task_id, before),
+                ).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        return removed
+
     def enroll_device(self, device: EnrolledDevice) -> bool:
         with self._locked():
             cursor = self._db.execute(

@@ -4,7 +4,9 @@ Contract (checked by tests/server/test_store_conformance.py for every implementa
 - resources are content-addressed and immutable;
 - `commit_round` is atomic: the round summary, the new global weights and the set of counted
   uploads become visible together or not at all;
-- a token counted once can never be counted again (`commit_round` raises AlreadyExists);
+- a token counted once can never be counted again (`commit_round` raises AlreadyExists) until
+  `prune_history` forgets it with its assignment; a forgotten token is unknown, and the
+  coordinator refuses unknown tokens before it counts anything;
 - a commit fenced by a task lease goes through only while that lease is the task's current
   one (`commit_round` raises StaleLeader), checked in the commit's own transaction
   (server/leases.py has the lease rule).
@@ -216,6 +218,21 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def is_counted(self, token_sha256: str) -> bool:
         """Whether an upload with this token hash was counted in a committed round."""
+
+    @abc.abstractmethod
+    def prune_history(self, task_id: str, before: float) -> int:
+        """Forgets what the task no longer needs from before `before` (a time on the
+        coordinator's clock), so the store stays bounded however long the task runs:
+        - assignments issued before `before` whose round is recorded (committed, failed or
+          abandoned), and the counted-upload marks of their tokens;
+        - the server state and the weights of committed rounds that finished before `before`,
+          except the task's latest committed round and weights any task or newer round
+          still names.
+        Round records, tasks, enrollments and a task's initial weights stay. Assignments of
+        rounds without a record (open, or open at a crash) stay: `unrecorded_rounds` needs
+        them. The caller keeps `before` early enough for eligibility's minimum separation.
+        Returns how many rows it removed. Atomic: on StoreUnavailable nothing was removed.
+        """
 
     @abc.abstractmethod
     def enroll_device(self, device: EnrolledDevice) -> bool:

@@ -15,9 +15,13 @@ from server.optimizers import ServerOptimizer, State
 from server.rounds.round import RoundInProgress
 from server.store import RoundState, TaskRecord, TaskState
 
-# Before any round of a task has been measured, pace steering expects reporting to take this
-# fraction of the reporting deadline (see TaskRuntime._expected_reporting_s).
-unmeasured_reporting_fraction = 0.25
+# Before any round of a task has been measured, pace steering expects reporting to take at
+# least this fraction of the reporting deadline (see TaskRuntime._expected_reporting_s). Zero:
+# a guess of a quarter of the deadline sent a small population away for 15 s of a 60 s
+# deadline while its first rounds took 1.5 s, and those rounds closed short of their quota.
+unmeasured_reporting_fraction = 0.0
+# Outcomes of this many latest rounds are kept in memory (TaskRuntime.recent_outcomes).
+recent_outcomes_kept = 64
 
 
 @dataclasses.dataclass
@@ -45,6 +49,15 @@ class TaskRuntime:
     store_retry_at: float = float("-inf")
     store_retry_s: float = 0.0
     state: TaskState = TaskState.RUNNING  # the operator's decision, as stored
+    # How the latest rounds ended, so a late report learns it without a scan of the store.
+    recent_outcomes: collections.OrderedDict[int, RoundState] = dataclasses.field(
+        default_factory=collections.OrderedDict
+    )
+
+    def remember_outcome(self, round_number: int, state: RoundState) -> None:
+        self.recent_outcomes[round_number] = state
+        while len(self.recent_outcomes) > recent_outcomes_kept:
+            self.recent_outcomes.popitem(last=False)
 
     @property
     def config(self) -> TaskConfig:
@@ -123,7 +136,7 @@ class TaskRuntime:
         """How long a round that has been reporting for `elapsed_s` will report in all.
 
         From the task's recent rounds once one has closed. Before that, a guess that errs
-        early: a quarter of the deadline, then twice the time elapsed. A device told to come
+        early: twice the time elapsed. A device told to come
         back too early only checks in again; one told too late (e.g. at the deadline, when a
         small population's round is done in seconds) holds back the next round.
         """

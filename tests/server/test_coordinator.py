@@ -9,7 +9,7 @@ import pytest
 
 from device_runtime import constants
 from protos import common_pb2, device_pb2
-from server.coordinator import Coordinator
+from server.coordinator import Coordinator, CoordinatorSettings
 from server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -17,6 +17,7 @@ from server.errors import (
     NotFound,
     Unauthenticated,
 )
+from server.pace_steering import PaceSteeringSettings
 from server.sqlite_store import SqliteStore
 from server.store import RoundState
 from tests.fakes import FakeClock
@@ -489,16 +490,14 @@ def test_dropout_causes_are_recorded_per_round(store_path, clock, model_bytes) -
     assert record.dropped == 2
 
 
-def test_upload_answer_spreads_the_device_by_population_size(
+def test_upload_answer_spreads_the_device_by_population_size_and_capacity(
     store_path, clock, model_bytes
 ) -> None:
-    coordinator = _coordinator(
-        store_path,
-        clock,
-        model_bytes,
-        target_reports=2,
-        over_selection=1.0,
-        selection_deadline_s=10.0,
+    # A coordinator that serves 4 check-ins/s lets devices take half of that.
+    pace = PaceSteeringSettings(capacity_check_ins_per_s=4.0, capacity_utilization=0.5)
+    coordinator = make_coordinator(SqliteStore(store_path), clock, CoordinatorSettings(pace=pace))
+    coordinator.register_task(
+        task_config(target_reports=2, over_selection=1.0, selection_deadline_s=10.0), model_bytes
     )
     token = _check_in(coordinator, "d0").assignment.upload_token
     for i in range(1, 40):  # 40 distinct devices seen; only d1 finds a seat
@@ -509,7 +508,7 @@ def test_upload_answer_spreads_the_device_by_population_size(
     answer = coordinator.accept_upload(_header(token, n), payload, len(payload))
 
     spread = answer.retry_window.max_delay_s - answer.retry_window.min_delay_s
-    assert spread == pytest.approx(40 * 0.5 * 10.0 / 2)  # N * fill time / quota
+    assert spread == pytest.approx(40 / 2.0)  # N / (utilization * capacity)
 
 
 def test_an_update_in_chunks_is_accepted_like_the_whole_payload(
@@ -547,7 +546,7 @@ def test_pace_steering_guesses_early_until_a_round_has_been_measured(
     tokens = [_check_in(coordinator, f"d{i}").assignment.upload_token for i in range(2)]
     delta = np.ones(coordinator.task("t1").record.num_parameters, np.float32)
 
-    # Nothing measured: a quarter of the deadline (150 s), not the deadline (600 s) ...
+    # Nothing measured: twice the time elapsed (none yet), not the deadline (600 s) ...
     first = _check_in(coordinator, "late-0").retry_window.min_delay_s
     clock.advance(200.0)
     # ... and once that has passed, twice the time elapsed (ends at 400 s: 200 s from now).
@@ -558,8 +557,8 @@ def test_pace_steering_guesses_early_until_a_round_has_been_measured(
     round_two = [_check_in(coordinator, f"e{i}").assignment.upload_token for i in range(2)]
     measured = _check_in(coordinator, "late-2").retry_window.min_delay_s
 
-    # Jitter: at most 10 % of the spread, 7 devices * 5 s fill time / 2 wanted = 17.5 s.
-    jitter = 1.75
-    assert 150.0 <= first < 150.0 + jitter
+    # Jitter: at most 10 % of the spread; 7 devices are bunched within 1 s.
+    jitter = 0.1
+    assert 1.0 <= first < 1.0 + jitter
     assert 200.0 <= second < 200.0 + jitter
     assert len(round_two) == 2 and 240.0 <= measured < 240.0 + jitter

@@ -8,7 +8,7 @@ from server.aggregation import EvaluationReports
 from server.coordinator import Coordinator
 from server.errors import InvalidArgument
 from server.rounds import selecting
-from server.rounds.round import RoundInProgress
+from server.rounds.round import AssignmentState, RoundInProgress
 from server.sqlite_store import SqliteStore
 from server.store import RoundState
 from tests.fakes import FakeClock
@@ -38,6 +38,19 @@ def test_a_round_that_needs_more_devices_keeps_selecting_past_its_deadline() -> 
     )
 
     assert state is RoundState.SELECTING
+
+
+def test_first_reports_do_not_close_selection_before_the_quota() -> None:
+    # Over-selection holds: devices selected first may report while the round selects.
+    config = task_config(target_reports=10, over_selection=1.3)
+    round_ = _round_with(8)
+    for i in range(3):
+        round_.set_state(f"token-{i}", AssignmentState.REPORTED)
+
+    state = selecting.next_state(round_, config, now=1.0)
+
+    assert state is RoundState.SELECTING
+    assert selecting.takes_devices(round_, config)
 
 
 def test_a_secure_task_that_would_select_too_few_devices_is_refused(model_bytes: bytes) -> None:

@@ -33,7 +33,7 @@ def _task(task_id: str = "t1") -> TaskRecord:
     return TaskRecord(TaskConfig(task_id=task_id, population="p"), "m" * 64, "w" * 64, 10, 1.0)
 
 
-def _committed(round_number: int, weights: bytes) -> RoundRecord:
+def _committed(round_number: int, weights: bytes, finished_at: float = 20.0) -> RoundRecord:
     return RoundRecord(
         "t1",
         round_number,
@@ -42,10 +42,27 @@ def _committed(round_number: int, weights: bytes) -> RoundRecord:
         2,
         1,
         {"eval/accuracy": 0.5},
-        10.0,
-        20.0,
+        finished_at - 10.0,
+        finished_at,
         hashlib.sha256(weights).hexdigest(),
     )
+
+
+def _assignment(
+    token: str, round_number: int, issued_at: float, device: str = "d"
+) -> AssignmentRecord:
+    return AssignmentRecord(token, "t1", round_number, device, issued_at)
+
+
+def _history(store: Store) -> None:
+    """Rounds 1 and 2 committed (finished at 110 and 210), round 3 failed (at 310), round 4
+    open; one assignment per round, issued at 100, 200, 300 and 400."""
+    store.add_task(_task())
+    for number in (1, 2, 3, 4):
+        store.add_assignment(_assignment(f"tok-{number}", number, 100.0 * number, f"d{number}"))
+    store.commit_round(_committed(1, b"w1", 110.0), b"w1", ["tok-1"], b"state-1")
+    store.commit_round(_committed(2, b"w2", 210.0), b"w2", ["tok-2"], b"state-2")
+    store.record_closed_round(RoundRecord("t1", 3, RoundState.FAILED, 1, 0, 1, {}, 300.0, 310.0))
 
 
 StoreOpener = Callable[[], Store]
@@ -181,6 +198,70 @@ class TestStoreConformance:
         assert not again
         assert store.enrolled_device("a" * 64, "p") == first
         assert store.enrolled_devices("p") == 1
+
+    def test_pruning_forgets_old_assignments_of_closed_rounds_only(self, store: Store) -> None:
+        _history(store)
+
+        store.prune_history("t1", before=1000.0)
+
+        assert store.assignment("tok-1") is None
+        assert store.assignment("tok-3") is None
+        assert not store.is_counted("tok-1") and not store.is_counted("tok-2")
+        # Round 4 has no record: a restart must still find it and abandon it.
+        assert store.assignment("tok-4") == _assignment("tok-4", 4, 400.0, "d4")
+        assert store.unrecorded_rounds("t1") == [UnrecordedRound(4, 1, 400.0)]
+
+    def test_pruning_keeps_what_was_issued_after_the_cutoff(self, store: Store) -> None:
+        _history(store)
+
+        store.prune_history("t1", before=250.0)
+
+        assert store.assignment("tok-1") is None
+        assert store.assignment("tok-2") is None
+        assert store.assignment("tok-3") == _assignment("tok-3", 3, 300.0, "d3")
+        assert store.last_assignment_time("t1", "d3") == 300.0
+        assert store.last_assignment_time("t1", "d1") is None
+
+    def test_pruning_keeps_the_latest_weights_state_and_every_round_record(
+        self, store: Store
+    ) -> None:
+        _history(store)
+        rounds = store.rounds("t1")
+
+        store.prune_history("t1", before=1000.0)
+
+        assert store.rounds("t1") == rounds
+        assert store.get_resource(hashlib.sha256(b"w1").hexdigest()) is None
+        assert store.get_resource(hashlib.sha256(b"w2").hexdigest()) == b"w2"
+        assert store.server_state("t1") == b"state-2"
+        assert store.get_resource("w" * 64) is None  # initial weights were never stored here
+
+    def test_pruning_keeps_weights_another_round_still_names(self, store: Store) -> None:
+        _history(store)
+        store.commit_round(_committed(5, b"w1", 510.0), b"w1", [], b"state-5")
+
+        store.prune_history("t1", before=300.0)
+
+        assert store.get_resource(hashlib.sha256(b"w1").hexdigest()) == b"w1"
+
+    def test_pruning_leaves_other_tasks_alone(self, store: Store) -> None:
+        _history(store)
+        store.add_task(_task("t2"))
+        store.add_assignment(AssignmentRecord("other", "t2", 1, "d1", 100.0))
+        store.record_closed_round(RoundRecord("t2", 1, RoundState.FAILED, 1, 0, 1, {}, 1.0, 2.0))
+
+        store.prune_history("t1", before=1000.0)
+
+        assert store.assignment("other") is not None
+
+    def test_pruning_twice_removes_nothing_more(self, store: Store) -> None:
+        _history(store)
+        first = store.prune_history("t1", before=1000.0)
+
+        second = store.prune_history("t1", before=1000.0)
+
+        assert first > 0
+        assert second == 0
 
     def test_an_assignment_is_found_by_its_token_hash(self, store: Store) -> None:
         issued = AssignmentRecord("h" * 64, "t1", 1, "dev-a", 5.0)

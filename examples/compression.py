@@ -1,4 +1,4 @@
-"""TFF's "Tuning recommended aggregations for learning: compression" tutorial
+"""TFF's "TFF for Federated Learning Research: Model and Update Compression" tutorial
 (`tff.learning.compression_aggregator`), on phones through Overnight.
 
 The tutorial's CNN (the original FedAvg CNN), client SGD at 0.02, server SGD at 1.0, one local
@@ -34,6 +34,7 @@ def main() -> None:
     filters, dense_units = (32, 64), 512
     if args.quick:
         args.rounds, args.phones, clients_per_round, filters = 2, 4, 3, (8, 16)
+    deadlines = tutorial.deadlines(args)
     data = tutorial.load(args)
 
     import tensorflow as tf
@@ -78,7 +79,8 @@ def main() -> None:
                 clients_per_round=clients_per_round,
                 epochs=CLIENT_EPOCHS_PER_ROUND,
                 batch_size=CLIENT_BATCH_SIZE,
-                **tutorial.deadlines(args),
+                selection_deadline_s=deadlines.selection_s,
+                reporting_deadline_s=deadlines.reporting_s,
             )
             print(f"training {name}: task {task.task_id}", flush=True)
             summary_writer = tf.summary.create_file_writer(str(args.logdir / name))

@@ -29,6 +29,7 @@ def main() -> None:
     epochs = NUM_EPOCHS
     if args.quick:
         args.rounds, args.phones, epochs = 2, 4, 1
+    deadlines = tutorial.deadlines(args)
     data = tutorial.load(args)
 
     import tensorflow as tf
@@ -58,7 +59,8 @@ def main() -> None:
             over_selection=1.0,  # the same clients every round, as in the tutorial
             epochs=epochs,
             batch_size=BATCH_SIZE,
-            **tutorial.deadlines(args),
+            selection_deadline_s=deadlines.selection_s,
+            reporting_deadline_s=deadlines.reporting_s,
         )
         summary_writer = tf.summary.create_file_writer(str(args.logdir / "training"))
         with summary_writer.as_default(), deployment.phones():

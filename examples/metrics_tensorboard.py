@@ -37,6 +37,7 @@ def main() -> None:
     if args.quick:
         args.rounds, args.phones = 2, 4
     clients_per_round = min(NUM_CLIENTS, args.phones)
+    deadlines = tutorial.deadlines(args)
     data = tutorial.load(args)
 
     import numpy as np
@@ -70,7 +71,8 @@ def main() -> None:
             over_selection=1.0,
             epochs=1,
             batch_size=20,
-            **tutorial.deadlines(args),
+            selection_deadline_s=deadlines.selection_s,
+            reporting_deadline_s=deadlines.reporting_s,
         )
         summary_writer = tf.summary.create_file_writer(str(args.logdir / task.task_id))
         with summary_writer.as_default(), deployment.phones():
@@ -98,9 +100,7 @@ def main() -> None:
             metrics=["accuracy"],
         )
         _, before = client_model.evaluate(phone.x[held], phone.y[held], verbose=0)
-        client_model.fit(
-            phone.x[train], phone.y[train], epochs=PERSONALIZATION_EPOCHS, verbose=0
-        )
+        client_model.fit(phone.x[train], phone.y[train], epochs=PERSONALIZATION_EPOCHS, verbose=0)
         _, after = client_model.evaluate(phone.x[held], phone.y[held], verbose=0)
         print(
             f"personalized phone 0 ({PERSONALIZATION_EPOCHS} local epochs): accuracy on its "

@@ -137,12 +137,18 @@ def coordinator(args: argparse.Namespace, data: TutorialData) -> Iterator[Deploy
         yield Deployment(local.client, local)
 
 
-def deadlines(args: argparse.Namespace) -> dict[str, float]:
+@dataclasses.dataclass(frozen=True)
+class Deadlines:
+    selection_s: float
+    reporting_s: float
+
+
+def deadlines(args: argparse.Namespace) -> Deadlines:
     """The rounds' deadlines. Quick runs are small fleets on one machine: short deadlines,
     because the coordinator tells phones to come back after a share of them."""
     if args.quick:
-        return {"selection_deadline_s": 10.0, "reporting_deadline_s": 30.0}
-    return {"selection_deadline_s": 60.0, "reporting_deadline_s": 120.0}
+        return Deadlines(selection_s=10.0, reporting_s=30.0)
+    return Deadlines(selection_s=60.0, reporting_s=120.0)
 
 
 def task_id(name: str) -> str:

@@ -38,7 +38,8 @@ def _stop_tff_workers() -> None:
     """Stops the `worker_binary` TFF starts the first time a computation runs (reading an
     aggregation factory does). TFF stops it only when its manager is garbage-collected, which
     interpreter exit does not guarantee: without this, every run would leave one behind,
-    holding the terminal's output open."""
+    holding the terminal's output open. SIGKILL, not TFF's SIGINT: a script run as a
+    background job inherits SIGINT ignored, and so does its worker."""
     processes = pathlib.Path("/proc")  # Linux; elsewhere TFF's own clean-up is all there is
     for entry in processes.iterdir() if processes.is_dir() else ():
         if not entry.name.isdigit():
@@ -51,7 +52,7 @@ def _stop_tff_workers() -> None:
         parent = int(stat.rsplit(")", 1)[1].split()[1])
         if parent == os.getpid() and b"worker_binary" in cmdline:
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                os.kill(int(entry.name), signal.SIGINT)
+                os.kill(int(entry.name), signal.SIGKILL)
                 os.waitpid(int(entry.name), 0)
 
 

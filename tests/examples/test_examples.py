@@ -25,7 +25,7 @@ def run_example(script: str, *options: str) -> list[str]:
         [sys.executable, str(EXAMPLES / script), "--quick", *options],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=600,
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
     return finished.stdout.splitlines()

@@ -146,7 +146,10 @@ def coordinator(args: argparse.Namespace, data: TutorialData) -> Iterator[Deploy
     """`--server`, or a coordinator started here (TLS and an operator token, as in production)
     with one emulated phone per client dataset."""
     if args.server:
-        print(f"coordinator: {args.server}; phones of population {args.population!r} train")
+        print(
+            f"coordinator: {args.server}; its phones of population {args.population!r} train on "
+            "their own data (the data above sets the model's input and the final evaluation)"
+        )
         credentials = overnight.Credentials(
             token_file=args.admin_token_file,
             root_certificates=args.root_certs,

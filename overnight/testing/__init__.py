@@ -15,6 +15,9 @@ Fixtures:
         run = overnight_coordinator.fleet("phones", clients).run_task(task)
         assert len(run.committed) == 3
 
+Outside pytest, `overnight.testing.local_deployment(population, clients)` is the same
+coordinator and fleet as a context manager for a script (the examples/ use it).
+
 Held-out metrics (`eval/accuracy`, `eval/loss`) need test data: override the
 `overnight_held_out` fixture to return a `LocalExamples`.
 """
@@ -27,7 +30,14 @@ from typing import Any
 
 import pytest
 
-__all__ = ["EmulatedFleet", "FederatedRun", "LocalCoordinator", "PhoneRecord", "TestCoordinator"]
+__all__ = [
+    "EmulatedFleet",
+    "FederatedRun",
+    "LocalCoordinator",
+    "PhoneRecord",
+    "TestCoordinator",
+    "local_deployment",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -40,6 +50,10 @@ def __getattr__(name: str) -> Any:
         from overnight.testing import fleet
 
         return getattr(fleet, name)
+    if name == "local_deployment":
+        from overnight.testing.local_deployment import local_deployment
+
+        return local_deployment
     raise AttributeError(f"module 'overnight.testing' has no attribute {name!r}")
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -84,14 +85,21 @@ class EmulatedFleet:
     def run_task(self, task: Task, progress: bool = False) -> FederatedRun:
         """Runs the phones until `task` completes (or is cancelled or fails), streaming its
         rounds through the Python API; returns them with each phone's record."""
+        with self.running():
+            rounds = list(task.rounds(progress=progress))
+        return FederatedRun(rounds, self.phones)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[EmulatedFleet]:
+        """The phones run in the background for the duration of the block, so a script can
+        iterate `task.rounds()` itself; they stop (and are awaited) when it ends."""
         stop = asyncio.Event()
         running = self._coordinator.submit(self._run(stop))
         try:
-            rounds = list(task.rounds(progress=progress))
+            yield self
         finally:
             self._coordinator.run(_set(stop))
             running.result()
-        return FederatedRun(rounds, self.phones)
 
     async def _run(self, stop: asyncio.Event) -> None:
         clock = RealClock()

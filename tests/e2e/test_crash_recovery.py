@@ -58,6 +58,26 @@ def _snapshot(connect: StoreReader) -> dict[str, object]:
     return {"rounds": rounds, "counted": counted, "resources": resources, "tokens": tokens}
 
 
+def _round_is_open(connect: StoreReader) -> bool:
+    """Whether the store holds an assignment of a round with no record yet (a round open)."""
+    with contextlib.closing(connect()) as db:
+        row = db.execute(
+            "SELECT COUNT(*) FROM assignments AS a WHERE NOT EXISTS (SELECT 1 FROM rounds AS r "
+            "WHERE r.task_id = a.task_id AND r.round_number = a.round_number)"
+        ).fetchone()
+    return bool(row[0])
+
+
+async def _until_a_round_is_open(connect: StoreReader) -> None:
+    # An event, not a time: on a loaded machine the phones may need seconds to come back
+    # after a restart. Bounded only to fail rather than hang.
+    for _ in range(6000):
+        if _round_is_open(connect):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("no round opened within 300 s of a restart")
+
+
 def _check_invariants(before: dict, after: dict) -> None:
     committed_before = [r for r in before["rounds"] if r[1] == "committed"]
     assert set(committed_before) <= set(after["rounds"]), "a committed round was lost"
@@ -158,8 +178,10 @@ def test_kill_minus_nine_at_ten_moments_loses_nothing(
         stop = asyncio.Event()
         devices = asyncio.create_task(fleet.run(stop))
         try:
-            for delay in delays:
+            for kill, delay in enumerate(delays):
                 await asyncio.sleep(float(delay))
+                if kill % 2 == 0:  # every other kill lands in an open round, by design
+                    await _until_a_round_is_open(connect)
                 before = _snapshot(connect)
                 os.kill(process.pid, signal.SIGKILL)
                 await process.wait()

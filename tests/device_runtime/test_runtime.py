@@ -61,7 +61,7 @@ def test_rejected_device_waits_for_the_next_round_as_told(
 
             def record(attempt: Attempt) -> None:
                 attempts.append(attempt)
-                if attempt.outcome is not Outcome.REJECTED or len(attempts) == 6:
+                if attempt.outcome is not Outcome.REJECTED or len(attempts) == 12:
                     stop.set()
 
             await _runtime(client, clock, ScriptedConditions(), record).run(stop=stop)
@@ -71,18 +71,20 @@ def test_rejected_device_waits_for_the_next_round_as_told(
     asyncio.run(scenario())
 
     # The only seat is taken by a device that never reports, and the round may report for
-    # 1000 s. With no round measured yet, pace steering expects the round to end a quarter of
-    # the deadline after it started (250 s), then at twice the time elapsed, at most at the
-    # deadline: the device comes back each time, and round 2 selects it. It returns within
-    # its window: the expected end plus up to 10 % jitter plus the spread (2 devices * 0.5 *
-    # 10 s selection deadline / 1 wanted = 10 s), so within 11 s of the expected end.
-    assert [a.outcome for a in attempts] == [Outcome.REJECTED] * 3 + [Outcome.REPORTED]
-    t1, t2, t3 = np.cumsum([a.next_delay_s for a in attempts[:3]])
-    assert 250.0 <= t1 <= 261.0
-    assert 2 * t1 <= t2 <= 2 * t1 + 11.0
-    assert 1000.0 <= t3 <= 1011.0
-    assert clock.sleeps[:3] == [a.next_delay_s for a in attempts[:3]]
-    assert attempts[3].round_number == 2
+    # 1000 s. With no round measured yet, pace steering expects the round to end at twice the
+    # time it has reported for (never before the 30 s minimum delay), at most at the deadline:
+    # the device comes back at about doubling times, each within its window (the expected end
+    # plus up to 10 % jitter of the 1 s spread, plus the spread), and round 2 selects it.
+    *rejected, reported = attempts
+    assert [a.outcome for a in rejected] == [Outcome.REJECTED] * len(rejected)
+    assert reported.outcome is Outcome.REPORTED and reported.round_number == 2
+    returns = np.cumsum([a.next_delay_s for a in rejected])
+    assert 30.0 <= returns[0] <= 32.0
+    for earlier, later in zip(returns[:-1], returns[1:-1], strict=False):
+        assert 2 * earlier - 1.0 <= later <= 2 * earlier + 1.2  # twice the time reported
+    assert 1000.0 <= returns[-1] <= 1001.2  # the deadline, when round 1 ends
+    assert returns[-2] < 1000.0
+    assert clock.sleeps[: len(rejected)] == [a.next_delay_s for a in rejected]
 
 
 def test_interruption_reaches_the_coordinator_as_a_dropout(

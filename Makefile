@@ -45,7 +45,7 @@ lint: .venv/.synced
 	.venv/bin/mypy device_runtime server emulator overnight protos/generate.py
 	.venv/bin/mypy examples  # the scripts import their shared module as a top-level one
 	# The base install (device runtime and the command) runs on Python 3.10 too.
-	.venv/bin/mypy --python-version 3.10 device_runtime overnight/cli.py overnight/logs.py
+	.venv/bin/mypy --python-version 3.10 device_runtime overnight/cli.py
 
 protos: .venv/.synced
 	.venv/bin/python -m protos.generate

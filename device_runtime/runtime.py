@@ -76,7 +76,7 @@ class DeviceRuntime:
         presenting `enrollment_secret`."""
         self._client = client
         self._population = population
-        # A device id is logged at DEBUG only (overnight/logs.py): in the `device` field.
+        # A device id is logged at DEBUG only (device_runtime/logs.py): in the `device` field.
         self._log = logging.LoggerAdapter(log, {"device": client.device_id})
         self._enrollment_secret = enrollment_secret
         self._enrolled = False

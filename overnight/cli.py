@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from overnight import logs
+from device_runtime import logs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,10 +13,10 @@ import sys
 
 import numpy as np
 
+from device_runtime import logs
 from device_runtime.channel import insecure_warning
 from device_runtime.clock import RealClock
 from device_runtime.examples import LocalExamples
-from overnight import logs
 from server import backup, operator_cli
 from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings

@@ -25,10 +25,10 @@ import numpy as np
 from device_runtime import constants as protocol
 from device_runtime import identity
 from device_runtime.clock import Clock
+from device_runtime.logs import about
 from device_runtime.manifest import ManifestError
 from device_runtime.model_file import read_manifest
 from device_runtime.secagg.parameters import fewest_clients
-from overnight.logs import about
 from protos import common_pb2, device_pb2
 from server import eligibility
 from server.aggregation import (

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from overnight.logs import about
+from device_runtime.logs import about
 from protos import common_pb2, device_pb2
 from server.errors import AlreadyExists, StoreUnavailable
 from server.health import is_open_method

@@ -34,7 +34,7 @@ from typing import Protocol
 
 import numpy as np
 
-from overnight.logs import about, log_context
+from device_runtime.logs import about, log_context
 from server.errors import AlreadyExists, StoreUnavailable
 from server.evaluation import HeldOutEvaluator
 from server.optimizers import State, serialize_state

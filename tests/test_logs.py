@@ -1,4 +1,4 @@
-"""The log formats of the `overnight` commands (overnight/logs.py)."""
+"""The log formats of the `overnight` commands (device_runtime/logs.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from overnight.logs import JsonLogFormatter, TextLogFormatter, about, log_context
+from device_runtime.logs import JsonLogFormatter, TextLogFormatter, about, log_context
 
 DEVICE = "9f" * 32
 

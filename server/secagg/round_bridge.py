@@ -29,8 +29,8 @@ import collections
 import logging
 from collections.abc import Callable
 
+from device_runtime.logs import about
 from device_runtime.secagg.parameters import fewest_clients
-from overnight.logs import about
 from protos import secagg_pb2
 from server.config import TaskConfig
 from server.rounds.round import RoundInProgress

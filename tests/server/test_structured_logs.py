@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from device_runtime import constants
-from overnight.logs import JsonLogFormatter
+from device_runtime.logs import JsonLogFormatter
 from protos import common_pb2, device_pb2, device_pb2_grpc
 from tests.harness import running_coordinator, task_config
 from tests.identities import check_in_over, device_key, sign_header, signed_check_in

@@ -1,4 +1,6 @@
-"""How the `overnight` commands write their logs: human-readable text (the default), or one
+"""How the `overnight` commands write their logs (here, in the base install every command
+has, so that the coordinator's modules and the device's share it without importing the
+command package): human-readable text (the default), or one
 JSON object per line (`overnight serve --log-format json`) for a log pipeline.
 
 A JSON line has `time` (UTC, ISO 8601), `level`, `logger` and `message`, `exception` when a

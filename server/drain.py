@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -31,7 +31,7 @@ import grpc
 from device_runtime.logs import about
 from protos import common_pb2, device_pb2
 from server.errors import AlreadyExists, StoreUnavailable
-from server.health import is_open_method
+from server.method_wrapping import WrappingInterceptor
 from server.store import RoundState
 
 if TYPE_CHECKING:
@@ -55,17 +55,17 @@ class Ending(enum.Enum):
     INTERRUPTED = "interrupted"
 
 
-class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class DrainGate(WrappingInterceptor):
     """On the device listener, outside the request guard: counts the calls under way, and
     once closed answers check-ins with a rejection. Calls other than check-ins are still
     served while draining: they belong to devices that hold an assignment."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.closed = False
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def close(self) -> None:
         self.closed = True
@@ -75,18 +75,7 @@ class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         while self.in_flight:
             await self._idle.wait()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        method: str = details.method  # type: ignore[attr-defined]
-        cached = self._handlers.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(details)
-        if handler is None or is_open_method(method):
-            return handler
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if method == CHECK_IN:
             gated = handler._replace(unary_unary=self._check_in(handler.unary_unary))
         elif handler.unary_unary is not None:
@@ -97,7 +86,6 @@ class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             gated = handler._replace(stream_unary=self._counted(handler.stream_unary))
         else:
             gated = handler
-        self._handlers[method] = gated
         return gated
 
     def _check_in(self, behaviour: Behaviour) -> Behaviour:

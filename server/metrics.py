@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -36,7 +36,7 @@ from prometheus_client.registry import Collector
 
 from protos import device_pb2, secagg_pb2
 from server.coordinator import Coordinator
-from server.health import is_open_method
+from server.method_wrapping import WrappingInterceptor
 from server.secagg.round_bridge import SecureRounds
 from server.store import RoundRecord
 from server.task_runtime import TaskRuntime
@@ -224,32 +224,16 @@ class CoordinatorState(Collector):
 Behaviour = Callable[..., Any]
 
 
-class RpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class RpcMetrics(WrappingInterceptor):
     """Counts and times every call of the listener it is on. Outermost, before the request
     guard, so it sees each call's final status. Open services (health, reflection) are not
     counted: probes would drown the devices' calls."""
 
     def __init__(self, metrics: CoordinatorMetrics) -> None:
+        super().__init__()
         self._metrics = metrics
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        method: str = details.method  # type: ignore[attr-defined]
-        cached = self._handlers.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(details)
-        if handler is None or is_open_method(method):
-            return handler
-        observed = self._observe(method, handler)
-        self._handlers[method] = observed
-        return observed
-
-    def _observe(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         m = self._metrics
         received = m.received_bytes.labels(method)
         sent = m.sent_bytes.labels(method)

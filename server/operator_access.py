@@ -28,7 +28,7 @@ import os
 import pathlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, assert_never
 
 import grpc
@@ -37,7 +37,7 @@ from cryptography.x509.oid import NameOID
 
 from protos import admin_pb2
 from server.errors import CoordinatorError, PermissionDenied, Unauthenticated, status_code
-from server.health import is_open_method
+from server.method_wrapping import WrappingInterceptor
 from server.private_files import write_private_file
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def role_from_certificate(pem: bytes) -> Role | None:
 Behaviour = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 
-class OperatorAuthentication(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class OperatorAuthentication(WrappingInterceptor):
     """Checks the caller's credential and role before any admin handler runs.
 
     `certificate_roles`: the listener verifies client certificates against an operator CA,
@@ -210,20 +210,12 @@ class OperatorAuthentication(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """
 
     def __init__(self, tokens: AdminTokens, certificate_roles: bool = False) -> None:
+        super().__init__()
         self._tokens = tokens
         self._certificate_roles = certificate_roles
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        if is_open_method(details.method):
-            return handler
-        needed = required_role(details.method)
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        needed = required_role(method)
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._guard(handler.unary_unary, needed))
         if handler.stream_unary is not None:

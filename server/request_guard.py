@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -41,7 +41,7 @@ from server.errors import (
     answer_unexpected,
     refuse,
 )
-from server.health import is_open_method
+from server.method_wrapping import WrappingInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -124,30 +124,12 @@ def _wire_size(request: Any) -> int:
     return int(request.ByteSize())
 
 
-class RequestGuard(grpc.aio.ServerInterceptor):
+class RequestGuard(WrappingInterceptor):
     def __init__(self, idle_timeout_s: float = limits.upload_idle_timeout_s) -> None:
+        super().__init__()
         self.idle_timeout_s = idle_timeout_s
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}  # guarded, by method
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
-        cached = self._handlers.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
-            return handler
-        if is_open_method(method):
-            return handler
-        guarded = self._guard(method, handler)
-        self._handlers[method] = guarded
-        return guarded
-
-    def _guard(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         deserialize = guarded_deserializer(method, handler.request_deserializer)
         serialize = handler.response_serializer
         if handler.unary_unary is not None:

@@ -1,0 +1,220 @@
+"""A device given several coordinators, over real gRPC and TLS on loopback: calls spread round
+robin, a coordinator that goes away is failed over, and a round it reported to keeps its
+report exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import pathlib
+from collections.abc import Callable
+
+import numpy as np
+
+from device_runtime.examples import LocalExamples
+from device_runtime.runtime import Attempt, DeviceRuntime, Outcome
+from device_runtime.transport import CoordinatorClient
+from emulator.data import load_digits
+from server.coordinator import CoordinatorSettings
+from server.grpc_service import CoordinatorServer
+from server.pace_steering import PaceSteeringSettings
+from server.sqlite_store import SqliteStore
+from server.store import RoundState
+from tests.device_listener import CallLog, FirstUploadAnswerLost, device_listener
+from tests.dns_responder import dns_responder
+from tests.fakes import FakeClock, ScriptedConditions
+from tests.harness import (
+    POPULATION,
+    loopback_tls,
+    loopback_trust,
+    running_coordinator,
+    task_config,
+)
+from tests.identities import ENROLLMENT_SECRET, make_coordinator
+
+SETTINGS = CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=30.0))
+EXAMPLES = 40
+DEVICE_CALLS = {"Enroll", "CheckIn", "Download", "UploadUpdate"}
+
+
+def _runtime(
+    client: CoordinatorClient,
+    clock: FakeClock,
+    on_attempt: Callable[[Attempt], None] | None = None,
+) -> DeviceRuntime:
+    digits = load_digits()
+    return DeviceRuntime(
+        client=client,
+        population=POPULATION,
+        enrollment_secret=ENROLLMENT_SECRET,
+        examples=LocalExamples(digits.x[:EXAMPLES], digits.y[:EXAMPLES]),
+        conditions=ScriptedConditions(),
+        clock=clock,
+        rng=np.random.default_rng(11),
+        on_attempt=on_attempt,
+    )
+
+
+def test_a_device_reports_through_the_other_coordinator_when_one_stops(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    clock = FakeClock()
+    config = task_config(target_reports=1, over_selection=1.0, total_rounds=2)
+    first, second = CallLog(), CallLog()
+    attempts: list[Attempt] = []
+
+    async def scenario() -> tuple[list[str], list[str], list[object]]:
+        async with (
+            running_coordinator(
+                str(tmp_path / "s.sqlite"),
+                model_bytes,
+                config,
+                clock,
+                SETTINGS,
+                interceptors=[first],
+            ) as running,
+            device_listener(running.coordinator, [second]) as other,
+        ):
+            client = CoordinatorClient(
+                f"{running.address},{other.address}", running.trust, wall_clock=clock.now
+            )
+            runtime = _runtime(client, clock, attempts.append)
+            await runtime.run(max_reports=1)
+            await running.settled()
+            before_stop = list(second.methods)
+            await other.stop()
+            clock.advance(attempts[-1].next_delay_s)
+            await runtime.run(max_reports=1)
+            await client.close()
+            await running.settled()
+            return before_stop, second.methods, running.store.rounds("t1")
+
+    before_stop, after_stop, rounds = asyncio.run(scenario())
+
+    # Round robin: both coordinators served the device while both were up.
+    assert set(first.methods) & DEVICE_CALLS and set(before_stop) & DEVICE_CALLS
+    # Once one stopped, the other took every call and nothing failed.
+    assert after_stop == before_stop
+    assert Outcome.UNREACHABLE not in [a.outcome for a in attempts]
+    assert [a.round_number for a in attempts if a.outcome is Outcome.REPORTED] == [1, 2]
+    assert [(r.state, r.reported) for r in rounds] == [  # type: ignore[attr-defined]
+        (RoundState.COMMITTED, 1),
+        (RoundState.COMMITTED, 1),
+    ]
+
+
+def test_a_dns_name_with_several_addresses_spreads_the_device_over_them(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    clock = FakeClock()
+    config = task_config(target_reports=1, over_selection=1.0, total_rounds=1)
+    first, second = CallLog(), CallLog()
+
+    async def scenario() -> Attempt:
+        async with running_coordinator(
+            str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS, interceptors=[first]
+        ) as running:
+            port = running.server.port
+            # One name, two addresses (127.0.0.2 is loopback too), one port: gRPC's DNS
+            # resolver asks our DNS server and gets both.
+            async with (
+                device_listener(running.coordinator, [second], f"127.0.0.2:{port}"),
+                dns_responder("coordinators.test", ["127.0.0.1", "127.0.0.2"]) as dns,
+            ):
+                # The loopback certificate does not carry the DNS name: name one it carries.
+                trust = dataclasses.replace(running.trust, server_name="localhost")
+                client = CoordinatorClient(
+                    f"dns://{dns}/coordinators.test:{port}", trust, wall_clock=clock.now
+                )
+                attempt = await _runtime(client, clock).attempt()
+                await client.close()
+                return attempt
+
+    attempt = asyncio.run(scenario())
+
+    assert attempt.outcome is Outcome.REPORTED
+    assert set(first.methods) & DEVICE_CALLS and set(second.methods) & DEVICE_CALLS
+
+
+def test_an_upload_whose_answer_was_lost_is_counted_once_and_not_sent_again(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    clock = FakeClock()
+    config = task_config(target_reports=1, over_selection=1.0, total_rounds=1)
+    lost = FirstUploadAnswerLost()
+
+    async def scenario() -> tuple[Attempt, list[object]]:
+        async with (
+            running_coordinator(
+                str(tmp_path / "s.sqlite"),
+                model_bytes,
+                config,
+                clock,
+                SETTINGS,
+                interceptors=[lost],
+            ) as running,
+            device_listener(running.coordinator, [lost]) as other,
+        ):
+            client = CoordinatorClient(
+                f"{running.address},{other.address}", running.trust, wall_clock=clock.now
+            )
+            attempt = await _runtime(client, clock).attempt()
+            await client.close()
+            await running.settled()
+            return attempt, running.store.rounds("t1")
+
+    attempt, rounds = asyncio.run(scenario())
+
+    # The first call was recorded and went unanswered; gRPC replayed it once on a
+    # coordinator, which found the token's update already in the round.
+    assert lost.uploads == 2
+    assert attempt.outcome is Outcome.REPORTED and attempt.round_number == 1
+    assert "answer was lost" in attempt.detail
+    [record] = rounds
+    assert (record.state, record.reported) == (RoundState.COMMITTED, 1)  # type: ignore[attr-defined]
+
+
+def test_a_device_keeps_going_when_its_coordinator_restarts_mid_round(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    clock = FakeClock()
+    # Two reports complete a round: the device's report leaves round 1 open.
+    config = task_config(target_reports=2, over_selection=1.0, reporting_deadline_s=1000.0)
+    path = str(tmp_path / "s.sqlite")
+    restarted_log = CallLog()
+    attempts: list[Attempt] = []
+
+    async def serve(address: str, interceptors: list[CallLog]) -> CoordinatorServer:
+        coordinator = make_coordinator(SqliteStore(path), clock, SETTINGS)
+        if not coordinator.task_ids():
+            coordinator.register_task(config, model_bytes)
+        server = CoordinatorServer(
+            coordinator, address, interceptors=interceptors, tls=loopback_tls()
+        )
+        await server.start()
+        return server
+
+    async def scenario() -> list[object]:
+        server = await serve("127.0.0.1:0", [])
+        client = CoordinatorClient(server.address, loopback_trust(), wall_clock=clock.now)
+        runtime = _runtime(client, clock, attempts.append)
+        await runtime.run(max_reports=1)
+        await server.stop(0)  # the process dies with round 1 open, the device's report in it
+        server.coordinator.store.close()
+        server = await serve(server.address, [restarted_log])
+        clock.advance(attempts[-1].next_delay_s)
+        await runtime.run(max_reports=1)
+        await client.close()
+        await server.stop(0)
+        rounds = server.coordinator.rounds("t1")
+        server.coordinator.store.close()
+        return rounds
+
+    rounds = asyncio.run(scenario())
+
+    reported = [a for a in attempts if a.outcome is Outcome.REPORTED]
+    assert [a.round_number for a in reported] == [1, 2]
+    # The restart abandoned round 1; the device did not send its round 1 update again, and
+    # trained and reported once in round 2, through the same channel.
+    assert restarted_log.methods.count("UploadUpdate") == 1
+    assert rounds[0].state is RoundState.ABANDONED  # type: ignore[attr-defined]

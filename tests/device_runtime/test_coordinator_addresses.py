@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -123,3 +126,37 @@ def test_a_list_of_different_hosts_without_a_name_is_refused_under_tls() -> None
 def test_the_server_name_needs_tls() -> None:
     with pytest.raises(ValueError, match="exclude each other"):
         ServerTrust.from_files(None, insecure=True, server_name="coordinators.example")
+
+
+def _overnight(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "overnight", *args],
+        cwd=pathlib.Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_device_command_refuses_a_list_of_names_and_says_what_to_give(
+    tmp_path: pathlib.Path,
+) -> None:
+    result = _overnight(
+        "device",
+        "--server",
+        "a.example:443,b.example:443",
+        "--population",
+        "p",
+        "--examples",
+        str(tmp_path / "x.npz"),
+    )
+
+    assert result.returncode == 2
+    assert "a list takes IP addresses only" in result.stderr
+
+
+def test_the_emulator_refuses_different_hosts_without_a_server_name() -> None:
+    result = _overnight("emulate", "--server", "10.0.0.1:443,10.0.0.2:443", "--duration", "1")
+
+    assert result.returncode == 2
+    assert "give --server-name" in result.stderr

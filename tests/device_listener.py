@@ -108,3 +108,36 @@ class FirstUploadAnswerLost(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+class FirstDownloadBrokenOff(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The first download sends its first chunk, then the call ends UNAVAILABLE: a coordinator
+    that died mid-stream. Share one instance between listeners; `downloads` counts the
+    download calls that reached any of them."""
+
+    def __init__(self) -> None:
+        self.downloads = 0
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.endswith("/Download"):  # type: ignore[attr-defined]
+            return handler
+        stream = handler.unary_stream
+
+        async def break_off_the_first(
+            request: object, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[object]:
+            self.downloads += 1
+            broken = self.downloads == 1
+            async for chunk in stream(request, context):
+                yield chunk
+                if broken:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "gone mid-stream")
+
+        return grpc.unary_stream_rpc_method_handler(
+            break_off_the_first,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -20,7 +20,12 @@ from server.grpc_service import CoordinatorServer
 from server.pace_steering import PaceSteeringSettings
 from server.sqlite_store import SqliteStore
 from server.store import RoundState
-from tests.device_listener import CallLog, FirstUploadAnswerLost, device_listener
+from tests.device_listener import (
+    CallLog,
+    FirstDownloadBrokenOff,
+    FirstUploadAnswerLost,
+    device_listener,
+)
 from tests.dns_responder import dns_responder
 from tests.fakes import FakeClock, ScriptedConditions
 from tests.harness import (
@@ -172,6 +177,40 @@ def test_an_upload_whose_answer_was_lost_is_counted_once_and_not_sent_again(
     assert "answer was lost" in attempt.detail
     [record] = rounds
     assert (record.state, record.reported) == (RoundState.COMMITTED, 1)  # type: ignore[attr-defined]
+
+
+def test_a_download_broken_off_mid_stream_starts_again_on_the_next_coordinator(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    clock = FakeClock()
+    config = task_config(target_reports=1, over_selection=1.0, total_rounds=1)
+    broken = FirstDownloadBrokenOff()
+
+    async def scenario() -> tuple[Attempt, int]:
+        async with (
+            running_coordinator(
+                str(tmp_path / "s.sqlite"),
+                model_bytes,
+                config,
+                clock,
+                SETTINGS,
+                interceptors=[broken],
+            ) as running,
+            device_listener(running.coordinator, [broken]) as other,
+        ):
+            client = CoordinatorClient(
+                f"{running.address},{other.address}", running.trust, wall_clock=clock.now
+            )
+            attempt = await _runtime(client, clock).attempt()
+            await client.close()
+            return attempt, client.counters.downloaded_bytes
+
+    attempt, downloaded = asyncio.run(scenario())
+
+    # The model broke off after its first chunk and came again whole; then the weights.
+    assert attempt.outcome is Outcome.REPORTED and attempt.round_number == 1
+    assert broken.downloads == 3
+    assert downloaded > len(model_bytes)
 
 
 def test_a_device_keeps_going_when_its_coordinator_restarts_mid_round(

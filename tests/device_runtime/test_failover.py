@@ -9,11 +9,13 @@ import dataclasses
 import pathlib
 from collections.abc import Callable
 
+import grpc
 import numpy as np
+import pytest
 
 from device_runtime.examples import LocalExamples
 from device_runtime.runtime import Attempt, DeviceRuntime, Outcome
-from device_runtime.transport import CoordinatorClient
+from device_runtime.transport import CoordinatorClient, TransportError
 from emulator.data import load_digits
 from server.coordinator import CoordinatorSettings
 from server.grpc_service import CoordinatorServer
@@ -139,6 +141,63 @@ def test_a_dns_name_with_several_addresses_spreads_the_device_over_them(
 
     assert attempt.outcome is Outcome.REPORTED
     assert set(first.methods) & DEVICE_CALLS and set(second.methods) & DEVICE_CALLS
+
+
+def test_a_list_of_ipv6_coordinators_spreads_the_device_over_them(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    clock = FakeClock()
+    config = task_config(target_reports=1, over_selection=1.0, total_rounds=1)
+    first, second = CallLog(), CallLog()
+
+    async def scenario() -> Attempt:
+        async with (
+            running_coordinator(
+                str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
+            ) as running,
+            device_listener(running.coordinator, [first], "[::1]:0") as one,
+            device_listener(running.coordinator, [second], "[::1]:0") as other,
+        ):
+            client = CoordinatorClient(
+                f"{one.address},{other.address}", running.trust, wall_clock=clock.now
+            )
+            attempt = await _runtime(client, clock).attempt()
+            await client.close()
+            return attempt
+
+    attempt = asyncio.run(scenario())
+
+    assert attempt.outcome is Outcome.REPORTED
+    assert set(first.methods) & DEVICE_CALLS and set(second.methods) & DEVICE_CALLS
+
+
+def test_every_coordinator_of_a_list_must_carry_the_certificate_name(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    async def scenario() -> tuple[TransportError, str]:
+        async with (
+            running_coordinator(str(tmp_path / "s.sqlite"), model_bytes) as running,
+            device_listener(running.coordinator) as other,
+        ):
+            target = f"{running.address},{other.address}"
+            # The loopback certificate is for localhost, 127.0.0.1 and ::1 only.
+            wrong = CoordinatorClient(
+                target, dataclasses.replace(running.trust, server_name="coordinators.example")
+            )
+            with pytest.raises(TransportError) as refused:
+                await wrong.enroll(POPULATION, ENROLLMENT_SECRET)
+            right = CoordinatorClient(
+                target, dataclasses.replace(running.trust, server_name="localhost")
+            )
+            enrolled = await right.enroll(POPULATION, ENROLLMENT_SECRET)
+            await wrong.close()
+            await right.close()
+            return refused.value, enrolled.device_id
+
+    refused, enrolled = asyncio.run(scenario())
+
+    assert refused.code is grpc.StatusCode.UNAVAILABLE  # no coordinator passed the TLS check
+    assert enrolled  # the name the certificate carries passes it
 
 
 def test_an_upload_whose_answer_was_lost_is_counted_once_and_not_sent_again(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import pathlib
+import sys
 from collections.abc import Callable
 
 import grpc
@@ -42,6 +43,8 @@ from tests.identities import ENROLLMENT_SECRET, make_coordinator
 SETTINGS = CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=30.0))
 EXAMPLES = 40
 DEVICE_CALLS = {"Enroll", "CheckIn", "Download", "UploadUpdate"}
+REPO = pathlib.Path(__file__).resolve().parents[2]
+HANG_GUARD_S = 300.0  # waits are on the process's output; this only stops a hang
 
 
 def _runtime(
@@ -316,3 +319,66 @@ def test_a_device_keeps_going_when_its_coordinator_restarts_mid_round(
     # trained and reported once in round 2, through the same channel.
     assert restarted_log.methods.count("UploadUpdate") == 1
     assert rounds[0].state is RoundState.ABANDONED  # type: ignore[attr-defined]
+
+
+def test_the_device_command_goes_on_through_the_other_coordinator_when_one_stops(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    digits = load_digits()
+    examples_path = tmp_path / "examples.npz"
+    LocalExamples(digits.x[:EXAMPLES], digits.y[:EXAMPLES]).save(examples_path)
+    secret_path = tmp_path / "enrollment.secret"
+    secret_path.write_bytes(ENROLLMENT_SECRET + b"\n")
+    config = task_config(target_reports=1, over_selection=1.0, total_rounds=2)
+    # Short retry windows: the process sleeps on the real clock between rounds.
+    settings = CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=0.2, horizon_s=1.0))
+    first, second = CallLog(), CallLog()
+
+    async def scenario() -> tuple[int, list[str], list[str], list[object]]:
+        async with (
+            running_coordinator(
+                str(tmp_path / "s.sqlite"),
+                model_bytes,
+                config,
+                settings=settings,
+                interceptors=[first],
+            ) as running,
+            device_listener(running.coordinator, [second]) as other,
+        ):
+            assert running.trust.root_certificates is not None
+            (tmp_path / "ca.pem").write_bytes(running.trust.root_certificates)
+            process = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "overnight", "device"),
+                *("--server", f"{running.address},{other.address}"),
+                *("--root-certs", str(tmp_path / "ca.pem")),
+                *("--population", POPULATION, "--examples", str(examples_path)),
+                *("--cache-dir", str(tmp_path / "cache")),
+                *("--enrollment-secret-file", str(secret_path)),
+                *("--max-reports", "2", "--seed", "0"),
+                cwd=REPO,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            assert process.stdout is not None
+            lines: list[str] = []
+            while not lines or not lines[-1].startswith("reported round 1"):
+                line = await asyncio.wait_for(process.stdout.readline(), HANG_GUARD_S)
+                assert line, "".join(lines)
+                lines.append(line.decode())
+            before_stop = list(second.methods)
+            await other.stop()
+            rest, _ = await asyncio.wait_for(process.communicate(), HANG_GUARD_S)
+            lines.append(rest.decode())
+            await running.settled()
+            return process.returncode or 0, before_stop, lines, running.store.rounds("t1")
+
+    code, before_stop, lines, rounds = asyncio.run(scenario())
+
+    output = "".join(lines)
+    assert code == 0, output
+    assert set(first.methods) & DEVICE_CALLS and set(before_stop) & DEVICE_CALLS
+    assert "reported round 2" in output and "unreachable" not in output
+    assert [(r.state, r.reported) for r in rounds] == [  # type: ignore[attr-defined]
+        (RoundState.COMMITTED, 1),
+        (RoundState.COMMITTED, 1),
+    ]

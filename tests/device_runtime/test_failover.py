@@ -91,20 +91,20 @@ def test_a_device_reports_through_the_other_coordinator_when_one_stops(
             runtime = _runtime(client, clock, attempts.append)
             await runtime.run(max_reports=1)
             await running.settled()
-            before_stop = list(second.methods)
+            first_before, second_before = list(first.methods), list(second.methods)
             await other.stop()
             clock.advance(attempts[-1].next_delay_s)
             await runtime.run(max_reports=1)
             await client.close()
             await running.settled()
-            return before_stop, second.methods, running.store.rounds("t1")
+            return first_before, second_before, running.store.rounds("t1")
 
-    before_stop, after_stop, rounds = asyncio.run(scenario())
+    first_before, second_before, rounds = asyncio.run(scenario())
 
     # Round robin: both coordinators served the device while both were up.
-    assert set(first.methods) & DEVICE_CALLS and set(before_stop) & DEVICE_CALLS
-    # Once one stopped, the other took every call and nothing failed.
-    assert after_stop == before_stop
+    assert set(first_before) & DEVICE_CALLS and set(second_before) & DEVICE_CALLS
+    # Once one stopped, the other took the whole of round 2 and no attempt failed.
+    assert {"CheckIn", "Download", "UploadUpdate"} <= set(first.methods[len(first_before) :])
     assert Outcome.UNREACHABLE not in [a.outcome for a in attempts]
     assert [a.round_number for a in attempts if a.outcome is Outcome.REPORTED] == [1, 2]
     assert [(r.state, r.reported) for r in rounds] == [  # type: ignore[attr-defined]

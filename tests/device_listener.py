@@ -90,7 +90,8 @@ class FirstUploadAnswerLost(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self, continuation: Continuation, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or not details.method.endswith("/UploadUpdate"):  # type: ignore[attr-defined]
+        method: str = details.method  # type: ignore[attr-defined]
+        if handler is None or not method.endswith("/UploadUpdate"):
             return handler
         record = handler.stream_unary
 
@@ -122,7 +123,8 @@ class FirstDownloadBrokenOff(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self, continuation: Continuation, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or not details.method.endswith("/Download"):  # type: ignore[attr-defined]
+        method: str = details.method  # type: ignore[attr-defined]
+        if handler is None or not method.endswith("/Download"):
             return handler
         stream = handler.unary_stream
 

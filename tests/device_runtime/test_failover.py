@@ -22,7 +22,7 @@ from server.coordinator import CoordinatorSettings
 from server.grpc_service import CoordinatorServer
 from server.pace_steering import PaceSteeringSettings
 from server.sqlite_store import SqliteStore
-from server.store import RoundState
+from server.store import RoundRecord, RoundState
 from tests.device_listener import (
     CallLog,
     FirstDownloadBrokenOff,
@@ -73,7 +73,7 @@ def test_a_device_reports_through_the_other_coordinator_when_one_stops(
     first, second = CallLog(), CallLog()
     attempts: list[Attempt] = []
 
-    async def scenario() -> tuple[list[str], list[str], list[object]]:
+    async def scenario() -> tuple[list[str], list[str], list[RoundRecord]]:
         async with (
             running_coordinator(
                 str(tmp_path / "s.sqlite"),
@@ -107,7 +107,7 @@ def test_a_device_reports_through_the_other_coordinator_when_one_stops(
     assert {"CheckIn", "Download", "UploadUpdate"} <= set(first.methods[len(first_before) :])
     assert Outcome.UNREACHABLE not in [a.outcome for a in attempts]
     assert [a.round_number for a in attempts if a.outcome is Outcome.REPORTED] == [1, 2]
-    assert [(r.state, r.reported) for r in rounds] == [  # type: ignore[attr-defined]
+    assert [(r.state, r.reported) for r in rounds] == [
         (RoundState.COMMITTED, 1),
         (RoundState.COMMITTED, 1),
     ]
@@ -210,7 +210,7 @@ def test_an_upload_whose_answer_was_lost_is_counted_once_and_not_sent_again(
     config = task_config(target_reports=1, over_selection=1.0, total_rounds=1)
     lost = FirstUploadAnswerLost()
 
-    async def scenario() -> tuple[Attempt, list[object]]:
+    async def scenario() -> tuple[Attempt, list[RoundRecord]]:
         async with (
             running_coordinator(
                 str(tmp_path / "s.sqlite"),
@@ -238,7 +238,7 @@ def test_an_upload_whose_answer_was_lost_is_counted_once_and_not_sent_again(
     assert attempt.outcome is Outcome.REPORTED and attempt.round_number == 1
     assert "answer was lost" in attempt.detail
     [record] = rounds
-    assert (record.state, record.reported) == (RoundState.COMMITTED, 1)  # type: ignore[attr-defined]
+    assert (record.state, record.reported) == (RoundState.COMMITTED, 1)
 
 
 def test_a_download_broken_off_mid_stream_starts_again_on_the_next_coordinator(
@@ -295,7 +295,7 @@ def test_a_device_keeps_going_when_its_coordinator_restarts_mid_round(
         await server.start()
         return server
 
-    async def scenario() -> tuple[Attempt, list[object]]:
+    async def scenario() -> tuple[Attempt, list[RoundRecord]]:
         server = await serve("127.0.0.1:0", [])
         client = CoordinatorClient(server.address, loopback_trust(), wall_clock=clock.now)
         runtime = _runtime(client, clock, attempts.append)
@@ -325,7 +325,7 @@ def test_a_device_keeps_going_when_its_coordinator_restarts_mid_round(
     assert Outcome.UNREACHABLE not in [a.outcome for a in attempts]
     assert [(a.outcome, a.round_number) for a in attempts][-1] == (Outcome.REPORTED, 2)
     assert restarted_log.methods.count("UploadUpdate") == 1
-    assert rounds[0].state is RoundState.ABANDONED  # type: ignore[attr-defined]
+    assert rounds[0].state is RoundState.ABANDONED
 
 
 def test_the_device_command_goes_on_through_the_other_coordinator_when_one_stops(
@@ -341,7 +341,7 @@ def test_the_device_command_goes_on_through_the_other_coordinator_when_one_stops
     settings = CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=0.2, horizon_s=1.0))
     first, second = CallLog(), CallLog()
 
-    async def scenario() -> tuple[int, list[str], list[str], list[object]]:
+    async def scenario() -> tuple[int, list[str], list[str], list[RoundRecord]]:
         async with (
             running_coordinator(
                 str(tmp_path / "s.sqlite"),
@@ -385,7 +385,7 @@ def test_the_device_command_goes_on_through_the_other_coordinator_when_one_stops
     assert code == 0, output
     assert set(first.methods) & DEVICE_CALLS and set(before_stop) & DEVICE_CALLS
     assert "reported round 2" in output and "unreachable" not in output
-    assert [(r.state, r.reported) for r in rounds] == [  # type: ignore[attr-defined]
+    assert [(r.state, r.reported) for r in rounds] == [
         (RoundState.COMMITTED, 1),
         (RoundState.COMMITTED, 1),
     ]

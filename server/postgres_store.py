@@ -122,6 +122,16 @@ class PostgresStore(Store):
             conn.execute("SET LOCAL synchronous_commit TO DEFAULT")
             yield conn
 
+    def relaxed_transaction(self) -> contextlib.AbstractContextManager[psycopg.Connection]:
+        """A transaction on a pooled connection that commits without waiting for the WAL
+        flush (see `_relaxed_commits`), for PostgreSQL-only state on the request path
+        (server/replica_ledger.py). Errors as the store's own calls."""
+        return _in_transaction(self._connection())
+
+    def durable_transaction(self) -> contextlib.AbstractContextManager[psycopg.Connection]:
+        """A transaction that returns once durable, as a commit's."""
+        return self._transaction()
+
     def put_resource(self, kind: str, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
         with self._connection() as conn:
@@ -417,6 +427,14 @@ class PostgresStore(Store):
         self._pool.close()
         if self._claim is not None:
             self._claim.release()
+
+
+@contextlib.contextmanager
+def _in_transaction(
+    connection: contextlib.AbstractContextManager[psycopg.Connection],
+) -> Iterator[psycopg.Connection]:
+    with connection as conn, conn.transaction():
+        yield conn
 
 
 def _relaxed_commits(conn: psycopg.Connection) -> None:

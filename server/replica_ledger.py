@@ -1,0 +1,562 @@
+"""What replicas of one coordinator share in PostgreSQL, beside the store: each open round with
+its global counts, every assignment's fate, who handed over which partial aggregate, and a
+heartbeat per replica.
+
+Every change of a round's counts happens in one transaction with the row of its round
+locked, and the round's next state follows from the counts in that same transaction, by the
+same rules a single process applies (server/rounds/selecting.py, reporting.py). So a round's
+quota, its target and its closing are global: N replicas select `target * over_selection`
+devices between them, as one process would, and an upload is counted at most once whichever
+replica receives it.
+
+A shared round moves through:
+
+    selecting ─▶ reporting ─▶ aggregating ─▶ merging ─▶ committed
+         └───────────┴──────▶ failing ─────────────────▶ failed
+    any non-terminal state ─▶ abandoned (a new leader takes the task)
+
+`aggregating`: closed to reports; each replica hands over its partial aggregate. `merging`:
+the leader took the partials (a handover after that is refused, so a slow replica's uploads
+count as dropouts, never twice). `failing`: too few reports; the leader records it failed.
+
+Leader-only steps (opening a round, applying deadlines, taking partials) are fenced: they go
+through only while the caller's lease is still the task's current one, checked in the same
+transaction (server/leases.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from typing import Any
+
+import psycopg
+
+from server.config import TaskConfig
+from server.errors import AlreadyExists, FailedPrecondition, Unauthenticated
+from server.leases import Lease, check_fence
+from server.postgres_store import PostgresStore
+from server.rounds import reporting, selecting
+from server.store import AssignmentRecord, RoundState
+
+
+class SharedState(enum.Enum):
+    SELECTING = "selecting"
+    REPORTING = "reporting"
+    AGGREGATING = "aggregating"
+    MERGING = "merging"
+    FAILING = "failing"
+    COMMITTED = "committed"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
+
+    @property
+    def open(self) -> bool:
+        return self in (SharedState.SELECTING, SharedState.REPORTING)
+
+    @property
+    def terminal(self) -> bool:
+        return self in (SharedState.COMMITTED, SharedState.FAILED, SharedState.ABANDONED)
+
+
+_terminal = tuple(s.value for s in SharedState if s.terminal)
+_round_columns = (
+    "task_id, round_number, state, epoch, seed, aggregator_state, base_weights_sha256, "
+    "base_version, started_at, reporting_started_at, reporting_deadline, closed_at, selected, "
+    "reported, failed"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedRound:
+    task_id: str
+    round_number: int
+    state: SharedState
+    epoch: int  # the lease epoch of the leader that opened it
+    seed: int  # the aggregator's shared seed (rotations, codecs): every replica's is the same
+    aggregator_state: dict[str, float]
+    base_weights_sha256: str
+    base_version: int
+    started_at: float
+    reporting_started_at: float = float("inf")
+    reporting_deadline: float = float("inf")
+    closed_at: float = float("inf")
+    selected: int = 0
+    reported: int = 0
+    failed: int = 0
+
+    @property
+    def outstanding(self) -> int:
+        return self.selected - self.reported - self.failed
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> SharedRound:
+        inf = float("inf")
+        return cls(
+            task_id=row[0],
+            round_number=row[1],
+            state=SharedState(row[2]),
+            epoch=row[3],
+            seed=int(row[4]),
+            aggregator_state=json.loads(row[5]),
+            base_weights_sha256=row[6],
+            base_version=row[7],
+            started_at=row[8],
+            reporting_started_at=inf if row[9] is None else row[9],
+            reporting_deadline=inf if row[10] is None else row[10],
+            closed_at=inf if row[11] is None else row[11],
+            selected=row[12],
+            reported=row[13],
+            failed=row[14],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedAssignment:
+    token_sha256: str
+    task_id: str
+    round_number: int
+    device_id: str
+    declared_examples: int
+    state: str  # "assigned", "reported", "failed" (server.rounds.round.AssignmentState)
+    reported_by: str | None
+    failure: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Handover:
+    replica: str
+    tokens: list[str]
+    partial: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaRow:
+    name: str
+    host: str
+    pid: int
+    started_at: float
+    seen_at: float
+    check_ins: int
+    uploads: int
+
+
+def next_state(
+    shared: SharedRound, config: TaskConfig, now: float, min_selected: int = 0
+) -> SharedRound:
+    """The round after its rules have seen `now` and its counts (as Coordinator.advance)."""
+    while True:
+        match shared.state:
+            case SharedState.SELECTING:
+                following = selecting.next_state(shared, config, now, min_selected)
+            case SharedState.REPORTING:
+                following = reporting.next_state(shared, config, now)
+            case _:
+                return shared
+        match following:
+            case RoundState.SELECTING:
+                return shared
+            case RoundState.REPORTING if shared.state is SharedState.REPORTING:
+                return shared
+            case RoundState.REPORTING:
+                shared = dataclasses.replace(
+                    shared,
+                    state=SharedState.REPORTING,
+                    reporting_started_at=now,
+                    reporting_deadline=now + config.reporting_deadline_s,
+                )
+            case RoundState.AGGREGATING:
+                return dataclasses.replace(shared, state=SharedState.AGGREGATING, closed_at=now)
+            case _:
+                return dataclasses.replace(shared, state=SharedState.FAILING, closed_at=now)
+
+
+class ReplicaLedger:
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    # ----- replicas ------------------------------------------------------------------------
+
+    def heartbeat(self, replica: ReplicaRow) -> None:
+        with self._store.relaxed_transaction() as conn:
+            conn.execute(
+                "INSERT INTO replicas VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) "
+                "DO UPDATE SET host = excluded.host, pid = excluded.pid, started_at = "
+                "excluded.started_at, seen_at = excluded.seen_at, check_ins = "
+                "excluded.check_ins, uploads = excluded.uploads",
+                dataclasses.astuple(replica),
+            )
+
+    def replicas(self) -> list[ReplicaRow]:
+        with self._store.relaxed_transaction() as conn:
+            rows = conn.execute(
+                "SELECT name, host, pid, started_at, seen_at, check_ins, uploads FROM replicas "
+                'ORDER BY name COLLATE "C"'
+            ).fetchall()
+        return [ReplicaRow(*row) for row in rows]
+
+    def leases(self) -> list[Lease]:
+        with self._store.relaxed_transaction() as conn:
+            rows = conn.execute(
+                "SELECT task_id, holder, epoch, expires_at FROM task_leases "
+                'ORDER BY task_id COLLATE "C"'
+            ).fetchall()
+        return [Lease(*row) for row in rows]
+
+    def replica_counts(self) -> list[tuple[str, str, int, int]]:
+        """(replica, task, devices selected, uploads accepted) over every round."""
+        with self._store.relaxed_transaction() as conn:
+            rows = conn.execute(
+                "SELECT replica, task_id, SUM(selected), SUM(reported) FROM replica_round_counts "
+                'GROUP BY replica, task_id ORDER BY replica COLLATE "C", task_id COLLATE "C"'
+            ).fetchall()
+        return [(r, t, int(s), int(u)) for r, t, s, u in rows]
+
+    # ----- rounds --------------------------------------------------------------------------
+
+    def unfinished_rounds(self, task_id: str | None = None) -> list[SharedRound]:
+        """Rounds not yet committed, failed or abandoned (of one task, or of all)."""
+        where = "state NOT IN (%s, %s, %s)"
+        params: list[Any] = list(_terminal)
+        if task_id is not None:
+            where += " AND task_id = %s"
+            params.append(task_id)
+        with self._store.relaxed_transaction() as conn:
+            rows = conn.execute(
+                f"SELECT {_round_columns} FROM shared_rounds WHERE {where} "
+                "ORDER BY task_id, round_number",
+                params,
+            ).fetchall()
+        return [SharedRound.from_row(row) for row in rows]
+
+    def committed_rounds(self) -> dict[str, int]:
+        """How many rounds each task has committed (a follower's view of the leader's work)."""
+        with self._store.relaxed_transaction() as conn:
+            rows = conn.execute(
+                "SELECT task_id, COUNT(*) FROM rounds WHERE state = 'committed' GROUP BY task_id"
+            ).fetchall()
+        return {task_id: int(count) for task_id, count in rows}
+
+    def newest_round_number(self, task_id: str) -> int:
+        with self._store.relaxed_transaction() as conn:
+            row = conn.execute(
+                "SELECT COALESCE(MAX(round_number), 0) FROM shared_rounds WHERE task_id = %s",
+                (task_id,),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def open_round(self, fence: Lease, shared: SharedRound) -> None:
+        with self._store.durable_transaction() as conn:
+            _check_fence(conn, fence, shared.task_id)
+            conn.execute(
+                f"INSERT INTO shared_rounds ({_round_columns}) VALUES "
+                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, NULL, NULL, 0, 0, 0)",
+                (
+                    shared.task_id,
+                    shared.round_number,
+                    shared.state.value,
+                    shared.epoch,
+                    shared.seed,
+                    json.dumps(shared.aggregator_state),
+                    shared.base_weights_sha256,
+                    shared.base_version,
+                    shared.started_at,
+                ),
+            )
+
+    def apply_deadlines(
+        self, fence: Lease, task_id: str, config: TaskConfig, now: float
+    ) -> list[SharedRound]:
+        """The leader's pass: moves the task's open rounds on by their deadlines."""
+        with self._store.durable_transaction() as conn:
+            _check_fence(conn, fence, task_id)
+            rows = conn.execute(
+                f"SELECT {_round_columns} FROM shared_rounds WHERE task_id = %s "
+                "AND state IN ('selecting', 'reporting') ORDER BY round_number FOR UPDATE",
+                (task_id,),
+            ).fetchall()
+            moved = []
+            for row in rows:
+                shared = SharedRound.from_row(row)
+                after = next_state(shared, config, now)
+                if after != shared:
+                    _write_state(conn, after)
+                moved.append(after)
+        return moved
+
+    def finish(self, task_id: str, round_number: int, state: SharedState) -> None:
+        """Marks a round terminal once its record is durable, and drops what only its open
+        life needed (assignments' fates, partials)."""
+        if not state.terminal:
+            raise ValueError(f"{state} is not terminal")
+        key = (task_id, round_number)
+        with self._store.relaxed_transaction() as conn:
+            conn.execute(
+                "UPDATE shared_rounds SET state = %s WHERE task_id = %s AND round_number = %s",
+                (state.value, *key),
+            )
+            conn.execute("DELETE FROM round_partials WHERE task_id = %s AND round_number = %s", key)
+            conn.execute(
+                "DELETE FROM shared_assignments WHERE task_id = %s AND round_number = %s", key
+            )
+
+    # ----- assignments ---------------------------------------------------------------------
+
+    def assign(
+        self,
+        record: AssignmentRecord,
+        declared_examples: int,
+        replica: str,
+        config: TaskConfig,
+        now: float,
+    ) -> SharedRound | None:
+        """Counts an assignment against the round's global quota, or returns None (and
+        writes nothing) if the round takes no more devices or already has this device."""
+        with self._store.relaxed_transaction() as conn:
+            shared = _locked_round(conn, record.task_id, record.round_number)
+            if (
+                shared is None
+                or shared.state is not SharedState.SELECTING
+                or shared.selected >= config.selection_quota
+            ):
+                return None
+            inserted = conn.execute(
+                "INSERT INTO shared_assignments VALUES (%s, %s, %s, %s, %s, %s, 'assigned', "
+                "NULL, '') ON CONFLICT DO NOTHING",
+                (
+                    record.token_sha256,
+                    record.task_id,
+                    record.round_number,
+                    record.device_id,
+                    declared_examples,
+                    replica,
+                ),
+            )
+            if inserted.rowcount != 1:
+                return None
+            conn.execute(
+                "INSERT INTO assignments VALUES (%s, %s, %s, %s, %s)",
+                dataclasses.astuple(record),
+            )
+            shared = dataclasses.replace(shared, selected=shared.selected + 1)
+            _count(conn, shared, replica, "selected", 1)
+            shared = next_state(shared, config, now)
+            _write_state(conn, shared)
+        return shared
+
+    def assignment(self, token_sha256: str) -> SharedAssignment | None:
+        with self._store.relaxed_transaction() as conn:
+            row = conn.execute(
+                "SELECT token_sha256, task_id, round_number, device_id, declared_examples, "
+                "state, reported_by, failure FROM shared_assignments WHERE token_sha256 = %s",
+                (token_sha256,),
+            ).fetchone()
+        return SharedAssignment(*row) if row else None
+
+    def round_assignments(self, task_id: str, round_number: int) -> list[SharedAssignment]:
+        with self._store.relaxed_transaction() as conn:
+            rows = conn.execute(
+                "SELECT token_sha256, task_id, round_number, device_id, declared_examples, "
+                "state, reported_by, failure FROM shared_assignments "
+                "WHERE task_id = %s AND round_number = %s",
+                (task_id, round_number),
+            ).fetchall()
+        return [SharedAssignment(*row) for row in rows]
+
+    def reserve_report(
+        self, token_sha256: str, replica: str, config: TaskConfig, now: float
+    ) -> SharedRound:
+        """Counts one upload, received by `replica`, once for the whole cluster.
+
+        Raises Unauthenticated (unknown token), AlreadyExists (counted already, here or on
+        another replica), FailedPrecondition (round closed, deadline passed, assignment
+        failed); nothing changes then."""
+        with self._store.relaxed_transaction() as conn:
+            assignment, shared = _locked_assignment(conn, token_sha256)
+            if assignment.state == "reported":
+                raise AlreadyExists("an update for this upload token was already accepted")
+            if assignment.state == "failed":
+                raise FailedPrecondition("this assignment was reported as failed")
+            if not shared.state.open or now >= shared.reporting_deadline:
+                raise FailedPrecondition(
+                    f"round {shared.round_number} of task {shared.task_id!r} takes no reports"
+                )
+            conn.execute(
+                "UPDATE shared_assignments SET state = 'reported', reported_by = %s "
+                "WHERE token_sha256 = %s",
+                (replica, token_sha256),
+            )
+            shared = dataclasses.replace(shared, reported=shared.reported + 1)
+            _count(conn, shared, replica, "reported", 1)
+            shared = next_state(shared, config, now)
+            _write_state(conn, shared)
+        return shared
+
+    def release_report(self, token_sha256: str, replica: str) -> None:
+        """Takes back a reservation whose update the replica then refused (undecodable)."""
+        with self._store.relaxed_transaction() as conn:
+            assignment, shared = _locked_assignment(conn, token_sha256)
+            if assignment.state != "reported" or assignment.reported_by != replica:
+                return
+            conn.execute(
+                "UPDATE shared_assignments SET state = 'assigned', reported_by = NULL "
+                "WHERE token_sha256 = %s",
+                (token_sha256,),
+            )
+            _write_state(conn, dataclasses.replace(shared, reported=shared.reported - 1))
+            _count(conn, shared, replica, "reported", -1)
+
+    def fail_assignment(
+        self, token_sha256: str, cause: str, config: TaskConfig, now: float
+    ) -> SharedRound:
+        """A device reported that it could not finish. Raises as reserve_report."""
+        with self._store.relaxed_transaction() as conn:
+            assignment, shared = _locked_assignment(conn, token_sha256)
+            if assignment.state != "assigned":
+                raise FailedPrecondition(f"assignment already {assignment.state}")
+            if not shared.state.open:
+                raise FailedPrecondition(
+                    f"round {shared.round_number} of task {shared.task_id!r} takes no reports"
+                )
+            conn.execute(
+                "UPDATE shared_assignments SET state = 'failed', failure = %s "
+                "WHERE token_sha256 = %s",
+                (cause, token_sha256),
+            )
+            shared = next_state(dataclasses.replace(shared, failed=shared.failed + 1), config, now)
+            _write_state(conn, shared)
+        return shared
+
+    # ----- handover and merge --------------------------------------------------------------
+
+    def hand_over(
+        self, task_id: str, round_number: int, replica: str, tokens: list[str], partial: bytes
+    ) -> bool:
+        """Leaves a replica's partial for the leader. False if the leader already merged (the
+        replica's uploads then count as dropouts)."""
+        with self._store.relaxed_transaction() as conn:
+            row = conn.execute(
+                "SELECT state FROM shared_rounds WHERE task_id = %s AND round_number = %s "
+                "FOR SHARE",
+                (task_id, round_number),
+            ).fetchone()
+            if row is None or row[0] != SharedState.AGGREGATING.value:
+                return False
+            conn.execute(
+                "INSERT INTO round_partials VALUES (%s, %s, %s, %s, %b) ON CONFLICT DO NOTHING",
+                (task_id, round_number, replica, json.dumps(tokens), partial),
+            )
+        return True
+
+    def handovers_done(
+        self, shared: SharedRound, now: float, silent_after_s: float, wait_at_most_s: float
+    ) -> bool:
+        """Whether every replica that accepted uploads for the round handed its partial over,
+        or was silent (no heartbeat) for `silent_after_s`, or the leader waited long enough."""
+        if now >= shared.closed_at + wait_at_most_s:
+            return True
+        with self._store.relaxed_transaction() as conn:
+            rows = conn.execute(
+                "SELECT r.seen_at, p.replica IS NOT NULL FROM replica_round_counts c "
+                "LEFT JOIN replicas r ON r.name = c.replica "
+                "LEFT JOIN round_partials p ON p.task_id = c.task_id "
+                "AND p.round_number = c.round_number AND p.replica = c.replica "
+                "WHERE c.task_id = %s AND c.round_number = %s AND c.reported > 0",
+                (shared.task_id, shared.round_number),
+            ).fetchall()
+        return all(handed or seen is None or now - seen >= silent_after_s for seen, handed in rows)
+
+    def take_partials(
+        self, fence: Lease, task_id: str, round_number: int
+    ) -> tuple[SharedRound, list[Handover], list[SharedAssignment]] | None:
+        """Closes the round to handovers (merging) and returns its partials and assignments;
+        None if the round is not aggregating or merging."""
+        with self._store.durable_transaction() as conn:
+            _check_fence(conn, fence, task_id)
+            shared = _locked_round(conn, task_id, round_number)
+            if shared is None or shared.state not in (
+                SharedState.AGGREGATING,
+                SharedState.MERGING,
+            ):
+                return None
+            shared = dataclasses.replace(shared, state=SharedState.MERGING)
+            _write_state(conn, shared)
+            rows = conn.execute(
+                "SELECT replica, tokens, partial FROM round_partials "
+                'WHERE task_id = %s AND round_number = %s ORDER BY replica COLLATE "C"',
+                (task_id, round_number),
+                binary=True,
+            ).fetchall()
+        handovers = [Handover(r, json.loads(t), bytes(p)) for r, t, p in rows]
+        return shared, handovers, self.round_assignments(task_id, round_number)
+
+
+def _check_fence(conn: psycopg.Connection, fence: Lease, task_id: str) -> None:
+    if fence.task_id != task_id:
+        raise ValueError(f"a lease of task {fence.task_id!r} fences {task_id!r}")
+    row = conn.execute(
+        "SELECT holder, epoch, expires_at FROM task_leases WHERE task_id = %s FOR SHARE",
+        (task_id,),
+    ).fetchone()
+    check_fence(fence, Lease(task_id, *row) if row else None)
+
+
+def _locked_round(conn: psycopg.Connection, task_id: str, round_number: int) -> SharedRound | None:
+    row = conn.execute(
+        f"SELECT {_round_columns} FROM shared_rounds WHERE task_id = %s AND round_number = %s "
+        "FOR UPDATE",
+        (task_id, round_number),
+    ).fetchone()
+    return SharedRound.from_row(row) if row else None
+
+
+def _locked_assignment(
+    conn: psycopg.Connection, token_sha256: str
+) -> tuple[SharedAssignment, SharedRound]:
+    row = conn.execute(
+        "SELECT token_sha256, task_id, round_number, device_id, declared_examples, state, "
+        "reported_by, failure FROM shared_assignments WHERE token_sha256 = %s FOR UPDATE",
+        (token_sha256,),
+    ).fetchone()
+    if row is None:
+        raise Unauthenticated("unknown upload token")
+    assignment = SharedAssignment(*row)
+    shared = _locked_round(conn, assignment.task_id, assignment.round_number)
+    if shared is None:
+        raise FailedPrecondition(f"round {assignment.round_number} is closed")
+    return assignment, shared
+
+
+def _write_state(conn: psycopg.Connection, shared: SharedRound) -> None:
+    def finite(value: float) -> float | None:
+        return None if value == float("inf") else value
+
+    conn.execute(
+        "UPDATE shared_rounds SET state = %s, reporting_started_at = %s, reporting_deadline = %s,"
+        " closed_at = %s, selected = %s, reported = %s, failed = %s "
+        "WHERE task_id = %s AND round_number = %s",
+        (
+            shared.state.value,
+            finite(shared.reporting_started_at),
+            finite(shared.reporting_deadline),
+            finite(shared.closed_at),
+            shared.selected,
+            shared.reported,
+            shared.failed,
+            shared.task_id,
+            shared.round_number,
+        ),
+    )
+
+
+def _count(
+    conn: psycopg.Connection, shared: SharedRound, replica: str, column: str, delta: int
+) -> None:
+    assert column in ("selected", "reported")
+    conn.execute(
+        f"INSERT INTO replica_round_counts (task_id, round_number, replica, {column}) "
+        f"VALUES (%s, %s, %s, %s) ON CONFLICT (task_id, round_number, replica) "
+        f"DO UPDATE SET {column} = replica_round_counts.{column} + excluded.{column}",
+        (shared.task_id, shared.round_number, replica, delta),
+    )

@@ -343,7 +343,8 @@ async def _serve_in(
         abandoned = abandon_open_rounds(coordinator)
         log.info("drain: %d open rounds recorded abandoned", abandoned)
     if replica:
-        coordinator.leadership.release_all()  # type: ignore[attr-defined]
+        with contextlib.suppress(CoordinatorError):  # else its leases expire, as on a crash
+            coordinator.leave()  # type: ignore[attr-defined]
     tensorboard.close()
     store.close()
     status.info("coordinator stopped (%s)", ending.value)

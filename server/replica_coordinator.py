@@ -98,6 +98,8 @@ class ReplicaCoordinator(Coordinator):
         self.uploads = 0
         self._taken_over: dict[str, int] = {}  # task -> lease epoch whose takeover is done
         self._merged: set[tuple[str, int]] = set()  # rounds this leader merged, not yet ended
+        # Closed rounds this replica had no mirror of, checked for uploads of its earlier run.
+        self._lost_checked: set[tuple[str, int]] = set()
         super().__init__(store, clock, settings, evaluator, rng, identities)
         self.driver = ReplicaDriver(self, retention=Retention(self.settings.retention))
 
@@ -262,12 +264,19 @@ class ReplicaCoordinator(Coordinator):
         """A mirror is only dropped here (the leader records the shared round); a round this
         leader merged is recorded abandoned under its lease."""
         record = closed.summarize(round_, RoundState.ABANDONED, self.now())
-        if (task.task_id, round_.round_number) in self._merged:
-            self.store.record_closed_round(record, self.fence(task.task_id))
+        fence = self.leadership.fence(task.task_id)
+        if (task.task_id, round_.round_number) in self._merged and fence is not None:
+            self.store.record_closed_round(record, fence)
         round_.state = RoundState.ABANDONED
         self.forget(task, round_)
         self.notify(task, record)
         return record
+
+    def leave(self) -> None:
+        """A replica that stops (drained): hands its tasks back at once and drops its
+        heartbeat, so no leader waits a lease time for partials it will never send."""
+        self.leadership.release_all()
+        self.ledger.remove_replica(self.replica_name)
 
     # ----- replication: one pass of the replica's loop -------------------------------------
 
@@ -471,6 +480,17 @@ class ReplicaCoordinator(Coordinator):
             if row is None:  # ended meanwhile; how is in the store, not known here
                 task.recent_outcomes.pop(number, None)
         for row in shared:
+            key = (task.task_id, row.round_number)
+            if (
+                row.state is SharedState.AGGREGATING
+                and row.round_number not in task.open_rounds
+                and key not in self._lost_checked
+            ):
+                # Uploads an earlier run of this replica (same name) accepted are gone with
+                # it: saying so at once spares the leader its wait for a partial.
+                self._lost_checked.add(key)
+                if self.ledger.reported_by(self.replica_name, *key) > 0:
+                    self.ledger.hand_over(*key, self.replica_name, [], b"")
             if row.state.open and row.round_number not in task.open_rounds:
                 round_ = RoundInProgress(
                     task.task_id,
@@ -509,7 +529,8 @@ class ReplicaCoordinator(Coordinator):
                 round_ = self._summarized(task, row, assignments, counted)
                 partial = RoundPartial(round_.aggregate, round_.client_metrics, 0, 0)
                 for handover in handovers:
-                    merge_into(partial, handover.partial, self._round_aggregator(task, row))
+                    if handover.partial:  # empty: a restarted replica lost its uploads
+                        merge_into(partial, handover.partial, self._round_aggregator(task, row))
                 round_.upload_bytes = partial.upload_bytes
                 round_.broadcast_bytes = partial.broadcast_bytes
                 round_.state = RoundState.AGGREGATING

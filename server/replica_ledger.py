@@ -188,6 +188,20 @@ class ReplicaLedger:
                 dataclasses.astuple(replica),
             )
 
+    def remove_replica(self, name: str) -> None:
+        with self._store.relaxed_transaction() as conn:
+            conn.execute("DELETE FROM replicas WHERE name = %s", (name,))
+
+    def reported_by(self, replica: str, task_id: str, round_number: int) -> int:
+        """Uploads `replica` (by name, any run of it) accepted in the round."""
+        with self._store.relaxed_transaction() as conn:
+            row = conn.execute(
+                "SELECT reported FROM replica_round_counts WHERE replica = %s AND task_id = %s "
+                "AND round_number = %s",
+                (replica, task_id, round_number),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
     def replicas(self) -> list[ReplicaRow]:
         with self._store.relaxed_transaction() as conn:
             rows = conn.execute(
@@ -265,25 +279,25 @@ class ReplicaLedger:
                 ),
             )
 
-    def apply_deadlines(
-        self, fence: Lease, task_id: str, config: TaskConfig, now: float
-    ) -> list[SharedRound]:
-        """The leader's pass: moves the task's open rounds on by their deadlines."""
+    def apply_deadlines(self, fence: Lease, task_id: str, config: TaskConfig, now: float) -> None:
+        """The leader's pass: moves the task's open rounds on by their deadlines. Rounds
+        whose state stays are only read (a pass every quarter second writes nothing)."""
+        due = [
+            shared
+            for shared in self.unfinished_rounds(task_id)
+            if shared.state.open and next_state(shared, config, now) != shared
+        ]
+        if not due:
+            return
         with self._store.durable_transaction() as conn:
             _check_fence(conn, fence, task_id)
-            rows = conn.execute(
-                f"SELECT {_round_columns} FROM shared_rounds WHERE task_id = %s "
-                "AND state IN ('selecting', 'reporting') ORDER BY round_number FOR UPDATE",
-                (task_id,),
-            ).fetchall()
-            moved = []
-            for row in rows:
-                shared = SharedRound.from_row(row)
+            for stale in due:
+                shared = _locked_round(conn, task_id, stale.round_number)
+                if shared is None:
+                    continue
                 after = next_state(shared, config, now)
                 if after != shared:
                     _write_state(conn, after)
-                moved.append(after)
-        return moved
 
     def finish(self, task_id: str, round_number: int, state: SharedState) -> None:
         """Marks a round terminal once its record is durable, and drops what only its open

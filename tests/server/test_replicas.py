@@ -129,7 +129,15 @@ def _reference(
     return weights, record
 
 
-@pytest.mark.parametrize("aggregator", ["mean()", "robust_aggregator()"])
+@pytest.mark.parametrize(
+    "aggregator",
+    [
+        "mean()",
+        "robust_aggregator()",
+        "compression_aggregator()",
+        "dp_aggregator(noise_multiplier=0, clients_per_round=4)",
+    ],
+)
 def test_three_replicas_commit_the_round_one_coordinator_would(
     cluster: Cluster, model_bytes: bytes, tmp_path: pathlib.Path, aggregator: str
 ) -> None:
@@ -276,3 +284,24 @@ def test_a_secure_task_is_refused_on_replicas(cluster: Cluster, model_bytes: byt
         cluster.replicas[0].register_task(
             task_config(aggregator="secure_aggregator()", target_reports=10), model_bytes
         )
+
+
+def test_a_restarted_replica_says_at_once_that_its_earlier_uploads_are_lost(
+    cluster: Cluster, model_bytes: bytes
+) -> None:
+    _registered(cluster, model_bytes, target_reports=2, over_selection=1.0, min_reports=1)
+    leader = cluster.leader()
+    crashed = next(r for r in cluster.replicas if r is not leader)
+    size = leader.task("t1").record.num_parameters
+    assignments = [check_in(leader, f"d{i}").assignment for i in range(2)]
+    deltas = _deltas(2, size)
+    _upload(crashed, assignments[0], deltas[0])
+    restarted = cluster.start(crashed.replica_name)  # the same replica, back at once
+    _upload(leader, assignments[1], deltas[1])
+
+    cluster.tick([r for r in cluster.replicas if r is not crashed] + [restarted])
+
+    (record,) = _records(cluster)  # no wait for a partial that no longer exists
+    assert record.state is RoundState.COMMITTED
+    assert (record.reported, record.dropped) == (1, 1)
+    assert record.metrics[f"round/dropouts/{REPLICA_LOST.lower()}"] == 1.0

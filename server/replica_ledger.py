@@ -9,15 +9,7 @@ quota, its target and its closing are global: N replicas select `target * over_s
 devices between them, as one process would, and an upload is counted at most once whichever
 replica receives it.
 
-A shared round moves through:
-
-    selecting ─▶ reporting ─▶ aggregating ─▶ merging ─▶ committed
-         └───────────┴──────▶ failing ─────────────────▶ failed
-    any non-terminal state ─▶ abandoned (a new leader takes the task)
-
-`aggregating`: closed to reports; each replica hands over its partial aggregate. `merging`:
-the leader took the partials (a handover after that is refused, so a slow replica's uploads
-count as dropouts, never twice). `failing`: too few reports; the leader records it failed.
+The rounds' states and rules are in server/shared_rounds.py.
 
 Leader-only steps (opening a round, applying deadlines, taking partials) are fenced: they go
 through only while the caller's lease is still the task's current one, checked in the same
@@ -27,7 +19,6 @@ transaction (server/leases.py).
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 from typing import Any
 
@@ -37,139 +28,17 @@ from server.config import TaskConfig
 from server.errors import AlreadyExists, FailedPrecondition, Unauthenticated
 from server.leases import Lease, check_fence
 from server.postgres_store import PostgresStore
-from server.rounds import reporting, selecting
-from server.store import AssignmentRecord, RoundState
-
-
-class SharedState(enum.Enum):
-    SELECTING = "selecting"
-    REPORTING = "reporting"
-    AGGREGATING = "aggregating"
-    MERGING = "merging"
-    FAILING = "failing"
-    COMMITTED = "committed"
-    FAILED = "failed"
-    ABANDONED = "abandoned"
-
-    @property
-    def open(self) -> bool:
-        return self in (SharedState.SELECTING, SharedState.REPORTING)
-
-    @property
-    def terminal(self) -> bool:
-        return self in (SharedState.COMMITTED, SharedState.FAILED, SharedState.ABANDONED)
-
-
-_terminal = tuple(s.value for s in SharedState if s.terminal)
-_round_columns = (
-    "task_id, round_number, state, epoch, seed, aggregator_state, base_weights_sha256, "
-    "base_version, started_at, reporting_started_at, reporting_deadline, closed_at, selected, "
-    "reported, failed"
+from server.shared_rounds import (
+    ROUND_COLUMNS,
+    TERMINAL_STATES,
+    Handover,
+    ReplicaRow,
+    SharedAssignment,
+    SharedRound,
+    SharedState,
+    next_state,
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class SharedRound:
-    task_id: str
-    round_number: int
-    state: SharedState
-    epoch: int  # the lease epoch of the leader that opened it
-    seed: int  # the aggregator's shared seed (rotations, codecs): every replica's is the same
-    aggregator_state: dict[str, float]
-    base_weights_sha256: str
-    base_version: int
-    started_at: float
-    reporting_started_at: float = float("inf")
-    reporting_deadline: float = float("inf")
-    closed_at: float = float("inf")
-    selected: int = 0
-    reported: int = 0
-    failed: int = 0
-
-    @property
-    def outstanding(self) -> int:
-        return self.selected - self.reported - self.failed
-
-    @classmethod
-    def from_row(cls, row: tuple[Any, ...]) -> SharedRound:
-        inf = float("inf")
-        return cls(
-            task_id=row[0],
-            round_number=row[1],
-            state=SharedState(row[2]),
-            epoch=row[3],
-            seed=int(row[4]),
-            aggregator_state=json.loads(row[5]),
-            base_weights_sha256=row[6],
-            base_version=row[7],
-            started_at=row[8],
-            reporting_started_at=inf if row[9] is None else row[9],
-            reporting_deadline=inf if row[10] is None else row[10],
-            closed_at=inf if row[11] is None else row[11],
-            selected=row[12],
-            reported=row[13],
-            failed=row[14],
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class SharedAssignment:
-    token_sha256: str
-    task_id: str
-    round_number: int
-    device_id: str
-    declared_examples: int
-    state: str  # "assigned", "reported", "failed" (server.rounds.round.AssignmentState)
-    reported_by: str | None
-    failure: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Handover:
-    replica: str
-    tokens: list[str]
-    partial: bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplicaRow:
-    name: str
-    host: str
-    pid: int
-    started_at: float
-    seen_at: float
-    check_ins: int
-    uploads: int
-
-
-def next_state(
-    shared: SharedRound, config: TaskConfig, now: float, min_selected: int = 0
-) -> SharedRound:
-    """The round after its rules have seen `now` and its counts (as Coordinator.advance)."""
-    while True:
-        match shared.state:
-            case SharedState.SELECTING:
-                following = selecting.next_state(shared, config, now, min_selected)
-            case SharedState.REPORTING:
-                following = reporting.next_state(shared, config, now)
-            case _:
-                return shared
-        match following:
-            case RoundState.SELECTING:
-                return shared
-            case RoundState.REPORTING if shared.state is SharedState.REPORTING:
-                return shared
-            case RoundState.REPORTING:
-                shared = dataclasses.replace(
-                    shared,
-                    state=SharedState.REPORTING,
-                    reporting_started_at=now,
-                    reporting_deadline=now + config.reporting_deadline_s,
-                )
-            case RoundState.AGGREGATING:
-                return dataclasses.replace(shared, state=SharedState.AGGREGATING, closed_at=now)
-            case _:
-                return dataclasses.replace(shared, state=SharedState.FAILING, closed_at=now)
+from server.store import AssignmentRecord
 
 
 class ReplicaLedger:
@@ -232,13 +101,13 @@ class ReplicaLedger:
     def unfinished_rounds(self, task_id: str | None = None) -> list[SharedRound]:
         """Rounds not yet committed, failed or abandoned (of one task, or of all)."""
         where = "state NOT IN (%s, %s, %s)"
-        params: list[Any] = list(_terminal)
+        params: list[Any] = list(TERMINAL_STATES)
         if task_id is not None:
             where += " AND task_id = %s"
             params.append(task_id)
         with self._store.relaxed_transaction() as conn:
             rows = conn.execute(
-                f"SELECT {_round_columns} FROM shared_rounds WHERE {where} "
+                f"SELECT {ROUND_COLUMNS} FROM shared_rounds WHERE {where} "
                 "ORDER BY task_id, round_number",
                 params,
             ).fetchall()
@@ -264,7 +133,7 @@ class ReplicaLedger:
         with self._store.durable_transaction() as conn:
             _check_fence(conn, fence, shared.task_id)
             conn.execute(
-                f"INSERT INTO shared_rounds ({_round_columns}) VALUES "
+                f"INSERT INTO shared_rounds ({ROUND_COLUMNS}) VALUES "
                 "(%s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, NULL, NULL, 0, 0, 0)",
                 (
                     shared.task_id,
@@ -518,7 +387,7 @@ def _check_fence(conn: psycopg.Connection, fence: Lease, task_id: str) -> None:
 
 def _locked_round(conn: psycopg.Connection, task_id: str, round_number: int) -> SharedRound | None:
     row = conn.execute(
-        f"SELECT {_round_columns} FROM shared_rounds WHERE task_id = %s AND round_number = %s "
+        f"SELECT {ROUND_COLUMNS} FROM shared_rounds WHERE task_id = %s AND round_number = %s "
         "FOR UPDATE",
         (task_id, round_number),
     ).fetchone()

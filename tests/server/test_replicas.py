@@ -17,7 +17,8 @@ from server.coordinator import Coordinator
 from server.errors import AlreadyExists, FailedPrecondition
 from server.leases import default_lease_s
 from server.postgres_store import PostgresStore
-from server.replica_coordinator import REPLICA_LOST, ReplicaCoordinator
+from server.replica_coordinator import ReplicaCoordinator
+from server.replica_leader import REPLICA_LOST
 from server.sqlite_store import SqliteStore
 from server.store import RoundRecord, RoundState
 from tests.fakes import FakeClock

@@ -20,7 +20,7 @@ from server.postgres_store import PostgresStore
 from server.replica_coordinator import ReplicaCoordinator
 from server.replica_leader import REPLICA_LOST
 from server.sqlite_store import SqliteStore
-from server.store import RoundRecord, RoundState
+from server.store import RoundRecord, RoundState, TaskState
 from tests.fakes import FakeClock
 from tests.harness import task_config
 from tests.identities import check_in, identities_for, make_coordinator, sign_header
@@ -306,3 +306,60 @@ def test_a_restarted_replica_says_at_once_that_its_earlier_uploads_are_lost(
     assert record.state is RoundState.COMMITTED
     assert (record.reported, record.dropped) == (1, 1)
     assert record.metrics[f"round/dropouts/{REPLICA_LOST.lower()}"] == 1.0
+
+
+def test_an_evaluation_task_sums_the_reports_of_every_replica(
+    cluster: Cluster, model_bytes: bytes
+) -> None:
+    _registered(cluster, model_bytes)
+    a, b, c = cluster.replicas
+    a.register_task(
+        task_config(
+            task_id="eval",
+            kind="evaluation",
+            evaluates="t1",
+            total_rounds=1,
+            target_reports=2,
+            over_selection=1.0,
+        ),
+        b"",
+    )
+    a.control_task("t1", TaskState.PAUSED)  # only the evaluation takes devices
+    cluster.tick()
+    assignments = [check_in(r, f"d{i}").assignment for i, r in enumerate((a, b))]
+
+    for replica, assignment, examples in zip((c, a), assignments, (7, 5), strict=True):
+        header = sign_header(
+            device_pb2.UploadHeader(
+                protocol_version=constants.PROTOCOL_VERSION,
+                upload_token=assignment.upload_token,
+                example_count=examples,
+                encoding=constants.REPORT_ENCODING_EVALUATION,
+                metrics=common_pb2.ClientMetrics(
+                    loss=1.0, accuracy=0.5, num_examples=examples, num_batches=1
+                ),
+            )
+        )
+        replica.accept_upload(header, b"", 0)
+    cluster.tick()
+
+    assert [a.kind for a in assignments] == [device_pb2.Assignment.EVALUATION] * 2
+    (record,) = _records(cluster, "eval")
+    assert record.state is RoundState.COMMITTED
+    assert record.metrics["federated_eval/num_examples"] == 12.0
+    assert record.metrics["aggregator/num_reports"] == 2.0
+
+
+def test_a_replica_that_leaves_hands_its_tasks_over_at_once(
+    cluster: Cluster, model_bytes: bytes
+) -> None:
+    _registered(cluster, model_bytes)
+    old = cluster.leader()
+    living = [r for r in cluster.replicas if r is not old]
+
+    old.leave()  # drained
+    cluster.tick(living, passes=1)  # no lease time passes
+
+    lease = cluster.leader(living).leadership.fence("t1")
+    assert lease is not None and lease.epoch == 2
+    assert old.replica_name not in [r.name for r in living[0].ledger.replicas()]

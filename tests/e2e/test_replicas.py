@@ -139,6 +139,18 @@ def _lease(url: str, task_id: str) -> tuple[str, int, float]:
     return row[0], int(row[1]), float(row[2])
 
 
+def _round_open(url: str, task_id: str) -> bool:
+    """Whether a round of the task has devices and is still open (a fault then catches it)."""
+    return bool(
+        _read(
+            url,
+            "SELECT 1 FROM shared_rounds WHERE task_id = %s AND selected > 0 "
+            "AND state IN ('selecting', 'reporting')",
+            task_id,
+        )
+    )
+
+
 def _snapshot(url: str) -> dict[str, object]:
     rounds = _read(
         url,
@@ -242,6 +254,7 @@ def test_replicas_survive_a_killed_and_a_stopped_leader(
         return after
 
     lost_expires = [0.0]
+    served: list[tuple] = []  # the replicas' heartbeat rows while they ran
 
     async def scenario() -> None:
         for index in range(REPLICAS):
@@ -251,7 +264,8 @@ def test_replicas_survive_a_killed_and_a_stopped_leader(
         try:
             await both_tasks_commit(_snapshot(url))
 
-            # SIGKILL the plain task's leader.
+            # SIGKILL the plain task's leader, with a round of it open.
+            await _until(lambda: _round_open(url, "plain"), "a plain round with devices")
             leader, epoch, expires = _lease(url, "plain")
             lost_expires[0] = expires
             killed = takeover(leader, epoch, replicas.kill(leader))
@@ -261,6 +275,7 @@ def test_replicas_survive_a_killed_and_a_stopped_leader(
             await both_tasks_commit(after_kill)
 
             # SIGSTOP the new leader past its lease, then let it run again.
+            await _until(lambda: _round_open(url, "plain"), "a plain round with devices")
             leader, epoch, expires = _lease(url, "plain")
             lost_expires[0] = expires
             replicas.signal(leader, signal.SIGSTOP)
@@ -277,6 +292,7 @@ def test_replicas_survive_a_killed_and_a_stopped_leader(
             final = _snapshot(url)
             _check_invariants(url, at_takeover, final)
             _check_no_stale_commit(at_takeover, final, "plain", epoch)
+            served.extend(_read(url, "SELECT name, check_ins, uploads FROM replicas ORDER BY name"))
         finally:
             stop.set()
             await replicas.stop_all()
@@ -289,6 +305,7 @@ def test_replicas_survive_a_killed_and_a_stopped_leader(
     assert any(r[0] == "plain" and r[2] == "abandoned" for r in final["rounds"]), (
         "no fault caught a round open"
     )
-    served = _read(url, "SELECT name, check_ins, uploads FROM replicas ORDER BY name")
     assert [name for name, _, _ in served] == [replicas.name(i) for i in range(REPLICAS)]
     assert sum(uploads for _, _, uploads in served) > 0, served
+    # Drained with SIGTERM, every replica left: no leader waits for its partials.
+    assert _read(url, "SELECT name FROM replicas") == []

@@ -335,6 +335,9 @@ class ReplicaCoordinator(ReplicaLeader):
                 mirror_state(round_, row)
                 continue
             if row is not None and row.state is SharedState.AGGREGATING and round_.reported:
+                # A mirror without uploads hands nothing over; the check below still tells
+                # the leader of counts it took but could not keep (refused after counting).
+                self._lost_checked.add((task.task_id, number))
                 partial = RoundPartial(
                     round_.aggregate,
                     round_.client_metrics,
@@ -359,6 +362,8 @@ class ReplicaCoordinator(ReplicaLeader):
             Coordinator.forget(self, task, round_)
             if row is None:  # ended meanwhile; how is in the store, not known here
                 task.recent_outcomes.pop(number, None)
+        # Bounded: only rounds still unfinished are remembered.
+        self._lost_checked = {k for k in self._lost_checked if k[0] != task.task_id or k[1] in rows}
         for row in shared:
             key = (task.task_id, row.round_number)
             if (

@@ -507,6 +507,7 @@ class Coordinator:
         self._record_assignment(
             AssignmentRecord(digest, task.task_id, round_.round_number, device_id, now),
             request.example_count,
+            network,
         )
         round_.assign(device_id, digest, request.example_count, network)
         enrollment = self.secure_rounds.enroll(round_, digest, device_key_der) if secure else None
@@ -553,9 +554,12 @@ class Coordinator:
         window = self._steer(task, active, now, not_before_s=max(task.config.min_separation_s, 0.0))
         return device_pb2.CheckInResponse(assignment=assignment, retry_window=window)
 
-    def _record_assignment(self, record: AssignmentRecord, declared_examples: int) -> None:
+    def _record_assignment(
+        self, record: AssignmentRecord, declared_examples: int, network: str | None
+    ) -> None:
         """Makes an assignment durable before the device hears of it. (Replicas also count
-        it against the round's global quota, and may refuse: server/replica_coordinator.py.)"""
+        it against the round's global quota and network share, and may refuse:
+        server/replica_coordinator.py.)"""
         self.store.add_assignment(record)
 
     # ----- download ------------------------------------------------------------------------

@@ -91,7 +91,11 @@ MIGRATIONS = (
             " token_sha256 TEXT PRIMARY KEY, task_id TEXT NOT NULL, round_number INTEGER NOT NULL,"
             " device_id TEXT NOT NULL, declared_examples BIGINT NOT NULL,"
             " issued_by TEXT NOT NULL, state TEXT NOT NULL, reported_by TEXT,"
-            " failure TEXT NOT NULL DEFAULT '', UNIQUE (task_id, round_number, device_id))",
+            " failure TEXT NOT NULL DEFAULT '', network TEXT,"
+            " UNIQUE (task_id, round_number, device_id))",
+            # A network's share of a round is counted across replicas.
+            "CREATE INDEX shared_assignments_by_network"
+            " ON shared_assignments (task_id, round_number, network)",
             "CREATE TABLE replica_round_counts ("
             " task_id TEXT NOT NULL, round_number INTEGER NOT NULL, replica TEXT NOT NULL,"
             " selected INTEGER NOT NULL DEFAULT 0, reported INTEGER NOT NULL DEFAULT 0,"

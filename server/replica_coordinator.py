@@ -21,8 +21,8 @@ round driver a single coordinator uses.
 - Secure aggregation is not served across replicas: its rounds hold per-device protocol state
   in one process. Registering a secure_aggregator() task on a replica is refused, and a secure
   task found in the store is shown failed with the reason.
-- The per-network share of a round (`max_network_share`) is enforced per replica, not across
-  them: N replicas may give one network up to N times its share.
+- Pace steering (retry windows, check-in capacity) and the per-network rate limits are each
+  replica's own, measured from the check-ins it answers.
 """
 
 from __future__ import annotations
@@ -158,10 +158,12 @@ class ReplicaCoordinator(ReplicaLeader):
             window = self._steer(task, active, now)
             return self._reject(device_pb2.Rejection.ROUND_FULL, "round is full", window)
 
-    def _record_assignment(self, record: AssignmentRecord, declared_examples: int) -> None:
+    def _record_assignment(
+        self, record: AssignmentRecord, declared_examples: int, network: str | None
+    ) -> None:
         task = self.task(record.task_id)
         shared = self.ledger.assign(
-            record, declared_examples, self.replica_name, task.config, self.now()
+            record, declared_examples, network, self.replica_name, task.config, self.now()
         )
         round_ = task.open_rounds.get(record.round_number)
         if shared is None:

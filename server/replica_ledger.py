@@ -26,6 +26,7 @@ import psycopg
 
 from server.config import TaskConfig
 from server.errors import AlreadyExists, FailedPrecondition, Unauthenticated
+from server.flood_limits import network_slot_cap
 from server.leases import Lease, check_fence
 from server.postgres_store import PostgresStore
 from server.shared_rounds import (
@@ -190,12 +191,14 @@ class ReplicaLedger:
         self,
         record: AssignmentRecord,
         declared_examples: int,
+        network: str | None,
         replica: str,
         config: TaskConfig,
         now: float,
     ) -> SharedRound | None:
-        """Counts an assignment against the round's global quota, or returns None (and
-        writes nothing) if the round takes no more devices or already has this device."""
+        """Counts an assignment against the round's global quota and the share of it one
+        network may take (None: not limited), or returns None (and writes nothing) if the
+        round takes no more devices, none from this network, or already has this device."""
         with self._store.relaxed_transaction() as conn:
             shared = _locked_round(conn, record.task_id, record.round_number)
             if (
@@ -204,9 +207,19 @@ class ReplicaLedger:
                 or shared.selected >= config.selection_quota
             ):
                 return None
+            if network is not None:
+                row = conn.execute(
+                    "SELECT COUNT(*) FROM shared_assignments WHERE task_id = %s "
+                    "AND round_number = %s AND network = %s",
+                    (record.task_id, record.round_number, network),
+                ).fetchone()
+                cap = network_slot_cap(config.max_network_share, config.selection_quota)
+                if row is not None and row[0] >= cap:
+                    return None
             inserted = conn.execute(
-                "INSERT INTO shared_assignments VALUES (%s, %s, %s, %s, %s, %s, 'assigned', "
-                "NULL, '') ON CONFLICT DO NOTHING",
+                "INSERT INTO shared_assignments (token_sha256, task_id, round_number, device_id,"
+                " declared_examples, issued_by, state, failure, network) "
+                "VALUES (%s, %s, %s, %s, %s, %s, 'assigned', '', %s) ON CONFLICT DO NOTHING",
                 (
                     record.token_sha256,
                     record.task_id,
@@ -214,6 +227,7 @@ class ReplicaLedger:
                     record.device_id,
                     declared_examples,
                     replica,
+                    network,
                 ),
             )
             if inserted.rowcount != 1:

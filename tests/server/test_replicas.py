@@ -363,3 +363,17 @@ def test_a_replica_that_leaves_hands_its_tasks_over_at_once(
     lease = cluster.leader(living).leadership.fence("t1")
     assert lease is not None and lease.epoch == 2
     assert old.replica_name not in [r.name for r in living[0].ledger.replicas()]
+
+
+def test_a_networks_share_of_a_round_is_counted_across_replicas(
+    cluster: Cluster, model_bytes: bytes
+) -> None:
+    # Quota 4, share 0.5: one network may take 2 slots, whichever replicas it calls.
+    _registered(cluster, model_bytes, target_reports=4, over_selection=1.0, max_network_share=0.5)
+
+    answers = [
+        check_in(replica, f"n{i}", peer=f"ipv4:10.0.1.{i + 1}:999")
+        for i, replica in enumerate(cluster.replicas)
+    ]
+
+    assert [a.WhichOneof("outcome") for a in answers] == ["assignment"] * 2 + ["rejection"]

@@ -9,6 +9,7 @@ closes. Each task has one leader, by lease (server/task_leadership.py): it opens
 their deadlines, merges the partials and commits with its lease as a fence, through the same
 round driver a single coordinator uses.
 
+- A replica that drains hands its partials of rounds still open over early and leaves.
 - A replica that dies loses the uploads it had not handed over: the leader waits for its
   partial until the replica has been silent for a lease time, then commits without it, and
   those assignments count as dropouts (`round/dropouts/replica_lost`). Their tokens are
@@ -257,16 +258,37 @@ class ReplicaCoordinator(ReplicaLeader):
                 log.warning("task %s: round %d not marked ended: %s", task.task_id, key[1], exc)
 
     def abandon(self, task: TaskRuntime, round_: RoundInProgress) -> RoundRecord:
-        """A mirror is only dropped here (the leader records the shared round); a round this
-        leader merged is recorded abandoned under its lease."""
+        """A round this leader merged is recorded abandoned under its lease. A mirror (a
+        drain, a cancel, a fault here) is handed over as it stands and dropped: the shared
+        round goes on, and its leader counts these uploads when it closes."""
         record = closed.summarize(round_, RoundState.ABANDONED, self.now())
         fence = self.leadership.fence(task.task_id)
-        if (task.task_id, round_.round_number) in self._merged and fence is not None:
+        recorded = (task.task_id, round_.round_number) in self._merged and fence is not None
+        if recorded:
             self.store.record_closed_round(record, fence)
+        elif round_.reported and (task.task_id, round_.round_number) not in self._merged:
+            self._hand_over(task, round_, early=True)
         round_.state = RoundState.ABANDONED
         self.forget(task, round_)
-        self.notify(task, record)
+        if recorded:
+            self.notify(task, record)
         return record
+
+    def _hand_over(self, task: TaskRuntime, round_: RoundInProgress, early: bool = False) -> None:
+        """Leaves this replica's partial of the round for its leader (`early`: before the
+        round closed, as a replica that stops does)."""
+        partial = RoundPartial(
+            round_.aggregate, round_.client_metrics, round_.upload_bytes, round_.broadcast_bytes
+        )
+        key = (task.task_id, round_.round_number)
+        tokens = round_.counted_tokens()
+        if not self.ledger.hand_over(*key, self.replica_name, tokens, to_bytes(partial), early):
+            log.warning(
+                "task %s: round %d merged without this replica's %d uploads",
+                *key,
+                round_.reported,
+                extra=about(*key),
+            )
 
     def leave(self) -> None:
         """A replica that stops (drained): hands its tasks back at once and drops its
@@ -340,26 +362,7 @@ class ReplicaCoordinator(ReplicaLeader):
                 # A mirror without uploads hands nothing over; the check below still tells
                 # the leader of counts it took but could not keep (refused after counting).
                 self._lost_checked.add((task.task_id, number))
-                partial = RoundPartial(
-                    round_.aggregate,
-                    round_.client_metrics,
-                    round_.upload_bytes,
-                    round_.broadcast_bytes,
-                )
-                if not self.ledger.hand_over(
-                    task.task_id,
-                    number,
-                    self.replica_name,
-                    round_.counted_tokens(),
-                    to_bytes(partial),
-                ):
-                    log.warning(
-                        "task %s: round %d merged without this replica's %d uploads",
-                        task.task_id,
-                        number,
-                        round_.reported,
-                        extra=about(task.task_id, number),
-                    )
+                self._hand_over(task, round_)
             round_.state = RoundState.AGGREGATING if row is not None else RoundState.ABANDONED
             Coordinator.forget(self, task, round_)
             if row is None:  # ended meanwhile; how is in the store, not known here

@@ -328,17 +328,27 @@ class ReplicaLedger:
     # ----- handover and merge --------------------------------------------------------------
 
     def hand_over(
-        self, task_id: str, round_number: int, replica: str, tokens: list[str], partial: bytes
+        self,
+        task_id: str,
+        round_number: int,
+        replica: str,
+        tokens: list[str],
+        partial: bytes,
+        early: bool = False,
     ) -> bool:
-        """Leaves a replica's partial for the leader. False if the leader already merged (the
-        replica's uploads then count as dropouts)."""
+        """Leaves a replica's partial for the leader: once the round closed, or `early` (a
+        replica that stops and takes no more uploads). False if the leader already merged
+        (the replica's uploads then count as dropouts)."""
+        accepted = [SharedState.AGGREGATING.value]
+        if early:
+            accepted += [SharedState.SELECTING.value, SharedState.REPORTING.value]
         with self._store.relaxed_transaction() as conn:
             row = conn.execute(
                 "SELECT state FROM shared_rounds WHERE task_id = %s AND round_number = %s "
                 "FOR SHARE",
                 (task_id, round_number),
             ).fetchone()
-            if row is None or row[0] != SharedState.AGGREGATING.value:
+            if row is None or row[0] not in accepted:
                 return False
             conn.execute(
                 "INSERT INTO round_partials VALUES (%s, %s, %s, %s, %b) ON CONFLICT DO NOTHING",

@@ -14,6 +14,7 @@ from device_runtime import constants
 from device_runtime.aggregation.client import encode_for_upload
 from protos import common_pb2, device_pb2
 from server.coordinator import Coordinator
+from server.drain import abandon_open_rounds
 from server.errors import AlreadyExists, FailedPrecondition
 from server.leases import default_lease_s
 from server.postgres_store import PostgresStore
@@ -377,3 +378,24 @@ def test_a_networks_share_of_a_round_is_counted_across_replicas(
     ]
 
     assert [a.WhichOneof("outcome") for a in answers] == ["assignment"] * 2 + ["rejection"]
+
+
+def test_a_drained_replica_hands_over_the_uploads_of_rounds_still_open(
+    cluster: Cluster, model_bytes: bytes
+) -> None:
+    _registered(cluster, model_bytes, target_reports=2, over_selection=1.0)
+    leader = cluster.leader()
+    draining = next(r for r in cluster.replicas if r is not leader)
+    size = leader.task("t1").record.num_parameters
+    assignments = [check_in(leader, f"d{i}").assignment for i in range(2)]
+    deltas = _deltas(2, size)
+    _upload(draining, assignments[0], deltas[0])
+
+    abandon_open_rounds(draining)  # what `serve` does at the end of a drain
+    draining.leave()
+    _upload(leader, assignments[1], deltas[1])
+    cluster.tick([r for r in cluster.replicas if r is not draining])
+
+    (record,) = _records(cluster)
+    assert record.state is RoundState.COMMITTED
+    assert (record.reported, record.dropped) == (2, 0)

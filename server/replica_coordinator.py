@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 from collections.abc import Sequence
 
@@ -87,7 +88,10 @@ class ReplicaCoordinator(ReplicaLeader):
     ) -> None:
         self.replica_name = name
         self.ledger = ReplicaLedger(store)
-        self.leadership = TaskLeadership(store, clock, name, lease_s)
+        # Leases are held by this run of the replica: two processes given the same name (or
+        # a quick restart) never both lead a task.
+        run = secrets.token_hex(3)
+        self.leadership = TaskLeadership(store, clock, f"{name}#{run}", lease_s)
         self.started_at = clock.now()
         self.check_ins = 0
         self.uploads = 0

@@ -267,24 +267,26 @@ def test_replicas_survive_a_killed_and_a_stopped_leader(
             # SIGKILL the plain task's leader, with a round of it open.
             await _until(lambda: _round_open(url, "plain"), "a plain round with devices")
             leader, epoch, expires = _lease(url, "plain")
+            name = leader.split("#")[0]  # a lease holder is a replica's name and run
             lost_expires[0] = expires
-            killed = takeover(leader, epoch, replicas.kill(leader))
+            killed = takeover(leader, epoch, replicas.kill(name))
             after_kill = await killed
             _check_no_stale_commit(after_kill, _snapshot(url), "plain", epoch)
-            await replicas.start(int(leader[1:]))  # its phones come back to it
+            await replicas.start(int(name[1:]))  # its phones come back to it
             await both_tasks_commit(after_kill)
 
             # SIGSTOP the new leader past its lease, then let it run again.
             await _until(lambda: _round_open(url, "plain"), "a plain round with devices")
             leader, epoch, expires = _lease(url, "plain")
+            name = leader.split("#")[0]
             lost_expires[0] = expires
-            replicas.signal(leader, signal.SIGSTOP)
+            replicas.signal(name, signal.SIGSTOP)
             at_takeover = await takeover(leader, epoch, asyncio.sleep(0))
-            replicas.signal(leader, signal.SIGCONT)
-            (seen,) = _read(url, "SELECT seen_at FROM replicas WHERE name = %s", leader)[0]
+            replicas.signal(name, signal.SIGCONT)
+            (seen,) = _read(url, "SELECT seen_at FROM replicas WHERE name = %s", name)[0]
             await _until(
                 lambda: (
-                    _read(url, "SELECT seen_at FROM replicas WHERE name = %s", leader)[0][0] > seen
+                    _read(url, "SELECT seen_at FROM replicas WHERE name = %s", name)[0][0] > seen
                 ),
                 "the stopped replica running again",
             )

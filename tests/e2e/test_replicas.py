@@ -1,9 +1,10 @@
 """Three `overnight serve --replica` processes on one real PostgreSQL database, with emulated
 phones on each, running a plain-mean and a robust task. The leader of the plain task is
 killed with SIGKILL, then its successor is stopped with SIGSTOP for longer than its lease and
-resumed. After each fault: another replica leads the task, no committed round is lost, every
-committed round counted exactly its uploads and no token twice, weights are finite, no round
-of a lost leader's epoch commits after it lost the lease, and both tasks keep committing."""
+resumed, then a follower is killed. After each fault: no committed round is lost, every
+committed round counted exactly its uploads and no token twice, weights are finite, and both
+tasks keep committing; after a leader's fault another replica leads the task, and no round of
+the lost epoch commits after the lease was lost."""
 
 from __future__ import annotations
 
@@ -291,9 +292,19 @@ def test_replicas_survive_a_killed_and_a_stopped_leader(
                 "the stopped replica running again",
             )
             await both_tasks_commit(at_takeover)
+            after_stop = _snapshot(url)
+            _check_invariants(url, at_takeover, after_stop)
+            _check_no_stale_commit(at_takeover, after_stop, "plain", epoch)
+
+            # SIGKILL a follower: its uploads not handed over count as dropouts.
+            await _until(lambda: _round_open(url, "plain"), "a plain round with devices")
+            leaders = {_lease(url, t)[0].split("#")[0] for t in TASKS}
+            follower = next(n for n in replicas.processes if n not in leaders)
+            await replicas.kill(follower)
+            await both_tasks_commit(_snapshot(url))
+            await replicas.start(int(follower[1:]))
             final = _snapshot(url)
-            _check_invariants(url, at_takeover, final)
-            _check_no_stale_commit(at_takeover, final, "plain", epoch)
+            _check_invariants(url, after_stop, final)
             served.extend(_read(url, "SELECT name, check_ins, uploads FROM replicas ORDER BY name"))
         finally:
             stop.set()

@@ -102,11 +102,6 @@ class ReplicaCoordinator(ReplicaLeader):
         super().__init__(store, clock, settings, evaluator, rng, identities)
         self.driver = ReplicaDriver(self, retention=Retention(self.settings.retention))
 
-    @property
-    def postgres(self) -> PostgresStore:
-        assert isinstance(self.store, PostgresStore)
-        return self.store
-
     # ----- tasks ---------------------------------------------------------------------------
 
     def _abandon_lost_rounds(self, task_id: str, fence: Lease | None = None) -> None:

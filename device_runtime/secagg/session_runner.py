@@ -1,7 +1,9 @@
 """Runs one secure-aggregation session for a device over gRPC (SecAggService).
 
 The device sends each round's message, then long-polls for the next server message; a
-DEADLINE_EXCEEDED poll is simply repeated until `session_timeout_s`. Key agreement, sharing
+DEADLINE_EXCEEDED poll is simply repeated until `session_timeout_s`. In a coordinator round
+the device advertises its keys to the pending session (`advertise_early`), then waits for the
+session to open (`await_session_config`) and goes on from SHARE_KEYS. Key agreement, sharing
 and masking run in a worker thread, off the event loop. A server Abort, or a server message
 this device refuses (it then tells the server it aborts), ends the run with SecAggAborted.
 """
@@ -19,7 +21,7 @@ import numpy as np
 from device_runtime import constants
 from device_runtime.identity import DeviceKey
 from device_runtime.secagg import masking
-from device_runtime.secagg.client import SecAggClient
+from device_runtime.secagg.client import EarlyAdvertisement, SecAggClient
 from device_runtime.secagg.errors import SecAggAborted
 from device_runtime.transport import TransportError
 from protos import secagg_pb2, secagg_pb2_grpc
@@ -65,17 +67,35 @@ async def await_session_config(
     return config
 
 
+async def advertise_early(
+    channel: grpc.aio.Channel,
+    enrollment: secagg_pb2.SecAggSessionConfig,
+    device_key: DeviceKey | None = None,
+) -> EarlyAdvertisement:
+    """R0 from the Assignment's partial config, to the session pending or open. Raises
+    TransportError (e.g. FAILED_PRECONDITION once R0 closed without this device)."""
+    advertisement = EarlyAdvertisement.make(enrollment, device_key)  # two keys, one signature
+    stub = secagg_pb2_grpc.SecAggServiceStub(channel)
+    try:
+        await stub.Send(advertisement.message, timeout=constants.rpc_timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        raise TransportError(exc.code(), exc.details() or "") from exc
+    return advertisement
+
+
 class SecAggSessionRunner:
     def __init__(
         self,
         channel: grpc.aio.Channel,
         config: secagg_pb2.SecAggSessionConfig,
         device_key: DeviceKey | None = None,
+        advertised: EarlyAdvertisement | None = None,
     ) -> None:
+        """`advertised`: sent with `advertise_early`; the runner then starts at `share_keys`."""
         self._stub = secagg_pb2_grpc.SecAggServiceStub(channel)
-        self.client = SecAggClient(config, device_key)
+        self.client = SecAggClient(config, device_key, advertised)
         self._config = config
-        self.sent_bytes = 0
+        self.sent_bytes = advertised.message.ByteSize() if advertised is not None else 0
 
     async def _send(self, message: secagg_pb2.SecAggClientMessage) -> None:
         self.sent_bytes += message.ByteSize()
@@ -138,6 +158,10 @@ class SecAggSessionRunner:
         message = self.client.envelope()
         message.advertise_keys.CopyFrom(self.client.advertise_keys())
         await self._send(message)
+        await self.share_keys()
+
+    async def share_keys(self) -> None:
+        """R1, once this device's keys are advertised."""
         request = await self._await(secagg_pb2.ADVERTISE_KEYS)
         try:
             shares = await asyncio.to_thread(self.client.share_keys, request.share_keys_request)

@@ -5,7 +5,7 @@ known: in the background the device advertises its keys to the pending session, 
 to open, then shares its keys, while it trains. `send_update` clips and quantizes the trained
 delta into the field (device_runtime/secagg/secure_mean.py) and sends it masked. The caller
 then reports its training metrics to the coordinator and calls `finish`, which answers the
-unmasking request.
+unmasking request (and does not wait for the session's end).
 """
 
 from __future__ import annotations
@@ -92,10 +92,11 @@ class SecureUpload:
         quantized = await asyncio.to_thread(encoding.encode, clipped, weight, rng)
         await self._runner.send_masked_input(quantized)
 
-    async def finish(self) -> secagg_pb2.SessionResult:
-        """R3. Raises TransportError or SecAggAborted."""
+    async def finish(self) -> None:
+        """R3: reveals this device's shares; it does not wait for the session to end (the
+        coordinator commits the round without it). Raises TransportError or SecAggAborted."""
         assert self._runner is not None, "send_update() first"
-        return await self._runner.unmask()
+        await self._runner.reveal_shares()
 
     @property
     def sent_bytes(self) -> int:

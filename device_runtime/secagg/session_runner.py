@@ -189,6 +189,12 @@ class SecAggSessionRunner:
 
     async def unmask(self) -> secagg_pb2.SessionResult:
         """R3: reveals the shares the server asks for; returns the session's result."""
+        await self.reveal_shares()
+        return (await self._await(secagg_pb2.UNMASKING)).result
+
+    async def reveal_shares(self) -> None:
+        """R3 without waiting for the session's end: this device's part is done once its
+        shares are taken (the session completes, or aborts, without it)."""
         request = await self._await(secagg_pb2.MASKED_INPUT_COLLECTION)
         try:
             response = self.client.unmasking_response(request.unmasking_request)
@@ -197,4 +203,3 @@ class SecAggSessionRunner:
         message = self.client.envelope()
         message.unmasking_response.CopyFrom(response)
         await self._send(message)
-        return (await self._await(secagg_pb2.UNMASKING)).result

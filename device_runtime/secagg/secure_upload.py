@@ -24,7 +24,7 @@ from device_runtime.secagg.secure_mean import SecureMeanEncoding
 from device_runtime.secagg.session_runner import (
     SecAggSessionRunner,
     advertise_early,
-    await_session_config,
+    await_share_keys_request,
 )
 from protos import device_pb2, secagg_pb2
 
@@ -65,9 +65,10 @@ class SecureUpload:
 
     async def _join(self) -> None:
         advertised = await advertise_early(self._channel, self._enrollment, self._device_key)
-        self._config = config = await await_session_config(self._channel, self._enrollment)
+        request = await await_share_keys_request(self._channel, self._enrollment)
+        self._config = config = request.session_config
         self._runner = SecAggSessionRunner(self._channel, config, self._device_key, advertised)
-        await self._runner.share_keys()
+        await self._runner.share_keys(request)
 
     def cancel(self) -> None:
         """The device stops (interrupted, failed): it is a dropout of the session."""

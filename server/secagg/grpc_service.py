@@ -5,7 +5,8 @@ session is pending: only its id and tokens exist), `add_session`s the SecAggServ
 selection closed, and calls `close_stage` (or `apply`) when a stage's deadline passes. A
 pending session takes AdvertiseKeys (key agreement overlaps selection and training), answers
 AwaitServerMessage(after_stage = STAGE_UNSPECIFIED) with the device's full session config once
-it opens, and FAILED_PRECONDITION to everything else.
+it opens, and (after_stage = ADVERTISE_KEYS) with its ShareKeysRequest once R0 closed, and
+FAILED_PRECONDITION to everything else.
 
 Calls run one at a time per session. A call that may end the unmasking (it rebuilds the
 secrets and expands the masks: O(n·m), seconds for a large vector) runs in a worker thread.
@@ -43,6 +44,9 @@ T = TypeVar("T")
 # A long poll returns DEADLINE_EXCEEDED after this long; the device simply polls again.
 await_server_message_s = 20.0
 _terminal = (secagg_pb2.COMPLETED, secagg_pb2.ABORTED)
+# What a device may wait for while its session is pending: the config, or (having advertised
+# early) the ShareKeysRequest, which carries the config.
+_pending_polls = (secagg_pb2.STAGE_UNSPECIFIED, secagg_pb2.ADVERTISE_KEYS)
 
 
 @dataclasses.dataclass
@@ -206,7 +210,7 @@ class SecAggService(secagg_pb2_grpc.SecAggServiceServicer):
         hosted.enrollment.check_credentials(
             request.session_id, request.client_id, request.session_token
         )
-        if hosted.server_or_none is None and request.after_stage != secagg_pb2.STAGE_UNSPECIFIED:
+        if hosted.server_or_none is None and request.after_stage not in _pending_polls:
             raise FailedPrecondition("the secure-aggregation session has not opened yet")
 
         def ready() -> bool:

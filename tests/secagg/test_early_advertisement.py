@@ -20,7 +20,7 @@ from device_runtime.secagg.parameters import SecAggParameters
 from device_runtime.secagg.session_runner import (
     SecAggSessionRunner,
     advertise_early,
-    await_session_config,
+    await_share_keys_request,
 )
 from protos import secagg_pb2, secagg_pb2_grpc
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unauthenticated
@@ -216,6 +216,7 @@ def test_devices_advertise_to_a_pending_session_over_grpc_and_finish_the_sum() -
     inputs = {c: rng.integers(0, 1 << 16, LENGTH, dtype=np.uint32) for c in partial}
     results: dict[int, secagg_pb2.SessionResult] = {}
     stage_at_open: list[int] = []
+    configs: dict[int, secagg_pb2.SecAggSessionConfig] = {}
 
     async def scenario() -> None:
         service = SecAggService()
@@ -228,9 +229,10 @@ def test_devices_advertise_to_a_pending_session_over_grpc_and_finish_the_sum() -
         async def device(c: int) -> None:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 early = await advertise_early(channel, partial[c], device_key_of(c))
-                config = await await_session_config(channel, partial[c])
+                request = await await_share_keys_request(channel, partial[c])
+                configs[c] = config = request.session_config
                 runner = SecAggSessionRunner(channel, config, device_key_of(c), early)
-                await runner.share_keys()
+                await runner.share_keys(request)
                 results[c] = await runner.contribute(inputs[c])
 
         try:
@@ -249,6 +251,7 @@ def test_devices_advertise_to_a_pending_session_over_grpc_and_finish_the_sum() -
 
     # Assert
     assert stage_at_open == [secagg_pb2.SHARE_KEYS]
+    assert {(c.num_clients, c.threshold) for c in configs.values()} == {(N, PARAMETERS.threshold)}
     assert {r.num_summed for r in results.values()} == {N}
     assert set(results) == set(partial)
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from device_runtime.cache import ResourceCache
-from device_runtime.channel import ServerTrust, insecure_warning
+from device_runtime.channel import ServerTrust, insecure_warning, target_and_options
 from device_runtime.clock import RealClock
 from device_runtime.conditions import AlwaysEligible
 from device_runtime.examples import LocalExamples
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "their conditions from the platform."
         ),
     )
-    parser.add_argument("--server", default="127.0.0.1:50051", help="coordinator host:port")
+    add_server_option(parser, "127.0.0.1:50051")
     add_trust_options(parser)
     parser.add_argument("--population", required=True, help="population to check in with")
     parser.add_argument(
@@ -72,12 +72,33 @@ def _print_attempt(attempt: Attempt) -> None:
     )
 
 
+def add_server_option(parser: argparse.ArgumentParser, default: str) -> None:
+    """--server, as the device and the emulator take it: one or several coordinators."""
+    parser.add_argument(
+        "--server",
+        default=default,
+        help=(
+            "the coordinator(s): host:port, where a DNS name with several addresses means "
+            "several coordinators; or a comma-separated list of IP address:port, all IPv4 or "
+            "all IPv6 ([::1]:50051); or a gRPC dns: target (dns://DNS-SERVER/host:port). Calls "
+            "are spread round robin over the coordinators whose connection is up, and a call "
+            "that fails UNAVAILABLE is tried on the next one (default %(default)s)"
+        ),
+    )
+
+
 def add_trust_options(parser: argparse.ArgumentParser) -> None:
-    """--root-certs and --insecure, as every command that dials a coordinator takes them."""
+    """--root-certs, --server-name and --insecure, as every command that dials a coordinator
+    takes them."""
     parser.add_argument(
         "--root-certs",
         help="CA certificates (PEM) that may sign the coordinator's certificate "
         "(default: the system trust store)",
+    )
+    parser.add_argument(
+        "--server-name",
+        help="the name the coordinators' TLS certificate must carry (default: the host in "
+        "--server; needed when --server lists different IP addresses)",
     )
     parser.add_argument(
         "--insecure",
@@ -87,8 +108,10 @@ def add_trust_options(parser: argparse.ArgumentParser) -> None:
 
 
 def trust_from(args: argparse.Namespace, command: str) -> ServerTrust:
-    """The ServerTrust the options ask for; warns on stderr when it is plaintext."""
-    trust = ServerTrust.from_files(args.root_certs, args.insecure)
+    """The ServerTrust the options ask for; warns on stderr when it is plaintext. Checks that
+    `--server` can be dialed under it (raises ValueError with the reason)."""
+    trust = ServerTrust.from_files(args.root_certs, args.insecure, args.server_name)
+    target_and_options(args.server, trust)
     if trust.insecure:
         print(insecure_warning(command), file=sys.stderr, flush=True)
     return trust

@@ -19,3 +19,14 @@ unreachable_backoff_min_s = 1.0
 unreachable_backoff_max_s = 300.0
 # Trailing metadata of an UNAVAILABLE answer: seconds until the coordinator can serve again.
 retry_after_metadata = "retry-after-s"
+
+# Several coordinators (device_runtime/channel.py): a device call that fails UNAVAILABLE is
+# tried again on the next coordinator by gRPC's retry policy, this many times in all (gRPC
+# caps it at 5), after a backoff between these bounds, each time with up to this much of the
+# call's messages held for replay (an upload larger than this is not replayed: the device
+# reports the round failed and checks in again).
+DEVICE_SERVICE = "overnight.v1.DeviceService"
+failover_attempts = 3
+failover_backoff_min_s = 0.1
+failover_backoff_max_s = 1.0
+failover_buffer_bytes = 32 << 20

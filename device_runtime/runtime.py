@@ -51,6 +51,17 @@ class Attempt:
     detail: str = ""
 
 
+# An upload's first attempt reached a coordinator that recorded it, and the answer was lost
+# with that coordinator; gRPC's retry on the next one (device_runtime/channel.py) then hears
+# that the token already has its update. The device sent each token's update once, so this
+# is its own: the round has it, and nothing is sent again.
+_ANSWER_LOST = "accepted by a coordinator whose answer was lost"
+
+
+def _landed_earlier(exc: TransportError) -> bool:
+    return exc.code is grpc.StatusCode.ALREADY_EXISTS
+
+
 def pick_delay(window: common_pb2.RetryWindow, rng: np.random.Generator) -> float:
     low = max(0.0, window.min_delay_s)
     high = max(low, window.max_delay_s)
@@ -240,8 +251,10 @@ class DeviceRuntime:
         try:
             await self._client.upload(token, update, len(examples), metrics)
         except TransportError as exc:
-            self._log.info("upload for round %d refused: %s", round_number, exc)
-            return Attempt(Outcome.FAILED, delay, round_number, detail=str(exc))
+            if not _landed_earlier(exc):
+                self._log.info("upload for round %d refused: %s", round_number, exc)
+                return Attempt(Outcome.FAILED, delay, round_number, detail=str(exc))
+            return Attempt(Outcome.REPORTED, delay, round_number, detail=_ANSWER_LOST)
         return Attempt(Outcome.REPORTED, delay, round_number)
 
     async def _report_securely(
@@ -258,7 +271,7 @@ class DeviceRuntime:
         round_number, token = assignment.round_number, assignment.upload_token
         try:
             await secure.send_update(delta, float(example_count), rng)
-            await self._client.report_secure_update(token, example_count, delta.size, metrics)
+            await self._report_secure_metrics(token, example_count, delta.size, metrics)
         except (TransportError, SecAggError) as exc:
             secure.cancel()
             cause = device_pb2.FailureReport.SECURE_AGGREGATION_ERROR
@@ -270,6 +283,15 @@ class DeviceRuntime:
             # this device's shares (it then had t other survivors among its neighbours).
             self._log.info("unmasking in round %d: %s", round_number, exc)
         return Attempt(Outcome.REPORTED, delay, round_number, detail="secure")
+
+    async def _report_secure_metrics(
+        self, token: bytes, example_count: int, num_elements: int, metrics: common_pb2.ClientMetrics
+    ) -> None:
+        try:
+            await self._client.report_secure_update(token, example_count, num_elements, metrics)
+        except TransportError as exc:
+            if not _landed_earlier(exc):
+                raise
 
     async def _evaluate(
         self,
@@ -293,8 +315,9 @@ class DeviceRuntime:
         try:
             await self._client.report_evaluation(token, len(examples), metrics)
         except TransportError as exc:
-            self._log.info("evaluation report refused: %s", exc)
-            return Attempt(Outcome.FAILED, delay, round_number, detail=str(exc))
+            if not _landed_earlier(exc):
+                self._log.info("evaluation report refused: %s", exc)
+                return Attempt(Outcome.FAILED, delay, round_number, detail=str(exc))
         return Attempt(Outcome.REPORTED, delay, round_number, detail="evaluation")
 
     async def _fail(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -19,6 +20,8 @@ from device_runtime import constants, identity
 from device_runtime.aggregation.client import EncodedUpload
 from device_runtime.channel import ServerTrust, open_channel
 from protos import common_pb2, device_pb2, device_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 class TransportError(RuntimeError):
@@ -131,17 +134,26 @@ class CoordinatorClient:
             raise TransportError.from_rpc(exc) from exc
 
     async def download(self, ref: common_pb2.ResourceRef) -> bytes:
-        """Downloads a resource in chunks and checks it against its hash."""
+        """Downloads a resource in chunks and checks it against its hash.
+
+        A download that breaks off UNAVAILABLE after its first chunk (its coordinator went
+        away) starts again, on the next coordinator, `failover_attempts` times in all: gRPC
+        replays a call only until its first answer arrives (device_runtime/channel.py)."""
         request = device_pb2.DownloadRequest(
             protocol_version=constants.PROTOCOL_VERSION, sha256=ref.sha256
         )
-        parts: list[bytes] = []
-        try:
-            async for chunk in self._stub.Download(request, timeout=constants.rpc_timeout_s):
-                parts.append(chunk.data)
-                self.counters.downloaded_bytes += len(chunk.data)
-        except grpc.aio.AioRpcError as exc:
-            raise TransportError(exc.code(), exc.details() or "") from exc
+        for attempts_left in reversed(range(constants.failover_attempts)):
+            parts: list[bytes] = []
+            try:
+                async for chunk in self._stub.Download(request, timeout=constants.rpc_timeout_s):
+                    parts.append(chunk.data)
+                    self.counters.downloaded_bytes += len(chunk.data)
+                break
+            except grpc.aio.AioRpcError as exc:
+                broken_off = bool(parts) and exc.code() is grpc.StatusCode.UNAVAILABLE
+                if not broken_off or not attempts_left:
+                    raise TransportError(exc.code(), exc.details() or "") from exc
+                log.info("download of %s broke off (%s); starting again", ref.sha256, exc.details())
         data = b"".join(parts)
         if hashlib.sha256(data).hexdigest() != ref.sha256:
             raise TransportError(

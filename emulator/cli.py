@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from device_runtime.channel import ServerTrust, open_blocking_channel
-from device_runtime.cli import add_trust_options, trust_from
+from device_runtime.cli import add_server_option, add_trust_options, trust_from
 from emulator.data import ClientDatasets, SampledDigits
 from emulator.federated_files import EmnistH5Clients, FederatedFileError, FemnistJsonClients
 from emulator.fleet_config import FleetConfig, FleetConfigError
@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "seconds, then writes participation over the simulated time (CSV and PNG)."
         ),
     )
-    parser.add_argument("--server", default="127.0.0.1:50051", help="coordinator host:port")
+    add_server_option(parser, "127.0.0.1:50051")
     add_trust_options(parser)
     parser.add_argument("--population", default="digits", help="population to check in with")
     parser.add_argument("--phones", type=int, default=50, help="number of phones (default 50)")

@@ -19,8 +19,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn
 
 from emulator.fleet_worker import FleetSpec, FleetWorker, WorkerReport
 from emulator.participation import ParticipationLog
@@ -90,7 +90,7 @@ def _worker_main(
     report_pipe: multiprocessing.connection.Connection,
     log_level: int,
     nice: int,
-) -> None:
+) -> NoReturn:
     if nice:
         os.nice(nice)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -108,8 +108,26 @@ def _worker_main(
         watcher.cancel()
         return report
 
-    report_pipe.send(asyncio.run(main()))
+    run_then_exit(main, report_pipe)
+
+
+def run_then_exit(
+    main: Callable[[], Coroutine[Any, Any, object]],
+    report_pipe: multiprocessing.connection.Connection,
+) -> NoReturn:
+    """Runs a worker's `main` on a new event loop, sends what it returns over `report_pipe`
+    and ends the process at once, exit code 0.
+
+    Not asyncio.run: its teardown cancels every task left on the loop and waits for them, and
+    grpc.aio leaves call tasks behind when a channel closes with streams in flight (grpc/grpc
+    #41875; a worker stopped with thousands of phones mid-download and mid-upload has them).
+    That wait never ended: the worker hung with its report unsent, and the parent counted all
+    its phones lost. Nothing of ours is left to tear down once the report is sent."""
+    loop = asyncio.new_event_loop()
+    report_pipe.send(loop.run_until_complete(main()))
     report_pipe.close()
+    logging.shutdown()
+    os._exit(0)
 
 
 @dataclasses.dataclass

@@ -10,12 +10,10 @@ digits shipped inside scikit-learn. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import dataclasses
 import os
 import pathlib
-import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,31 +30,6 @@ from emulator.federated_files import EmnistH5Clients  # noqa: E402
 # Writers of TFF's test file pooled into the coordinator's held-out set: enough for a steady
 # accuracy, few enough to evaluate after every round.
 HELD_OUT_WRITERS = 30
-
-
-def _stop_tff_workers() -> None:
-    """Stops the `worker_binary` TFF starts the first time a computation runs (reading an
-    aggregation factory does). TFF stops it only when its manager is garbage-collected, which
-    interpreter exit does not guarantee: without this, every run would leave one behind,
-    holding the terminal's output open. SIGKILL, not TFF's SIGINT: a script run as a
-    background job inherits SIGINT ignored, and so does its worker."""
-    processes = pathlib.Path("/proc")  # Linux; elsewhere TFF's own clean-up is all there is
-    for entry in processes.iterdir() if processes.is_dir() else ():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == os.getpid() and b"worker_binary" in cmdline:
-            with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                os.kill(int(entry.name), signal.SIGKILL)
-                os.waitpid(int(entry.name), 0)
-
-
-atexit.register(_stop_tff_workers)
 
 
 def parser(description: str, *, rounds: int, phones: int) -> argparse.ArgumentParser:

@@ -6,6 +6,61 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class GetClusterRequest(_message.Message):
+    __slots__ = ("protocol_version",)
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
+
+class Cluster(_message.Message):
+    __slots__ = ("replicas", "leases", "counts")
+    class Replica(_message.Message):
+        __slots__ = ("name", "host", "pid", "seen_s_ago", "check_ins", "uploads", "answering")
+        NAME_FIELD_NUMBER: _ClassVar[int]
+        HOST_FIELD_NUMBER: _ClassVar[int]
+        PID_FIELD_NUMBER: _ClassVar[int]
+        SEEN_S_AGO_FIELD_NUMBER: _ClassVar[int]
+        CHECK_INS_FIELD_NUMBER: _ClassVar[int]
+        UPLOADS_FIELD_NUMBER: _ClassVar[int]
+        ANSWERING_FIELD_NUMBER: _ClassVar[int]
+        name: str
+        host: str
+        pid: int
+        seen_s_ago: float
+        check_ins: int
+        uploads: int
+        answering: bool
+        def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., seen_s_ago: _Optional[float] = ..., check_ins: _Optional[int] = ..., uploads: _Optional[int] = ..., answering: bool = ...) -> None: ...
+    class TaskLease(_message.Message):
+        __slots__ = ("task_id", "leader", "epoch", "expires_in_s")
+        TASK_ID_FIELD_NUMBER: _ClassVar[int]
+        LEADER_FIELD_NUMBER: _ClassVar[int]
+        EPOCH_FIELD_NUMBER: _ClassVar[int]
+        EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+        task_id: str
+        leader: str
+        epoch: int
+        expires_in_s: float
+        def __init__(self, task_id: _Optional[str] = ..., leader: _Optional[str] = ..., epoch: _Optional[int] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
+    class ReplicaTaskCounts(_message.Message):
+        __slots__ = ("replica", "task_id", "selected", "reported")
+        REPLICA_FIELD_NUMBER: _ClassVar[int]
+        TASK_ID_FIELD_NUMBER: _ClassVar[int]
+        SELECTED_FIELD_NUMBER: _ClassVar[int]
+        REPORTED_FIELD_NUMBER: _ClassVar[int]
+        replica: str
+        task_id: str
+        selected: int
+        reported: int
+        def __init__(self, replica: _Optional[str] = ..., task_id: _Optional[str] = ..., selected: _Optional[int] = ..., reported: _Optional[int] = ...) -> None: ...
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedCompositeFieldContainer[Cluster.Replica]
+    leases: _containers.RepeatedCompositeFieldContainer[Cluster.TaskLease]
+    counts: _containers.RepeatedCompositeFieldContainer[Cluster.ReplicaTaskCounts]
+    def __init__(self, replicas: _Optional[_Iterable[_Union[Cluster.Replica, _Mapping]]] = ..., leases: _Optional[_Iterable[_Union[Cluster.TaskLease, _Mapping]]] = ..., counts: _Optional[_Iterable[_Union[Cluster.ReplicaTaskCounts, _Mapping]]] = ...) -> None: ...
+
 class DownloadWeightsRequest(_message.Message):
     __slots__ = ("protocol_version", "task_id")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class AdminServiceStub(object):
                 request_serializer=protos_dot_admin__pb2.DownloadWeightsRequest.SerializeToString,
                 response_deserializer=protos_dot_admin__pb2.WeightsChunk.FromString,
                 )
+        self.GetCluster = channel.unary_unary(
+                '/overnight.v1.AdminService/GetCluster',
+                request_serializer=protos_dot_admin__pb2.GetClusterRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.Cluster.FromString,
+                )
 
 
 class AdminServiceServicer(object):
@@ -70,6 +75,8 @@ class AdminServiceServicer(object):
         range (the message names the field), or the model fails validation
         (not an Overnight training model, manifest disagrees)
         ALREADY_EXISTS    a task with this id exists
+        FAILED_PRECONDITION  a secure_aggregator() task on a replica (`serve --replica`), which
+        serves plain tasks only
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,6 +159,16 @@ class AdminServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCluster(self, request, context):
+        """The replicas that share this coordinator's PostgreSQL database (`serve --replica`), each
+        task's leader and lease, and what each replica served. A coordinator that is not a
+        replica answers with no replicas. Only the common codes; UNAVAILABLE if the database
+        cannot be read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +216,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DownloadWeights,
                     request_deserializer=protos_dot_admin__pb2.DownloadWeightsRequest.FromString,
                     response_serializer=protos_dot_admin__pb2.WeightsChunk.SerializeToString,
+            ),
+            'GetCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCluster,
+                    request_deserializer=protos_dot_admin__pb2.GetClusterRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.Cluster.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -360,5 +382,22 @@ class AdminService(object):
         return grpc.experimental.unary_stream(request, target, '/overnight.v1.AdminService/DownloadWeights',
             protos_dot_admin__pb2.DownloadWeightsRequest.SerializeToString,
             protos_dot_admin__pb2.WeightsChunk.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def GetCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/overnight.v1.AdminService/GetCluster',
+            protos_dot_admin__pb2.GetClusterRequest.SerializeToString,
+            protos_dot_admin__pb2.Cluster.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

@@ -29,6 +29,7 @@ from server.errors import AlreadyExists, CoordinatorError
 from server.evaluation import HeldOutEvaluator
 from server.flood_limits import NetworkSettings
 from server.grpc_service import CoordinatorServer, freeze_startup_heap
+from server.leases import default_lease_s
 from server.metrics import CoordinatorMetrics, metrics_served
 from server.operator_access import (
     FIRST_TOKEN_FILE,
@@ -38,6 +39,7 @@ from server.operator_access import (
 from server.pace_steering import PaceSteeringSettings
 from server.retention import RetentionSettings
 from server.schema_migrations import IncompatibleStore
+from server.store import Store
 from server.store_location import check_location, is_postgres, open_store
 from server.tensorboard_sink import TensorBoardSink
 from server.transport_security import ServerTls
@@ -97,7 +99,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="URL",
         help="keep the state in this PostgreSQL database (postgresql://USER@HOST:PORT/DB; "
         "libpq reads the password from PGPASSWORD or ~/.pgpass) instead of "
-        "DATA_DIR/coordinator.sqlite; one coordinator per database",
+        "DATA_DIR/coordinator.sqlite; one coordinator per database, or several with --replica",
+    )
+    serve.add_argument(
+        "--replica",
+        action="store_true",
+        help="run as one of several replicas on the PostgreSQL database --store names: any "
+        "replica serves any device, each task is driven by one of them (a lease of "
+        f"{default_lease_s:g} s; another takes over when it dies), and each hands the uploads "
+        "it received to that leader when a round closes. Plain tasks only: secure_aggregator() "
+        "tasks are refused",
+    )
+    serve.add_argument(
+        "--replica-name",
+        metavar="NAME",
+        help="this replica's name in `overnight status` (default host:pid@address)",
     )
     serve.add_argument(
         "--repair",
@@ -253,7 +269,8 @@ async def serve(args: argparse.Namespace, tls: ServerTls | None) -> None:
 async def _serve_in(
     data_dir: DataDirectory, args: argparse.Namespace, tls: ServerTls | None
 ) -> None:
-    store = open_store(args.store, data_dir.path)
+    replica = bool(args.replica)
+    store = open_store(args.store, data_dir.path, replica=replica)
     first_token = ensure_first_token(args.data_dir)
     evaluator = HeldOutEvaluator(LocalExamples.load(args.eval_data)) if args.eval_data else None
     if args.check_in_capacity is not None and not args.check_in_capacity > 0:
@@ -282,8 +299,12 @@ async def _serve_in(
             "serve: no --enrollment-secret-file or --enrollment-config: no device can enroll, "
             "so none can check in",
         )
-    coordinator = Coordinator(
-        store, clock, settings, evaluator, np.random.default_rng(args.seed), identities
+    coordinator = (
+        replica_coordinator(store, clock, args, settings, evaluator, identities)
+        if replica
+        else Coordinator(
+            store, clock, settings, evaluator, np.random.default_rng(args.seed), identities
+        )
     )
     tensorboard = TensorBoardSink(pathlib.Path(args.data_dir) / "tensorboard")
     coordinator.observers.append(tensorboard)
@@ -321,9 +342,30 @@ async def _serve_in(
     if ending is not Ending.INTERRUPTED:
         abandoned = abandon_open_rounds(coordinator)
         log.info("drain: %d open rounds recorded abandoned", abandoned)
+    if replica:
+        with contextlib.suppress(CoordinatorError):  # else its leases expire, as on a crash
+            coordinator.leave()  # type: ignore[attr-defined]
     tensorboard.close()
     store.close()
     status.info("coordinator stopped (%s)", ending.value)
+
+
+def replica_coordinator(
+    store: Store,
+    clock: RealClock,
+    args: argparse.Namespace,
+    settings: CoordinatorSettings,
+    evaluator: HeldOutEvaluator | None,
+    identities: DeviceIdentities,
+) -> Coordinator:
+    """`serve --replica`: a coordinator sharing its PostgreSQL database with other replicas."""
+    from server.postgres_store import PostgresStore
+    from server.replica_coordinator import ReplicaCoordinator, replica_name
+
+    assert isinstance(store, PostgresStore)
+    name = args.replica_name or replica_name(args.address)
+    rng = np.random.default_rng(args.seed)
+    return ReplicaCoordinator(store, clock, name, settings, evaluator, rng, identities)
 
 
 async def _serve_until_drained(

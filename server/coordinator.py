@@ -52,6 +52,7 @@ from server.errors import (
 from server.evaluation import HeldOutEvaluator
 from server.example_credit import credited_header
 from server.flood_limits import RetryWindowMemory, network_slot_cap
+from server.leases import Lease
 from server.optimizers import deserialize_state
 from server.pace_steering import PaceSteering, PaceSteeringSettings, PopulationActivity
 from server.retention import Retention, RetentionSettings
@@ -140,17 +141,7 @@ class Coordinator:
 
     def _load_task(self, record: TaskRecord) -> TaskRuntime:
         task_id = record.config.task_id
-        now = self._clock.now()
-        # Rounds that were open when a previous process died: their updates are gone.
-        for lost in self.store.unrecorded_rounds(task_id):
-            self.store.record_closed_round(closed.abandoned(task_id, lost, now))
-            log.warning(
-                "task %s: round %d abandoned by a coordinator restart (%d devices selected)",
-                task_id,
-                lost.round_number,
-                lost.selected,
-                extra=about(task_id, lost.round_number),
-            )
+        self._abandon_lost_rounds(task_id)
         rounds = self.store.rounds(task_id)
         committed = [r for r in rounds if r.state is RoundState.COMMITTED]
         weights_sha = committed[-1].weights_sha256 if committed else record.initial_weights_sha256
@@ -183,6 +174,20 @@ class Coordinator:
             runtime.remember_outcome(closed_round.round_number, closed_round.state)
         self._tasks[task_id] = runtime
         return runtime
+
+    def _abandon_lost_rounds(self, task_id: str, fence: Lease | None = None) -> None:
+        """Records the rounds that were open when a previous process died: their updates are
+        gone. (A replica does this only when it takes the task's lease, server/replica_*.)"""
+        now = self._clock.now()
+        for lost in self.store.unrecorded_rounds(task_id):
+            self.store.record_closed_round(closed.abandoned(task_id, lost, now), fence)
+            log.warning(
+                "task %s: round %d abandoned by a coordinator restart (%d devices selected)",
+                task_id,
+                lost.round_number,
+                lost.selected,
+                extra=about(task_id, lost.round_number),
+            )
 
     def register_task(
         self, config: TaskConfig, model_bytes: bytes, initial_weights: bytes | None = None
@@ -499,8 +504,10 @@ class Coordinator:
         device_key_der = (
             self.identities.enrolled_key_der(device_id, task.config.population) if secure else b""
         )
-        self.store.add_assignment(
-            AssignmentRecord(digest, task.task_id, round_.round_number, device_id, now)
+        self._record_assignment(
+            AssignmentRecord(digest, task.task_id, round_.round_number, device_id, now),
+            request.example_count,
+            network,
         )
         round_.assign(device_id, digest, request.example_count, network)
         enrollment = self.secure_rounds.enroll(round_, digest, device_key_der) if secure else None
@@ -546,6 +553,14 @@ class Coordinator:
         # before the task's participation spacing allows.
         window = self._steer(task, active, now, not_before_s=max(task.config.min_separation_s, 0.0))
         return device_pb2.CheckInResponse(assignment=assignment, retry_window=window)
+
+    def _record_assignment(
+        self, record: AssignmentRecord, declared_examples: int, network: str | None
+    ) -> None:
+        """Makes an assignment durable before the device hears of it. (Replicas also count
+        it against the round's global quota and network share, and may refuse:
+        server/replica_coordinator.py.)"""
+        self.store.add_assignment(record)
 
     # ----- download ------------------------------------------------------------------------
 
@@ -767,6 +782,17 @@ class Coordinator:
         self.forget(task, round_)
         self.notify(task, record)
         return record
+
+    def fence(self, task_id: str) -> Lease | None:
+        """The lease a commit of this task carries (replicas); None: one coordinator, no fence."""
+        return None
+
+    def step_down(self, task: TaskRuntime) -> None:
+        """Another coordinator leads the task now (a commit was refused as StaleLeader): its
+        rounds open here are dropped from memory, unrecorded; the new leader records them."""
+        for round_ in list(task.open_rounds.values()):
+            round_.state = RoundState.ABANDONED
+            self.forget(task, round_)
 
     def notify(self, task: TaskRuntime, record: RoundRecord) -> None:
         for observer in self.observers:

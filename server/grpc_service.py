@@ -38,6 +38,7 @@ from server.errors import (
 )
 from server.health import ListenerHealth, enable_reflection
 from server.operator_access import AdminTokens, OperatorAuthentication
+from server.replica_status import cluster_status
 from server.request_guard import RequestGuard
 from server.round_feed import RoundFeed
 from server.rounds.round import RoundInProgress
@@ -308,6 +309,13 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.ListTasksResponse(
             tasks=[task_status(t) for t in self._coordinator.tasks()]
         )
+
+    @abort_on_error
+    async def GetCluster(
+        self, request: admin_pb2.GetClusterRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Cluster:
+        check_protocol_version(request.protocol_version)
+        return cluster_status(self._coordinator)
 
     @abort_on_error
     async def ListRounds(

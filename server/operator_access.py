@@ -50,14 +50,14 @@ _BEARER = "bearer "
 
 
 class Role(enum.Enum):
-    VIEWER = "viewer"  # reads: task status, tasks, rounds (listed and watched)
+    VIEWER = "viewer"  # reads: task status, tasks, rounds (listed and watched), the cluster
     OPERATOR = "operator"  # everything: also registers, pauses, resumes and cancels tasks
 
 
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 READ_ONLY_METHODS = frozenset(
     f"/{ADMIN_SERVICE}/{name}"
-    for name in ("GetTaskStatus", "ListTasks", "ListRounds", "WatchRounds")
+    for name in ("GetTaskStatus", "ListTasks", "ListRounds", "WatchRounds", "GetCluster")
 )
 
 

@@ -153,6 +153,27 @@ def _print_round(r: admin_pb2.RoundSummary) -> None:
     )
 
 
+def _print_cluster(cluster: admin_pb2.Cluster) -> None:
+    """Replicas (`serve --replica`) only: who is up, who leads what, who served what."""
+    if not cluster.replicas:
+        return
+    print(f"replicas ({len(cluster.replicas)})")
+    for r in cluster.replicas:
+        print(
+            f"  {r.name}{' (answering)' if r.answering else ''}: pid {r.pid} on {r.host}, "
+            f"seen {r.seen_s_ago:.1f} s ago, {r.check_ins} check-ins, {r.uploads} uploads"
+        )
+    for lease in cluster.leases:
+        held = (
+            f"lease expires in {lease.expires_in_s:.1f} s"
+            if lease.expires_in_s >= 0
+            else "lease expired, no leader"
+        )
+        print(f"  task {lease.task_id}: led by {lease.leader} (epoch {lease.epoch}), {held}")
+    for c in cluster.counts:
+        print(f"  {c.replica} served task {c.task_id}: {c.selected} selected, {c.reported} uploads")
+
+
 def run_status(args: argparse.Namespace) -> int:
     try:
         admin = connect_admin(args, "status")
@@ -172,6 +193,9 @@ def run_status(args: argparse.Namespace) -> int:
                 ).rounds
                 if args.task
                 else []
+            )
+            cluster = admin.stub.GetCluster(
+                admin_pb2.GetClusterRequest(protocol_version=version), metadata=admin.metadata
             )
     except grpc.RpcError as exc:
         print(f"status: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -197,6 +221,7 @@ def run_status(args: argparse.Namespace) -> int:
                     f"    latest round {r.round_number}: {r.state}, {r.selected} selected, "
                     f"{r.reported} reported"
                 )
+    _print_cluster(cluster)
     if args.task:
         print(f"history of {args.task}:")
         for r in rounds[-args.last :]:

@@ -1,6 +1,7 @@
-"""One coordinator per PostgreSQL database: the counterpart of the data directory's lock for
-the PostgreSQL store, until several replicas share a database by task leases
-(server/task_leadership.py).
+"""One coordinator per PostgreSQL database, or replicas only: the counterpart of the data
+directory's lock for the PostgreSQL store. A sole coordinator holds the lock exclusively;
+replicas (`serve --replica`, server/replica_coordinator.py) hold it shared, and decide who
+drives each task by lease (server/task_leadership.py).
 
 The claim is a session advisory lock held on a connection of its own for as long as the
 coordinator runs; a second coordinator on the database is refused at start (after waiting
@@ -29,11 +30,13 @@ claim_wait_s = 5.0
 
 
 class DatabaseClaim:
-    def __init__(self, conninfo: str, where: str) -> None:
+    def __init__(self, conninfo: str, where: str, shared: bool = False) -> None:
         """Takes the claim, or raises StoreUnavailable naming its holder (psycopg.Error if
-        the database cannot be reached)."""
+        the database cannot be reached). `shared`: a replica's claim (`serve --replica`),
+        which other replicas share and a sole coordinator's excludes, both ways."""
         self._conninfo = conninfo
         self._where = where
+        self._shared = shared
         # Commits of several tasks may check at once (each in its worker thread); one of them
         # takes a lost claim back, the others then find it held.
         self._checking = threading.Lock()
@@ -43,7 +46,8 @@ class DatabaseClaim:
         connection = psycopg.connect(self._conninfo, autocommit=True)
         connection.execute(f"SET lock_timeout = {round(claim_wait_s * 1000)}")
         try:
-            connection.execute("SELECT pg_advisory_lock(%s)", (lock_key,))
+            lock = "pg_advisory_lock_shared" if self._shared else "pg_advisory_lock"
+            connection.execute(f"SELECT {lock}(%s)", (lock_key,))
             return connection
         except psycopg.errors.LockNotAvailable:
             pass
@@ -54,10 +58,16 @@ class DatabaseClaim:
             (lock_key >> 32, lock_key & 0xFFFFFFFF),
         ).fetchone()
         connection.close()
+        holder_name = holder[0] if holder and holder[0] else "unknown"
+        if self._shared:
+            raise StoreUnavailable(
+                f"the {self._where} is in use by a coordinator that is not a replica "
+                f"({holder_name}); stop it, or start every coordinator on it with --replica"
+            )
         raise StoreUnavailable(
-            f"the {self._where} is in use by another coordinator "
-            f"({holder[0] if holder and holder[0] else 'unknown'}); stop that one first, or "
-            "give this one another database"
+            f"the {self._where} is in use by another coordinator ({holder_name}); stop that "
+            "one first, or give this one another database (several coordinators share one "
+            "database only as replicas: serve --replica)"
         )
 
     def hold(self, on_lost: Callable[[], None]) -> None:

@@ -8,7 +8,7 @@ import time
 
 import psycopg
 
-from server.schema_migrations import Migration, pending_migrations
+from server.schema_migrations import REPLICAS_WHY, Migration, pending_migrations
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,45 @@ MIGRATIONS = (
         (
             "CREATE INDEX IF NOT EXISTS assignments_by_time ON assignments (task_id, issued_at)",
             "CREATE INDEX IF NOT EXISTS rounds_by_finish ON rounds (finished_at)",
+        ),
+    ),
+    Migration(
+        4,
+        REPLICAS_WHY,
+        (
+            # Every replica's heartbeat and counters (server/replica_ledger.py).
+            "CREATE TABLE replicas ("
+            " name TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL,"
+            " started_at DOUBLE PRECISION NOT NULL, seen_at DOUBLE PRECISION NOT NULL,"
+            " check_ins BIGINT NOT NULL DEFAULT 0, uploads BIGINT NOT NULL DEFAULT 0)",
+            # Each open round as all replicas see it: its global counts decide its state.
+            "CREATE TABLE shared_rounds ("
+            " task_id TEXT NOT NULL, round_number INTEGER NOT NULL, state TEXT NOT NULL,"
+            " epoch BIGINT NOT NULL, seed NUMERIC NOT NULL, aggregator_state TEXT NOT NULL,"
+            " base_weights_sha256 TEXT NOT NULL, base_version INTEGER NOT NULL,"
+            " started_at DOUBLE PRECISION NOT NULL, reporting_started_at DOUBLE PRECISION,"
+            " reporting_deadline DOUBLE PRECISION, closed_at DOUBLE PRECISION,"
+            " selected INTEGER NOT NULL DEFAULT 0, reported INTEGER NOT NULL DEFAULT 0,"
+            " failed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (task_id, round_number))",
+            "CREATE INDEX shared_rounds_by_state ON shared_rounds (state)",
+            "CREATE TABLE shared_assignments ("
+            " token_sha256 TEXT PRIMARY KEY, task_id TEXT NOT NULL, round_number INTEGER NOT NULL,"
+            " device_id TEXT NOT NULL, declared_examples BIGINT NOT NULL,"
+            " issued_by TEXT NOT NULL, state TEXT NOT NULL, reported_by TEXT,"
+            " failure TEXT NOT NULL DEFAULT '', network TEXT,"
+            " UNIQUE (task_id, round_number, device_id))",
+            # A network's share of a round is counted across replicas.
+            "CREATE INDEX shared_assignments_by_network"
+            " ON shared_assignments (task_id, round_number, network)",
+            "CREATE TABLE replica_round_counts ("
+            " task_id TEXT NOT NULL, round_number INTEGER NOT NULL, replica TEXT NOT NULL,"
+            " selected INTEGER NOT NULL DEFAULT 0, reported INTEGER NOT NULL DEFAULT 0,"
+            " PRIMARY KEY (task_id, round_number, replica))",
+            "CREATE TABLE round_partials ("
+            " task_id TEXT NOT NULL, round_number INTEGER NOT NULL, replica TEXT NOT NULL,"
+            " tokens TEXT NOT NULL, partial BYTEA NOT NULL,"
+            " PRIMARY KEY (task_id, round_number, replica))",
+            "ALTER TABLE round_partials ALTER COLUMN partial SET STORAGE EXTERNAL",
         ),
     ),
 )

@@ -11,7 +11,7 @@ safe as the SQLite store's `synchronous=NORMAL`.
 
 One coordinator per database: opened with `sole_coordinator=True` (as `overnight serve` opens
 it), the store holds the database's claim (server/postgres_claim.py) and checks it before every
-commit.
+commit. Replicas (`serve --replica`) share the claim among themselves.
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def describe(url: str) -> str:
 
 
 class PostgresStore(Store):
-    def __init__(self, url: str, sole_coordinator: bool = False) -> None:
+    def __init__(self, url: str, sole_coordinator: bool = False, replica: bool = False) -> None:
+        """`sole_coordinator`: hold the database's claim alone; `replica`: share it with other
+        replicas only (server/postgres_claim.py)."""
         self._where = describe(url)
         # The application name tells this process in pg_stat_activity, and so in the
         # refusal a second coordinator gets.
@@ -77,8 +79,8 @@ class PostgresStore(Store):
         try:
             with psycopg.connect(self._conninfo) as first:
                 upgrade(first, self._where)
-            if sole_coordinator:
-                self._claim = DatabaseClaim(self._conninfo, self._where)
+            if sole_coordinator or replica:
+                self._claim = DatabaseClaim(self._conninfo, self._where, shared=replica)
         except psycopg.Error as exc:
             raise StoreUnavailable(f"cannot use the {self._where}: {_reason(exc)}") from None
         self._pool = psycopg_pool.ConnectionPool(
@@ -121,6 +123,16 @@ class PostgresStore(Store):
         with self._connection() as conn, conn.transaction():
             conn.execute("SET LOCAL synchronous_commit TO DEFAULT")
             yield conn
+
+    def relaxed_transaction(self) -> contextlib.AbstractContextManager[psycopg.Connection]:
+        """A transaction on a pooled connection that commits without waiting for the WAL
+        flush (see `_relaxed_commits`), for PostgreSQL-only state on the request path
+        (server/replica_ledger.py). Errors as the store's own calls."""
+        return _in_transaction(self._connection())
+
+    def durable_transaction(self) -> contextlib.AbstractContextManager[psycopg.Connection]:
+        """A transaction that returns once durable, as a commit's."""
+        return self._transaction()
 
     def put_resource(self, kind: str, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
@@ -417,6 +429,14 @@ class PostgresStore(Store):
         self._pool.close()
         if self._claim is not None:
             self._claim.release()
+
+
+@contextlib.contextmanager
+def _in_transaction(
+    connection: contextlib.AbstractContextManager[psycopg.Connection],
+) -> Iterator[psycopg.Connection]:
+    with connection as conn, conn.transaction():
+        yield conn
 
 
 def _relaxed_commits(conn: psycopg.Connection) -> None:

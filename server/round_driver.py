@@ -35,8 +35,9 @@ from typing import Protocol
 import numpy as np
 
 from device_runtime.logs import about, log_context
-from server.errors import AlreadyExists, StoreUnavailable
+from server.errors import AlreadyExists, StaleLeader, StoreUnavailable
 from server.evaluation import HeldOutEvaluator
+from server.leases import Lease
 from server.optimizers import State, serialize_state
 from server.retention import Retention
 from server.rounds import aggregating, closed
@@ -79,6 +80,8 @@ class RoundHost(Protocol):
     def forget(self, task: TaskRuntime, round_: RoundInProgress) -> None: ...
     def fail_task(self, task: TaskRuntime, reason: str) -> None: ...
     def notify(self, task: TaskRuntime, record: RoundRecord) -> None: ...
+    def fence(self, task_id: str) -> Lease | None: ...
+    def step_down(self, task: TaskRuntime) -> None: ...
 
 
 class RoundDriver:
@@ -192,6 +195,12 @@ class RoundDriver:
         with log_context(task.task_id):
             try:
                 yield
+            except StaleLeader as exc:
+                # Another replica took the task (this one was paused or cut off past its
+                # lease): nothing was written; the new leader abandons what was open here.
+                log.warning("task %s: %s", task.task_id, exc)
+                self._pending = {k: p for k, p in self._pending.items() if k[0] != task.task_id}
+                self._coordinator.step_down(task)
             except StoreUnavailable as exc:
                 delay = min(store_retry_max_s, max(store_retry_min_s, 2 * task.store_retry_s))
                 task.store_retry_s = delay
@@ -267,6 +276,7 @@ class RoundDriver:
                 pending.weights_bytes,
                 round_.counted_tokens(),
                 serialize_state(pending.optimizer_state),
+                fence=self._coordinator.fence(round_.task_id),
             )
             for observe in self.commit_observers:
                 observe(time.perf_counter() - started)
@@ -315,7 +325,9 @@ class RoundDriver:
         record = self._record(round_, RoundState.FAILED)
         # AlreadyExists: recorded by a write that reported failure; the store is the judge.
         with contextlib.suppress(AlreadyExists):
-            self._coordinator.store.record_closed_round(record)
+            self._coordinator.store.record_closed_round(
+                record, self._coordinator.fence(task.task_id)
+            )
         self._coordinator.forget(task, round_)
         log.warning(
             "task %s round %d failed: %d reports, %d needed",

@@ -25,6 +25,11 @@ class Migration:
     statements: tuple[str, ...]
 
 
+# Version 4 adds tables on PostgreSQL only (several replicas on one database,
+# server/replica_ledger.py); SQLite records the version and adds nothing.
+REPLICAS_WHY = "replicas: heartbeats, shared rounds and assignments, partial aggregates"
+
+
 class IncompatibleStore(Exception):
     """The store cannot be used by this version of the coordinator; the message says why
     and what to do."""

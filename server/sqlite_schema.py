@@ -9,7 +9,7 @@ import logging
 import sqlite3
 import time
 
-from server.schema_migrations import Migration, pending_migrations
+from server.schema_migrations import REPLICAS_WHY, Migration, pending_migrations
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ MIGRATIONS = (
             "CREATE INDEX IF NOT EXISTS rounds_by_finish ON rounds (finished_at)",
         ),
     ),
+    # Replicas share a PostgreSQL database; a SQLite file has one coordinator and no tables
+    # for them. The version stays in step with PostgreSQL's.
+    Migration(4, REPLICAS_WHY, ()),
 )
 
 

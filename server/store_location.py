@@ -25,12 +25,18 @@ def check_location(location: str | None) -> None:
         )
 
 
-def open_store(location: str | None, data_dir: pathlib.Path) -> Store:
+def open_store(location: str | None, data_dir: pathlib.Path, replica: bool = False) -> Store:
     """The store for a coordinator that serves: one coordinator per store (the data
-    directory's lock for SQLite, the database's advisory lock for PostgreSQL)."""
+    directory's lock for SQLite, the database's advisory lock for PostgreSQL), or replicas
+    only on a PostgreSQL database."""
     check_location(location)
     if location is None:
+        if replica:
+            raise ValueError(
+                "--replica needs --store postgresql://...: replicas share their state in a "
+                "PostgreSQL database; a SQLite data directory has one coordinator"
+            )
         return SqliteStore.in_data_dir(data_dir)
     from server.postgres_store import PostgresStore  # psycopg loads only when asked for
 
-    return PostgresStore(location, sole_coordinator=True)
+    return PostgresStore(location, sole_coordinator=not replica, replica=replica)

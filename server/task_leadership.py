@@ -7,8 +7,8 @@ be reached: a leader that cannot renew stops driving before another may take ove
 carry `fence(task)`, so if this replica was paused past its lease and did not notice, the
 store refuses them anyway.
 
-Not yet used by `overnight serve`, which runs one coordinator per store; several replicas
-on one database need this to decide which of them drives each task.
+`overnight serve --replica` uses it (server/replica_coordinator.py): several replicas on one
+database decide by it which of them drives each task.
 """
 
 from __future__ import annotations
@@ -56,22 +56,33 @@ class TaskLeadership:
         store failure keeps what is held until it expires here, and is logged."""
         now = self._clock.now()
         for task_id in task_ids:
-            try:
-                lease = self._store.acquire_lease(task_id, self.holder, now, self.lease_s)
-            except StoreUnavailable as exc:
-                log.warning("task %s: lease not renewed (%s)", task_id, exc)
-                continue
-            held = self._leases.get(task_id)
-            if lease is None:
-                if held is not None:
-                    log.warning("task %s: leadership lost to another replica", task_id)
-                self._leases.pop(task_id, None)
-                continue
-            if held is None or held.epoch != lease.epoch:
-                log.info("task %s: %s leads at epoch %d", task_id, self.holder, lease.epoch)
-            self._leases[task_id] = lease
+            self._acquire(task_id, now)
         self._renewed_at = now
         return {task_id for task_id in self._leases if self.leads(task_id)}
+
+    def take_expired(self, task_ids: Iterable[str]) -> None:
+        """Between refreshes: asks for tasks whose lease the caller saw expired (their leader
+        died), so they are led again within a pass of the expiry, not a renewal later."""
+        now = self._clock.now()
+        for task_id in task_ids:
+            if task_id not in self._leases:
+                self._acquire(task_id, now)
+
+    def _acquire(self, task_id: str, now: float) -> None:
+        try:
+            lease = self._store.acquire_lease(task_id, self.holder, now, self.lease_s)
+        except StoreUnavailable as exc:
+            log.warning("task %s: lease not renewed (%s)", task_id, exc)
+            return
+        held = self._leases.get(task_id)
+        if lease is None:
+            if held is not None:
+                log.warning("task %s: leadership lost to another replica", task_id)
+            self._leases.pop(task_id, None)
+            return
+        if held is None or held.epoch != lease.epoch:
+            log.info("task %s: %s leads at epoch %d", task_id, self.holder, lease.epoch)
+        self._leases[task_id] = lease
 
     def leads(self, task_id: str) -> bool:
         lease = self._leases.get(task_id)

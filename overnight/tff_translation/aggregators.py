@@ -23,6 +23,7 @@ from tensorflow_federated.python.aggregators import sum_factory as sums
 from device_runtime.aggregation.codec_spec import UNIFORM, CodecSpec
 from overnight.tff_translation.aggregator_expression import expression_of
 from overnight.tff_translation.errors import NotTranslatable
+from overnight.tff_translation.execution import translation_context
 from server.aggregators.config import (
     AggregatorConfig,
     DpConfig,
@@ -66,7 +67,8 @@ def aggregator_config(factory: object) -> AggregatorConfig:
         tff.aggregators.WeightedAggregationFactory | tff.aggregators.UnweightedAggregationFactory,
     ):
         raise NotTranslatable(factory, "not a TFF aggregation factory", SUPPORTED)
-    config = _stage(factory)
+    with translation_context():  # reading norm estimators runs them; no worker outlives it
+        config = _stage(factory)
     try:
         return config.validate()
     except ValueError as exc:

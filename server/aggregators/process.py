@@ -91,6 +91,21 @@ class AggregationProcess:
                 self.config.secure, self.num_parameters, self.config.weighted
             )
         seed = int(self._rng.integers(0, 2**64, dtype=np.uint64))
+        return self.round_with(seed, self.state)
+
+    def round_with(self, seed: int, state: State, adopt: bool = True) -> UpdateAggregator:
+        """A round's aggregator with a given shared seed and state: on replicas, every one
+        builds the same round the leader opened (server/replica_coordinator.py). `adopt`:
+        its finalize becomes this process's state (the leader's merge target only)."""
+        if self.config.plain_mean:
+            return Float32WeightedMean(self.num_parameters)
+        if self.config.secure is not None:
+            raise ValueError("secure rounds are not rebuilt from a seed")
         return EncodedRoundAggregator(
-            self.config, self.tensor_sizes, seed, self.state, self._rng, self._adopt
+            self.config,
+            self.tensor_sizes,
+            seed,
+            state,
+            self._rng,
+            self._adopt if adopt else None,
         )

@@ -5,9 +5,26 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+from typing import Protocol
 
 from server.aggregation import ClientMetricsAccumulator, UpdateAggregator
 from server.store import RoundState
+
+
+class RoundCounts(Protocol):
+    """What the rules of selecting.py and reporting.py read of a round: a round in this
+    process's memory, or a round shared by replicas (server/replica_ledger.py)."""
+
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def reporting_deadline(self) -> float: ...
+    @property
+    def selected(self) -> int: ...
+    @property
+    def reported(self) -> int: ...
+    @property
+    def outstanding(self) -> int: ...
 
 
 class AssignmentState(enum.Enum):

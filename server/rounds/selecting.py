@@ -7,12 +7,12 @@ than selection); a round that reaches its target that way goes straight to aggre
 from __future__ import annotations
 
 from server.config import TaskConfig
-from server.rounds.round import RoundInProgress
+from server.rounds.round import RoundCounts, RoundInProgress
 from server.store import RoundState
 
 
 def next_state(
-    round_: RoundInProgress, config: TaskConfig, now: float, min_selected: int = 0
+    round_: RoundCounts, config: TaskConfig, now: float, min_selected: int = 0
 ) -> RoundState:
     """`min_selected`: the fewest devices the round's aggregation can work with (a secure
     round's session needs a few); past its deadline, selection closes only with that many."""

@@ -7,19 +7,23 @@ keep a broken build from hanging the suite.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import multiprocessing
 import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 
 from device_runtime.channel import ServerTrust
 from emulator.data import SampledDigits
 from emulator.fleet_config import FleetConfig
-from emulator.fleet_processes import FleetProcesses, WorkerLoss
+from emulator.fleet_processes import FleetProcesses, WorkerLoss, run_then_exit
 from emulator.fleet_worker import FleetSpec
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -123,3 +127,41 @@ def test_with_tolerate_worker_loss_emulate_runs_on_and_exits_zero() -> None:
     assert f"fleet worker 0 (pid {pids[0]})" in loss and "lost: 0, 2" in loss
     assert emulate.returncode == 0
     assert "phones: 2 ran to the end, 2 lost with 1 worker(s) that died" in stdout
+
+
+def _worker_leaving_a_task_that_ignores_cancellation(report_pipe: Any) -> None:
+    """What a fleet worker's loop holds when grpc.aio leaks a call task on channel close: a
+    task that never finishes when cancelled."""
+
+    async def leaked_call() -> None:
+        while True:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+
+    async def main() -> str:
+        asyncio.get_running_loop().create_task(leaked_call())
+        await asyncio.sleep(0)
+        return "the worker's report"
+
+    run_then_exit(main, report_pipe)
+
+
+def test_a_worker_whose_loop_keeps_a_task_it_cannot_cancel_still_reports_and_exits() -> None:
+    # Prepare
+    context = multiprocessing.get_context("spawn")
+    reader, writer = context.Pipe(duplex=False)
+    worker = context.Process(
+        target=_worker_leaving_a_task_that_ignores_cancellation, args=(writer,)
+    )
+
+    # Execute
+    worker.start()
+    writer.close()
+    reported = reader.poll(HANG_GUARD_S)
+    worker.join(HANG_GUARD_S)
+    if worker.is_alive():
+        worker.kill()
+
+    # Assert: the report arrived and the process ended cleanly, without waiting on the task.
+    assert reported and reader.recv() == "the worker's report"
+    assert worker.exitcode == 0

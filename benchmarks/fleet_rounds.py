@@ -43,6 +43,7 @@ class RoundTimes:
     round_s: list[float]  # each committed round, opened to committed
     accuracy: list[float]  # held-out accuracy after each committed round
     committed_at_s: list[float]  # each commit, seconds after the fleet started
+    started_at: float = 0.0  # when the fleet started (time.time())
 
     @property
     def wall_per_round_s(self) -> float:
@@ -157,4 +158,5 @@ async def run_job(job: FleetJob, model_bytes: bytes) -> RoundTimes:
         round_s=[r.finished_at - r.started_at for r in committed],
         accuracy=[r.metrics.get("eval/accuracy", 0.0) for r in committed],
         committed_at_s=[r.finished_at - started for r in committed],
+        started_at=started,
     )

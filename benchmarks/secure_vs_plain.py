@@ -7,7 +7,8 @@ stack (TLS gRPC on loopback, SQLite, LiteRT training on every emulated phone) wi
 `mean` aggregator and with `secure_aggregator()`, alternating (plain, secure) `--pairs` times so
 both see the same machine load. Phones are always available and nobody drops out, so every
 round should commit. Reports wall time per committed round (fleet start to last commit over
-committed rounds), the median round (opened to committed), failed rounds, and the ratio.
+committed rounds), the median round (opened to committed), failed rounds, the ratio, and where
+a secure round's time goes (benchmarks/secure_round_phases.py).
 Goal (issue 17): secure <= 1.3x plain per committed round, no failed rounds.
 """
 
@@ -22,6 +23,7 @@ import tempfile
 
 from benchmarks.fleet_rounds import FleetJob, RoundTimes, export_model, run_job
 from benchmarks.machine import record_figures
+from benchmarks.secure_round_phases import SessionLog, phase_medians
 from overnight.demo import DemoSettings
 
 GOAL_RATIO = 1.3
@@ -67,10 +69,13 @@ def main() -> None:
         model = export_model(plain_job, pathlib.Path(tmp))
     plain: list[RoundTimes] = []
     secure: list[RoundTimes] = []
+    phases: list[list[tuple[str, float]]] = []
     for _ in range(args.pairs):
         plain.append(asyncio.run(run_job(plain_job, model)))
         print(summarize("plain", plain[-1:])[1], flush=True)
-        secure.append(asyncio.run(run_job(secure_job, model)))
+        with SessionLog() as log:
+            secure.append(asyncio.run(run_job(secure_job, model)))
+        phases.append(phase_medians(log, secure[-1]))
         print(summarize("secure", secure[-1:])[1], flush=True)
     ratio = statistics.median(
         s.wall_per_round_s / p.wall_per_round_s for p, s in zip(plain, secure, strict=True)
@@ -93,6 +98,14 @@ def main() -> None:
         (
             "ratio secure / plain",
             f"{ratio:.2f} per committed round (wall), {median_ratio:.2f} median round",
+        ),
+        (
+            "secure round, median phase (ms; median over runs)",
+            ", ".join(
+                f"{name} {1000 * statistics.median(dict(run)[name] for run in phases):.0f}"
+                for name, _ in phases[0]
+                if all(name in dict(run) for run in phases)
+            ),
         ),
     ]
     met = ratio <= GOAL_RATIO and failed == 0

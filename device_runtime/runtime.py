@@ -165,41 +165,43 @@ class DeviceRuntime:
     async def _run_assignment(self, assignment: device_pb2.Assignment, delay: float) -> Attempt:
         round_number = assignment.round_number
         token = assignment.upload_token
+        secure = None
+        if (
+            assignment.HasField("secure_aggregation")
+            and assignment.kind != device_pb2.Assignment.EVALUATION
+        ):
+            # Keys are agreed while the device downloads and trains: the session waits for
+            # the last selected device's keys.
+            secure = SecureUpload(self._client.channel, assignment, self._client.key)
+            secure.start()
+
+        async def fail(cause: device_pb2.FailureReport.Cause, detail: str) -> Attempt:
+            if secure is not None:
+                secure.cancel()
+            return await self._fail(token, cause, detail, round_number, delay)
+
         try:
             model = await self._load_model(assignment.model)
             weights_bytes = await self._fetch(assignment.weights)
         except TransportError as exc:
-            return await self._fail(
-                token, device_pb2.FailureReport.DOWNLOAD_ERROR, str(exc), round_number, delay
-            )
+            return await fail(device_pb2.FailureReport.DOWNLOAD_ERROR, str(exc))
         except ManifestError as exc:
-            return await self._fail(
-                token, device_pb2.FailureReport.MODEL_REJECTED, str(exc), round_number, delay
-            )
+            return await fail(device_pb2.FailureReport.MODEL_REJECTED, str(exc))
         initial = np.frombuffer(weights_bytes, dtype="<f4").astype(np.float32)
         try:
             model.set_weights(initial)
         except ValueError as exc:
-            return await self._fail(
-                token, device_pb2.FailureReport.MODEL_REJECTED, str(exc), round_number, delay
-            )
+            return await fail(device_pb2.FailureReport.MODEL_REJECTED, str(exc))
         if assignment.plan.batch_size and assignment.plan.batch_size != model.batch_size:
             detail = (
                 f"plan batch size {assignment.plan.batch_size} "
                 f"!= model batch size {model.batch_size}"
             )
-            return await self._fail(
-                token, device_pb2.FailureReport.MODEL_REJECTED, detail, round_number, delay
-            )
+            return await fail(device_pb2.FailureReport.MODEL_REJECTED, detail)
 
         examples = self._examples.sample(assignment.plan.max_examples, self._rng)
         if assignment.kind == device_pb2.Assignment.EVALUATION:
             return await self._evaluate(assignment, model, examples, delay)
-        secure = None
-        if assignment.HasField("secure_aggregation"):
-            # Keys are agreed while the device trains.
-            secure = SecureUpload(self._client.channel, assignment, self._client.key)
-            secure.start()
         train_rng = np.random.default_rng(self._rng.integers(2**63))
         # The round's seed for the dropout masks; a coordinator that sends none leaves the
         # masks to this device's own generator.
@@ -219,19 +221,11 @@ class DeviceRuntime:
                 )
             )
         except (ValueError, RuntimeError) as exc:
-            if secure is not None:
-                secure.cancel()
-            return await self._fail(
-                token, device_pb2.FailureReport.TRAINING_ERROR, str(exc), round_number, delay
-            )
+            return await fail(device_pb2.FailureReport.TRAINING_ERROR, str(exc))
         if result.interrupted:
-            if secure is not None:
-                secure.cancel()
             now = self._conditions.current().describe()
             detail = f"interrupted after {result.num_batches} batches: {now}"
-            attempt = await self._fail(
-                token, device_pb2.FailureReport.INTERRUPTED, detail, round_number, delay
-            )
+            attempt = await fail(device_pb2.FailureReport.INTERRUPTED, detail)
             return dataclasses.replace(attempt, outcome=Outcome.INTERRUPTED)
 
         delta = model.get_weights() - initial

@@ -174,10 +174,12 @@ class NeighbourKeys(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., keys: _Optional[_Union[PairOfPublicKeys, _Mapping]] = ..., device_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ShareKeysRequest(_message.Message):
-    __slots__ = ("neighbours",)
+    __slots__ = ("neighbours", "session_config")
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_CONFIG_FIELD_NUMBER: _ClassVar[int]
     neighbours: _containers.RepeatedCompositeFieldContainer[NeighbourKeys]
-    def __init__(self, neighbours: _Optional[_Iterable[_Union[NeighbourKeys, _Mapping]]] = ...) -> None: ...
+    session_config: SecAggSessionConfig
+    def __init__(self, neighbours: _Optional[_Iterable[_Union[NeighbourKeys, _Mapping]]] = ..., session_config: _Optional[_Union[SecAggSessionConfig, _Mapping]] = ...) -> None: ...
 
 class MaskedInputRequest(_message.Message):
     __slots__ = ("shares",)

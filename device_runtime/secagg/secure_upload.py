@@ -1,10 +1,11 @@
 """A device's update in a secure_aggregator() round: masked, through SecAggService.
 
 Order (protos/secagg.proto, "Enrollment in a round"): `start` as soon as the assignment is
-known: in the background the device waits for the session to open, then advertises and shares
-its keys, while it trains. `send_update` clips and quantizes the trained delta into the field
-(device_runtime/secagg/secure_mean.py) and sends it masked. The caller then reports its
-training metrics to the coordinator and calls `finish`, which answers the unmasking request.
+known: in the background the device advertises its keys to the pending session, waits for it
+to open, then shares its keys, while it trains. `send_update` clips and quantizes the trained
+delta into the field (device_runtime/secagg/secure_mean.py) and sends it masked. The caller
+then reports its training metrics to the coordinator and calls `finish`, which answers the
+unmasking request (and does not wait for the session's end).
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from device_runtime.aggregation.norms import clip_l2
 from device_runtime.identity import DeviceKey
 from device_runtime.secagg.errors import SecAggError
 from device_runtime.secagg.secure_mean import SecureMeanEncoding
-from device_runtime.secagg.session_runner import SecAggSessionRunner, await_session_config
+from device_runtime.secagg.session_runner import (
+    SecAggSessionRunner,
+    advertise_early,
+    await_share_keys_request,
+)
 from protos import device_pb2, secagg_pb2
 
 
@@ -59,9 +64,11 @@ class SecureUpload:
         self._keys = asyncio.ensure_future(self._join())
 
     async def _join(self) -> None:
-        self._config = config = await await_session_config(self._channel, self._enrollment)
-        self._runner = SecAggSessionRunner(self._channel, config, self._device_key)
-        await self._runner.advertise_and_share_keys()
+        advertised = await advertise_early(self._channel, self._enrollment, self._device_key)
+        request = await await_share_keys_request(self._channel, self._enrollment)
+        self._config = config = request.session_config
+        self._runner = SecAggSessionRunner(self._channel, config, self._device_key, advertised)
+        await self._runner.share_keys(request)
 
     def cancel(self) -> None:
         """The device stops (interrupted, failed): it is a dropout of the session."""
@@ -86,10 +93,11 @@ class SecureUpload:
         quantized = await asyncio.to_thread(encoding.encode, clipped, weight, rng)
         await self._runner.send_masked_input(quantized)
 
-    async def finish(self) -> secagg_pb2.SessionResult:
-        """R3. Raises TransportError or SecAggAborted."""
+    async def finish(self) -> None:
+        """R3: reveals this device's shares; it does not wait for the session to end (the
+        coordinator commits the round without it). Raises TransportError or SecAggAborted."""
         assert self._runner is not None, "send_update() first"
-        return await self._runner.unmask()
+        await self._runner.reveal_shares()
 
     @property
     def sent_bytes(self) -> int:

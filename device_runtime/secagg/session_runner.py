@@ -1,9 +1,12 @@
 """Runs one secure-aggregation session for a device over gRPC (SecAggService).
 
 The device sends each round's message, then long-polls for the next server message; a
-DEADLINE_EXCEEDED poll is simply repeated until `session_timeout_s`. Key agreement, sharing
-and masking run in a worker thread, off the event loop. A server Abort, or a server message
-this device refuses (it then tells the server it aborts), ends the run with SecAggAborted.
+DEADLINE_EXCEEDED poll is simply repeated until `session_timeout_s`. In a coordinator round
+the device advertises its keys to the pending session (`advertise_early`), then waits for the
+session to open and R0 to close (`await_share_keys_request`) and goes on from SHARE_KEYS.
+Key agreement, sharing and masking run in a worker thread, off the event loop. A server
+Abort, or a server message this device refuses (it then tells the server it aborts), ends the
+run with SecAggAborted.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 from device_runtime import constants
 from device_runtime.identity import DeviceKey
 from device_runtime.secagg import masking
-from device_runtime.secagg.client import SecAggClient
+from device_runtime.secagg.client import EarlyAdvertisement, SecAggClient
 from device_runtime.secagg.errors import SecAggAborted
 from device_runtime.transport import TransportError
 from protos import secagg_pb2, secagg_pb2_grpc
@@ -27,19 +30,20 @@ from protos import secagg_pb2, secagg_pb2_grpc
 session_timeout_s = 600.0
 
 
-async def await_session_config(
-    channel: grpc.aio.Channel, enrollment: secagg_pb2.SecAggSessionConfig
-) -> secagg_pb2.SecAggSessionConfig:
-    """The complete config of a session the device was enrolled in before it opened (see
-    "Enrollment in a round" in protos/secagg.proto). Raises TransportError, or SecAggAborted
-    when the server answers with a config for another device."""
+async def _poll_pending(
+    channel: grpc.aio.Channel,
+    enrollment: secagg_pb2.SecAggSessionConfig,
+    after: secagg_pb2.SecAggStage,
+) -> secagg_pb2.SecAggServerMessage:
+    """Long-polls a session the device was enrolled in before it opened. Raises
+    TransportError, or SecAggAborted when the server aborted the session."""
     stub = secagg_pb2_grpc.SecAggServiceStub(channel)
     request = secagg_pb2.AwaitServerMessageRequest(
         protocol_version=constants.PROTOCOL_VERSION,
         session_id=enrollment.session_id,
         client_id=enrollment.client_id,
         session_token=enrollment.session_token,
-        after_stage=secagg_pb2.STAGE_UNSPECIFIED,
+        after_stage=after,
     )
     give_up = time.monotonic() + session_timeout_s
     while True:
@@ -52,7 +56,34 @@ async def await_session_config(
             raise TransportError(exc.code(), exc.details() or "") from exc
     if message.WhichOneof("message") == "abort":
         raise SecAggAborted(f"server aborted: {message.abort.reason}")
-    config = message.session_config
+    return message
+
+
+async def await_session_config(
+    channel: grpc.aio.Channel, enrollment: secagg_pb2.SecAggSessionConfig
+) -> secagg_pb2.SecAggSessionConfig:
+    """The complete config of a session the device was enrolled in before it opened (see
+    "Enrollment in a round" in protos/secagg.proto). Raises TransportError, or SecAggAborted
+    when the server answers with a config for another device."""
+    message = await _poll_pending(channel, enrollment, secagg_pb2.STAGE_UNSPECIFIED)
+    return _checked_config(message.session_config, enrollment)
+
+
+async def await_share_keys_request(
+    channel: grpc.aio.Channel, enrollment: secagg_pb2.SecAggSessionConfig
+) -> secagg_pb2.ShareKeysRequest:
+    """For a device that advertised early: its ShareKeysRequest, once the session opened and
+    R0 closed, with the complete session config in it. Raises as `await_session_config`."""
+    message = await _poll_pending(channel, enrollment, secagg_pb2.ADVERTISE_KEYS)
+    if message.WhichOneof("message") != "share_keys_request":
+        raise SecAggAborted("the server answered the key advertisement with another stage")
+    _checked_config(message.share_keys_request.session_config, enrollment)
+    return message.share_keys_request
+
+
+def _checked_config(
+    config: secagg_pb2.SecAggSessionConfig, enrollment: secagg_pb2.SecAggSessionConfig
+) -> secagg_pb2.SecAggSessionConfig:
     if (config.session_id, config.client_id, config.session_token) != (
         enrollment.session_id,
         enrollment.client_id,
@@ -65,17 +96,35 @@ async def await_session_config(
     return config
 
 
+async def advertise_early(
+    channel: grpc.aio.Channel,
+    enrollment: secagg_pb2.SecAggSessionConfig,
+    device_key: DeviceKey | None = None,
+) -> EarlyAdvertisement:
+    """R0 from the Assignment's partial config, to the session pending or open. Raises
+    TransportError (e.g. FAILED_PRECONDITION once R0 closed without this device)."""
+    advertisement = EarlyAdvertisement.make(enrollment, device_key)  # two keys, one signature
+    stub = secagg_pb2_grpc.SecAggServiceStub(channel)
+    try:
+        await stub.Send(advertisement.message, timeout=constants.rpc_timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        raise TransportError(exc.code(), exc.details() or "") from exc
+    return advertisement
+
+
 class SecAggSessionRunner:
     def __init__(
         self,
         channel: grpc.aio.Channel,
         config: secagg_pb2.SecAggSessionConfig,
         device_key: DeviceKey | None = None,
+        advertised: EarlyAdvertisement | None = None,
     ) -> None:
+        """`advertised`: sent with `advertise_early`; the runner then starts at `share_keys`."""
         self._stub = secagg_pb2_grpc.SecAggServiceStub(channel)
-        self.client = SecAggClient(config, device_key)
+        self.client = SecAggClient(config, device_key, advertised)
         self._config = config
-        self.sent_bytes = 0
+        self.sent_bytes = advertised.message.ByteSize() if advertised is not None else 0
 
     async def _send(self, message: secagg_pb2.SecAggClientMessage) -> None:
         self.sent_bytes += message.ByteSize()
@@ -138,9 +187,14 @@ class SecAggSessionRunner:
         message = self.client.envelope()
         message.advertise_keys.CopyFrom(self.client.advertise_keys())
         await self._send(message)
-        request = await self._await(secagg_pb2.ADVERTISE_KEYS)
+        await self.share_keys()
+
+    async def share_keys(self, request: secagg_pb2.ShareKeysRequest | None = None) -> None:
+        """R1, once this device's keys are advertised; `request` if already polled for."""
+        if request is None:
+            request = (await self._await(secagg_pb2.ADVERTISE_KEYS)).share_keys_request
         try:
-            shares = await asyncio.to_thread(self.client.share_keys, request.share_keys_request)
+            shares = await asyncio.to_thread(self.client.share_keys, request)
         except SecAggAborted as exc:
             await self._refuse(exc)
         message = self.client.envelope()
@@ -165,6 +219,12 @@ class SecAggSessionRunner:
 
     async def unmask(self) -> secagg_pb2.SessionResult:
         """R3: reveals the shares the server asks for; returns the session's result."""
+        await self.reveal_shares()
+        return (await self._await(secagg_pb2.UNMASKING)).result
+
+    async def reveal_shares(self) -> None:
+        """R3 without waiting for the session's end: this device's part is done once its
+        shares are taken (the session completes, or aborts, without it)."""
         request = await self._await(secagg_pb2.MASKED_INPUT_COLLECTION)
         try:
             response = self.client.unmasking_response(request.unmasking_request)
@@ -173,4 +233,3 @@ class SecAggSessionRunner:
         message = self.client.envelope()
         message.unmasking_response.CopyFrom(response)
         await self._send(message)
-        return (await self._await(secagg_pb2.UNMASKING)).result

@@ -3,10 +3,16 @@
 The coordinator `expect_session`s a round's session when it enrolls the first device (the
 session is pending: only its id and tokens exist), `add_session`s the SecAggServer once
 selection closed, and calls `close_stage` (or `apply`) when a stage's deadline passes. A
-pending session answers AwaitServerMessage(after_stage = STAGE_UNSPECIFIED) with the device's
-full session config once it opens, and FAILED_PRECONDITION to everything else. Message
-handling that may close a stage runs in a worker thread (unmasking a large vector takes
-seconds), one call at a time per session. Status codes are those of protos/secagg.proto.
+pending session takes AdvertiseKeys (key agreement overlaps selection and training), answers
+AwaitServerMessage(after_stage = STAGE_UNSPECIFIED) with the device's full session config once
+it opens, and (after_stage = ADVERTISE_KEYS) with its ShareKeysRequest once R0 closed, and
+FAILED_PRECONDITION to everything else.
+
+Calls run one at a time per session. A call that may end the unmasking (it rebuilds the
+secrets and expands the masks: O(n·m), seconds for a large vector) runs in a worker thread.
+The rest is O(1), or one pass over the vector as parsing it was, and runs on the event loop:
+there a thread hop costs more than the work, and waits for the GIL behind the other
+coroutines. Status codes are those of protos/secagg.proto.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ T = TypeVar("T")
 # A long poll returns DEADLINE_EXCEEDED after this long; the device simply polls again.
 await_server_message_s = 20.0
 _terminal = (secagg_pb2.COMPLETED, secagg_pb2.ABORTED)
+# What a device may wait for while its session is pending: the config, or (having advertised
+# early) the ShareKeysRequest, which carries the config.
+_pending_polls = (secagg_pb2.STAGE_UNSPECIFIED, secagg_pb2.ADVERTISE_KEYS)
 
 
 @dataclasses.dataclass
@@ -101,10 +110,15 @@ class SecAggService(secagg_pb2_grpc.SecAggServiceServicer):
             raise Unauthenticated("unknown secure-aggregation session")
         return hosted
 
-    async def _apply(self, hosted: _HostedSession, call: Callable[[], T]) -> T:
+    async def _apply(
+        self, hosted: _HostedSession, call: Callable[[], T], client_id: int | None = None
+    ) -> T:
+        """Runs `call` (a message from `client_id`, or a change with None) on the session."""
         async with hosted.lock:
             try:
-                return await asyncio.to_thread(call)
+                if hosted.server.unmasking_may_close(client_id):
+                    return await asyncio.to_thread(call)
+                return call()
             finally:
                 async with hosted.changed:
                     hosted.changed.notify_all()
@@ -133,7 +147,11 @@ class SecAggService(secagg_pb2_grpc.SecAggServiceServicer):
         self, request: secagg_pb2.SecAggClientMessage, context: grpc.aio.ServicerContext
     ) -> secagg_pb2.SecAggAck:
         hosted = self._session(request.session_id)
-        stage = await self._apply(hosted, lambda: hosted.server.receive(request))
+        if hosted.server_or_none is None:
+            # On the event loop, so the session cannot open halfway through.
+            hosted.enrollment.advertise_early(request)
+            return secagg_pb2.SecAggAck(stage=secagg_pb2.ADVERTISE_KEYS)
+        stage = await self._apply(hosted, lambda: hosted.server.receive(request), request.client_id)
         return secagg_pb2.SecAggAck(stage=stage)
 
     @abort_on_error
@@ -179,6 +197,7 @@ class SecAggService(secagg_pb2_grpc.SecAggServiceServicer):
             lambda: hosted.server.receive_masked_input(
                 h.session_id, h.client_id, h.session_token, vector
             ),
+            h.client_id,
         )
         return secagg_pb2.SecAggAck(stage=stage)
 
@@ -191,7 +210,7 @@ class SecAggService(secagg_pb2_grpc.SecAggServiceServicer):
         hosted.enrollment.check_credentials(
             request.session_id, request.client_id, request.session_token
         )
-        if hosted.server_or_none is None and request.after_stage != secagg_pb2.STAGE_UNSPECIFIED:
+        if hosted.server_or_none is None and request.after_stage not in _pending_polls:
             raise FailedPrecondition("the secure-aggregation session has not opened yet")
 
         def ready() -> bool:

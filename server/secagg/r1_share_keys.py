@@ -26,7 +26,7 @@ class ShareKeysState(SecAggState):
         return set(self.data.advertised)
 
     def message_for(self, client_id: int) -> secagg_pb2.SecAggServerMessage:
-        request = secagg_pb2.ShareKeysRequest()
+        request = secagg_pb2.ShareKeysRequest(session_config=self.data.session_config(client_id))
         for neighbour in sorted(self.data.neighbours_in(client_id, self.data.advertised)):
             request.neighbours.add(
                 client_id=neighbour,

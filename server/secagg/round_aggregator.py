@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Collection
 
 import numpy as np
 
@@ -92,8 +93,9 @@ class SecureSumRoundAggregator:
     def client_id(self, token_sha256: str) -> int | None:
         return self._client_by_token.get(token_sha256)
 
-    def open_session(self) -> SecAggServer | None:
-        """Selection closed: the session over every enrolled device. None (and the round
+    def open_session(self, failed_tokens: Collection[str] = ()) -> SecAggServer | None:
+        """Selection closed: the session over every enrolled device, those of
+        `failed_tokens` (they reported a failure) its first dropouts. None (and the round
         must fail) when so few devices were selected that no SecAgg parameters protect them."""
         try:
             parameters = choose_parameters(len(self._client_by_token))
@@ -101,7 +103,10 @@ class SecureSumRoundAggregator:
             self.open_failure = str(exc)
             log.warning("secure aggregation cannot start: %s", exc)
             return None
-        self.session = SecAggServer(parameters, modulus_bits, self.vector_length, self.enrollment)
+        dropped = {c for t in failed_tokens if (c := self._client_by_token.get(t)) is not None}
+        self.session = SecAggServer(
+            parameters, modulus_bits, self.vector_length, self.enrollment, dropped
+        )
         return self.session
 
     def secure_mean_encoding(self) -> SecureMeanEncoding:

@@ -84,13 +84,9 @@ class SecureRounds:
         aggregate = self.aggregator(round_)
         if aggregate is None:
             return
-        session = aggregate.open_session()
+        session = aggregate.open_session(failed_tokens)
         if session is None:
             return
-        for token in failed_tokens:
-            client = aggregate.client_id(token)
-            if client is not None:
-                session.drop_client(client, "reported a failure before the session opened")
         self.service.add_session(session)
         log.info(
             "task %s round %d: secure aggregation over %d devices (k=%d, t=%d)",

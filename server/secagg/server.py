@@ -2,10 +2,12 @@
 
 Call order: create with the enrolled device count (ids 1..n) and hand each device its
 `session_config`; then feed client messages to `receive` / `receive_masked_input` in any
-order. A stage closes by itself once every participant has spoken, or when `close_stage` is
-called for it at its deadline (those who stayed silent count as dropped). `server_message(id)` gives
-a device the message of the current stage. Every refusal is a CoordinatorError (mapped to a
-gRPC status in one place), is logged, and changes nothing:
+order. A round's session is pending until its selection closes (`SessionEnrollment`): it
+already takes the devices' advertised keys, so the session may open straight into
+SHARE_KEYS. A stage closes by itself once every participant has spoken, or when
+`close_stage` is called for it at its deadline (those who stayed silent count as dropped).
+`server_message(id)` gives a device the message of the current stage. Every refusal is a
+CoordinatorError (mapped to a gRPC status in one place), is logged, and changes nothing:
   UNAUTHENTICATED      wrong session, unknown client id or wrong session token
   FAILED_PRECONDITION  a message of another stage, or a device that is no longer a participant
   ALREADY_EXISTS       a second message of one stage from one device
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
+from collections.abc import Collection
 
 import numpy as np
 
@@ -28,7 +31,7 @@ from protos import secagg_pb2
 from server.errors import CoordinatorError, FailedPrecondition, InvalidArgument, Unauthenticated
 from server.secagg.aborted import AbortedState
 from server.secagg.completed import CompletedState
-from server.secagg.r0_advertise_keys import AdvertiseKeysState
+from server.secagg.r0_advertise_keys import AdvertiseKeysState, take_advertisement
 from server.secagg.r2_masked_input_collection import MaskedInputCollectionState
 from server.secagg.session_data import SessionData
 from server.secagg.state import SecAggState
@@ -48,6 +51,11 @@ class SessionEnrollment:
         # Each device's enrolled public key (DER), when the coordinator knows it: then the
         # device must sign its advertised keys, and its neighbours get the key to check them.
         self.device_keys: dict[int, bytes] = {}
+        # R0 taken early (r0_advertise_keys.KeyBook): the session opens with these.
+        self.advertised: dict[int, secagg_pb2.PairOfPublicKeys] = {}
+        self.key_owners: dict[bytes, int] = {}
+        self.key_signatures: dict[int, bytes] = {}
+        self.opened = False  # set by the SecAggServer that takes these over
 
     def enroll(self, client_id: int) -> bytes:
         """The client's session token (issued on first call)."""
@@ -64,6 +72,22 @@ class SessionEnrollment:
         ):
             raise Unauthenticated(f"unknown session, client {client_id} or session token")
 
+    def advertise_early(self, message: secagg_pb2.SecAggClientMessage) -> None:
+        """Takes a device's AdvertiseKeys before the session opens, checked as R0 checks it.
+        Raises Unauthenticated, FailedPrecondition (another message, or another protocol
+        version), AlreadyExists or InvalidArgument, keeping nothing."""
+        if message.protocol_version != constants.PROTOCOL_VERSION:
+            raise FailedPrecondition(
+                f"protocol version {message.protocol_version} is not spoken; "
+                f"this server speaks {constants.PROTOCOL_VERSION}"
+            )
+        self.check_credentials(message.session_id, message.client_id, message.session_token)
+        if self.opened:
+            raise FailedPrecondition("the session opened: its states take the messages now")
+        if message.WhichOneof("message") != "advertise_keys":
+            raise FailedPrecondition("the secure-aggregation session has not opened yet")
+        take_advertisement(self, message.client_id, message.advertise_keys)
+
 
 class SecAggServer:
     def __init__(
@@ -72,9 +96,12 @@ class SecAggServer:
         modulus_bits: int,
         vector_length: int,
         enrollment: SessionEnrollment | None = None,
+        dropped: Collection[int] = (),
     ) -> None:
         """`enrollment`: the session id and tokens already handed to the devices (a round
-        enrolls devices before it knows how many there will be); fresh ones otherwise."""
+        enrolls devices before it knows how many there will be), with the keys they
+        advertised so far; fresh ones otherwise. `dropped`: devices already known to be out
+        (they reported a failure while the session was pending); their keys are not used."""
         masking.check_modulus_bits(modulus_bits)
         if vector_length < 1:
             raise ValueError(f"vector_length must be positive, got {vector_length}")
@@ -96,8 +123,19 @@ class SecAggServer:
             graph=NeighbourGraph(graph_seed, n, parameters.num_neighbours),
             token_by_client=dict(enrollment.tokens),
             device_keys=dict(enrollment.device_keys),
+            aborted_clients=set(dropped),
         )
-        self._state: SecAggState = AdvertiseKeysState(self._data)
+        data = self._data
+        enrollment.opened = True  # later messages go to this session's states
+        for client, keys in enrollment.advertised.items():
+            if client not in data.aborted_clients:
+                data.advertised[client] = keys
+                data.key_owners.update(
+                    {keys.encryption_public_key: client, keys.mask_public_key: client}
+                )
+                data.key_signatures[client] = enrollment.key_signatures[client]
+        self._state: SecAggState = AdvertiseKeysState(data)
+        self._close_if_complete()  # everyone advertised while the session was pending
 
     @property
     def session_id(self) -> bytes:
@@ -149,6 +187,14 @@ class SecAggServer:
         if client_id in self._data.token_by_client:
             self._client_aborted(client_id, reason)
             self._close_if_complete()
+
+    def unmasking_may_close(self, client_id: int | None) -> bool:
+        """Whether a message from `client_id` (None: a change the coordinator asks for) may
+        end the unmasking stage, whose close rebuilds the secrets and expands the masks:
+        O(n·m) work, for a worker thread. Every other call is O(1) or one pass over a vector."""
+        if self._state.stage != secagg_pb2.UNMASKING:
+            return False
+        return client_id is None or self._state.waiting_for() <= {client_id}
 
     def waiting_for(self) -> set[int]:
         """Devices the current stage still waits for (empty once terminal)."""

@@ -120,6 +120,8 @@ def simulate(
             f"{sample['wall_s']:.0f} s",
             flush=True,
         )
+        if args.max_wall_s is not None and sample["wall_s"] > args.max_wall_s:
+            break  # the table says how far it got
     fleet.close()
     return samples
 
@@ -137,6 +139,13 @@ COLUMNS = (
     ("cached_keys", "keys", "{:.0f}"),
     ("issued_tokens", "tokens", "{:.0f}"),
 )
+
+
+def _days_run(samples: list[dict[str, float]], args: argparse.Namespace) -> str:
+    reached = int(samples[-1]["day"])
+    if reached >= args.days:
+        return f"{args.days} virtual days"
+    return f"{reached} of {args.days} virtual days (stopped by --max-wall-s {args.max_wall_s:g})"
 
 
 def table(samples: list[dict[str, float]], rows: int) -> str:
@@ -171,6 +180,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", type=int, default=14, help="table rows printed")
     parser.add_argument("--record", action="store_true", help="write the table to RESULTS.md")
+    parser.add_argument(
+        "--max-wall-s",
+        type=float,
+        help="stop at the first sample past this wall time, and report the days reached",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="retention-year-") as tmp:
         model_bytes = _export_model(pathlib.Path(tmp))
@@ -182,7 +196,7 @@ def main() -> None:
         [
             f"{args.phones} phones, one 1-hour session every {args.mean_days:g} days on "
             f"average, target {args.target}, check-in capacity {args.capacity:g}/s, {label}; "
-            f"{args.days} virtual days in {samples[-1]['wall_s']:.0f} s. Maps: entries held "
+            f"{_days_run(samples, args)} in {samples[-1]['wall_s']:.0f} s. Maps: entries held "
             "per device (`Coordinator.tracked_devices`).",
             "",
             table(samples, args.rows),

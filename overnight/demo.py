@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -49,6 +50,7 @@ class DemoSettings:
     hidden_units: int = 64
     seed: int = 0
     data_dir: str | None = None
+    metrics_address: str | None = None  # host:port for Prometheus metrics, as in `serve`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +97,16 @@ def format_round(r: admin_pb2.RoundSummary) -> str:
 
 
 async def run_demo(
-    settings: DemoSettings, on_round: Callable[[admin_pb2.RoundSummary], None]
+    settings: DemoSettings,
+    on_round: Callable[[admin_pb2.RoundSummary], None],
+    on_metrics: Callable[[str], None] = lambda address: None,
 ) -> DemoResult:
+    """`on_metrics` is told the metrics endpoint's address once it serves (with
+    `settings.metrics_address` only)."""
     from emulator.data import federated_digits
     from emulator.fleet import Fleet
     from emulator.phone import RandomConditionsSettings
+    from server.metrics import CoordinatorMetrics, metrics_served
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="overnight-demo-") as tmp:
@@ -132,13 +139,24 @@ async def run_demo(
         tls, trust = loopback_security()
         tokens = AdminTokens(data_dir)
         _, operator_token = tokens.create(Role.OPERATOR)
+        metrics = CoordinatorMetrics() if settings.metrics_address else None
+        observed = [] if metrics is None else [metrics.interceptor()]
         server = CoordinatorServer(
             coordinator,
             "127.0.0.1:0",
             tls=tls,
             admin_tokens=tokens,
+            interceptors=observed,
+            admin_interceptors=observed,
         )
         await server.start()
+        serving = contextlib.AsyncExitStack()
+        if metrics is not None and settings.metrics_address:
+            slots = server.device_service.upload_slots
+            endpoint = await serving.enter_async_context(
+                metrics_served(settings.metrics_address, metrics, coordinator, slots)
+            )
+            on_metrics(endpoint.address)
         assert server.admin_address is not None
         credential = bearer_metadata(operator_token)
         config = TaskConfig(
@@ -206,6 +224,7 @@ async def run_demo(
             stop.set()
             await fleet_task
             await channel.close()
+            await serving.aclose()
             await server.stop()
             store.close()
     return DemoResult(
@@ -253,6 +272,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument(
         "--data-dir", help="keep the model and coordinator state here (default: a temp dir)"
     )
+    parser.add_argument(
+        "--metrics-address",
+        help="host:port to serve the coordinator's Prometheus metrics on while the demo runs "
+        "(GET /metrics), as `overnight serve --metrics-address` does; off unless given",
+    )
     parser.set_defaults(func=run)
 
 
@@ -265,13 +289,20 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         seed=args.seed,
         data_dir=args.data_dir,
+        metrics_address=args.metrics_address,
     )
     print(
         f"Overnight demo: {settings.phones} emulated phones, {settings.rounds} rounds of "
         f"{settings.clients_per_round}, digits split non-IID (Dirichlet alpha={settings.alpha})",
         flush=True,
     )
-    result = asyncio.run(run_demo(settings, lambda r: print(format_round(r), flush=True)))
+    result = asyncio.run(
+        run_demo(
+            settings,
+            lambda r: print(format_round(r), flush=True),
+            lambda address: print(f"metrics on http://{address}/metrics", flush=True),
+        )
+    )
     print(
         f"\nfinal held-out accuracy {result.final_accuracy:.4f} after {settings.rounds} rounds; "
         f"wall time {result.wall_time_s:.1f} s; model {result.model_bytes} bytes "

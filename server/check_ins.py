@@ -1,13 +1,15 @@
 """A device's check-in answered: verified, paced, and either assigned to the selecting round
 of one of its population's tasks or turned away with a reason and a retry window.
 
-The steps a replica changes (which round selects, how an assignment is recorded) stay the
-coordinator's; the desk is handed them as callables, so a subclass's overrides apply.
+The steps a replica changes (which round selects, how an assignment is recorded, how a round
+advances) stay the coordinator's; the desk is handed them as bound methods, so a subclass's
+overrides apply.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping
 
@@ -17,6 +19,7 @@ from device_runtime.clock import Clock
 from device_runtime.logs import about
 from protos import common_pb2, device_pb2
 from server import eligibility
+from server.assignments import assignment_message, token_digest
 from server.check_in_pacing import CheckInPacing, rejection
 from server.coordinator_settings import CoordinatorSettings, fixed_window
 from server.device_identity import DeviceIdentities
@@ -25,7 +28,8 @@ from server.flood_limits import network_slot_cap
 from server.protocol_version import check_protocol_version
 from server.rounds import selecting
 from server.rounds.round import RoundInProgress
-from server.store import Store, TaskState
+from server.secagg.round_bridge import SecureRounds
+from server.store import AssignmentRecord, Store, TaskState
 from server.task_runtime import TaskRuntime
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,8 @@ Assign = Callable[
     [TaskRuntime, RoundInProgress, device_pb2.CheckInRequest, str, str | None, int],
     device_pb2.CheckInResponse,
 ]
+# (assignment, examples the device declared, its network) -> None, or raises
+RecordAssignment = Callable[[AssignmentRecord, int, str | None], None]
 
 
 class CheckInDesk:
@@ -47,9 +53,13 @@ class CheckInDesk:
         pacing: CheckInPacing,
         jitter: np.random.Generator,
         clock: Clock,
+        secure_rounds: SecureRounds,
+        issued: dict[str, tuple[str, int]],
         up_to_date: Callable[[TaskRuntime], bool],
         selecting_round: Callable[[TaskRuntime], RoundInProgress | None],
         assign: Assign,
+        record_assignment: RecordAssignment,
+        advance: Callable[[TaskRuntime, RoundInProgress], None],
     ) -> None:
         self._tasks = tasks
         self._store = store
@@ -58,11 +68,16 @@ class CheckInDesk:
         self._pacing = pacing
         self._jitter = jitter
         self._clock = clock
+        self._secure_rounds = secure_rounds
+        self._issued = issued  # upload token hash -> (task, round), of this process
         # Applies a task's deadlines; False when its round logic failed the task.
         self._up_to_date = up_to_date
         # The task's round that selects now, opened if it may open one; None if none.
         self._selecting_round = selecting_round
         self._assign = assign
+        # Makes an assignment durable (and, on a replica, counts it for the cluster).
+        self._record_assignment = record_assignment
+        self._advance = advance
 
     def check_in(
         self, request: device_pb2.CheckInRequest, peer: str = ""
@@ -169,3 +184,46 @@ class CheckInDesk:
             "no running task",
             fixed_window(self._settings.no_task_retry_s),
         )
+
+    def assign(
+        self,
+        task: TaskRuntime,
+        round_: RoundInProgress,
+        request: device_pb2.CheckInRequest,
+        device_id: str,
+        network: str | None,
+        active: int,
+    ) -> device_pb2.CheckInResponse:
+        """Selects the device into the round: the assignment is recorded before the round
+        (or the device) hears of it."""
+        token = secrets.token_bytes(32)
+        digest = token_digest(token)
+        now = self._clock.now()
+        secure = self._secure_rounds.aggregator(round_) is not None
+        # Read and stored first: if the store fails, nothing in memory has changed.
+        device_key_der = (
+            self._identities.enrolled_key_der(device_id, task.config.population) if secure else b""
+        )
+        self._record_assignment(
+            AssignmentRecord(digest, task.task_id, round_.round_number, device_id, now),
+            request.example_count,
+            network,
+        )
+        round_.assign(device_id, digest, request.example_count, network)
+        enrollment = self._secure_rounds.enroll(round_, digest, device_key_der) if secure else None
+        self._issued[digest] = (task.task_id, round_.round_number)
+        self._advance(task, round_)
+        log.debug(
+            "task %s: round %d assigned a device",
+            task.task_id,
+            round_.round_number,
+            extra=about(task.task_id, round_.round_number, device_id),
+        )
+        assignment = assignment_message(task, round_, token, now)
+        if enrollment is not None:
+            assignment.secure_aggregation.CopyFrom(enrollment)
+        # After its work the device is welcome back when a later round selects, but not
+        # before the task's participation spacing allows.
+        not_before_s = max(task.config.min_separation_s, 0.0)
+        window = self._pacing.window(task, active, now, not_before_s=not_before_s)
+        return device_pb2.CheckInResponse(assignment=assignment, retry_window=window)

@@ -18,7 +18,6 @@ reports (uploads and failure reports), round_progress (an open round's states in
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -27,7 +26,7 @@ from device_runtime.clock import Clock
 from device_runtime.logs import about
 from protos import common_pb2, device_pb2
 from server.aggregation import Buffer
-from server.assignments import assignment_message, dropout_seed, token_digest
+from server.assignments import dropout_seed, token_digest
 from server.check_in_pacing import CheckInPacing, rejection
 from server.check_ins import CheckInDesk
 from server.config import TaskConfig
@@ -92,18 +91,6 @@ class Coordinator:
         self._jitter = rng or np.random.default_rng()
         self._pacing = CheckInPacing(self.settings.pace, self._jitter)
         self._tasks: dict[str, TaskRuntime] = {}
-        self._check_ins = CheckInDesk(
-            self._tasks,
-            store,
-            self.identities,
-            self.settings,
-            self._pacing,
-            self._jitter,
-            clock,
-            up_to_date=self._up_to_date,
-            selecting_round=self._selecting_round,
-            assign=self._assign,
-        )
         # Tokens issued by this process: hash -> (task, round). Tokens are never stored in the
         # clear; a leaked database cannot be used to upload.
         self._issued: dict[str, tuple[str, int]] = {}
@@ -112,6 +99,23 @@ class Coordinator:
         # Rounds of secure_aggregator() tasks run a SecAgg session (its gRPC service too);
         # a message may complete a stage, so it wakes the driver.
         self.secure_rounds = SecureRounds(on_change=self._secure_change)
+        self._check_ins = CheckInDesk(
+            self._tasks,
+            store,
+            self.identities,
+            self.settings,
+            self._pacing,
+            self._jitter,
+            clock,
+            self.secure_rounds,
+            self._issued,
+            # The coordinator's steps, as bound methods: a replica's overrides apply.
+            up_to_date=self._up_to_date,
+            selecting_round=self._selecting_round,
+            assign=self._assign,
+            record_assignment=self._record_assignment,
+            advance=self.advance,
+        )
         for record in store.tasks():
             self._load_task(record)
 
@@ -245,36 +249,7 @@ class Coordinator:
         network: str | None,
         active: int,
     ) -> device_pb2.CheckInResponse:
-        token = secrets.token_bytes(32)
-        digest = token_digest(token)
-        now = self._clock.now()
-        secure = self.secure_rounds.aggregator(round_) is not None
-        # Read and stored first: if the store fails, nothing in memory has changed.
-        device_key_der = (
-            self.identities.enrolled_key_der(device_id, task.config.population) if secure else b""
-        )
-        self._record_assignment(
-            AssignmentRecord(digest, task.task_id, round_.round_number, device_id, now),
-            request.example_count,
-            network,
-        )
-        round_.assign(device_id, digest, request.example_count, network)
-        enrollment = self.secure_rounds.enroll(round_, digest, device_key_der) if secure else None
-        self._issued[digest] = (task.task_id, round_.round_number)
-        self.advance(task, round_)
-        log.debug(
-            "task %s: round %d assigned a device",
-            task.task_id,
-            round_.round_number,
-            extra=about(task.task_id, round_.round_number, device_id),
-        )
-        assignment = assignment_message(task, round_, token, now)
-        if enrollment is not None:
-            assignment.secure_aggregation.CopyFrom(enrollment)
-        # After its work the device is welcome back when a later round selects, but not
-        # before the task's participation spacing allows.
-        window = self._steer(task, active, now, not_before_s=max(task.config.min_separation_s, 0.0))
-        return device_pb2.CheckInResponse(assignment=assignment, retry_window=window)
+        return self._check_ins.assign(task, round_, request, device_id, network, active)
 
     def _record_assignment(
         self, record: AssignmentRecord, declared_examples: int, network: str | None

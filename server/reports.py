@@ -14,7 +14,7 @@ from server.device_identity import DeviceIdentities
 from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unauthenticated
 from server.example_credit import credited_header
 from server.protocol_version import check_protocol_version
-from server.rounds.round import AssignmentState, RoundInProgress
+from server.rounds.round import AssignmentState, DeviceAssignment, RoundInProgress
 from server.store import Store
 from server.task_runtime import TaskRuntime
 
@@ -59,14 +59,9 @@ def check_upload(
     header: device_pb2.UploadHeader, opened: Opened, identities: DeviceIdentities, now: float
 ) -> None:
     """Raises unless the assignment `opened` for this header may still report."""
-    task, round_, digest = opened
-    assignment = round_.assignments[digest]
-    identities.verify_report(
-        header.device_signature,
-        identity.upload_signed_bytes(header),
-        assignment.device_id,
-        task.config.population,
-    )
+    task, round_, _ = opened
+    signed = identity.upload_signed_bytes(header)
+    assignment = _signed_by_assignee(opened, header.device_signature, signed, identities)
     if assignment.state is AssignmentState.REPORTED:
         raise AlreadyExists("an update for this upload token was already accepted")
     if assignment.state is AssignmentState.FAILED:
@@ -76,6 +71,16 @@ def check_upload(
         raise FailedPrecondition(
             f"round {round_.round_number} of task {task.task_id!r} passed its reporting deadline"
         )
+
+
+def _signed_by_assignee(
+    opened: Opened, signature: bytes, signed: bytes, identities: DeviceIdentities
+) -> DeviceAssignment:
+    """The assignment, once the device it went to is found to have signed the message."""
+    task, round_, digest = opened
+    assignment = round_.assignments[digest]
+    identities.verify_report(signature, signed, assignment.device_id, task.config.population)
+    return assignment
 
 
 def add_upload(
@@ -107,14 +112,9 @@ def record_failure(
 ) -> None:
     """Marks the assignment `opened` for this report failed, if the device signed it and the
     assignment is still out."""
-    task, round_, digest = opened
-    assignment = round_.assignments[digest]
-    identities.verify_report(
-        report.device_signature,
-        identity.failure_signed_bytes(report),
-        assignment.device_id,
-        task.config.population,
-    )
+    _, round_, digest = opened
+    signed = identity.failure_signed_bytes(report)
+    assignment = _signed_by_assignee(opened, report.device_signature, signed, identities)
     if assignment.state is not AssignmentState.ASSIGNED:
         raise FailedPrecondition(f"assignment already {assignment.state.value}")
     round_.set_state(

@@ -137,7 +137,7 @@ class Coordinator:
     ) -> TaskRecord:
         """Validates and stores a task. Raises InvalidArgument or AlreadyExists."""
         record = new_task_record(
-            config, model_bytes, initial_weights, self._tasks, self.store, self._clock.now()
+            config, model_bytes, initial_weights, self._tasks, self.store, self._clock
         )
         self.store.add_task(record)
         self._load_task(record)
@@ -219,6 +219,8 @@ class Coordinator:
             self.fail_task(task, f"{type(exc).__name__}: {exc}")
             return False
         return True
+
+    # _steer and _reject: a replica answers with these too (server/replica_coordinator.py).
 
     def _steer(
         self, task: TaskRuntime, active: int, now: float, not_before_s: float = 0.0

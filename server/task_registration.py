@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from device_runtime.clock import Clock
 from device_runtime.manifest import ManifestError
 from device_runtime.model_file import read_manifest
 from device_runtime.secagg.parameters import fewest_clients
@@ -23,7 +24,7 @@ def new_task_record(
     initial_weights: bytes | None,
     tasks: Mapping[str, TaskRuntime],
     store: Store,
-    now: float,
+    clock: Clock,
 ) -> TaskRecord:
     """The record of a valid new task; its model and weights are stored as resources.
     Raises InvalidArgument or AlreadyExists, storing nothing."""
@@ -38,7 +39,7 @@ def new_task_record(
             f"{fewest}: raise target_reports or over_selection"
         )
     if config.is_evaluation:
-        return _evaluation_record(config, tasks.get(config.evaluates), now)
+        return _evaluation_record(config, tasks.get(config.evaluates), clock.now())
     try:
         manifest = read_manifest(model_bytes)
     except ManifestError as exc:
@@ -70,7 +71,7 @@ def new_task_record(
         model_sha256=store.put_resource("model", model_bytes),
         initial_weights_sha256=store.put_resource("weights", initial_weights),
         num_parameters=manifest.num_parameters,
-        created_at=now,
+        created_at=clock.now(),
     )
 
 

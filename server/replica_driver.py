@@ -6,22 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from server.errors import StoreUnavailable
 from server.retention import Retention
-from server.round_driver import RoundDriver, drive_interval_s
-
-if TYPE_CHECKING:
-    from server.replica_coordinator import ReplicaCoordinator
+from server.round_driver import RoundDriver, RoundHost, drive_interval_s
 
 log = logging.getLogger(__name__)
+
+
+class ReplicaHost(RoundHost, Protocol):
+    """What a replica's driver needs beyond the round driver's host
+    (server.replica_coordinator implements it)."""
+
+    def replicate(self) -> None: ...
 
 
 class ReplicaDriver(RoundDriver):
     def __init__(
         self,
-        coordinator: ReplicaCoordinator,
+        coordinator: ReplicaHost,
         interval_s: float = drive_interval_s,
         retention: Retention | None = None,
     ) -> None:

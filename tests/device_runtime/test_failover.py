@@ -5,10 +5,11 @@ report exactly once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import pathlib
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import numpy as np
@@ -18,6 +19,7 @@ from device_runtime.examples import LocalExamples
 from device_runtime.runtime import Attempt, DeviceRuntime, Outcome
 from device_runtime.transport import CoordinatorClient, TransportError
 from emulator.data import load_digits
+from server.config import TaskConfig
 from server.coordinator import CoordinatorSettings
 from server.grpc_service import CoordinatorServer
 from server.pace_steering import PaceSteeringSettings
@@ -25,6 +27,7 @@ from server.sqlite_store import SqliteStore
 from server.store import RoundRecord, RoundState
 from tests.device_listener import (
     CallLog,
+    DeviceListener,
     FirstDownloadBrokenOff,
     FirstUploadAnswerLost,
     device_listener,
@@ -33,6 +36,7 @@ from tests.dns_responder import dns_responder
 from tests.fakes import FakeClock, ScriptedConditions
 from tests.harness import (
     POPULATION,
+    RunningCoordinator,
     loopback_tls,
     loopback_trust,
     running_coordinator,
@@ -65,6 +69,34 @@ def _runtime(
     )
 
 
+@contextlib.asynccontextmanager
+async def _two_listeners(
+    tmp_path: pathlib.Path,
+    model_bytes: bytes,
+    config: TaskConfig,
+    clock: FakeClock,
+    first: grpc.aio.ServerInterceptor,
+    second: grpc.aio.ServerInterceptor,
+) -> AsyncIterator[tuple[RunningCoordinator, DeviceListener, CoordinatorClient]]:
+    """One coordinator with two device listeners (a stand-in for two replicas), `first` on
+    its own listener and `second` on the other, and a client given both addresses."""
+    async with (
+        running_coordinator(
+            str(tmp_path / "s.sqlite"),
+            model_bytes,
+            config,
+            clock,
+            SETTINGS,
+            interceptors=[first],
+        ) as running,
+        device_listener(running.coordinator, [second]) as other,
+    ):
+        client = CoordinatorClient(
+            f"{running.address},{other.address}", running.trust, wall_clock=clock.now
+        )
+        yield running, other, client
+
+
 def test_a_device_reports_through_the_other_coordinator_when_one_stops(
     tmp_path: pathlib.Path, model_bytes: bytes
 ) -> None:
@@ -74,20 +106,11 @@ def test_a_device_reports_through_the_other_coordinator_when_one_stops(
     attempts: list[Attempt] = []
 
     async def scenario() -> tuple[list[str], list[str], list[RoundRecord]]:
-        async with (
-            running_coordinator(
-                str(tmp_path / "s.sqlite"),
-                model_bytes,
-                config,
-                clock,
-                SETTINGS,
-                interceptors=[first],
-            ) as running,
-            device_listener(running.coordinator, [second]) as other,
+        async with _two_listeners(tmp_path, model_bytes, config, clock, first, second) as (
+            running,
+            other,
+            client,
         ):
-            client = CoordinatorClient(
-                f"{running.address},{other.address}", running.trust, wall_clock=clock.now
-            )
             runtime = _runtime(client, clock, attempts.append)
             await runtime.run(max_reports=1)
             await running.settled()
@@ -211,20 +234,11 @@ def test_an_upload_whose_answer_was_lost_is_counted_once_and_not_sent_again(
     lost = FirstUploadAnswerLost()
 
     async def scenario() -> tuple[Attempt, list[RoundRecord]]:
-        async with (
-            running_coordinator(
-                str(tmp_path / "s.sqlite"),
-                model_bytes,
-                config,
-                clock,
-                SETTINGS,
-                interceptors=[lost],
-            ) as running,
-            device_listener(running.coordinator, [lost]) as other,
+        async with _two_listeners(tmp_path, model_bytes, config, clock, lost, lost) as (
+            running,
+            other,
+            client,
         ):
-            client = CoordinatorClient(
-                f"{running.address},{other.address}", running.trust, wall_clock=clock.now
-            )
             attempt = await _runtime(client, clock).attempt()
             await client.close()
             await running.settled()
@@ -249,20 +263,11 @@ def test_a_download_broken_off_mid_stream_starts_again_on_the_next_coordinator(
     broken = FirstDownloadBrokenOff()
 
     async def scenario() -> tuple[Attempt, int]:
-        async with (
-            running_coordinator(
-                str(tmp_path / "s.sqlite"),
-                model_bytes,
-                config,
-                clock,
-                SETTINGS,
-                interceptors=[broken],
-            ) as running,
-            device_listener(running.coordinator, [broken]) as other,
+        async with _two_listeners(tmp_path, model_bytes, config, clock, broken, broken) as (
+            running,
+            other,
+            client,
         ):
-            client = CoordinatorClient(
-                f"{running.address},{other.address}", running.trust, wall_clock=clock.now
-            )
             attempt = await _runtime(client, clock).attempt()
             await client.close()
             return attempt, client.counters.downloaded_bytes

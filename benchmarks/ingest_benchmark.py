@@ -38,6 +38,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.machine import record_figures
+from benchmarks.process_stats import cpu_seconds
 from device_runtime import constants, identity
 from device_runtime.transport import CoordinatorClient
 from protos import common_pb2, device_pb2, device_pb2_grpc
@@ -349,12 +350,6 @@ def run(
     return figures, goal
 
 
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, every thread, dead ones included) a process has used."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _wait_committed(store: pathlib.Path, rounds: int) -> None:
     """Returns once the coordinator's store holds `rounds` committed rounds: the commit of
     the uploads just sent is durable, and its cost is in the process's CPU time."""
@@ -405,7 +400,7 @@ def run_metrics_overhead(
                     tokens = asyncio.run(_assignments(f"127.0.0.1:{port}", uploads))
                     streams = [_chunks(t, payload_bytes, n, key) for t, key in tokens]
                     print(f"repeat {repeat + 1}/{repeats}: metrics {name} ...", flush=True)
-                    cpu_before = _cpu_s(process.pid)
+                    cpu_before = cpu_seconds(process.pid)
                     wall[name].append(
                         asyncio.run(_upload_all(f"127.0.0.1:{port}", streams, concurrency))
                     )
@@ -415,7 +410,7 @@ def run_metrics_overhead(
                         with urllib.request.urlopen(f"http://{metrics_address}/metrics") as page:
                             scraped = page.read().decode()
                     _wait_committed(pathlib.Path(tmp) / name / store_file_name, repeat + 1)
-                    cpu[name].append((_cpu_s(process.pid) - cpu_before) / uploads)
+                    cpu[name].append((cpu_seconds(process.pid) - cpu_before) / uploads)
                     del streams
         finally:
             for process, _ in coordinators.values():

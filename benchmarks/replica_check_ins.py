@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import math
 import multiprocessing
-import os
 import pathlib
 import statistics
 import tempfile
@@ -34,6 +33,7 @@ import time
 from typing import Any
 
 from benchmarks.machine import record_section
+from benchmarks.process_stats import children_cpu_seconds, cpu_seconds, quantile
 
 ENROLLMENT_SECRET = b"replica-check-in-benchmark-enrollment-secret"
 POPULATION = "digits"
@@ -95,25 +95,6 @@ def _replica_main(url: str, name: str, model_bytes: bytes, ports: Any, stop: Any
     asyncio.run(main())
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _children_cpu_seconds(parent: int) -> float:
-    """CPU time of the live children of `parent` (PostgreSQL's backends and workers)."""
-    total = 0.0
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == parent:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 async def _drive(
     targets: list[str], seconds: float, concurrency: int, keys: int, pids: list[int], pg_pid: int
 ) -> tuple[list[float], float, float]:
@@ -134,8 +115,8 @@ async def _drive(
     ]
     for phone in phones:
         await phone.enroll(POPULATION, ENROLLMENT_SECRET)
-    replicas_before = sum(_cpu_seconds(pid) for pid in pids)
-    pg_before = _children_cpu_seconds(pg_pid)
+    replicas_before = sum(cpu_seconds(pid) for pid in pids)
+    pg_before = children_cpu_seconds(pg_pid)
     latencies: list[float] = []
     end = time.perf_counter() + seconds
     counter = iter(range(10**9))
@@ -150,16 +131,11 @@ async def _drive(
             latencies.append(time.perf_counter() - started)
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
-    replicas_cpu = sum(_cpu_seconds(pid) for pid in pids) - replicas_before
-    pg_cpu = _children_cpu_seconds(pg_pid) - pg_before
+    replicas_cpu = sum(cpu_seconds(pid) for pid in pids) - replicas_before
+    pg_cpu = children_cpu_seconds(pg_pid) - pg_before
     for channel in channels:
         await channel.close()
     return latencies, replicas_cpu, pg_cpu
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
@@ -220,8 +196,8 @@ def main() -> None:
             rate = statistics.median(len(latencies) / args.seconds for latencies, _, _ in runs)
             needed = math.ceil(3000 * replica_cpu / 1000)
             rows.append(
-                f"| {count} | {rate:,.0f} | {1000 * _quantile(pooled, 0.5):.1f} | "
-                f"{1000 * _quantile(pooled, 0.99):.1f} | {replica_cpu:.2f} | {pg_cpu:.2f} | "
+                f"| {count} | {rate:,.0f} | {1000 * quantile(pooled, 0.5):.1f} | "
+                f"{1000 * quantile(pooled, 0.99):.1f} | {replica_cpu:.2f} | {pg_cpu:.2f} | "
                 f"{needed} |"
             )
     table = "\n".join(

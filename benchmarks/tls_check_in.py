@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
 import pathlib
 import statistics
 import tempfile
@@ -35,6 +34,7 @@ import time
 from typing import Any
 
 from benchmarks.machine import record_section
+from benchmarks.process_stats import cpu_seconds, quantile
 
 ENROLLMENT_SECRET = b"tls-check-in-benchmark-enrollment-secret"
 
@@ -98,12 +98,6 @@ def _coordinator_main(model_bytes: bytes, tls: Any, signed: bool, ports: Any, st
     asyncio.run(main())
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _unsigned_check_in(key: Any) -> Any:
     from device_runtime import constants
     from protos import device_pb2
@@ -145,7 +139,7 @@ async def _drive(
     if signed:
         for phone in phones:
             await phone.enroll("digits", ENROLLMENT_SECRET)
-    cpu_before = _cpu_seconds(coordinator_pid)
+    cpu_before = cpu_seconds(coordinator_pid)
     end = time.perf_counter() + seconds
     counter = iter(range(10**9))
 
@@ -165,15 +159,10 @@ async def _drive(
             latencies.append(time.perf_counter() - started)
 
     await asyncio.gather(*(caller(i) for i in range(concurrency)))
-    cpu = _cpu_seconds(coordinator_pid) - cpu_before
+    cpu = cpu_seconds(coordinator_pid) - cpu_before
     for channel in shared:
         await channel.close()
     return latencies, cpu
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
@@ -255,8 +244,8 @@ def main() -> None:
             pooled = [x for _, _, latencies in runs for x in latencies]
             row[name] = (
                 statistics.median(rate for rate, _, _ in runs),
-                1000 * _quantile(pooled, 0.5),
-                1000 * _quantile(pooled, 0.99),
+                1000 * quantile(pooled, 0.5),
+                1000 * quantile(pooled, 0.99),
                 statistics.median(cpu for _, cpu, _ in runs),
             )
         base = row["plaintext unsigned"]

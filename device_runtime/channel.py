@@ -131,6 +131,13 @@ def target_and_options(
         # gRPC replays a call only while it holds every message it sent; an upload up to
         # this size can be replayed against another coordinator.
         ("grpc.per_rpc_retry_buffer_size", constants.failover_buffer_bytes),
+        ("grpc.keepalive_time_ms", int(1000 * constants.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", int(1000 * constants.keepalive_timeout_s)),
+        # Every ping's answer is awaited this long, not only keepalive's: gRPC's own bandwidth
+        # probe pings would otherwise wait 60 s for theirs, and hold the keepalive ping back.
+        ("grpc.http2.ping_timeout_ms", int(1000 * constants.keepalive_timeout_s)),
+        # Pings are not tied to the device sending data: a long poll only receives.
+        ("grpc.http2.max_pings_without_data", 0),
     ]
     if not trust.insecure:
         name = addresses.require_certificate_name()
@@ -139,7 +146,8 @@ def target_and_options(
         all_options.append(("grpc.ssl_target_name_override", name))
         if len(addresses.endpoints) > 1:
             all_options.append(("grpc.default_authority", name))
-    return addresses.target, [*all_options, *options]
+    # gRPC takes the first of a repeated option: the caller's come first, and win.
+    return addresses.target, [*options, *all_options]
 
 
 def open_channel(target: str, trust: ServerTrust, options: ChannelOptions = ()) -> grpc.aio.Channel:

@@ -30,3 +30,11 @@ failover_attempts = 3
 failover_backoff_min_s = 0.1
 failover_backoff_max_s = 1.0
 failover_buffer_bytes = 32 << 20
+# While a call is in flight (never on an idle connection: a phone's radio stays asleep), the
+# device pings its coordinator after this long without hearing from it, and drops the
+# connection when no answer comes back in the timeout. A coordinator that hangs (a stopped
+# process, a partition) then fails the call UNAVAILABLE in at most the sum, well inside
+# `rpc_timeout_s`, and the retry policy takes it to the next coordinator; without pings the
+# call waits for its deadline. The coordinator accepts pings this often (server/limits.py).
+keepalive_time_s = 10.0
+keepalive_timeout_s = 5.0

@@ -72,10 +72,12 @@ max_drained_messages = 64
 # at the client rather than fail.
 max_concurrent_streams_per_connection = 256
 # The server pings an idle connection after this long and drops it when no ack comes back
-# within the timeout; clients may not ping more often than the minimum interval.
+# within the timeout; clients may not ping more often than the minimum interval (a device
+# pings every device_runtime.constants.keepalive_time_s while a call is in flight, so it
+# finds a hung coordinator before its call's deadline; this leaves it room to spare).
 keepalive_time_ms = 60_000
 keepalive_timeout_ms = 20_000
-min_client_ping_interval_ms = 30_000
+min_client_ping_interval_ms = 5_000
 max_ping_strikes = 2
 
 # ----- task configs ------------------------------------------------------------------------

@@ -15,10 +15,13 @@ import grpc
 import numpy as np
 import pytest
 
+from device_runtime import constants
+from device_runtime.channel import target_and_options
 from device_runtime.examples import LocalExamples
 from device_runtime.runtime import Attempt, DeviceRuntime, Outcome
 from device_runtime.transport import CoordinatorClient, TransportError
 from emulator.data import load_digits
+from server import limits
 from server.config import TaskConfig
 from server.coordinator import CoordinatorSettings
 from server.grpc_service import CoordinatorServer
@@ -34,6 +37,7 @@ from tests.device_listener import (
 )
 from tests.dns_responder import dns_responder
 from tests.fakes import FakeClock, ScriptedConditions
+from tests.frozen_link import frozen_link
 from tests.harness import (
     POPULATION,
     RunningCoordinator,
@@ -134,6 +138,62 @@ def test_a_device_reports_through_the_other_coordinator_when_one_stops(
         (RoundState.COMMITTED, 1),
         (RoundState.COMMITTED, 1),
     ]
+
+
+def test_a_call_to_a_hung_coordinator_goes_to_the_next_one_before_its_deadline(
+    tmp_path: pathlib.Path, model_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    config = task_config(target_reports=1, over_selection=1.0)
+    first, second = CallLog(), CallLog()
+    # The device's pings, shortened so the test is quick (the defaults are checked below).
+    monkeypatch.setattr(constants, "keepalive_time_s", 0.3)
+    monkeypatch.setattr(constants, "keepalive_timeout_s", 0.3)
+
+    async def scenario() -> tuple[int, list[str]]:
+        async with (
+            running_coordinator(
+                str(tmp_path / "s.sqlite"),
+                model_bytes,
+                config,
+                clock,
+                SETTINGS,
+                interceptors=[first],
+            ) as running,
+            device_listener(running.coordinator, [second]) as other,
+            frozen_link(running.address) as link,
+        ):
+            client = CoordinatorClient(
+                f"{link.address},{other.address}", running.trust, wall_clock=clock.now
+            )
+            await client.enroll(POPULATION, ENROLLMENT_SECRET)
+            while not (first.methods and second.methods):  # both links are up and in use
+                await client.check_in(POPULATION, EXAMPLES)
+            link.freeze()  # the first coordinator hangs: no answer, no reset
+            before = len(second.methods)
+            for _ in range(4):  # round robin sends some of these down the frozen link
+                await client.check_in(POPULATION, EXAMPLES)  # TransportError fails the test
+            await client.close()
+            return link.held_bytes, second.methods[before:]
+
+    held_bytes, after_freeze = asyncio.run(scenario())
+
+    # A call went down the frozen link (it holds what was sent), yet every call after the
+    # freeze was answered, all by the coordinator still up: the device found the hung one
+    # dead by its unanswered pings and retried there, instead of waiting out its 30 s deadline.
+    assert held_bytes > 0
+    assert after_freeze == ["CheckIn"] * 4
+
+
+def test_devices_ping_often_enough_to_beat_their_deadline_and_coordinators_allow_it() -> None:
+    _, options = target_and_options("127.0.0.1:1", loopback_trust())
+    given = dict(options)
+
+    time_s = given["grpc.keepalive_time_ms"] / 1000
+    timeout_s = given["grpc.keepalive_timeout_ms"] / 1000
+    assert time_s + timeout_s < constants.rpc_timeout_s
+    assert given["grpc.http2.ping_timeout_ms"] / 1000 == timeout_s
+    assert limits.min_client_ping_interval_ms / 1000 <= time_s
 
 
 def test_a_dns_name_with_several_addresses_spreads_the_device_over_them(

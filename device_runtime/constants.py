@@ -35,6 +35,7 @@ failover_buffer_bytes = 32 << 20
 # connection when no answer comes back in the timeout. A coordinator that hangs (a stopped
 # process, a partition) then fails the call UNAVAILABLE in at most the sum, well inside
 # `rpc_timeout_s`, and the retry policy takes it to the next coordinator; without pings the
-# call waits for its deadline. The coordinator accepts pings this often (server/limits.py).
+# call waits for its deadline. The timeout is generous because a ping queues behind an upload
+# on a slow, buffered uplink. The coordinator accepts pings this often (server/limits.py).
 keepalive_time_s = 10.0
-keepalive_timeout_s = 5.0
+keepalive_timeout_s = 10.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import re
+import signal
 from collections import Counter
 
 import pytest
@@ -177,3 +178,80 @@ def test_one_fleet_fails_over_between_replicas_when_a_follower_then_the_leader_d
         )
     }
     assert set(served) == everyone and all(served.values()), shown
+
+
+def test_the_last_replica_takes_over_when_the_leader_hangs_and_a_follower_dies_at_once(
+    tmp_path: pathlib.Path, model_path: pathlib.Path, postgres_url: str
+) -> None:
+    url = postgres_url
+    tls = write_loopback_certificates(tmp_path / "tls")
+    replicas = Replicas(url, tmp_path, model_path, tls, {TASK: "mean()"}, HOSTS)
+    everyone = {replicas.name(i) for i in range(len(HOSTS))}
+    trust = ServerTrust(root_certificates=tls.root_certs.read_bytes(), server_name="localhost")
+    fleet = Fleet(
+        ",".join(replicas.address(i) for i in range(len(HOSTS))),
+        trust,
+        "digits",
+        federated_digits(PHONES, seed=22).clients,
+        seed=22,
+        conditions=RandomConditionsSettings(p_charging=1.0, p_idle=1.0, p_unmetered=1.0),
+        enrollment_secret=ENROLLMENT_SECRET,
+    )
+    phases: dict[str, dict[str, int]] = {}
+
+    async def committing_through(names: set[str], after_round: int, what: str) -> None:
+        def done() -> bool:
+            through = _reports_through(url, after_round)
+            assert set(through) <= names, f"{what}: uploads through {set(through) - names}"
+            return _committed_after(url, after_round) >= 2 and set(through) == names
+
+        await until(done, what)
+        phases[what] = _reports_through(url, after_round)
+
+    async def scenario() -> None:
+        for index in range(len(HOSTS)):
+            await replicas.start(index)
+        stop = asyncio.Event()
+        devices = asyncio.create_task(fleet.run(stop))
+        try:
+            await committing_through(everyone, 0, "all three up")
+
+            # The leader hangs (SIGSTOP: its connections stay open and answer nothing) and a
+            # follower dies, at once, with a round open: the last replica takes the task.
+            await until(lambda: round_open(url, TASK), "a round with devices")
+            holder, epoch, _ = lease(url, TASK)
+            leader = holder.split("#")[0]
+            follower = min(everyone - {leader})
+            (last,) = everyone - {leader, follower}
+            before = snapshot(url)
+            replicas.signal(leader, signal.SIGSTOP)
+            await replicas.kill(follower)
+            newest = _newest_round(url)
+            await until(lambda: lease(url, TASK)[0].startswith(f"{last}#"), "a takeover")
+            await committing_through({last}, newest, "leader hung, follower killed")
+            after_faults = snapshot(url)
+            check_invariants(url, before, after_faults)
+            check_no_stale_commit(before, after_faults, TASK, epoch)
+
+            # The hung leader wakes up having lost its lease: nothing of its epoch commits,
+            # and it serves devices again beside the new leader.
+            replicas.signal(leader, signal.SIGCONT)
+            newest = _newest_round(url)
+            await committing_through({last, leader}, newest, "leader woke")
+            woke = snapshot(url)
+            check_invariants(url, after_faults, woke)
+            check_no_stale_commit(before, woke, TASK, epoch)
+            assert lease(url, TASK)[0].startswith(f"{last}#")
+        finally:
+            stop.set()
+            await replicas.stop_all()
+            await devices
+
+    asyncio.run(scenario())
+
+    for phase, through in phases.items():
+        print(f"{phase}: uploads per replica {dict(sorted(through.items()))}")
+    print(f"device outcomes: {dict(fleet.stats.outcomes)}")
+    # Calls sent to the hung leader failed over by the devices' pings (20 s at most), inside
+    # their 30 s deadline: no attempt found the coordinators unreachable.
+    assert fleet.stats.outcomes[Outcome.UNREACHABLE.value] == 0, fleet.stats.outcomes

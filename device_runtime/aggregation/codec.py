@@ -305,17 +305,40 @@ class CodecAccumulator:
     per value as decoding the whole update first, so the sum does not depend on the pieces.
     """
 
+    # Exact values (the float32 codec, and the tensors a codec leaves uncompressed) are summed
+    # in float32 over blocks of this many updates, and each block's sum is added into the
+    # float64 total, as the plain float32 mean does (server/aggregation.py). Adding float32
+    # into float64 goes through numpy's casting loop, about 3x a float32 add; once per block
+    # instead of once per update is what keeps the float32 codec within 3x a plain add
+    # (benchmarks/compression_server_cost.py). A block's rounding is that of float32 over at
+    # most this many terms: TFF sums every update in float32.
+    updates_per_block = 16
+
     def __init__(self, codec: UpdateCodec, piece_size: int = 1 << 18) -> None:
         # 2**18 values: a float32 piece is 1 MiB, inside a server core's L2 cache; smaller
         # pieces pay more per-call overhead than they save (measured on a 2 MiB-L2 EPYC).
         self.codec = codec
-        self.exact = np.zeros(codec.num_exact, np.float64)
+        self._exact_total = np.zeros(codec.num_exact, np.float64)
+        self._exact_block = np.zeros(codec.num_exact, np.float32)
+        self._in_block = 0
         # float32: quantization error dwarfs float32 rounding of the sum, and it halves the
         # memory traffic of the hot loop.
         self.domain = np.zeros(codec.domain_size, np.float32)
         self.offsets = np.zeros(max(codec.num_segments, 0), np.float64)
         self._scratch = np.empty(max(1, min(codec.domain_size, piece_size)), np.float32)
-        self._exact_scratch = np.empty(max(1, min(codec.num_exact, piece_size)), np.float64)
+        self._exact_scratch = np.empty(max(1, min(codec.num_exact, piece_size)), np.float32)
+
+    @property
+    def exact(self) -> np.ndarray:
+        """The float64 sum of the exact values' weighted updates so far."""
+        self._close_block()
+        return self._exact_total
+
+    def _close_block(self) -> None:
+        if self._in_block:
+            self._exact_total += self._exact_block
+            self._exact_block.fill(0.0)
+            self._in_block = 0
 
     def add(self, update: ParsedUpdate, weight: float) -> None:
         """Adds weight * decoded update. `update` must come from this codec's `parse`."""
@@ -352,13 +375,17 @@ class CodecAccumulator:
                 at += k
 
     def _add_exact(self, exact: np.ndarray, weight: np.float32) -> None:
-        # float32 products (as the codec's float32 weights), summed in float64.
-        scratch = self._exact_scratch
+        # float32 products (as the codec's float32 weights), summed in float32 within a block
+        # of updates and in float64 across blocks (updates_per_block).
+        scratch, block = self._exact_scratch, self._exact_block
         for a in range(0, exact.size, scratch.size):
             b = min(a + scratch.size, exact.size)
             piece = scratch[: b - a]
             np.multiply(exact[a:b], weight, out=piece, dtype=np.float32)
-            np.add(self.exact[a:b], piece, out=self.exact[a:b])
+            np.add(block[a:b], piece, out=block[a:b])
+        self._in_block += 1
+        if self._in_block == self.updates_per_block:
+            self._close_block()
 
     def _add_scaled_codes(self, update: ParsedUpdate, steps: np.ndarray) -> None:
         """domain += codes * (the step of each code's segment), each product rounded to
@@ -383,7 +410,7 @@ class CodecAccumulator:
         a, b = self.codec, other.codec
         if (a.spec, a.tensor_sizes, a.seed) != (b.spec, b.tensor_sizes, b.seed):
             raise CodecError("cannot merge accumulators of different codecs")
-        self.exact += other.exact
+        self.exact[...] += other.exact
         self.domain += other.domain
         self.offsets += other.offsets
 

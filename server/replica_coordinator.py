@@ -19,9 +19,13 @@ round driver a single coordinator uses.
   and reloads the task's model and state from the store. A leader that was paused past its
   lease and wakes up has a stale epoch: its commits are refused (StaleLeader) and it drops
   its rounds.
-- Secure aggregation is not served across replicas: its rounds hold per-device protocol state
-  in one process. Registering a secure_aggregator() task on a replica is refused, and a secure
-  task found in the store is shown failed with the reason.
+- A secure_aggregator() task's rounds are hosted by its leader alone, as one coordinator
+  runs them: its SecAgg sessions live in that process. The leader selects every device of
+  them (so their counts are global), records their assignments in the store and commits
+  under its lease. Another replica refers the task's calls to the host (HostedElsewhere),
+  and its gRPC layer forwards them there (server/replica_forwarding.py, routes in
+  server/secure_routes.py). A host that loses its lease drops its secure rounds; the next
+  leader abandons them, as on a restart, and hosts the next round.
 - Pace steering (retry windows, check-in capacity) and the per-network rate limits are each
   replica's own, measured from the check-ins it answers.
 """
@@ -41,10 +45,9 @@ from device_runtime.logs import about
 from protos import device_pb2
 from server.aggregation import Buffer, accumulate_received
 from server.aggregators.presets import parse_aggregator
-from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings, token_digest
 from server.device_identity import DeviceIdentities
-from server.errors import FailedPrecondition, StaleLeader, StoreUnavailable
+from server.errors import HostedElsewhere, StaleLeader, StoreUnavailable, Unavailable
 from server.evaluation import HeldOutEvaluator
 from server.example_credit import credited_header
 from server.leases import Lease, default_lease_s
@@ -53,21 +56,17 @@ from server.replica_driver import ReplicaDriver
 from server.replica_leader import ReplicaLeader
 from server.replica_ledger import ReplicaLedger
 from server.replica_partials import RoundPartial, to_bytes
+from server.reports import add_upload
 from server.retention import Retention
 from server.rounds import closed
 from server.rounds.round import AssignmentState, RoundInProgress
+from server.secure_routes import SecureRoutes
 from server.shared_rounds import ReplicaRow, SharedRound, SharedState, mirror_state
 from server.store import AssignmentRecord, RoundRecord, RoundState, TaskRecord
 from server.task_leadership import TaskLeadership
 from server.task_runtime import TaskRuntime
 
 log = logging.getLogger(__name__)
-
-SECURE_REFUSED = (
-    "secure_aggregator() tasks are not served by replicas (`serve --replica`): a secure round "
-    "keeps every device's protocol state in one process. Run secure tasks on a coordinator "
-    "without --replica, on its own store"
-)
 
 
 class SelectionClosed(Exception):
@@ -99,6 +98,12 @@ class ReplicaCoordinator(ReplicaLeader):
         self._merged: set[tuple[str, int]] = set()  # rounds this leader merged, not yet ended
         # Closed rounds this replica had no mirror of, checked for uploads of its earlier run.
         self._lost_checked: set[tuple[str, int]] = set()
+        # Secure tasks: their rounds are hosted by their leader (see the module's docstring).
+        self.secure_task_ids: set[str] = set()
+        self.routes = SecureRoutes(store)
+        self.address = ""  # where other replicas reach this one (set before serving)
+        self._secure_hosts: dict[str, str] = {}  # task -> its leader's address, per pass
+        self._published: set[tuple[str, int]] = set()  # secure rounds whose session is routed
         super().__init__(store, clock, settings, evaluator, rng, identities)
         self.driver = ReplicaDriver(self, retention=Retention(self.settings.retention))
 
@@ -112,17 +117,34 @@ class ReplicaCoordinator(ReplicaLeader):
     def _load_task(self, record: TaskRecord) -> TaskRuntime:
         runtime = super()._load_task(record)
         if parse_aggregator(record.config.aggregator).secure is not None:
-            runtime.fault = SECURE_REFUSED
+            self.secure_task_ids.add(record.config.task_id)
         return runtime
 
-    def register_task(
-        self, config: TaskConfig, model_bytes: bytes, initial_weights: bytes | None = None
-    ) -> TaskRecord:
-        """As Coordinator.register_task; secure tasks are refused (FailedPrecondition)."""
-        config.validate()
-        if parse_aggregator(config.aggregator).secure is not None:
-            raise FailedPrecondition(SECURE_REFUSED)
-        return super().register_task(config, model_bytes, initial_weights)
+    def hosts_secure_rounds(self, task_id: str) -> bool:
+        """Whether this replica hosts the secure task's rounds now: it leads the task and has
+        taken it over under its current lease."""
+        fence = self.leadership.fence(task_id)
+        return fence is not None and self._taken_over.get(task_id) == fence.epoch
+
+    def _secure_host(self, task_id: str) -> str | None:
+        """The address of the replica hosting the secure task's rounds, if another one does.
+        Raises Unavailable when no replica hosts them now (a takeover under way)."""
+        if self.hosts_secure_rounds(task_id):
+            return None
+        address = self._secure_hosts.get(task_id)
+        if address is None or address == self.address:
+            raise Unavailable(
+                f"task {task_id!r}: no replica hosts its secure rounds now; retry",
+                retry_after_s=1.0,
+            )
+        return address
+
+    def secure_host_of_session(self, session_id: bytes) -> str | None:
+        """Where a SecAgg call for a session this replica does not host goes: the address of
+        its task's host; None when no replica published the session (answered here, as an
+        unknown session). Raises Unavailable (no host now) or StoreUnavailable."""
+        task_id = self.routes.session_task(session_id)
+        return None if task_id is None else self._secure_host(task_id)
 
     def fence(self, task_id: str) -> Lease | None:
         lease = self.leadership.fence(task_id)
@@ -139,8 +161,14 @@ class ReplicaCoordinator(ReplicaLeader):
         return super().check_in(request, peer)
 
     def _selecting_round(self, task: TaskRuntime) -> RoundInProgress | None:
-        # The leader opens rounds; a replica only mirrors them.
-        return task.selecting
+        # The leader opens rounds; a replica only mirrors them. A secure task's rounds are
+        # its host's: elsewhere the check-in is referred there.
+        if task.task_id not in self.secure_task_ids:
+            return task.selecting
+        address = self._secure_host(task.task_id)
+        if address is not None:
+            raise HostedElsewhere(task.task_id, address)
+        return Coordinator._selecting_round(self, task)
 
     def _assign(
         self,
@@ -162,6 +190,9 @@ class ReplicaCoordinator(ReplicaLeader):
         self, record: AssignmentRecord, declared_examples: int, network: str | None
     ) -> None:
         task = self.task(record.task_id)
+        if task.task_id in self.secure_task_ids:
+            self._record_secure_assignment(task, record)
+            return
         shared = self.ledger.assign(
             record, declared_examples, network, self.replica_name, task.config, self.now()
         )
@@ -171,7 +202,20 @@ class ReplicaCoordinator(ReplicaLeader):
         if round_ is not None:
             mirror_state(round_, shared)
 
+    def _record_secure_assignment(self, task: TaskRuntime, record: AssignmentRecord) -> None:
+        """A secure round's assignment, on its host: the round's session is published for
+        the other replicas' routing before its first device hears of it."""
+        key = (task.task_id, record.round_number)
+        aggregate = self.secure_rounds.aggregator(task.open_rounds[record.round_number])
+        if aggregate is not None and key not in self._published:
+            self.routes.publish_session(aggregate.enrollment.session_id, *key)
+            self._published.add(key)
+        self.store.add_assignment(record)
+
     def advance(self, task: TaskRuntime, round_: RoundInProgress) -> None:
+        if task.task_id in self.secure_task_ids:  # hosted here, as by one coordinator
+            Coordinator.advance(self, task, round_)
+            return
         # A shared round's state follows its counts in PostgreSQL (replica_ledger); rounds
         # this leader merged wait for the driver.
         if round_.state in (RoundState.AGGREGATING, RoundState.FAILED):
@@ -182,7 +226,9 @@ class ReplicaCoordinator(ReplicaLeader):
         shared = None
         if digest and digest not in self._issued:
             shared = self.ledger.assignment(digest)  # issued by another replica
-            if shared is not None and shared.task_id in self._tasks:
+            if shared is None:
+                self._refer_secure_token(digest)
+            elif shared.task_id in self._tasks:
                 task = self._tasks[shared.task_id]
                 self._issued[digest] = (shared.task_id, shared.round_number)
                 if shared.round_number not in task.open_rounds:
@@ -196,6 +242,14 @@ class ReplicaCoordinator(ReplicaLeader):
                 round_.set_state(digest, AssignmentState.FAILED, shared.failure)
         return task, round_, digest
 
+    def _refer_secure_token(self, digest: str) -> None:
+        """Raises HostedElsewhere for a token of a secure task hosted by another replica."""
+        stored = self.store.assignment(digest)
+        if stored is not None and stored.task_id in self.secure_task_ids:
+            address = self._secure_host(stored.task_id)
+            if address is not None:
+                raise HostedElsewhere(stored.task_id, address)
+
     def accept_upload(
         self,
         header: device_pb2.UploadHeader,
@@ -203,8 +257,17 @@ class ReplicaCoordinator(ReplicaLeader):
         wire_bytes: int,
     ) -> device_pb2.UploadResponse:
         """As Coordinator.accept_upload, with the upload counted once for the cluster before
-        it is added to this replica's partial (and the count taken back if it is refused)."""
+        it is added to this replica's partial (and the count taken back if it is refused).
+        A secure round's report (its metrics; the update went masked to its session) is
+        taken on its host as by one coordinator."""
         task, round_, digest = self._reportable(header)
+        if task.task_id in self.secure_task_ids:
+            add_upload((task, round_, digest), header, payload, wire_bytes)
+            Coordinator.advance(self, task, round_)
+            self.uploads += 1
+            now = self.now()
+            window = self._steer(task, self._active_devices(task, now), now)
+            return device_pb2.UploadResponse(retry_window=window)
         header = credited_header(header, task.config, round_.assignments[digest])
         shared = self.ledger.reserve_report(digest, self.replica_name, task.config, self.now())
         chunks = [payload] if isinstance(payload, bytes | memoryview) else payload
@@ -229,6 +292,8 @@ class ReplicaCoordinator(ReplicaLeader):
         ack = super().report_failure(report)
         digest = token_digest(report.upload_token)
         task_id, number = self._issued[digest]
+        if task_id in self.secure_task_ids:
+            return ack
         task = self._tasks[task_id]
         round_ = task.open_rounds[number]
         try:
@@ -245,6 +310,7 @@ class ReplicaCoordinator(ReplicaLeader):
     def forget(self, task: TaskRuntime, round_: RoundInProgress) -> None:
         super().forget(task, round_)
         key = (task.task_id, round_.round_number)
+        self._published.discard(key)
         if key in self._merged:
             self._merged.discard(key)
             final = {
@@ -263,6 +329,8 @@ class ReplicaCoordinator(ReplicaLeader):
         record = closed.summarize(round_, RoundState.ABANDONED, self.now())
         fence = self.leadership.fence(task.task_id)
         recorded = (task.task_id, round_.round_number) in self._merged and fence is not None
+        if task.task_id in self.secure_task_ids:  # hosted here: recorded while it leads
+            recorded = fence is not None
         if recorded:
             self.store.record_closed_round(record, fence)
         elif round_.reported and (task.task_id, round_.round_number) not in self._merged:
@@ -310,6 +378,7 @@ class ReplicaCoordinator(ReplicaLeader):
                 now,
                 self.check_ins,
                 self.uploads,
+                self.address,
             )
         )
         self._follow_tasks()
@@ -321,10 +390,15 @@ class ReplicaCoordinator(ReplicaLeader):
             self.leadership.take_expired(
                 t for t in served if t not in leases or not leases[t].live_at(now)
             )
+        if self.secure_task_ids:
+            self._secure_hosts = self.routes.leader_addresses(now)
         shared = self.ledger.unfinished_rounds()
         for task in self.tasks():
             mine = [r for r in shared if r.task_id == task.task_id]
             try:
+                if task.task_id in self.secure_task_ids:
+                    self._host_secure(task)
+                    continue
                 if self.leadership.leads(task.task_id) and not task.fault:
                     task = self._lead(task, mine)
                     mine = self.ledger.unfinished_rounds(task.task_id)
@@ -333,6 +407,21 @@ class ReplicaCoordinator(ReplicaLeader):
                     self._merge_closed(task, mine)
             except StoreUnavailable as exc:
                 log.error("task %s: replication pass failed: %s", task.task_id, exc)
+
+    def _host_secure(self, task: TaskRuntime) -> None:
+        """A secure task's step: its leader takes it over (abandoning what an earlier host
+        left open) and hosts its rounds; a replica that lost the lead drops its rounds
+        unrecorded, for the new leader to record."""
+        if self.leadership.leads(task.task_id) and not task.fault:
+            self._lead(task, [])
+        elif task.open_rounds:
+            log.warning(
+                "task %s: no longer leads it; its %d secure rounds here are dropped",
+                task.task_id,
+                len(task.open_rounds),
+                extra=about(task.task_id),
+            )
+            self.step_down(task)
 
     def _follow_tasks(self) -> None:
         """Tasks registered and decisions made on other replicas; commits of other leaders."""

@@ -124,6 +124,7 @@ class ReplicaRow:
     seen_at: float
     check_ins: int
     uploads: int
+    address: str = ""  # where other replicas reach it (forwarding of secure tasks' calls)
 
 
 def next_state(

@@ -1,0 +1,422 @@
+"""A replica's device-facing services when a secure task's call reaches a replica that does
+not host the task's secure rounds: the call is forwarded, over gRPC on the internal channel, to
+the replica that hosts them (docs/scaling.md, "Secure aggregation on replicas").
+
+- What is forwarded: a check-in the replica would have answered from a secure task's round
+  (the host answers the whole check-in), an upload or failure report whose token belongs to
+  a secure task, and every SecAggService call for a session this replica does not host.
+  The coordinator decides (it raises HostedElsewhere); this layer only relays.
+- Authentication stays end to end: the request goes on unchanged, so the host checks the
+  device's signature, token and session credentials itself. What the forwarder adds is one
+  assertion, the device's peer address (the host's per-network flood limits and network
+  share need it), bound to the method and a time, and authenticated with an HMAC-SHA256
+  under the cluster's forwarding secret (kept in PostgreSQL, server/secure_routes.py). A
+  call that carries the assertion with a MAC that does not verify, or a stale one, is
+  refused UNAUTHENTICATED. A call that carries a valid assertion is never forwarded again:
+  if leadership moved meanwhile, the replica answers UNAVAILABLE and the device retries.
+- The device sees the host's answer: its response, or its status code, details and
+  `retry-after-s`. A host that cannot be reached is UNAVAILABLE (the device's retry policy
+  tries another replica); a host status of UNKNOWN (never sent by a coordinator) is passed
+  on as UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar, cast
+
+import grpc
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, hmac
+from google.protobuf import message
+
+from device_runtime import constants as protocol
+from device_runtime.channel import system_root_certificates
+from protos import device_pb2, secagg_pb2, secagg_pb2_grpc
+from server.errors import HostedElsewhere, Unauthenticated, Unavailable, abort_on_error
+from server.grpc_service import (
+    DEVICE_SERVICE,
+    SECAGG_SERVICE,
+    DeviceService,
+    UploadPart,
+    server_options,
+)
+from server.replica_coordinator import ReplicaCoordinator
+from server.secagg.grpc_service import SecAggService, await_server_message_s
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Request = TypeVar("Request", bound=message.Message)
+
+forwarded_metadata = "overnight-forwarded"  # "<device peer>|<issued at, s>|<method>"
+forwarded_mac_metadata = "overnight-forwarded-mac"  # hex HMAC-SHA256 of the above
+# How old an assertion may be when the host reads it (replicas' clocks may differ a little).
+forwarded_freshness_s = 60.0
+# A forwarded call without the device's own deadline gets this one; a long poll gets the
+# host's poll time and this margin, so the host's DEADLINE_EXCEEDED ("poll again") arrives.
+forwarded_timeout_s = protocol.rpc_timeout_s
+forwarded_poll_margin_s = 10.0
+
+CHECK_IN = f"/{DEVICE_SERVICE}/CheckIn"
+UPLOAD_UPDATE = f"/{DEVICE_SERVICE}/UploadUpdate"
+REPORT_FAILURE = f"/{DEVICE_SERVICE}/ReportFailure"
+SECAGG_SEND = f"/{SECAGG_SERVICE}/Send"
+SECAGG_SEND_MASKED_INPUT = f"/{SECAGG_SERVICE}/SendMaskedInput"
+SECAGG_AWAIT = f"/{SECAGG_SERVICE}/AwaitServerMessage"
+
+
+def _not_hosted_here() -> Unavailable:
+    return Unavailable(
+        "this replica does not host the task's secure rounds now (its leadership moved); retry",
+        retry_after_s=1.0,
+    )
+
+
+class Forwarder:
+    """Channels to the other replicas, and the assertion forwarded calls carry."""
+
+    def __init__(
+        self,
+        secret: bytes,
+        credentials: grpc.ChannelCredentials | None,
+        server_name: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`credentials` None: plaintext (`--insecure`). `server_name`: the name the replicas'
+        certificates carry when it is not the host in their addresses."""
+        self._secret = secret
+        self._credentials = credentials
+        self._server_name = server_name
+        self._clock = clock
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.forwarded = 0  # calls relayed to a host
+
+    # ----- the assertion ----------------------------------------------------------------
+
+    def _mac(self, assertion: str) -> hmac.HMAC:
+        mac = hmac.HMAC(self._secret, hashes.SHA256())
+        mac.update(assertion.encode())
+        return mac
+
+    def metadata(self, peer: str, method: str) -> tuple[tuple[str, str], ...]:
+        assertion = f"{peer}|{self._clock():.3f}|{method}"
+        return (
+            (forwarded_metadata, assertion),
+            (forwarded_mac_metadata, self._mac(assertion).finalize().hex()),
+        )
+
+    def asserted_peer(self, context: grpc.aio.ServicerContext, method: str) -> str | None:
+        """The device's peer address a forwarding replica asserts for this call; None for a
+        call straight from a device. Raises Unauthenticated for an assertion that does not
+        verify, names another method or is stale."""
+        metadata = dict(context.invocation_metadata() or ())
+        assertion = metadata.get(forwarded_metadata)
+        if assertion is None:
+            return None
+        try:
+            self._mac(str(assertion)).verify(bytes.fromhex(str(metadata[forwarded_mac_metadata])))
+            peer, issued_at, called = str(assertion).rsplit("|", 2)
+            fresh = abs(self._clock() - float(issued_at)) <= forwarded_freshness_s
+        except (KeyError, ValueError, InvalidSignature):
+            raise Unauthenticated("a forwarded call's assertion does not verify") from None
+        if called != method or not fresh:
+            raise Unauthenticated("a forwarded call's assertion is for another call or stale")
+        return peer
+
+    # ----- relaying ---------------------------------------------------------------------
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            options: list[tuple[str, Any]] = list(server_options(protocol.max_message_bytes))
+            options = [o for o in options if o[0].startswith("grpc.max_")]
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(address, options=options)
+            else:
+                if self._server_name:
+                    options.append(("grpc.ssl_target_name_override", self._server_name))
+                channel = grpc.aio.secure_channel(address, self._credentials, options=options)
+            self._channels[address] = channel
+        return channel
+
+    @staticmethod
+    def _timeout(context: grpc.aio.ServicerContext, default_s: float) -> float:
+        remaining = context.time_remaining()
+        return default_s if remaining is None else max(0.0, remaining)
+
+    async def unary(
+        self,
+        address: str,
+        method: str,
+        request: Request,
+        response_type: type[T],
+        context: grpc.aio.ServicerContext,
+        timeout_s: float = forwarded_timeout_s,
+    ) -> T:
+        call = self._channel(address).unary_unary(
+            method,
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=response_type.FromString,  # type: ignore[attr-defined]
+        )
+        self.forwarded += 1
+        try:
+            return cast(
+                T,
+                await call(
+                    request,
+                    metadata=self.metadata(context.peer(), method),
+                    timeout=self._timeout(context, timeout_s),
+                ),
+            )
+        except grpc.aio.AioRpcError as exc:
+            return _relay_status(method, address, exc, context)
+
+    async def stream(
+        self,
+        address: str,
+        method: str,
+        requests: AsyncIterator[Any],
+        serializer: Callable[[Any], bytes],
+        response_type: type[T],
+        context: grpc.aio.ServicerContext,
+    ) -> T:
+        call = self._channel(address).stream_unary(
+            method,
+            request_serializer=serializer,
+            response_deserializer=response_type.FromString,  # type: ignore[attr-defined]
+        )
+        self.forwarded += 1
+        try:
+            return cast(
+                T,
+                await call(
+                    requests,
+                    metadata=self.metadata(context.peer(), method),
+                    timeout=self._timeout(context, forwarded_timeout_s),
+                ),
+            )
+        except grpc.aio.AioRpcError as exc:
+            return _relay_status(method, address, exc, context)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+def _relay_status(
+    method: str, address: str, exc: grpc.aio.AioRpcError, context: grpc.aio.ServicerContext
+) -> Any:
+    """Ends the device's call with the host's status (see the module's docstring)."""
+    code = exc.code()
+    if code is grpc.StatusCode.UNKNOWN:
+        code = grpc.StatusCode.UNAVAILABLE
+    retry = [
+        (key, value)
+        for key, value in (exc.trailing_metadata() or ())
+        if key == protocol.retry_after_metadata
+    ]
+    if retry:
+        context.set_trailing_metadata(tuple(retry))
+    log.info("%s forwarded to %s: %s %s", method, address, code.name, exc.details())
+    context.set_code(code)
+    context.set_details(exc.details() or f"the replica at {address} did not answer")
+    return None
+
+
+async def _prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+def _upload_part_bytes(part: UploadPart) -> bytes:
+    if isinstance(part, device_pb2.UploadChunk):
+        return part.SerializeToString()
+    return device_pb2.UploadChunk(data=bytes(part)).SerializeToString()
+
+
+class ForwardingDeviceService(DeviceService):
+    """DeviceService of a replica: calls the coordinator refers to a secure task's host
+    (HostedElsewhere) are relayed there."""
+
+    def __init__(self, coordinator: Any, max_concurrent_uploads: int, forwarder: Forwarder) -> None:
+        super().__init__(coordinator, max_concurrent_uploads)
+        self._forwarder = forwarder
+
+    @abort_on_error
+    async def CheckIn(
+        self, request: device_pb2.CheckInRequest, context: grpc.aio.ServicerContext
+    ) -> device_pb2.CheckInResponse:
+        asserted = self._forwarder.asserted_peer(context, CHECK_IN)
+        try:
+            peer = context.peer() if asserted is None else asserted
+            return self._coordinator.check_in(request, peer)
+        except HostedElsewhere as exc:
+            if asserted is not None:
+                raise _not_hosted_here() from None
+            address = exc.address
+        return await self._forwarder.unary(
+            address, CHECK_IN, request, device_pb2.CheckInResponse, context
+        )
+
+    @abort_on_error
+    async def UploadUpdate(
+        self,
+        request_iterator: AsyncIterator[UploadPart],
+        context: grpc.aio.ServicerContext,
+    ) -> device_pb2.UploadResponse:
+        asserted = self._forwarder.asserted_peer(context, UPLOAD_UPDATE)
+        parts = aiter(request_iterator)
+        first = await anext(parts, None)
+        if isinstance(first, device_pb2.UploadChunk) and first.WhichOneof("part") == "header":
+            try:
+                self._coordinator.check_upload_header(first.header)
+            except HostedElsewhere as exc:
+                if asserted is not None:
+                    raise _not_hosted_here() from None
+                return await self._forwarder.stream(
+                    exc.address,
+                    UPLOAD_UPDATE,
+                    _prepend(first, parts),
+                    _upload_part_bytes,
+                    device_pb2.UploadResponse,
+                    context,
+                )
+        chunks = parts if first is None else _prepend(first, parts)
+        return await super().UploadUpdate(chunks, context)
+
+    @abort_on_error
+    async def ReportFailure(
+        self, request: device_pb2.FailureReport, context: grpc.aio.ServicerContext
+    ) -> device_pb2.FailureAck:
+        asserted = self._forwarder.asserted_peer(context, REPORT_FAILURE)
+        try:
+            return self._coordinator.report_failure(request)
+        except HostedElsewhere as exc:
+            if asserted is not None:
+                raise _not_hosted_here() from None
+            address = exc.address
+        return await self._forwarder.unary(
+            address, REPORT_FAILURE, request, device_pb2.FailureAck, context
+        )
+
+
+class ForwardingSecAggService(secagg_pb2_grpc.SecAggServiceServicer):
+    """SecAggService of a replica: sessions hosted here are served by `local`; a session
+    another replica hosts is relayed there. `host_of(session_id)` is the host's address,
+    None to answer here (hosted here, or unknown to every replica: `local` refuses it as a
+    single coordinator would), or raises Unavailable (its task has no live host now)."""
+
+    def __init__(
+        self,
+        local: SecAggService,
+        host_of: Callable[[bytes], str | None],
+        forwarder: Forwarder,
+    ) -> None:
+        self._local = local
+        self._host_of = host_of
+        self._forwarder = forwarder
+
+    def _route(
+        self, session_id: bytes, context: grpc.aio.ServicerContext, method: str
+    ) -> str | None:
+        if self._forwarder.asserted_peer(context, method) is not None:
+            return None  # forwarded once already: answered here, whatever that is
+        if self._local.hosts(session_id):
+            return None
+        return self._host_of(session_id)
+
+    @abort_on_error
+    async def Send(
+        self, request: secagg_pb2.SecAggClientMessage, context: grpc.aio.ServicerContext
+    ) -> secagg_pb2.SecAggAck:
+        address = self._route(request.session_id, context, SECAGG_SEND)
+        if address is None:
+            return await self._local.Send(request, context)
+        return await self._forwarder.unary(
+            address, SECAGG_SEND, request, secagg_pb2.SecAggAck, context
+        )
+
+    @abort_on_error
+    async def SendMaskedInput(
+        self,
+        request_iterator: AsyncIterator[secagg_pb2.MaskedInputChunk],
+        context: grpc.aio.ServicerContext,
+    ) -> secagg_pb2.SecAggAck:
+        chunks = aiter(request_iterator)
+        first = await anext(chunks, None)
+        if first is None:
+            return await self._local.SendMaskedInput(chunks, context)
+        address = None
+        if first.WhichOneof("part") == "header":
+            address = self._route(first.header.session_id, context, SECAGG_SEND_MASKED_INPUT)
+        if address is None:
+            return await self._local.SendMaskedInput(_prepend(first, chunks), context)
+        return await self._forwarder.stream(
+            address,
+            SECAGG_SEND_MASKED_INPUT,
+            _prepend(first, chunks),
+            secagg_pb2.MaskedInputChunk.SerializeToString,
+            secagg_pb2.SecAggAck,
+            context,
+        )
+
+    @abort_on_error
+    async def AwaitServerMessage(
+        self, request: secagg_pb2.AwaitServerMessageRequest, context: grpc.aio.ServicerContext
+    ) -> secagg_pb2.SecAggServerMessage:
+        address = self._route(request.session_id, context, SECAGG_AWAIT)
+        if address is None:
+            return await self._local.AwaitServerMessage(request, context)
+        return await self._forwarder.unary(
+            address,
+            SECAGG_AWAIT,
+            request,
+            secagg_pb2.SecAggServerMessage,
+            context,
+            timeout_s=await_server_message_s + forwarded_poll_margin_s,
+        )
+
+
+@dataclasses.dataclass
+class ReplicaFront:
+    """What a replica's device listener serves (`overnight serve --replica`)."""
+
+    coordinator: ReplicaCoordinator
+    device_service: ForwardingDeviceService
+    secagg_service: ForwardingSecAggService
+    forwarder: Forwarder
+
+    @classmethod
+    def build(
+        cls,
+        coordinator: ReplicaCoordinator,
+        max_concurrent_uploads: int,
+        tls: bool,
+        root_certificates: bytes | None = None,
+        server_name: str | None = None,
+    ) -> ReplicaFront:
+        """`tls` False: plaintext between replicas too (`--insecure`). Raises
+        StoreUnavailable (the forwarding secret is read from the store)."""
+        credentials = (
+            grpc.ssl_channel_credentials(root_certificates or system_root_certificates())
+            if tls
+            else None
+        )
+        forwarder = Forwarder(coordinator.routes.forwarding_secret(), credentials, server_name)
+        return cls(
+            coordinator,
+            ForwardingDeviceService(coordinator, max_concurrent_uploads, forwarder),
+            ForwardingSecAggService(
+                coordinator.secure_rounds.service, coordinator.secure_host_of_session, forwarder
+            ),
+            forwarder,
+        )
+
+    def publish(self, address: str) -> None:
+        """The address other replicas forward to, from the next heartbeat on."""
+        self.coordinator.address = address

@@ -365,6 +365,8 @@ async def _serve_in(
             ending = await _serve_until_drained(server, args, tls, first_token)
     finally:
         await server.stop(grace_s=0.0)
+        if front is not None:
+            await front.close()
     if ending is not Ending.INTERRUPTED:
         abandoned = abandon_open_rounds(coordinator)
         log.info("drain: %d open rounds recorded abandoned", abandoned)

@@ -37,13 +37,7 @@ from device_runtime import constants as protocol
 from device_runtime.channel import system_root_certificates
 from protos import device_pb2, secagg_pb2, secagg_pb2_grpc
 from server.errors import HostedElsewhere, Unauthenticated, Unavailable, abort_on_error
-from server.grpc_service import (
-    DEVICE_SERVICE,
-    SECAGG_SERVICE,
-    DeviceService,
-    UploadPart,
-    server_options,
-)
+from server.grpc_service import DEVICE_SERVICE, SECAGG_SERVICE, DeviceService, UploadPart
 from server.replica_coordinator import ReplicaCoordinator
 from server.secagg.grpc_service import SecAggService, await_server_message_s
 
@@ -59,6 +53,8 @@ forwarded_freshness_s = 60.0
 # host's poll time and this margin, so the host's DEADLINE_EXCEEDED ("poll again") arrives.
 forwarded_timeout_s = protocol.rpc_timeout_s
 forwarded_poll_margin_s = 10.0
+# Connections a replica opens to each other replica it forwards to (see Forwarder._channel).
+connections_per_replica = 8
 
 CHECK_IN = f"/{DEVICE_SERVICE}/CheckIn"
 UPLOAD_UPDATE = f"/{DEVICE_SERVICE}/UploadUpdate"
@@ -91,7 +87,8 @@ class Forwarder:
         self._credentials = credentials
         self._server_name = server_name
         self._clock = clock
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[str, list[grpc.aio.Channel]] = {}
+        self._turn = 0
         self.forwarded = 0  # calls relayed to a host
 
     # ----- the assertion ----------------------------------------------------------------
@@ -129,18 +126,27 @@ class Forwarder:
     # ----- relaying ---------------------------------------------------------------------
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            options: list[tuple[str, Any]] = list(server_options(protocol.max_message_bytes))
-            options = [o for o in options if o[0].startswith("grpc.max_")]
+        """One of `connections_per_replica` channels to `address`, in turn. Each has its own
+        connection: a host allows `limits.max_concurrent_streams_per_connection` calls on
+        one, and a secure round's devices long-poll through the forwarder all at once."""
+        pool = self._channels.setdefault(address, [])
+        self._turn += 1
+        if len(pool) < connections_per_replica:
+            options: list[tuple[str, Any]] = [
+                ("grpc.max_receive_message_length", protocol.max_message_bytes),
+                ("grpc.max_send_message_length", protocol.max_message_bytes),
+                # A subchannel (connection) of this channel's own, not one shared with the
+                # pool's other channels.
+                ("grpc.use_local_subchannel_pool", 1),
+            ]
             if self._credentials is None:
-                channel = grpc.aio.insecure_channel(address, options=options)
+                pool.append(grpc.aio.insecure_channel(address, options=options))
             else:
                 if self._server_name:
                     options.append(("grpc.ssl_target_name_override", self._server_name))
-                channel = grpc.aio.secure_channel(address, self._credentials, options=options)
-            self._channels[address] = channel
-        return channel
+                pool.append(grpc.aio.secure_channel(address, self._credentials, options=options))
+            return pool[-1]
+        return pool[self._turn % len(pool)]
 
     @staticmethod
     def _timeout(context: grpc.aio.ServicerContext, default_s: float) -> float:
@@ -202,8 +208,9 @@ class Forwarder:
             return _relay_status(method, address, exc, context)
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
+        for pool in self._channels.values():
+            for channel in pool:
+                await channel.close()
         self._channels.clear()
 
 
@@ -420,3 +427,6 @@ class ReplicaFront:
     def publish(self, address: str) -> None:
         """The address other replicas forward to, from the next heartbeat on."""
         self.coordinator.address = address
+
+    async def close(self) -> None:
+        await self.forwarder.close()

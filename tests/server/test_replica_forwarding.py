@@ -57,7 +57,7 @@ async def two_replicas(url: str, model_bytes: bytes) -> AsyncIterator[tuple[Serv
     replicas[0].register_task(
         task_config(aggregator="secure_aggregator()", target_reports=10), model_bytes
     )
-    serving = []
+    serving, fronts = [], []
     for replica in replicas:
         front = ReplicaFront.build(replica, 2, True, session_ca().root_certificate)
         server = CoordinatorServer(
@@ -68,6 +68,7 @@ async def two_replicas(url: str, model_bytes: bytes) -> AsyncIterator[tuple[Serv
             secagg_service=front.secagg_service,
         )
         front.publish(server.address)
+        fronts.append(front)
         await server.start()
         serving.append(Serving(replica, server))
     for _ in range(2):
@@ -80,6 +81,8 @@ async def two_replicas(url: str, model_bytes: bytes) -> AsyncIterator[tuple[Serv
         for s in serving:
             await s.channel.close()
             await s.server.stop(0)
+        for front in fronts:
+            await front.close()
         for store in stores:
             store.close()
 

@@ -22,10 +22,10 @@ round driver a single coordinator uses.
 - A secure_aggregator() task's rounds are hosted by its leader alone, as one coordinator
   runs them: its SecAgg sessions live in that process. The leader selects every device of
   them (so their counts are global), records their assignments in the store and commits
-  under its lease. Another replica refers the task's calls to the host (HostedElsewhere),
-  and its gRPC layer forwards them there (server/replica_forwarding.py, routes in
-  server/secure_routes.py). A host that loses its lease drops its secure rounds; the next
-  leader abandons them, as on a restart, and hosts the next round.
+  under its lease. Another replica refers the task's calls to the host (HostedElsewhere,
+  server/replica_secure_host.py), and its gRPC layer forwards them there
+  (server/replica_forwarding.py). A host that loses its lease drops its secure rounds; the
+  next leader abandons them, as on a restart, and hosts the next round.
 - Pace steering (retry windows, check-in capacity) and the per-network rate limits are each
   replica's own, measured from the check-ins it answers.
 """
@@ -47,15 +47,15 @@ from server.aggregation import Buffer, accumulate_received
 from server.aggregators.presets import parse_aggregator
 from server.coordinator import Coordinator, CoordinatorSettings, token_digest
 from server.device_identity import DeviceIdentities
-from server.errors import HostedElsewhere, StaleLeader, StoreUnavailable, Unavailable
+from server.errors import HostedElsewhere, StaleLeader, StoreUnavailable
 from server.evaluation import HeldOutEvaluator
 from server.example_credit import credited_header
 from server.leases import Lease, default_lease_s
 from server.postgres_store import PostgresStore
 from server.replica_driver import ReplicaDriver
-from server.replica_leader import ReplicaLeader
 from server.replica_ledger import ReplicaLedger
 from server.replica_partials import RoundPartial, to_bytes
+from server.replica_secure_host import SecureHosting
 from server.reports import add_upload
 from server.retention import Retention
 from server.rounds import closed
@@ -73,7 +73,7 @@ class SelectionClosed(Exception):
     """The shared round took no more devices (filled or closed by another replica)."""
 
 
-class ReplicaCoordinator(ReplicaLeader):
+class ReplicaCoordinator(SecureHosting):
     def __init__(
         self,
         store: PostgresStore,
@@ -119,32 +119,6 @@ class ReplicaCoordinator(ReplicaLeader):
         if parse_aggregator(record.config.aggregator).secure is not None:
             self.secure_task_ids.add(record.config.task_id)
         return runtime
-
-    def hosts_secure_rounds(self, task_id: str) -> bool:
-        """Whether this replica hosts the secure task's rounds now: it leads the task and has
-        taken it over under its current lease."""
-        fence = self.leadership.fence(task_id)
-        return fence is not None and self._taken_over.get(task_id) == fence.epoch
-
-    def _secure_host(self, task_id: str) -> str | None:
-        """The address of the replica hosting the secure task's rounds, if another one does.
-        Raises Unavailable when no replica hosts them now (a takeover under way)."""
-        if self.hosts_secure_rounds(task_id):
-            return None
-        address = self._secure_hosts.get(task_id)
-        if address is None or address == self.address:
-            raise Unavailable(
-                f"task {task_id!r}: no replica hosts its secure rounds now; retry",
-                retry_after_s=1.0,
-            )
-        return address
-
-    def secure_host_of_session(self, session_id: bytes) -> str | None:
-        """Where a SecAgg call for a session this replica does not host goes: the address of
-        its task's host; None when no replica published the session (answered here, as an
-        unknown session). Raises Unavailable (no host now) or StoreUnavailable."""
-        task_id = self.routes.session_task(session_id)
-        return None if task_id is None else self._secure_host(task_id)
 
     def fence(self, task_id: str) -> Lease | None:
         lease = self.leadership.fence(task_id)
@@ -202,16 +176,6 @@ class ReplicaCoordinator(ReplicaLeader):
         if round_ is not None:
             mirror_state(round_, shared)
 
-    def _record_secure_assignment(self, task: TaskRuntime, record: AssignmentRecord) -> None:
-        """A secure round's assignment, on its host: the round's session is published for
-        the other replicas' routing before its first device hears of it."""
-        key = (task.task_id, record.round_number)
-        aggregate = self.secure_rounds.aggregator(task.open_rounds[record.round_number])
-        if aggregate is not None and key not in self._published:
-            self.routes.publish_session(aggregate.enrollment.session_id, *key)
-            self._published.add(key)
-        self.store.add_assignment(record)
-
     def advance(self, task: TaskRuntime, round_: RoundInProgress) -> None:
         if task.task_id in self.secure_task_ids:  # hosted here, as by one coordinator
             Coordinator.advance(self, task, round_)
@@ -241,14 +205,6 @@ class ReplicaCoordinator(ReplicaLeader):
             elif shared.state == AssignmentState.FAILED.value:
                 round_.set_state(digest, AssignmentState.FAILED, shared.failure)
         return task, round_, digest
-
-    def _refer_secure_token(self, digest: str) -> None:
-        """Raises HostedElsewhere for a token of a secure task hosted by another replica."""
-        stored = self.store.assignment(digest)
-        if stored is not None and stored.task_id in self.secure_task_ids:
-            address = self._secure_host(stored.task_id)
-            if address is not None:
-                raise HostedElsewhere(stored.task_id, address)
 
     def accept_upload(
         self,
@@ -407,21 +363,6 @@ class ReplicaCoordinator(ReplicaLeader):
                     self._merge_closed(task, mine)
             except StoreUnavailable as exc:
                 log.error("task %s: replication pass failed: %s", task.task_id, exc)
-
-    def _host_secure(self, task: TaskRuntime) -> None:
-        """A secure task's step: its leader takes it over (abandoning what an earlier host
-        left open) and hosts its rounds; a replica that lost the lead drops its rounds
-        unrecorded, for the new leader to record."""
-        if self.leadership.leads(task.task_id) and not task.fault:
-            self._lead(task, [])
-        elif task.open_rounds:
-            log.warning(
-                "task %s: no longer leads it; its %d secure rounds here are dropped",
-                task.task_id,
-                len(task.open_rounds),
-                extra=about(task.task_id),
-            )
-            self.step_down(task)
 
     def _follow_tasks(self) -> None:
         """Tasks registered and decisions made on other replicas; commits of other leaders."""

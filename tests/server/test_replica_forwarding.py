@@ -18,12 +18,8 @@ from protos import secagg_pb2, secagg_pb2_grpc
 from server.grpc_service import CoordinatorServer
 from server.postgres_store import PostgresStore
 from server.replica_coordinator import ReplicaCoordinator
-from server.replica_forwarding import (
-    CHECK_IN,
-    ReplicaFront,
-    forwarded_mac_metadata,
-    forwarded_metadata,
-)
+from server.replica_forwarder import CHECK_IN, forwarded_mac_metadata, forwarded_metadata
+from server.replica_forwarding import ReplicaFront
 from tests.fakes import FakeClock
 from tests.harness import loopback_tls, loopback_trust, session_ca, task_config
 from tests.identities import check_in_over, identities_for, signed_check_in

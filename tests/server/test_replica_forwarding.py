@@ -12,17 +12,30 @@ from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
+import pytest
 
 from device_runtime import constants
-from protos import secagg_pb2, secagg_pb2_grpc
+from protos import device_pb2_grpc, secagg_pb2, secagg_pb2_grpc
 from server.grpc_service import CoordinatorServer
 from server.postgres_store import PostgresStore
 from server.replica_coordinator import ReplicaCoordinator
-from server.replica_forwarder import CHECK_IN, forwarded_mac_metadata, forwarded_metadata
+from server.replica_forwarder import (
+    CHECK_IN,
+    SECAGG_SEND,
+    Forwarder,
+    forwarded_mac_metadata,
+    forwarded_metadata,
+)
 from server.replica_forwarding import ReplicaFront
 from tests.fakes import FakeClock
 from tests.harness import loopback_tls, loopback_trust, session_ca, task_config
-from tests.identities import check_in_over, identities_for, signed_check_in
+from tests.identities import (
+    check_in_over,
+    device_key,
+    enroll_request,
+    identities_for,
+    signed_check_in,
+)
 
 
 class Serving:
@@ -186,6 +199,29 @@ def test_a_forged_forwarding_assertion_is_refused_unauthenticated(
     code, details = asyncio.run(scenario())
 
     assert code is grpc.StatusCode.UNAUTHENTICATED and "does not verify" in details
+
+
+@pytest.mark.parametrize(
+    ("asserted_for", "expected"),
+    [(CHECK_IN, grpc.StatusCode.OK), (SECAGG_SEND, grpc.StatusCode.UNAUTHENTICATED)],
+)
+def test_a_forwarding_assertion_holds_only_for_the_method_it_names(
+    postgres_url: str, model_bytes: bytes, asserted_for: str, expected: grpc.StatusCode
+) -> None:
+    async def scenario() -> grpc.StatusCode:
+        async with two_replicas(postgres_url, model_bytes) as (host, _):
+            secret = host.replica.routes.forwarding_secret()
+            metadata = Forwarder(secret, None).metadata("ipv4:10.9.8.7:1", asserted_for)
+            stub = device_pb2_grpc.DeviceServiceStub(host.channel)
+            await stub.Enroll(enroll_request(device_key("d1")))
+            request = signed_check_in("d1", host.replica.now())
+            try:
+                await stub.CheckIn(request, metadata=metadata)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+    assert asyncio.run(scenario()) is expected
 
 
 def test_a_forwarding_replica_answers_unavailable_when_the_host_is_unreachable(

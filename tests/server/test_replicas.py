@@ -359,6 +359,26 @@ def test_a_secure_round_of_a_dead_host_is_abandoned_and_the_next_leader_hosts_th
     assert assignment.round_number == 2
 
 
+def test_a_secure_host_paused_past_its_lease_drops_its_round_and_refers_devices_onwards(
+    cluster: Cluster, model_bytes: bytes
+) -> None:
+    paused = _secure_cluster(cluster, model_bytes)
+    check_in(paused, "d0")
+    living = [r for r in cluster.replicas if r is not paused]
+    cluster.clock.advance(default_lease_s + 1)
+    cluster.tick(living, passes=2)
+    successor = cluster.leader(living)
+
+    paused.tick()  # it wakes up
+    with pytest.raises(HostedElsewhere) as referred:
+        check_in(paused, "d1")
+
+    assert paused.task("t1").open_rounds == {}
+    assert not paused.hosts_secure_rounds("t1")
+    assert referred.value.address == successor.address
+    assert [r.state for r in _records(cluster)] == [RoundState.ABANDONED]
+
+
 def test_a_restarted_replica_says_at_once_that_its_earlier_uploads_are_lost(
     cluster: Cluster, model_bytes: bytes
 ) -> None:

@@ -118,6 +118,8 @@ MIGRATIONS = (
         (
             # The address other replicas forward to (`serve --replica-address`).
             "ALTER TABLE replicas ADD COLUMN address TEXT NOT NULL DEFAULT ''",
+            # Calls it forwarded to other replicas (`serve --replica`, secure tasks).
+            "ALTER TABLE replicas ADD COLUMN forwarded BIGINT NOT NULL DEFAULT 0",
             # A secure round's session, by id: its task, whose leader hosts it.
             "CREATE TABLE secure_sessions ("
             " session_id BYTEA PRIMARY KEY, task_id TEXT NOT NULL, round_number INTEGER NOT NULL)",

@@ -36,7 +36,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -102,6 +102,7 @@ class ReplicaCoordinator(SecureHosting):
         self.secure_task_ids: set[str] = set()
         self.routes = SecureRoutes(store)
         self.address = ""  # where other replicas reach this one (set before serving)
+        self.forwarded_calls: Callable[[], int] = lambda: 0  # by its gRPC layer, so far
         self._secure_hosts: dict[str, str] = {}  # task -> its leader's address, per pass
         self._published: set[tuple[str, int]] = set()  # secure rounds whose session is routed
         super().__init__(store, clock, settings, evaluator, rng, identities)
@@ -335,6 +336,7 @@ class ReplicaCoordinator(SecureHosting):
                 self.check_ins,
                 self.uploads,
                 self.address,
+                self.forwarded_calls(),
             )
         )
         self._follow_tasks()

@@ -239,6 +239,7 @@ class ReplicaFront:
     def publish(self, address: str) -> None:
         """The address other replicas forward to, from the next heartbeat on."""
         self.coordinator.address = address
+        self.coordinator.forwarded_calls = lambda: self.forwarder.forwarded
 
     async def close(self) -> None:
         await self.forwarder.close()

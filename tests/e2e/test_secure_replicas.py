@@ -137,7 +137,7 @@ def test_secure_rounds_on_three_replicas_commit_the_survivors_fedavg(
     monkeypatch.setattr(SecAggSessionRunner, "send_masked_input", spy_masked)
     url = postgres_url
     replicas, fleet = _cluster(tmp_path, model_path, url)
-    answered: dict[str, int] = {}  # check-ins each replica answered
+    answered: dict[str, tuple[int, int, bool]] = {}  # check-ins, calls forwarded, hosting
 
     async def scenario() -> None:
         for index in range(len(HOSTS)):
@@ -146,7 +146,11 @@ def test_secure_rounds_on_three_replicas_commit_the_survivors_fedavg(
         devices = asyncio.create_task(fleet.run(stop))
         try:
             await until(lambda: len(_committed(url)) >= 2, "two committed secure rounds")
-            answered.update(read(url, "SELECT name, check_ins FROM replicas"))
+            host = lease(url, TASK)[0].split("#")[0]  # a holder is a replica's NAME#RUN
+            for name, check_ins, forwarded in read(
+                url, "SELECT name, check_ins, forwarded FROM replicas"
+            ):
+                answered[name] = (check_ins, forwarded, name == host)
         finally:
             stop.set()
             await replicas.stop_all()
@@ -173,8 +177,10 @@ def test_secure_rounds_on_three_replicas_commit_the_survivors_fedavg(
         moved = weights.astype(np.float64) - base
         assert np.max(np.abs(moved - fedavg)) < 2e-6, number
         base = weights
-    # Every replica answered check-ins; only the host selected, the others forwarded.
-    assert len(answered) == len(HOSTS) and all(answered.values()), answered
+    # Every replica answered check-ins; the host forwarded nothing, the others forwarded.
+    assert len(answered) == len(HOSTS), answered
+    for check_ins, forwarded, hosting in answered.values():
+        assert check_ins > 0 and (forwarded == 0 if hosting else forwarded > 0), answered
 
 
 def test_killing_the_host_abandons_its_secure_round_and_the_next_leader_hosts_later_rounds(

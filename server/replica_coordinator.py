@@ -282,15 +282,22 @@ class ReplicaCoordinator(SecureHosting):
     def abandon(self, task: TaskRuntime, round_: RoundInProgress) -> RoundRecord:
         """A round this leader merged is recorded abandoned under its lease. A mirror (a
         drain, a cancel, a fault here) is handed over as it stands and dropped: the shared
-        round goes on, and its leader counts these uploads when it closes."""
+        round goes on, and its leader counts these uploads when it closes. A secure round
+        hosted here is recorded under the lease, as one coordinator records it; without the
+        lease it is dropped, for the next leader to record."""
         record = closed.summarize(round_, RoundState.ABANDONED, self.now())
         fence = self.leadership.fence(task.task_id)
         recorded = (task.task_id, round_.round_number) in self._merged and fence is not None
-        if task.task_id in self.secure_task_ids:  # hosted here: recorded while it leads
+        secure = task.task_id in self.secure_task_ids
+        if secure:  # hosted here: recorded while it leads, else by the next leader
             recorded = fence is not None
         if recorded:
             self.store.record_closed_round(record, fence)
-        elif round_.reported and (task.task_id, round_.round_number) not in self._merged:
+        elif (
+            not secure
+            and round_.reported
+            and (task.task_id, round_.round_number) not in self._merged
+        ):
             self._hand_over(task, round_, early=True)
         round_.state = RoundState.ABANDONED
         self.forget(task, round_)

@@ -359,6 +359,20 @@ def test_a_secure_round_of_a_dead_host_is_abandoned_and_the_next_leader_hosts_th
     assert assignment.round_number == 2
 
 
+def test_a_cancelled_secure_task_has_its_open_round_recorded_abandoned_by_its_host(
+    cluster: Cluster, model_bytes: bytes
+) -> None:
+    leader = _secure_cluster(cluster, model_bytes)
+    check_in(leader, "d0")
+    other = next(r for r in cluster.replicas if r is not leader)
+
+    other.control_task("t1", TaskState.CANCELLED)  # an operator, at any replica
+    cluster.tick()
+
+    assert [r.state for r in _records(cluster)] == [RoundState.ABANDONED]
+    assert leader.task("t1").open_rounds == {}
+
+
 def test_a_secure_host_paused_past_its_lease_drops_its_round_and_refers_devices_onwards(
     cluster: Cluster, model_bytes: bytes
 ) -> None:

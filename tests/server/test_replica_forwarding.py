@@ -27,6 +27,7 @@ from server.replica_forwarder import (
     forwarded_metadata,
 )
 from server.replica_forwarding import ReplicaFront
+from server.replica_status import cluster_status
 from tests.fakes import FakeClock
 from tests.harness import loopback_tls, loopback_trust, session_ca, task_config
 from tests.identities import (
@@ -119,20 +120,31 @@ async def _status(call: object) -> tuple[grpc.StatusCode, str]:
 def test_a_check_in_at_a_replica_not_hosting_the_secure_task_is_assigned_by_the_host(
     postgres_url: str, model_bytes: bytes
 ) -> None:
-    async def scenario() -> tuple[bool, int, int]:
+    async def scenario() -> tuple[bool, int, int, dict[str, bool]]:
         async with two_replicas(postgres_url, model_bytes) as (host, other):
             response = await check_in_over(other.channel, "d0")
             round_ = host.replica.task("t1").selecting
             assert round_ is not None
+            other.replica.replicate()  # its heartbeat
+            shown = {
+                r.name: (r.address, r.forwarded)
+                for r in cluster_status(host.replica).replicas  # what `overnight status` shows
+            }
+            expected = {
+                host.replica.replica_name: (host.server.address, 0),
+                other.replica.replica_name: (other.server.address, 1),
+            }
             return (
                 response.assignment.HasField("secure_aggregation"),
                 round_.selected,
                 len(other.replica.task("t1").open_rounds),
+                {name: shown[name] == seen for name, seen in expected.items()},
             )
 
-    secure, selected_on_host, open_on_other = asyncio.run(scenario())
+    secure, selected_on_host, open_on_other, shown = asyncio.run(scenario())
 
     assert secure and selected_on_host == 1 and open_on_other == 0
+    assert all(shown.values()), shown
 
 
 def test_secagg_refusals_through_a_forwarding_replica_are_the_hosts(

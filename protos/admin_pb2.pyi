@@ -15,7 +15,7 @@ class GetClusterRequest(_message.Message):
 class Cluster(_message.Message):
     __slots__ = ("replicas", "leases", "counts")
     class Replica(_message.Message):
-        __slots__ = ("name", "host", "pid", "seen_s_ago", "check_ins", "uploads", "answering")
+        __slots__ = ("name", "host", "pid", "seen_s_ago", "check_ins", "uploads", "answering", "address", "forwarded")
         NAME_FIELD_NUMBER: _ClassVar[int]
         HOST_FIELD_NUMBER: _ClassVar[int]
         PID_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,8 @@ class Cluster(_message.Message):
         CHECK_INS_FIELD_NUMBER: _ClassVar[int]
         UPLOADS_FIELD_NUMBER: _ClassVar[int]
         ANSWERING_FIELD_NUMBER: _ClassVar[int]
+        ADDRESS_FIELD_NUMBER: _ClassVar[int]
+        FORWARDED_FIELD_NUMBER: _ClassVar[int]
         name: str
         host: str
         pid: int
@@ -30,7 +32,9 @@ class Cluster(_message.Message):
         check_ins: int
         uploads: int
         answering: bool
-        def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., seen_s_ago: _Optional[float] = ..., check_ins: _Optional[int] = ..., uploads: _Optional[int] = ..., answering: bool = ...) -> None: ...
+        address: str
+        forwarded: int
+        def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., seen_s_ago: _Optional[float] = ..., check_ins: _Optional[int] = ..., uploads: _Optional[int] = ..., answering: bool = ..., address: _Optional[str] = ..., forwarded: _Optional[int] = ...) -> None: ...
     class TaskLease(_message.Message):
         __slots__ = ("task_id", "leader", "epoch", "expires_in_s")
         TASK_ID_FIELD_NUMBER: _ClassVar[int]

@@ -75,8 +75,6 @@ class AdminServiceServicer(object):
         range (the message names the field), or the model fails validation
         (not an Overnight training model, manifest disagrees)
         ALREADY_EXISTS    a task with this id exists
-        FAILED_PRECONDITION  a secure_aggregator() task on a replica (`serve --replica`), which
-        serves plain tasks only
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -10,6 +10,7 @@ import logging
 import pathlib
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -43,6 +44,9 @@ from server.store import Store
 from server.store_location import check_location, is_postgres, open_store
 from server.tensorboard_sink import TensorBoardSink
 from server.transport_security import ServerTls
+
+if TYPE_CHECKING:  # psycopg and the replica modules load only for `serve --replica`
+    from server.replica_forwarding import ReplicaFront
 
 log = logging.getLogger(__name__)
 # Progress lines ("listening on ...") go to stdout in the chosen --log-format, at any level.
@@ -107,8 +111,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="run as one of several replicas on the PostgreSQL database --store names: any "
         "replica serves any device, each task is driven by one of them (a lease of "
         f"{default_lease_s:g} s; another takes over when it dies), and each hands the uploads "
-        "it received to that leader when a round closes. Plain tasks only: secure_aggregator() "
-        "tasks are refused",
+        "it received to that leader when a round closes. A secure_aggregator() task's rounds "
+        "are hosted by its leader; the other replicas forward its devices' calls there",
+    )
+    serve.add_argument(
+        "--replica-address",
+        metavar="HOST:PORT",
+        help="where the other replicas reach this one to forward secure tasks' calls (default "
+        "the device address as bound); its certificate must be valid for it",
+    )
+    serve.add_argument(
+        "--replica-root-certs",
+        metavar="PEM",
+        help="the certificate authorities replicas' certificates are checked against when one "
+        "forwards to another (default the system's)",
+    )
+    serve.add_argument(
+        "--replica-server-name",
+        metavar="NAME",
+        help="the name replicas' certificates carry, when it is not the host in their addresses",
     )
     serve.add_argument(
         "--replica-name",
@@ -316,6 +337,7 @@ async def _serve_in(
             coordinator.register_task(config, pathlib.Path(args.model).read_bytes())
     metrics = CoordinatorMetrics() if args.metrics_address else None
     observed = [] if metrics is None else [metrics.interceptor()]  # both listeners' RPCs
+    front = replica_front(coordinator, args, tls) if replica else None
     server = CoordinatorServer(
         coordinator,
         args.address,
@@ -325,7 +347,11 @@ async def _serve_in(
         tls=tls,
         admin_address=args.admin_address,
         admin_tokens=AdminTokens(args.data_dir),
+        device_service=front.device_service if front is not None else None,
+        secagg_service=front.secagg_service if front is not None else None,
     )
+    if front is not None:
+        front.publish(args.replica_address or server.address)
     await server.start()
     ending = Ending.INTERRUPTED
     try:
@@ -339,6 +365,8 @@ async def _serve_in(
             ending = await _serve_until_drained(server, args, tls, first_token)
     finally:
         await server.stop(grace_s=0.0)
+        if front is not None:
+            await front.close()
     if ending is not Ending.INTERRUPTED:
         abandoned = abandon_open_rounds(coordinator)
         log.info("drain: %d open rounds recorded abandoned", abandoned)
@@ -366,6 +394,20 @@ def replica_coordinator(
     name = args.replica_name or replica_name(args.address)
     rng = np.random.default_rng(args.seed)
     return ReplicaCoordinator(store, clock, name, settings, evaluator, rng, identities)
+
+
+def replica_front(
+    coordinator: Coordinator, args: argparse.Namespace, tls: ServerTls | None
+) -> ReplicaFront:
+    """A replica's device services, which forward secure tasks' calls to their host."""
+    from server.replica_coordinator import ReplicaCoordinator
+    from server.replica_forwarding import ReplicaFront
+
+    assert isinstance(coordinator, ReplicaCoordinator)
+    roots = pathlib.Path(args.replica_root_certs).read_bytes() if args.replica_root_certs else None
+    return ReplicaFront.build(
+        coordinator, args.max_concurrent_uploads, tls is not None, roots, args.replica_server_name
+    )
 
 
 async def _serve_until_drained(

@@ -69,6 +69,20 @@ class Unavailable(CoordinatorError):
         self.retry_after_s = retry_after_s
 
 
+class HostedElsewhere(Unavailable):
+    """A secure task's call reached a replica that does not host the task's secure rounds;
+    the replica's gRPC layer forwards it to the host at `address`
+    (server/replica_forwarding.py). Should it reach a device unforwarded, it is UNAVAILABLE:
+    the device retries."""
+
+    def __init__(self, task_id: str, address: str) -> None:
+        super().__init__(
+            f"task {task_id!r}: its secure rounds are hosted by the replica at {address}; retry",
+            retry_after_s=1.0,
+        )
+        self.address = address
+
+
 class StoreUnavailable(Unavailable):
     """A store read or write failed for a reason outside the request (disk full, read-only
     file, I/O error, a database locked by another process). The store changed nothing."""

@@ -437,7 +437,11 @@ class CoordinatorServer:
         admin_tokens: AdminTokens | None = None,
         upload_idle_timeout_s: float = limits.upload_idle_timeout_s,
         admin_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        device_service: DeviceService | None = None,
+        secagg_service: secagg_pb2_grpc.SecAggServiceServicer | None = None,
     ) -> None:
+        """`device_service`, `secagg_service`: a replica's, which forward a secure task's
+        calls to its host (server/replica_forwarding.py); by default the coordinator's own."""
         self.coordinator = coordinator
         self.tls = tls
         self.drain_gate = DrainGate()  # check-ins refused and calls counted for a drain
@@ -446,10 +450,10 @@ class CoordinatorServer:
             interceptors=[*interceptors, self.drain_gate, RequestGuard(upload_idle_timeout_s)],
             options=[*server_options(protocol.max_message_bytes), *(extra_options or [])],
         )
-        self.device_service = DeviceService(coordinator, max_concurrent_uploads)
+        self.device_service = device_service or DeviceService(coordinator, max_concurrent_uploads)
         add_device_service(self.device_service, self._server)
         secagg_pb2_grpc.add_SecAggServiceServicer_to_server(
-            coordinator.secure_rounds.service, self._server
+            secagg_service or coordinator.secure_rounds.service, self._server
         )
         self._health = [ListenerHealth(self._server, (DEVICE_SERVICE, SECAGG_SERVICE))]
         self.address = _listen(

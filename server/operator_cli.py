@@ -161,7 +161,8 @@ def _print_cluster(cluster: admin_pb2.Cluster) -> None:
     for r in cluster.replicas:
         print(
             f"  {r.name}{' (answering)' if r.answering else ''}: pid {r.pid} on {r.host}, "
-            f"seen {r.seen_s_ago:.1f} s ago, {r.check_ins} check-ins, {r.uploads} uploads"
+            f"seen {r.seen_s_ago:.1f} s ago, {r.check_ins} check-ins, {r.uploads} uploads, "
+            f"{r.forwarded} calls forwarded; replicas reach it at {r.address or '(no address)'}"
         )
     for lease in cluster.leases:
         held = (

@@ -8,7 +8,12 @@ import time
 
 import psycopg
 
-from server.schema_migrations import REPLICAS_WHY, Migration, pending_migrations
+from server.schema_migrations import (
+    REPLICAS_WHY,
+    SECURE_ROUTES_WHY,
+    Migration,
+    pending_migrations,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +110,22 @@ MIGRATIONS = (
             " tokens TEXT NOT NULL, partial BYTEA NOT NULL,"
             " PRIMARY KEY (task_id, round_number, replica))",
             "ALTER TABLE round_partials ALTER COLUMN partial SET STORAGE EXTERNAL",
+        ),
+    ),
+    Migration(
+        5,
+        SECURE_ROUTES_WHY,
+        (
+            # The address other replicas forward to (`serve --replica-address`).
+            "ALTER TABLE replicas ADD COLUMN address TEXT NOT NULL DEFAULT ''",
+            # Calls it forwarded to other replicas (`serve --replica`, secure tasks).
+            "ALTER TABLE replicas ADD COLUMN forwarded BIGINT NOT NULL DEFAULT 0",
+            # A secure round's session, by id: its task, whose leader hosts it.
+            "CREATE TABLE secure_sessions ("
+            " session_id BYTEA PRIMARY KEY, task_id TEXT NOT NULL, round_number INTEGER NOT NULL)",
+            "CREATE INDEX secure_sessions_by_round ON secure_sessions (task_id, round_number)",
+            # Keys replicas share (the MAC of what a forwarding replica asserts).
+            "CREATE TABLE cluster_secrets (name TEXT PRIMARY KEY, secret BYTEA NOT NULL)",
         ),
     ),
 )

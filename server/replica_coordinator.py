@@ -19,9 +19,13 @@ round driver a single coordinator uses.
   and reloads the task's model and state from the store. A leader that was paused past its
   lease and wakes up has a stale epoch: its commits are refused (StaleLeader) and it drops
   its rounds.
-- Secure aggregation is not served across replicas: its rounds hold per-device protocol state
-  in one process. Registering a secure_aggregator() task on a replica is refused, and a secure
-  task found in the store is shown failed with the reason.
+- A secure_aggregator() task's rounds are hosted by its leader alone, as one coordinator
+  runs them: its SecAgg sessions live in that process. The leader selects every device of
+  them (so their counts are global), records their assignments in the store and commits
+  under its lease. Another replica refers the task's calls to the host (HostedElsewhere,
+  server/replica_secure_host.py), and its gRPC layer forwards them there
+  (server/replica_forwarding.py). A host that loses its lease drops its secure rounds; the
+  next leader abandons them, as on a restart, and hosts the next round.
 - Pace steering (retry windows, check-in capacity) and the per-network rate limits are each
   replica's own, measured from the check-ins it answers.
 """
@@ -32,7 +36,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -41,21 +45,22 @@ from device_runtime.logs import about
 from protos import device_pb2
 from server.aggregation import Buffer, accumulate_received
 from server.aggregators.presets import parse_aggregator
-from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings, token_digest
 from server.device_identity import DeviceIdentities
-from server.errors import FailedPrecondition, StaleLeader, StoreUnavailable
+from server.errors import HostedElsewhere, StaleLeader, StoreUnavailable
 from server.evaluation import HeldOutEvaluator
 from server.example_credit import credited_header
 from server.leases import Lease, default_lease_s
 from server.postgres_store import PostgresStore
 from server.replica_driver import ReplicaDriver
-from server.replica_leader import ReplicaLeader
 from server.replica_ledger import ReplicaLedger
 from server.replica_partials import RoundPartial, to_bytes
+from server.replica_secure_host import SecureHosting
+from server.reports import add_upload
 from server.retention import Retention
 from server.rounds import closed
 from server.rounds.round import AssignmentState, RoundInProgress
+from server.secure_routes import SecureRoutes
 from server.shared_rounds import ReplicaRow, SharedRound, SharedState, mirror_state
 from server.store import AssignmentRecord, RoundRecord, RoundState, TaskRecord
 from server.task_leadership import TaskLeadership
@@ -63,18 +68,12 @@ from server.task_runtime import TaskRuntime
 
 log = logging.getLogger(__name__)
 
-SECURE_REFUSED = (
-    "secure_aggregator() tasks are not served by replicas (`serve --replica`): a secure round "
-    "keeps every device's protocol state in one process. Run secure tasks on a coordinator "
-    "without --replica, on its own store"
-)
-
 
 class SelectionClosed(Exception):
     """The shared round took no more devices (filled or closed by another replica)."""
 
 
-class ReplicaCoordinator(ReplicaLeader):
+class ReplicaCoordinator(SecureHosting):
     def __init__(
         self,
         store: PostgresStore,
@@ -99,6 +98,13 @@ class ReplicaCoordinator(ReplicaLeader):
         self._merged: set[tuple[str, int]] = set()  # rounds this leader merged, not yet ended
         # Closed rounds this replica had no mirror of, checked for uploads of its earlier run.
         self._lost_checked: set[tuple[str, int]] = set()
+        # Secure tasks: their rounds are hosted by their leader (see the module's docstring).
+        self.secure_task_ids: set[str] = set()
+        self.routes = SecureRoutes(store)
+        self.address = ""  # where other replicas reach this one (set before serving)
+        self.forwarded_calls: Callable[[], int] = lambda: 0  # by its gRPC layer, so far
+        self._secure_hosts: dict[str, str] = {}  # task -> its leader's address, per pass
+        self._published: set[tuple[str, int]] = set()  # secure rounds whose session is routed
         super().__init__(store, clock, settings, evaluator, rng, identities)
         self.driver = ReplicaDriver(self, retention=Retention(self.settings.retention))
 
@@ -112,17 +118,8 @@ class ReplicaCoordinator(ReplicaLeader):
     def _load_task(self, record: TaskRecord) -> TaskRuntime:
         runtime = super()._load_task(record)
         if parse_aggregator(record.config.aggregator).secure is not None:
-            runtime.fault = SECURE_REFUSED
+            self.secure_task_ids.add(record.config.task_id)
         return runtime
-
-    def register_task(
-        self, config: TaskConfig, model_bytes: bytes, initial_weights: bytes | None = None
-    ) -> TaskRecord:
-        """As Coordinator.register_task; secure tasks are refused (FailedPrecondition)."""
-        config.validate()
-        if parse_aggregator(config.aggregator).secure is not None:
-            raise FailedPrecondition(SECURE_REFUSED)
-        return super().register_task(config, model_bytes, initial_weights)
 
     def fence(self, task_id: str) -> Lease | None:
         lease = self.leadership.fence(task_id)
@@ -139,8 +136,14 @@ class ReplicaCoordinator(ReplicaLeader):
         return super().check_in(request, peer)
 
     def _selecting_round(self, task: TaskRuntime) -> RoundInProgress | None:
-        # The leader opens rounds; a replica only mirrors them.
-        return task.selecting
+        # The leader opens rounds; a replica only mirrors them. A secure task's rounds are
+        # its host's: elsewhere the check-in is referred there.
+        if task.task_id not in self.secure_task_ids:
+            return task.selecting
+        address = self._secure_host(task.task_id)
+        if address is not None:
+            raise HostedElsewhere(task.task_id, address)
+        return Coordinator._selecting_round(self, task)
 
     def _assign(
         self,
@@ -162,6 +165,9 @@ class ReplicaCoordinator(ReplicaLeader):
         self, record: AssignmentRecord, declared_examples: int, network: str | None
     ) -> None:
         task = self.task(record.task_id)
+        if task.task_id in self.secure_task_ids:
+            self._record_secure_assignment(task, record)
+            return
         shared = self.ledger.assign(
             record, declared_examples, network, self.replica_name, task.config, self.now()
         )
@@ -172,6 +178,9 @@ class ReplicaCoordinator(ReplicaLeader):
             mirror_state(round_, shared)
 
     def advance(self, task: TaskRuntime, round_: RoundInProgress) -> None:
+        if task.task_id in self.secure_task_ids:  # hosted here, as by one coordinator
+            Coordinator.advance(self, task, round_)
+            return
         # A shared round's state follows its counts in PostgreSQL (replica_ledger); rounds
         # this leader merged wait for the driver.
         if round_.state in (RoundState.AGGREGATING, RoundState.FAILED):
@@ -182,7 +191,9 @@ class ReplicaCoordinator(ReplicaLeader):
         shared = None
         if digest and digest not in self._issued:
             shared = self.ledger.assignment(digest)  # issued by another replica
-            if shared is not None and shared.task_id in self._tasks:
+            if shared is None:
+                self._refer_secure_token(digest)
+            elif shared.task_id in self._tasks:
                 task = self._tasks[shared.task_id]
                 self._issued[digest] = (shared.task_id, shared.round_number)
                 if shared.round_number not in task.open_rounds:
@@ -203,8 +214,17 @@ class ReplicaCoordinator(ReplicaLeader):
         wire_bytes: int,
     ) -> device_pb2.UploadResponse:
         """As Coordinator.accept_upload, with the upload counted once for the cluster before
-        it is added to this replica's partial (and the count taken back if it is refused)."""
+        it is added to this replica's partial (and the count taken back if it is refused).
+        A secure round's report (its metrics; the update went masked to its session) is
+        taken on its host as by one coordinator."""
         task, round_, digest = self._reportable(header)
+        if task.task_id in self.secure_task_ids:
+            add_upload((task, round_, digest), header, payload, wire_bytes)
+            Coordinator.advance(self, task, round_)
+            self.uploads += 1
+            now = self.now()
+            window = self._steer(task, self._active_devices(task, now), now)
+            return device_pb2.UploadResponse(retry_window=window)
         header = credited_header(header, task.config, round_.assignments[digest])
         shared = self.ledger.reserve_report(digest, self.replica_name, task.config, self.now())
         chunks = [payload] if isinstance(payload, bytes | memoryview) else payload
@@ -229,6 +249,8 @@ class ReplicaCoordinator(ReplicaLeader):
         ack = super().report_failure(report)
         digest = token_digest(report.upload_token)
         task_id, number = self._issued[digest]
+        if task_id in self.secure_task_ids:
+            return ack
         task = self._tasks[task_id]
         round_ = task.open_rounds[number]
         try:
@@ -245,6 +267,7 @@ class ReplicaCoordinator(ReplicaLeader):
     def forget(self, task: TaskRuntime, round_: RoundInProgress) -> None:
         super().forget(task, round_)
         key = (task.task_id, round_.round_number)
+        self._published.discard(key)
         if key in self._merged:
             self._merged.discard(key)
             final = {
@@ -259,13 +282,22 @@ class ReplicaCoordinator(ReplicaLeader):
     def abandon(self, task: TaskRuntime, round_: RoundInProgress) -> RoundRecord:
         """A round this leader merged is recorded abandoned under its lease. A mirror (a
         drain, a cancel, a fault here) is handed over as it stands and dropped: the shared
-        round goes on, and its leader counts these uploads when it closes."""
+        round goes on, and its leader counts these uploads when it closes. A secure round
+        hosted here is recorded under the lease, as one coordinator records it; without the
+        lease it is dropped, for the next leader to record."""
         record = closed.summarize(round_, RoundState.ABANDONED, self.now())
         fence = self.leadership.fence(task.task_id)
         recorded = (task.task_id, round_.round_number) in self._merged and fence is not None
+        secure = task.task_id in self.secure_task_ids
+        if secure:  # hosted here: recorded while it leads, else by the next leader
+            recorded = fence is not None
         if recorded:
             self.store.record_closed_round(record, fence)
-        elif round_.reported and (task.task_id, round_.round_number) not in self._merged:
+        elif (
+            not secure
+            and round_.reported
+            and (task.task_id, round_.round_number) not in self._merged
+        ):
             self._hand_over(task, round_, early=True)
         round_.state = RoundState.ABANDONED
         self.forget(task, round_)
@@ -310,6 +342,8 @@ class ReplicaCoordinator(ReplicaLeader):
                 now,
                 self.check_ins,
                 self.uploads,
+                self.address,
+                self.forwarded_calls(),
             )
         )
         self._follow_tasks()
@@ -321,10 +355,15 @@ class ReplicaCoordinator(ReplicaLeader):
             self.leadership.take_expired(
                 t for t in served if t not in leases or not leases[t].live_at(now)
             )
+        if self.secure_task_ids:
+            self._secure_hosts = self.routes.leader_addresses(now)
         shared = self.ledger.unfinished_rounds()
         for task in self.tasks():
             mine = [r for r in shared if r.task_id == task.task_id]
             try:
+                if task.task_id in self.secure_task_ids:
+                    self._host_secure(task)
+                    continue
                 if self.leadership.leads(task.task_id) and not task.fault:
                     task = self._lead(task, mine)
                     mine = self.ledger.unfinished_rounds(task.task_id)

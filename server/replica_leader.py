@@ -36,6 +36,7 @@ class ReplicaLeader(Coordinator):
     replica_name: str
     _taken_over: dict[str, int]  # task -> lease epoch whose takeover is done
     _merged: set[tuple[str, int]]  # rounds this leader merged, not yet ended
+    secure_task_ids: set[str]  # tasks whose rounds this leader hosts itself
 
     def _lead(self, task: TaskRuntime, shared: list[SharedRound]) -> TaskRuntime:
         fence = self.leadership.fence(task.task_id)
@@ -45,7 +46,12 @@ class ReplicaLeader(Coordinator):
             shared = []
         if task.state is TaskState.CANCELLED:
             self._abandon_shared(task.task_id, fence, shared)
+            if task.task_id in self.secure_task_ids:  # its rounds are hosted here
+                for round_ in list(task.open_rounds.values()):
+                    self.abandon(task, round_)
             return task
+        if task.task_id in self.secure_task_ids:
+            return task  # its rounds open on check-ins here, as on one coordinator
         self.ledger.apply_deadlines(fence, task.task_id, task.config, self.now())
         unfinished = self.ledger.unfinished_rounds(task.task_id)
         # As TaskRuntime.can_open_round, over the rounds of every replica.

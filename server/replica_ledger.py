@@ -51,10 +51,12 @@ class ReplicaLedger:
     def heartbeat(self, replica: ReplicaRow) -> None:
         with self._store.relaxed_transaction() as conn:
             conn.execute(
-                "INSERT INTO replicas VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) "
-                "DO UPDATE SET host = excluded.host, pid = excluded.pid, started_at = "
-                "excluded.started_at, seen_at = excluded.seen_at, check_ins = "
-                "excluded.check_ins, uploads = excluded.uploads",
+                "INSERT INTO replicas (name, host, pid, started_at, seen_at, check_ins, uploads,"
+                " address, forwarded) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET host = excluded.host, pid = excluded.pid, "
+                "started_at = excluded.started_at, seen_at = excluded.seen_at, check_ins = "
+                "excluded.check_ins, uploads = excluded.uploads, address = excluded.address, "
+                "forwarded = excluded.forwarded",
                 dataclasses.astuple(replica),
             )
 
@@ -75,7 +77,8 @@ class ReplicaLedger:
     def replicas(self) -> list[ReplicaRow]:
         with self._store.relaxed_transaction() as conn:
             rows = conn.execute(
-                "SELECT name, host, pid, started_at, seen_at, check_ins, uploads FROM replicas "
+                "SELECT name, host, pid, started_at, seen_at, check_ins, uploads, address, "
+                "forwarded FROM replicas "
                 'ORDER BY name COLLATE "C"'
             ).fetchall()
         return [ReplicaRow(*row) for row in rows]

@@ -24,6 +24,8 @@ def cluster_status(coordinator: Coordinator) -> admin_pb2.Cluster:
                 check_ins=r.check_ins,
                 uploads=r.uploads,
                 answering=r.name == coordinator.replica_name,
+                address=r.address,
+                forwarded=r.forwarded,
             )
             for r in ledger.replicas()
         ],

@@ -28,6 +28,9 @@ class Migration:
 # Version 4 adds tables on PostgreSQL only (several replicas on one database,
 # server/replica_ledger.py); SQLite records the version and adds nothing.
 REPLICAS_WHY = "replicas: heartbeats, shared rounds and assignments, partial aggregates"
+# Version 5, PostgreSQL only as well: where replicas reach each other and which replica hosts
+# each secure round (server/secure_routes.py).
+SECURE_ROUTES_WHY = "replicas: addresses, secure sessions by task, the forwarding secret"
 
 
 class IncompatibleStore(Exception):

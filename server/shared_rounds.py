@@ -124,6 +124,8 @@ class ReplicaRow:
     seen_at: float
     check_ins: int
     uploads: int
+    address: str = ""  # where other replicas reach it (forwarding of secure tasks' calls)
+    forwarded: int = 0  # calls it forwarded to the host of a secure task
 
 
 def next_state(

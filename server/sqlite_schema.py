@@ -9,7 +9,12 @@ import logging
 import sqlite3
 import time
 
-from server.schema_migrations import REPLICAS_WHY, Migration, pending_migrations
+from server.schema_migrations import (
+    REPLICAS_WHY,
+    SECURE_ROUTES_WHY,
+    Migration,
+    pending_migrations,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,7 @@ MIGRATIONS = (
     # Replicas share a PostgreSQL database; a SQLite file has one coordinator and no tables
     # for them. The version stays in step with PostgreSQL's.
     Migration(4, REPLICAS_WHY, ()),
+    Migration(5, SECURE_ROUTES_WHY, ()),
 )
 
 

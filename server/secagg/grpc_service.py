@@ -101,6 +101,10 @@ class SecAggService(secagg_pb2_grpc.SecAggServiceServicer):
             return  # no loop, so nobody is polling
         loop.create_task(wake())
 
+    def hosts(self, session_id: bytes) -> bool:
+        """Whether the session (pending, open or recently finished) is hosted here."""
+        return session_id in self._sessions
+
     def remove_session(self, session_id: bytes) -> None:
         self._sessions.pop(session_id, None)
 

@@ -62,6 +62,7 @@ class Replicas:
         self.secret = root / "enrollment.secret"
         self.secret.write_bytes(ENROLLMENT_SECRET)
         self.tasks = [task_file(root, t, a) for t, a in tasks.items()]
+        self.extra_args: list[str] = []  # given to every replica's `overnight serve`
 
     @staticmethod
     def name(index: int) -> str:
@@ -103,6 +104,7 @@ class Replicas:
             str(self.secret),
             "--exempt-network",
             "127.0.0.0/8",
+            *self.extra_args,
             cwd=REPO,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,

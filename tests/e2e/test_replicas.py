@@ -1,10 +1,13 @@
 """Three `overnight serve --replica` processes on one real PostgreSQL database, with emulated
-phones on each, running a plain-mean and a robust task. The leader of the plain task is
-killed with SIGKILL, then its successor is stopped with SIGSTOP for longer than its lease and
-resumed, then a follower is killed. After each fault: no committed round is lost, every
-committed round counted exactly its uploads and no token twice, weights are finite, and both
-tasks keep committing; after a leader's fault another replica leads the task, and no round of
-the lost epoch commits after the lease was lost."""
+phones on each, running a plain-mean, a robust and a secure task (the secure task's rounds
+are hosted by its leader; the phones of the other replicas reach it by forwarding). The
+leader of the plain task is killed with SIGKILL, then its successor is stopped with SIGSTOP
+for longer than its lease and resumed, then a replica that leads neither the plain nor the
+robust task is killed (the secure task's host, if another replica leads those). After each
+fault: no committed round is lost, every committed round counted exactly its uploads and no
+token twice, weights are finite, and every task keeps committing; after a leader's fault
+another replica leads the task, and no round of the lost epoch commits after the lease was
+lost."""
 
 from __future__ import annotations
 
@@ -40,7 +43,9 @@ REPLICAS = 3
 TASKS = {
     "plain": "mean()",
     "robust": "robust_aggregator()",
+    "secure": "secure_aggregator()",
 }
+PLAIN_TASKS = ("plain", "robust")
 
 
 def test_replicas_survive_a_killed_and_a_stopped_leader(
@@ -49,6 +54,12 @@ def test_replicas_survive_a_killed_and_a_stopped_leader(
     url = postgres_url
     tls = write_loopback_certificates(tmp_path / "tls")
     replicas = Replicas(url, tmp_path, model_path, tls, TASKS, ["127.0.0.1"] * REPLICAS)
+    replicas.extra_args = ["--replica-root-certs", str(tls.root_certs)]  # to forward
+    secure = replicas.tasks[list(TASKS).index("secure")]
+    # The four SecAgg stages share the reporting deadline: more time than a plain round's.
+    secure.write_text(
+        secure.read_text().replace("reporting_deadline_s = 5.0", "reporting_deadline_s = 12.0")
+    )
     trust = ServerTrust(root_certificates=tls.root_certs.read_bytes())
     fleets = [
         Fleet(
@@ -64,12 +75,12 @@ def test_replicas_survive_a_killed_and_a_stopped_leader(
     ]
     takeovers: list[float] = []
 
-    async def both_tasks_commit(than: dict) -> None:
+    async def every_task_commits(than: dict) -> None:
         def progressed() -> bool:
             now = snapshot(url)
             return all(committed(now, t) > committed(than, t) for t in TASKS)
 
-        await until(progressed, "a commit of both tasks")
+        await until(progressed, "a commit of every task")
 
     async def takeover(lost: str, lost_epoch: int, fault: Awaitable[None]) -> dict:
         before = snapshot(url)
@@ -94,7 +105,7 @@ def test_replicas_survive_a_killed_and_a_stopped_leader(
         stop = asyncio.Event()
         devices = [asyncio.create_task(fleet.run(stop)) for fleet in fleets]
         try:
-            await both_tasks_commit(snapshot(url))
+            await every_task_commits(snapshot(url))
 
             # SIGKILL the plain task's leader, with a round of it open.
             await until(lambda: round_open(url, "plain"), "a plain round with devices")
@@ -105,7 +116,7 @@ def test_replicas_survive_a_killed_and_a_stopped_leader(
             after_kill = await killed
             check_no_stale_commit(after_kill, snapshot(url), "plain", epoch)
             await replicas.start(int(name[1:]))  # its phones come back to it
-            await both_tasks_commit(after_kill)
+            await every_task_commits(after_kill)
 
             # SIGSTOP the new leader past its lease, then let it run again.
             await until(lambda: round_open(url, "plain"), "a plain round with devices")
@@ -122,17 +133,17 @@ def test_replicas_survive_a_killed_and_a_stopped_leader(
                 ),
                 "the stopped replica running again",
             )
-            await both_tasks_commit(at_takeover)
+            await every_task_commits(at_takeover)
             after_stop = snapshot(url)
             check_invariants(url, at_takeover, after_stop)
             check_no_stale_commit(at_takeover, after_stop, "plain", epoch)
 
             # SIGKILL a follower: its uploads not handed over count as dropouts.
             await until(lambda: round_open(url, "plain"), "a plain round with devices")
-            leaders = {lease(url, t)[0].split("#")[0] for t in TASKS}
+            leaders = {lease(url, t)[0].split("#")[0] for t in PLAIN_TASKS}
             follower = next(n for n in replicas.processes if n not in leaders)
             await replicas.kill(follower)
-            await both_tasks_commit(snapshot(url))
+            await every_task_commits(snapshot(url))
             await replicas.start(int(follower[1:]))
             final = snapshot(url)
             check_invariants(url, after_stop, final)

@@ -15,7 +15,7 @@ from device_runtime.aggregation.client import encode_for_upload
 from protos import common_pb2, device_pb2
 from server.coordinator import Coordinator
 from server.drain import abandon_open_rounds
-from server.errors import AlreadyExists, FailedPrecondition
+from server.errors import AlreadyExists, FailedPrecondition, HostedElsewhere
 from server.leases import default_lease_s
 from server.postgres_store import PostgresStore
 from server.replica_coordinator import ReplicaCoordinator
@@ -24,7 +24,13 @@ from server.sqlite_store import SqliteStore
 from server.store import RoundRecord, RoundState, TaskState
 from tests.fakes import FakeClock
 from tests.harness import task_config
-from tests.identities import check_in, identities_for, make_coordinator, sign_header
+from tests.identities import (
+    check_in,
+    identities_for,
+    make_coordinator,
+    sign_failure,
+    sign_header,
+)
 
 NUM_PARAMETERS_SEED = 7
 
@@ -281,11 +287,110 @@ def test_a_leader_paused_past_its_lease_commits_nothing(
     assert old.task("t1").open_rounds == {}
 
 
-def test_a_secure_task_is_refused_on_replicas(cluster: Cluster, model_bytes: bytes) -> None:
-    with pytest.raises(FailedPrecondition, match="not served by replicas"):
-        cluster.replicas[0].register_task(
-            task_config(aggregator="secure_aggregator()", target_reports=10), model_bytes
+def _secure_cluster(cluster: Cluster, model_bytes: bytes) -> ReplicaCoordinator:
+    """A secure task on the cluster, each replica publishing an address; its leader."""
+    for index, replica in enumerate(cluster.replicas):
+        replica.address = f"127.0.0.{index + 1}:7000"
+    _registered(
+        cluster,
+        model_bytes,
+        aggregator="secure_aggregator()",
+        target_reports=10,
+        over_selection=1.0,
+    )
+    return cluster.leader()
+
+
+def test_a_secure_task_is_served_by_replicas_and_hosted_by_its_leader(
+    cluster: Cluster, model_bytes: bytes
+) -> None:
+    leader = _secure_cluster(cluster, model_bytes)
+
+    assignment = check_in(leader, "d0").assignment
+
+    assert assignment.secure_aggregation.session_id
+    assert not leader.task("t1").fault
+    for other in cluster.replicas:
+        assert other.hosts_secure_rounds("t1") is (other is leader)
+
+
+def test_a_replica_that_does_not_host_a_secure_task_refers_its_calls_to_the_host(
+    cluster: Cluster, model_bytes: bytes
+) -> None:
+    leader = _secure_cluster(cluster, model_bytes)
+    other = next(r for r in cluster.replicas if r is not leader)
+    assignment = check_in(leader, "d0").assignment
+
+    with pytest.raises(HostedElsewhere) as referred:
+        check_in(other, "d1")
+    with pytest.raises(HostedElsewhere) as token_referred:
+        other.report_failure(
+            sign_failure(
+                device_pb2.FailureReport(
+                    protocol_version=constants.PROTOCOL_VERSION,
+                    upload_token=assignment.upload_token,
+                    cause=device_pb2.FailureReport.INTERRUPTED,
+                )
+            )
         )
+    session_host = other.secure_host_of_session(assignment.secure_aggregation.session_id)
+
+    assert referred.value.address == leader.address
+    assert token_referred.value.address == leader.address
+    assert session_host == leader.address
+    assert other.secure_host_of_session(b"no such session") is None
+
+
+def test_a_secure_round_of_a_dead_host_is_abandoned_and_the_next_leader_hosts_the_next(
+    cluster: Cluster, model_bytes: bytes
+) -> None:
+    leader = _secure_cluster(cluster, model_bytes)
+    check_in(leader, "d0")
+    living = [r for r in cluster.replicas if r is not leader]
+
+    cluster.clock.advance(default_lease_s + 1)
+    cluster.tick(living, passes=2)  # another replica takes the task over
+    successor = cluster.leader(living)
+    assignment = check_in(successor, "d1").assignment
+
+    (record,) = _records(cluster)
+    assert record.state is RoundState.ABANDONED and record.round_number == 1
+    assert successor.task("t1").open_rounds.keys() == {2}
+    assert assignment.round_number == 2
+
+
+def test_a_cancelled_secure_task_has_its_open_round_recorded_abandoned_by_its_host(
+    cluster: Cluster, model_bytes: bytes
+) -> None:
+    leader = _secure_cluster(cluster, model_bytes)
+    check_in(leader, "d0")
+    other = next(r for r in cluster.replicas if r is not leader)
+
+    other.control_task("t1", TaskState.CANCELLED)  # an operator, at any replica
+    cluster.tick()
+
+    assert [r.state for r in _records(cluster)] == [RoundState.ABANDONED]
+    assert leader.task("t1").open_rounds == {}
+
+
+def test_a_secure_host_paused_past_its_lease_drops_its_round_and_refers_devices_onwards(
+    cluster: Cluster, model_bytes: bytes
+) -> None:
+    paused = _secure_cluster(cluster, model_bytes)
+    check_in(paused, "d0")
+    living = [r for r in cluster.replicas if r is not paused]
+    cluster.clock.advance(default_lease_s + 1)
+    cluster.tick(living, passes=2)
+    successor = cluster.leader(living)
+
+    paused.tick()  # it wakes up
+    with pytest.raises(HostedElsewhere) as referred:
+        check_in(paused, "d1")
+
+    assert paused.task("t1").open_rounds == {}
+    assert not paused.hosts_secure_rounds("t1")
+    assert referred.value.address == successor.address
+    assert [r.state for r in _records(cluster)] == [RoundState.ABANDONED]
 
 
 def test_a_restarted_replica_says_at_once_that_its_earlier_uploads_are_lost(

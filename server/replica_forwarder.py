@@ -120,6 +120,12 @@ class Forwarder:
                 # A subchannel (connection) of this channel's own, not one shared with the
                 # pool's other channels.
                 ("grpc.use_local_subchannel_pool", 1),
+                # Pings while a call is in flight, as devices send them: a hung host fails the
+                # forwarded call UNAVAILABLE before the device's deadline (docs/scaling.md).
+                ("grpc.keepalive_time_ms", int(1000 * protocol.keepalive_time_s)),
+                ("grpc.keepalive_timeout_ms", int(1000 * protocol.keepalive_timeout_s)),
+                ("grpc.http2.ping_timeout_ms", int(1000 * protocol.keepalive_timeout_s)),
+                ("grpc.http2.max_pings_without_data", 0),
             ]
             if self._credentials is None:
                 pool.append(grpc.aio.insecure_channel(address, options=options))

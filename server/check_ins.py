@@ -40,7 +40,8 @@ Assign = Callable[
     device_pb2.CheckInResponse,
 ]
 # (assignment, examples the device declared, its network) -> None, or raises
-RecordAssignment = Callable[[AssignmentRecord, int, str | None], None]
+# (the assignment, the examples the device declared, its network, its check-in's nonce)
+RecordAssignment = Callable[[AssignmentRecord, int, str | None, bytes], None]
 
 
 class CheckInDesk:
@@ -208,6 +209,7 @@ class CheckInDesk:
             AssignmentRecord(digest, task.task_id, round_.round_number, device_id, now),
             request.example_count,
             network,
+            request.nonce,
         )
         round_.assign(device_id, digest, request.example_count, network)
         enrollment = self._secure_rounds.enroll(round_, digest, device_key_der) if secure else None

@@ -254,11 +254,16 @@ class Coordinator:
         return self._check_ins.assign(task, round_, request, device_id, network, active)
 
     def _record_assignment(
-        self, record: AssignmentRecord, declared_examples: int, network: str | None
+        self,
+        record: AssignmentRecord,
+        declared_examples: int,
+        network: str | None,
+        check_in_nonce: bytes,
     ) -> None:
         """Makes an assignment durable before the device hears of it. (Replicas also count
-        it against the round's global quota and network share, and may refuse:
-        server/replica_coordinator.py.)"""
+        it against the round's global quota and network share, and refuse a check-in
+        another replica already assigned: server/replica_coordinator.py. One process needs
+        no such check: its own nonce memory refused the replay before selection.)"""
         self.store.add_assignment(record)
 
     # ----- download ------------------------------------------------------------------------

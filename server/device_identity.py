@@ -96,7 +96,10 @@ class DeviceIdentities:
         s = self.networks.settings
         self._per_network = RateLimiter(s.enroll_per_network, s.max_tracked_keys)
         self._per_credential = RateLimiter(s.enroll_per_credential, s.max_tracked_keys)
-        self._nonces = ReplayGuard(2 * self.settings.freshness_s, self.settings.max_recent_nonces)
+        # The longest a replay could still pass the freshness check (replicas keep assigned
+        # check-ins' nonces in PostgreSQL this long too).
+        self.nonce_kept_s = 2 * self.settings.freshness_s
+        self._nonces = ReplayGuard(self.nonce_kept_s, self.settings.max_recent_nonces)
         # The nonces seen before a restart are gone, so a check-in signed before this process
         # started could be a replay; the device re-enrolls and signs again (runtime.py).
         self._started_ms = int(clock.now() * 1000)

@@ -9,6 +9,7 @@ import time
 import psycopg
 
 from server.schema_migrations import (
+    CHECK_IN_NONCES_WHY,
     REPLICAS_WHY,
     SECURE_ROUTES_WHY,
     Migration,
@@ -126,6 +127,18 @@ MIGRATIONS = (
             "CREATE INDEX secure_sessions_by_round ON secure_sessions (task_id, round_number)",
             # Keys replicas share (the MAC of what a forwarding replica asserts).
             "CREATE TABLE cluster_secrets (name TEXT PRIMARY KEY, secret BYTEA NOT NULL)",
+        ),
+    ),
+    Migration(
+        6,
+        CHECK_IN_NONCES_WHY,
+        (
+            # Each replica remembers the nonces it saw; this holds the nonce of every check-in
+            # any replica assigned, until the check-in is too old to be accepted anyway.
+            "CREATE TABLE assigned_nonces ("
+            " device_id TEXT NOT NULL, nonce BYTEA NOT NULL,"
+            " expires_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (device_id, nonce))",
+            "CREATE INDEX assigned_nonces_by_expiry ON assigned_nonces (expires_at)",
         ),
     ),
 )

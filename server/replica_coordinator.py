@@ -162,14 +162,27 @@ class ReplicaCoordinator(SecureHosting):
             return self._reject(device_pb2.Rejection.ROUND_FULL, "round is full", window)
 
     def _record_assignment(
-        self, record: AssignmentRecord, declared_examples: int, network: str | None
+        self,
+        record: AssignmentRecord,
+        declared_examples: int,
+        network: str | None,
+        check_in_nonce: bytes,
     ) -> None:
         task = self.task(record.task_id)
         if task.task_id in self.secure_task_ids:
             self._record_secure_assignment(task, record)
             return
+        # Each replica remembers the nonces it saw (device_identity.py); the ledger makes a
+        # check-in replayed to another replica fail there too, before it takes a device slot.
         shared = self.ledger.assign(
-            record, declared_examples, network, self.replica_name, task.config, self.now()
+            record,
+            declared_examples,
+            network,
+            self.replica_name,
+            task.config,
+            self.now(),
+            check_in_nonce,
+            self.identities.nonce_kept_s,
         )
         round_ = task.open_rounds.get(record.round_number)
         if shared is None:
@@ -275,7 +288,7 @@ class ReplicaCoordinator(SecureHosting):
                 RoundState.FAILED: SharedState.FAILED,
             }.get(round_.state, SharedState.ABANDONED)
             try:
-                self.ledger.finish(task.task_id, round_.round_number, final)
+                self.ledger.finish(task.task_id, round_.round_number, final, self.now())
             except StoreUnavailable as exc:  # the next leader finds the record and finishes it
                 log.warning("task %s: round %d not marked ended: %s", task.task_id, key[1], exc)
 

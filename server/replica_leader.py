@@ -115,7 +115,7 @@ class ReplicaLeader(Coordinator):
                     row.selected,
                     extra=about(task_id, row.round_number),
                 )
-            self.ledger.finish(task_id, row.round_number, SharedState(state.value))
+            self.ledger.finish(task_id, row.round_number, SharedState(state.value), self.now())
 
     def _open_round(self, task: TaskRuntime, fence: Lease) -> None:
         if task.config.is_evaluation:

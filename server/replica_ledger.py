@@ -172,9 +172,9 @@ class ReplicaLedger:
                 if after != shared:
                     _write_state(conn, after)
 
-    def finish(self, task_id: str, round_number: int, state: SharedState) -> None:
+    def finish(self, task_id: str, round_number: int, state: SharedState, now: float) -> None:
         """Marks a round terminal once its record is durable, and drops what only its open
-        life needed (assignments' fates, partials)."""
+        life needed (assignments' fates, partials), and check-in nonces too old to replay."""
         if not state.terminal:
             raise ValueError(f"{state} is not terminal")
         key = (task_id, round_number)
@@ -187,6 +187,7 @@ class ReplicaLedger:
             conn.execute(
                 "DELETE FROM shared_assignments WHERE task_id = %s AND round_number = %s", key
             )
+            conn.execute("DELETE FROM assigned_nonces WHERE expires_at < %s", (now,))
 
     # ----- assignments ---------------------------------------------------------------------
 
@@ -198,10 +199,15 @@ class ReplicaLedger:
         replica: str,
         config: TaskConfig,
         now: float,
+        check_in_nonce: bytes,
+        nonce_kept_s: float,
     ) -> SharedRound | None:
         """Counts an assignment against the round's global quota and the share of it one
         network may take (None: not limited), or returns None (and writes nothing) if the
-        round takes no more devices, none from this network, or already has this device."""
+        round takes no more devices, none from this network, or already has this device.
+        Raises Unauthenticated (and writes nothing) if the signed check-in it answers, by
+        its nonce, was already assigned by any replica: a replay. The nonce is kept
+        `nonce_kept_s` (as long as a replica's own memory of nonces keeps it)."""
         with self._store.relaxed_transaction() as conn:
             shared = _locked_round(conn, record.task_id, record.round_number)
             if (
@@ -235,6 +241,12 @@ class ReplicaLedger:
             )
             if inserted.rowcount != 1:
                 return None
+            fresh = conn.execute(
+                "INSERT INTO assigned_nonces VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                (record.device_id, check_in_nonce, now + nonce_kept_s),
+            )
+            if fresh.rowcount != 1:
+                raise Unauthenticated("replayed check-in: this nonce was already used")
             conn.execute(
                 "INSERT INTO assignments VALUES (%s, %s, %s, %s, %s)",
                 dataclasses.astuple(record),

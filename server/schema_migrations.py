@@ -31,6 +31,9 @@ REPLICAS_WHY = "replicas: heartbeats, shared rounds and assignments, partial agg
 # Version 5, PostgreSQL only as well: where replicas reach each other and which replica hosts
 # each secure round (server/secure_routes.py).
 SECURE_ROUTES_WHY = "replicas: addresses, secure sessions by task, the forwarding secret"
+# Version 6, PostgreSQL only: the nonces of assigned check-ins, until they are too old to
+# replay, so a signed check-in replayed to another replica is never assigned twice.
+CHECK_IN_NONCES_WHY = "replicas: a check-in's nonce is assigned once in the cluster"
 
 
 class IncompatibleStore(Exception):

@@ -10,6 +10,7 @@ import sqlite3
 import time
 
 from server.schema_migrations import (
+    CHECK_IN_NONCES_WHY,
     REPLICAS_WHY,
     SECURE_ROUTES_WHY,
     Migration,
@@ -77,6 +78,7 @@ MIGRATIONS = (
     # for them. The version stays in step with PostgreSQL's.
     Migration(4, REPLICAS_WHY, ()),
     Migration(5, SECURE_ROUTES_WHY, ()),
+    Migration(6, CHECK_IN_NONCES_WHY, ()),
 )
 
 

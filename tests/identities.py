@@ -119,6 +119,13 @@ def check_in(
     enroll(coordinator, name, population)
     now = coordinator._clock.now()
     request = signed_check_in(name, now, population, example_count, runtime_version)
+    return send_check_in(coordinator, request, name, peer)
+
+
+def send_check_in(
+    coordinator: Coordinator, request: device_pb2.CheckInRequest, name: str, peer: str = ""
+) -> device_pb2.CheckInResponse:
+    """Sends a check-in `signed_check_in` made for `name`; remembers whose token came back."""
     response = coordinator.check_in(request, peer)
     if response.WhichOneof("outcome") == "assignment":
         _token_keys[response.assignment.upload_token] = device_key(name)

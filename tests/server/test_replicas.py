@@ -15,7 +15,7 @@ from device_runtime.aggregation.client import encode_for_upload
 from protos import common_pb2, device_pb2
 from server.coordinator import Coordinator
 from server.drain import abandon_open_rounds
-from server.errors import AlreadyExists, FailedPrecondition, HostedElsewhere
+from server.errors import AlreadyExists, FailedPrecondition, HostedElsewhere, Unauthenticated
 from server.leases import default_lease_s
 from server.postgres_store import PostgresStore
 from server.replica_coordinator import ReplicaCoordinator
@@ -26,10 +26,13 @@ from tests.fakes import FakeClock
 from tests.harness import task_config
 from tests.identities import (
     check_in,
+    enroll,
     identities_for,
     make_coordinator,
+    send_check_in,
     sign_failure,
     sign_header,
+    signed_check_in,
 )
 
 NUM_PARAMETERS_SEED = 7
@@ -192,6 +195,26 @@ def test_a_device_is_selected_once_per_round_whichever_replica_it_calls(
     second = check_in(cluster.replicas[1], "same")
 
     assert first.HasField("assignment") and second.HasField("rejection")
+
+
+def test_a_signed_check_in_replayed_to_another_replica_is_refused_in_a_later_round(
+    cluster: Cluster, model_bytes: bytes
+) -> None:
+    _registered(cluster, model_bytes, target_reports=1, over_selection=1.0)
+    a, b, _ = cluster.replicas
+    enroll(a, "d0")
+    captured = signed_check_in("d0", cluster.clock.now())
+    assignment = send_check_in(a, captured, "d0").assignment
+    _upload(a, assignment, _deltas(1, a.task("t1").record.num_parameters)[0])
+    cluster.tick()  # round 1 committed; the next check-in opens round 2
+    assert [r.state for r in _records(cluster)] == [RoundState.COMMITTED]
+
+    # Replica b never saw the nonce, and d0 holds no assignment in round 2: only the
+    # cluster-wide record of assigned nonces stands between the replay and a device slot.
+    with pytest.raises(Unauthenticated, match="replayed"):
+        send_check_in(b, captured, "d0")
+
+    assert check_in(b, "d1").HasField("assignment")  # round 2's slot is still free
 
 
 def test_an_upload_is_counted_once_across_replicas(cluster: Cluster, model_bytes: bytes) -> None:

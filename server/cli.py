@@ -23,7 +23,7 @@ from server.config import TaskConfig
 from server.coordinator import Coordinator, CoordinatorSettings
 from server.coordinator_config import add_config_option
 from server.data_dir import DataDirectory, DataDirError, default_full_check_below_bytes
-from server.device_identity import DeviceIdentities, IdentitySettings
+from server.device_identity import DeviceIdentities, IdentitySettings, SharedLimits
 from server.drain import Ending, abandon_open_rounds, default_drain_timeout_s, wait_for_drain
 from server.enrollment.config import EnrollmentPolicy
 from server.errors import AlreadyExists, CoordinatorError
@@ -312,7 +312,12 @@ async def _serve_in(
     except (OSError, ValueError) as exc:
         raise ValueError(str(exc)) from None
     identities = DeviceIdentities(
-        store, clock, policy, IdentitySettings(freshness_s=args.freshness_s), networks
+        store,
+        clock,
+        policy,
+        IdentitySettings(freshness_s=args.freshness_s),
+        networks,
+        _shared_enrollment_limits(store, networks) if replica else None,
     )
     if policy.default is None and not policy.by_population:
         _warn(
@@ -376,6 +381,14 @@ async def _serve_in(
     tensorboard.close()
     store.close()
     status.info("coordinator stopped (%s)", ending.value)
+
+
+def _shared_enrollment_limits(store: Store, networks: NetworkSettings) -> SharedLimits:
+    from server.postgres_store import PostgresStore
+    from server.shared_rate_limits import shared_enrollment_limits
+
+    assert isinstance(store, PostgresStore)
+    return shared_enrollment_limits(store, networks)
 
 
 def replica_coordinator(

@@ -27,10 +27,11 @@ from server.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from server.flood_limits import NetworkSettings, RateLimiter, SourceNetworks
+from server.flood_limits import NetworkSettings, RateLimiter, SourceNetworks, TokenBuckets
 from server.store import EnrolledDevice, Store
 
 _DEVICE_ID = re.compile(r"[0-9a-f]{64}")
+SharedLimits = tuple[TokenBuckets, TokenBuckets]  # (per network, per credential)
 max_public_key_bytes = 256
 max_population_bytes = 128
 max_secret_bytes = 1024
@@ -87,15 +88,21 @@ class DeviceIdentities:
         policy: EnrollmentPolicy | None = None,
         settings: IdentitySettings | None = None,
         networks: NetworkSettings | None = None,
+        shared_limits: SharedLimits | None = None,
     ) -> None:
+        """`shared_limits`: the enrollment buckets, per network and per credential, when
+        several replicas must draw on the same ones (server/shared_rate_limits.py); by
+        default they live in this process's memory."""
         self._store = store
         self._clock = clock
         self.policy = policy or EnrollmentPolicy()
         self.settings = settings or IdentitySettings()
         self.networks = SourceNetworks(networks or NetworkSettings())
         s = self.networks.settings
-        self._per_network = RateLimiter(s.enroll_per_network, s.max_tracked_keys)
-        self._per_credential = RateLimiter(s.enroll_per_credential, s.max_tracked_keys)
+        self._per_network, self._per_credential = shared_limits or (
+            RateLimiter(s.enroll_per_network, s.max_tracked_keys),
+            RateLimiter(s.enroll_per_credential, s.max_tracked_keys),
+        )
         # The longest a replay could still pass the freshness check (replicas keep assigned
         # check-ins' nonces in PostgreSQL this long too).
         self.nonce_kept_s = 2 * self.settings.freshness_s

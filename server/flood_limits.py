@@ -23,6 +23,7 @@ import dataclasses
 import heapq
 import ipaddress
 import math
+from typing import Protocol
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # For an emulated fleet whose phones all connect from this host (tests, demo, emulator).
@@ -98,6 +99,14 @@ def network_slot_cap(max_network_share: float, selection_quota: int) -> int:
     if max_network_share >= 1.0:
         return selection_quota
     return max(1, math.floor(max_network_share * selection_quota))
+
+
+class TokenBuckets(Protocol):
+    """Rate limits per key: RateLimiter in memory, or SharedRateLimiter in PostgreSQL."""
+
+    def __len__(self) -> int: ...  # buckets held in this process's memory
+
+    def try_take(self, key: str, now: float) -> bool: ...
 
 
 class RateLimiter:

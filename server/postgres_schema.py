@@ -10,6 +10,7 @@ import psycopg
 
 from server.schema_migrations import (
     CHECK_IN_NONCES_WHY,
+    RATE_BUCKETS_WHY,
     REPLICAS_WHY,
     SECURE_ROUTES_WHY,
     Migration,
@@ -139,6 +140,16 @@ MIGRATIONS = (
             " device_id TEXT NOT NULL, nonce BYTEA NOT NULL,"
             " expires_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (device_id, nonce))",
             "CREATE INDEX assigned_nonces_by_expiry ON assigned_nonces (expires_at)",
+        ),
+    ),
+    Migration(
+        7,
+        RATE_BUCKETS_WHY,
+        (
+            "CREATE TABLE rate_buckets ("
+            " scope TEXT NOT NULL, key TEXT NOT NULL, tokens DOUBLE PRECISION NOT NULL,"
+            " updated_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (scope, key))",
+            "CREATE INDEX rate_buckets_by_age ON rate_buckets (scope, updated_at)",
         ),
     ),
 )

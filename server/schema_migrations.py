@@ -34,6 +34,9 @@ SECURE_ROUTES_WHY = "replicas: addresses, secure sessions by task, the forwardin
 # Version 6, PostgreSQL only: the nonces of assigned check-ins, until they are too old to
 # replay, so a signed check-in replayed to another replica is never assigned twice.
 CHECK_IN_NONCES_WHY = "replicas: a check-in's nonce is assigned once in the cluster"
+# Version 7, PostgreSQL only: enrollment rate limits in one bucket per network and credential
+# for all replicas (server/shared_rate_limits.py).
+RATE_BUCKETS_WHY = "replicas: enrollment rate limits shared by every replica"
 
 
 class IncompatibleStore(Exception):

@@ -11,6 +11,7 @@ import time
 
 from server.schema_migrations import (
     CHECK_IN_NONCES_WHY,
+    RATE_BUCKETS_WHY,
     REPLICAS_WHY,
     SECURE_ROUTES_WHY,
     Migration,
@@ -79,6 +80,7 @@ MIGRATIONS = (
     Migration(4, REPLICAS_WHY, ()),
     Migration(5, SECURE_ROUTES_WHY, ()),
     Migration(6, CHECK_IN_NONCES_WHY, ()),
+    Migration(7, RATE_BUCKETS_WHY, ()),
 )
 
 

@@ -116,6 +116,10 @@ class Replicas:
         self.processes[self.name(index)] = process
         self.admin_addresses[self.name(index)] = listening.group(1).decode()
 
+    async def start_all(self) -> None:
+        for index in range(len(self.hosts)):
+            await self.start(index)
+
     async def status(self, index: int) -> str:
         """What `overnight status` prints, asked of replica `index`'s admin service."""
         process = await asyncio.create_subprocess_exec(

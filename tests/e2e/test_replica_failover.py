@@ -76,13 +76,12 @@ def _committed_after(url: str, after_round: int) -> int:
     return int(row[0])
 
 
-def test_one_fleet_fails_over_between_replicas_when_a_follower_then_the_leader_dies(
-    tmp_path: pathlib.Path, model_path: pathlib.Path, postgres_url: str
-) -> None:
-    url = postgres_url
+def _cluster(
+    tmp_path: pathlib.Path, model_path: pathlib.Path, url: str, seed: int
+) -> tuple[Replicas, set[str], Fleet]:
+    """Three replicas of the plain task (not started), and a fleet given all their addresses."""
     tls = write_loopback_certificates(tmp_path / "tls")
     replicas = Replicas(url, tmp_path, model_path, tls, {TASK: "mean()"}, HOSTS)
-    everyone = {replicas.name(i) for i in range(len(HOSTS))}
     # The loopback certificate carries localhost and 127.0.0.1 only: every replica must
     # present it under the one name the fleet checks.
     trust = ServerTrust(root_certificates=tls.root_certs.read_bytes(), server_name="localhost")
@@ -90,33 +89,46 @@ def test_one_fleet_fails_over_between_replicas_when_a_follower_then_the_leader_d
         ",".join(replicas.address(i) for i in range(len(HOSTS))),
         trust,
         "digits",
-        federated_digits(PHONES, seed=21).clients,
-        seed=21,
+        federated_digits(PHONES, seed=seed).clients,
+        seed=seed,
         conditions=RandomConditionsSettings(p_charging=1.0, p_idle=1.0, p_unmetered=1.0),
         enrollment_secret=ENROLLMENT_SECRET,
     )
+    return replicas, {replicas.name(i) for i in range(len(HOSTS))}, fleet
+
+
+async def _committing_through(
+    url: str, names: set[str], after_round: int, what: str, phases: dict[str, dict[str, int]]
+) -> None:
+    """Until rounds opened after `after_round` committed, two at least, with uploads through
+    each of `names` and through no other replica; records the uploads per replica."""
+
+    def done() -> bool:
+        through = _reports_through(url, after_round)
+        assert set(through) <= names, f"{what}: uploads through {set(through) - names}"
+        return _committed_after(url, after_round) >= 2 and set(through) == names
+
+    await until(done, what)
+    phases[what] = _reports_through(url, after_round)
+
+
+def test_one_fleet_fails_over_between_replicas_when_a_follower_then_the_leader_dies(
+    tmp_path: pathlib.Path, model_path: pathlib.Path, postgres_url: str
+) -> None:
+    url = postgres_url
+    replicas, everyone, fleet = _cluster(tmp_path, model_path, url, seed=21)
     phases: dict[str, dict[str, int]] = {}
     outcomes: Counter[str] = Counter()
     shown = ""
 
     async def committing_through(names: set[str], after_round: int, what: str) -> None:
-        """Until rounds opened after `after_round` committed, two at least, with uploads
-        through each of `names` and through no other replica."""
-
-        def done() -> bool:
-            through = _reports_through(url, after_round)
-            assert set(through) <= names, f"{what}: uploads through {set(through) - names}"
-            return _committed_after(url, after_round) >= 2 and set(through) == names
-
-        await until(done, what)
-        phases[what] = _reports_through(url, after_round)
+        await _committing_through(url, names, after_round, what, phases)
         outcomes.clear()
         outcomes.update(fleet.stats.outcomes)
 
     async def scenario() -> None:
         nonlocal shown
-        for index in range(len(HOSTS)):
-            await replicas.start(index)
+        await replicas.start_all()
         stop = asyncio.Event()
         devices = asyncio.create_task(fleet.run(stop))
         try:
@@ -184,33 +196,14 @@ def test_the_last_replica_takes_over_when_the_leader_hangs_and_a_follower_dies_a
     tmp_path: pathlib.Path, model_path: pathlib.Path, postgres_url: str
 ) -> None:
     url = postgres_url
-    tls = write_loopback_certificates(tmp_path / "tls")
-    replicas = Replicas(url, tmp_path, model_path, tls, {TASK: "mean()"}, HOSTS)
-    everyone = {replicas.name(i) for i in range(len(HOSTS))}
-    trust = ServerTrust(root_certificates=tls.root_certs.read_bytes(), server_name="localhost")
-    fleet = Fleet(
-        ",".join(replicas.address(i) for i in range(len(HOSTS))),
-        trust,
-        "digits",
-        federated_digits(PHONES, seed=22).clients,
-        seed=22,
-        conditions=RandomConditionsSettings(p_charging=1.0, p_idle=1.0, p_unmetered=1.0),
-        enrollment_secret=ENROLLMENT_SECRET,
-    )
+    replicas, everyone, fleet = _cluster(tmp_path, model_path, url, seed=22)
     phases: dict[str, dict[str, int]] = {}
 
     async def committing_through(names: set[str], after_round: int, what: str) -> None:
-        def done() -> bool:
-            through = _reports_through(url, after_round)
-            assert set(through) <= names, f"{what}: uploads through {set(through) - names}"
-            return _committed_after(url, after_round) >= 2 and set(through) == names
-
-        await until(done, what)
-        phases[what] = _reports_through(url, after_round)
+        await _committing_through(url, names, after_round, what, phases)
 
     async def scenario() -> None:
-        for index in range(len(HOSTS)):
-            await replicas.start(index)
+        await replicas.start_all()
         stop = asyncio.Event()
         devices = asyncio.create_task(fleet.run(stop))
         try:

@@ -100,8 +100,7 @@ def test_replicas_survive_a_killed_and_a_stopped_leader(
     served: list[tuple] = []  # the replicas' heartbeat rows while they ran
 
     async def scenario() -> None:
-        for index in range(REPLICAS):
-            await replicas.start(index)
+        await replicas.start_all()
         stop = asyncio.Event()
         devices = [asyncio.create_task(fleet.run(stop)) for fleet in fleets]
         try:

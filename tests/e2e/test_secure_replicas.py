@@ -140,8 +140,7 @@ def test_secure_rounds_on_three_replicas_commit_the_survivors_fedavg(
     answered: dict[str, tuple[int, int, bool]] = {}  # check-ins, calls forwarded, hosting
 
     async def scenario() -> None:
-        for index in range(len(HOSTS)):
-            await replicas.start(index)
+        await replicas.start_all()
         stop = asyncio.Event()
         devices = asyncio.create_task(fleet.run(stop))
         try:
@@ -191,8 +190,7 @@ def test_killing_the_host_abandons_its_secure_round_and_the_next_leader_hosts_la
     outcome: dict[str, object] = {}
 
     async def scenario() -> None:
-        for index in range(len(HOSTS)):
-            await replicas.start(index)
+        await replicas.start_all()
         stop = asyncio.Event()
         devices = asyncio.create_task(fleet.run(stop))
         try:

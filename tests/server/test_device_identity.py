@@ -14,11 +14,14 @@ import pytest
 
 from device_runtime import constants, identity
 from protos import common_pb2, device_pb2, device_pb2_grpc
+from server.errors import PermissionDenied
+from server.sqlite_store import SqliteStore
 from tests.fakes import FakeClock
 from tests.harness import POPULATION, RunningCoordinator, running_coordinator, task_config
 from tests.identities import (
     device_key,
     enroll_request,
+    identities_for,
     signed_check_in,
 )
 
@@ -353,3 +356,31 @@ def test_a_check_in_replayed_after_a_restart_is_unauthenticated(tmp_path) -> Non
         after_restart.verify_check_in(signed_check_in("a", clock.now()))
         == device_key("a").device_id
     )
+
+
+def test_a_report_verified_once_is_not_verified_again_and_a_forgery_still_fails(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SqliteStore(str(tmp_path / "s.sqlite"))
+    identities = identities_for(store, FakeClock())
+    owner, other = device_key("owner"), device_key("other")
+    identities.enroll(enroll_request(owner))
+    device_id = identity.device_id_of(owner.public_key_der)
+    signed = b"an upload header's signed bytes"
+    verifications = []
+    real = identity.verifies
+    monkeypatch.setattr(
+        identity,
+        "verifies",
+        lambda *a: verifications.append(a) or real(*a),  # a spy
+    )
+
+    signature = owner.sign(signed)
+    # The header is checked before its payload is read and again when it is added.
+    identities.verify_report(signature, signed, device_id, POPULATION)
+    identities.verify_report(signature, signed, device_id, POPULATION)
+
+    assert len(verifications) == 1
+    with pytest.raises(PermissionDenied):
+        identities.verify_report(other.sign(signed), signed, device_id, POPULATION)
+    store.close()

@@ -292,16 +292,17 @@ class Coordinator:
         server.reports.open_assignment)."""
         return open_assignment(token, self._issued, self._tasks, self.store)
 
-    def _reportable(self, header: device_pb2.UploadHeader) -> Opened:
+    def _reportable(self, header: device_pb2.UploadHeader, checked_again: bool = False) -> Opened:
         """The open assignment a header reports for, if it may still report."""
         check_protocol_version(header.protocol_version)
         opened = self._open_assignment(header.upload_token)
-        check_upload(header, opened, self.identities, self._clock.now())
+        check_upload(header, opened, self.identities, self._clock.now(), checked_again)
         return opened
 
     def check_upload_header(self, header: device_pb2.UploadHeader) -> int:
-        """Validates a header before the payload is read; returns the payload size in bytes."""
-        _, round_, _ = self._reportable(header)
+        """Validates a header before the payload is read (accept_upload checks it again);
+        returns the payload size in bytes."""
+        _, round_, _ = self._reportable(header, checked_again=True)
         return round_.aggregate.expected_payload_bytes(header)
 
     def accept_upload(

@@ -56,12 +56,19 @@ def open_assignment(
 
 
 def check_upload(
-    header: device_pb2.UploadHeader, opened: Opened, identities: DeviceIdentities, now: float
+    header: device_pb2.UploadHeader,
+    opened: Opened,
+    identities: DeviceIdentities,
+    now: float,
+    checked_again: bool = False,
 ) -> None:
-    """Raises unless the assignment `opened` for this header may still report."""
+    """Raises unless the assignment `opened` for this header may still report.
+    `checked_again`: the header is checked once more when its payload is added."""
     task, round_, _ = opened
     signed = identity.upload_signed_bytes(header)
-    assignment = _signed_by_assignee(opened, header.device_signature, signed, identities)
+    assignment = _signed_by_assignee(
+        opened, header.device_signature, signed, identities, checked_again
+    )
     if assignment.state is AssignmentState.REPORTED:
         raise AlreadyExists("an update for this upload token was already accepted")
     if assignment.state is AssignmentState.FAILED:
@@ -74,12 +81,18 @@ def check_upload(
 
 
 def _signed_by_assignee(
-    opened: Opened, signature: bytes, signed: bytes, identities: DeviceIdentities
+    opened: Opened,
+    signature: bytes,
+    signed: bytes,
+    identities: DeviceIdentities,
+    checked_again: bool = False,
 ) -> DeviceAssignment:
     """The assignment, once the device it went to is found to have signed the message."""
     task, round_, digest = opened
     assignment = round_.assignments[digest]
-    identities.verify_report(signature, signed, assignment.device_id, task.config.population)
+    identities.verify_report(
+        signature, signed, assignment.device_id, task.config.population, checked_again
+    )
     return assignment
 
 

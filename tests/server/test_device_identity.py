@@ -358,7 +358,7 @@ def test_a_check_in_replayed_after_a_restart_is_unauthenticated(tmp_path) -> Non
     )
 
 
-def test_a_report_verified_once_is_not_verified_again_and_a_forgery_still_fails(
+def test_an_upload_header_is_verified_once_and_a_forgery_still_fails(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = SqliteStore(str(tmp_path / "s.sqlite"))
@@ -377,10 +377,11 @@ def test_a_report_verified_once_is_not_verified_again_and_a_forgery_still_fails(
 
     signature = owner.sign(signed)
     # The header is checked before its payload is read and again when it is added.
-    identities.verify_report(signature, signed, device_id, POPULATION)
+    identities.verify_report(signature, signed, device_id, POPULATION, checked_again=True)
     identities.verify_report(signature, signed, device_id, POPULATION)
 
     assert len(verifications) == 1
+    assert identities.tracked_devices()["verified_reports"] == 0  # the second check took it
     with pytest.raises(PermissionDenied):
         identities.verify_report(other.sign(signed), signed, device_id, POPULATION)
     store.close()

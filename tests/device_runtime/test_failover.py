@@ -147,8 +147,8 @@ def test_a_call_to_a_hung_coordinator_goes_to_the_next_one_before_its_deadline(
     config = task_config(target_reports=1, over_selection=1.0)
     first, second = CallLog(), CallLog()
     # The device's pings, shortened so the test is quick (the defaults are checked below).
-    monkeypatch.setattr(constants, "keepalive_time_s", 0.3)
-    monkeypatch.setattr(constants, "keepalive_timeout_s", 0.3)
+    monkeypatch.setattr(constants, "keepalive_time_s", 0.5)
+    monkeypatch.setattr(constants, "keepalive_timeout_s", 1.0)
 
     async def scenario() -> tuple[int, list[str]]:
         async with (

@@ -30,7 +30,7 @@ from benchmarks.process_stats import quantile
 BUSY_MS = (0.0, 0.25, 1.0, 2.0)  # loop time taken per iteration by other work
 
 
-def _server_main(busy_ms: float, seconds: float, port_out: Any, lag_out: Any) -> None:
+def _server_main(busy_ms: float, done: Any, port_out: Any, lag_out: Any) -> None:
     import grpc
     from grpc_health.v1 import health, health_pb2_grpc
 
@@ -59,7 +59,8 @@ def _server_main(busy_ms: float, seconds: float, port_out: Any, lag_out: Any) ->
         tasks = [asyncio.create_task(lag_timer())]
         if busy_ms > 0:
             tasks.append(asyncio.create_task(other_work()))
-        await asyncio.sleep(seconds + 3)
+        while not done.is_set():  # until the client has its figures
+            await asyncio.sleep(0.1)
         lag_out.put(lags)
         for task in tasks:
             task.cancel()
@@ -90,11 +91,12 @@ async def _load(port: int, seconds: float, concurrency: int) -> tuple[int, list[
 
 def measure(busy_ms: float, seconds: float, concurrency: int) -> dict[str, float]:
     context = multiprocessing.get_context("spawn")
-    port_out, lag_out = context.Queue(), context.Queue()
-    server = context.Process(target=_server_main, args=(busy_ms, seconds, port_out, lag_out))
+    port_out, lag_out, done = context.Queue(), context.Queue(), context.Event()
+    server = context.Process(target=_server_main, args=(busy_ms, done, port_out, lag_out))
     server.start()
     try:
         calls, latencies = asyncio.run(_load(port_out.get(timeout=60), seconds, concurrency))
+        done.set()
         lags = lag_out.get(timeout=60)
     finally:
         server.join(timeout=30)

@@ -116,6 +116,21 @@ def service_config() -> str:
     )
 
 
+def keepalive_options() -> list[tuple[str, int]]:
+    """Pings while a call is in flight (device_runtime/constants.py): a coordinator that
+    hangs fails the call UNAVAILABLE before its deadline. Replicas forwarding to each other
+    use them too (server/replica_forwarder.py)."""
+    return [
+        ("grpc.keepalive_time_ms", int(1000 * constants.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", int(1000 * constants.keepalive_timeout_s)),
+        # Every ping's answer is awaited this long, not only keepalive's: gRPC's own bandwidth
+        # probe pings would otherwise wait 60 s for theirs, and hold the keepalive ping back.
+        ("grpc.http2.ping_timeout_ms", int(1000 * constants.keepalive_timeout_s)),
+        # Pings are not tied to the caller sending data: a long poll only receives.
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 def target_and_options(
     target: str, trust: ServerTrust, options: ChannelOptions = ()
 ) -> tuple[str, list[tuple[str, int | str]]]:
@@ -131,13 +146,7 @@ def target_and_options(
         # gRPC replays a call only while it holds every message it sent; an upload up to
         # this size can be replayed against another coordinator.
         ("grpc.per_rpc_retry_buffer_size", constants.failover_buffer_bytes),
-        ("grpc.keepalive_time_ms", int(1000 * constants.keepalive_time_s)),
-        ("grpc.keepalive_timeout_ms", int(1000 * constants.keepalive_timeout_s)),
-        # Every ping's answer is awaited this long, not only keepalive's: gRPC's own bandwidth
-        # probe pings would otherwise wait 60 s for theirs, and hold the keepalive ping back.
-        ("grpc.http2.ping_timeout_ms", int(1000 * constants.keepalive_timeout_s)),
-        # Pings are not tied to the device sending data: a long poll only receives.
-        ("grpc.http2.max_pings_without_data", 0),
+        *keepalive_options(),
     ]
     if not trust.insecure:
         name = addresses.require_certificate_name()

@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, hmac
 from google.protobuf import message
 
 from device_runtime import constants as protocol
+from device_runtime.channel import keepalive_options
+from device_runtime.transport import channel_options
 from server.errors import Unauthenticated
 from server.grpc_service import DEVICE_SERVICE, SECAGG_SERVICE
 
@@ -115,17 +117,13 @@ class Forwarder:
         self._turn += 1
         if len(pool) < connections_per_replica:
             options: list[tuple[str, Any]] = [
-                ("grpc.max_receive_message_length", protocol.max_message_bytes),
-                ("grpc.max_send_message_length", protocol.max_message_bytes),
+                *channel_options(),  # message sizes, as devices' channels
                 # A subchannel (connection) of this channel's own, not one shared with the
                 # pool's other channels.
                 ("grpc.use_local_subchannel_pool", 1),
                 # Pings while a call is in flight, as devices send them: a hung host fails the
                 # forwarded call UNAVAILABLE before the device's deadline (docs/scaling.md).
-                ("grpc.keepalive_time_ms", int(1000 * protocol.keepalive_time_s)),
-                ("grpc.keepalive_timeout_ms", int(1000 * protocol.keepalive_timeout_s)),
-                ("grpc.http2.ping_timeout_ms", int(1000 * protocol.keepalive_timeout_s)),
-                ("grpc.http2.max_pings_without_data", 0),
+                *keepalive_options(),
             ]
             if self._credentials is None:
                 pool.append(grpc.aio.insecure_channel(address, options=options))

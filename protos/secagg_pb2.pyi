@@ -148,18 +148,20 @@ class SecAggAck(_message.Message):
     def __init__(self, stage: _Optional[_Union[SecAggStage, str]] = ...) -> None: ...
 
 class AwaitServerMessageRequest(_message.Message):
-    __slots__ = ("protocol_version", "session_id", "client_id", "session_token", "after_stage")
+    __slots__ = ("protocol_version", "session_id", "client_id", "session_token", "after_stage", "message")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     AFTER_STAGE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     session_id: bytes
     client_id: int
     session_token: bytes
     after_stage: SecAggStage
-    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., client_id: _Optional[int] = ..., session_token: _Optional[bytes] = ..., after_stage: _Optional[_Union[SecAggStage, str]] = ...) -> None: ...
+    message: SecAggClientMessage
+    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., client_id: _Optional[int] = ..., session_token: _Optional[bytes] = ..., after_stage: _Optional[_Union[SecAggStage, str]] = ..., message: _Optional[_Union[SecAggClientMessage, _Mapping]] = ...) -> None: ...
 
 class NeighbourKeys(_message.Message):
     __slots__ = ("client_id", "keys", "device_public_key", "signature")

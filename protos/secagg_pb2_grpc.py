@@ -50,6 +50,10 @@ class SecAggServiceServicer(object):
 
     def AwaitServerMessage(self, request, context):
         """Long poll: waits until the server message of the stage after `after_stage` is ready.
+        With `message` set it first takes that message exactly as Send would (same checks, same
+        refusals), so a device sends a stage's message and waits for the next stage in one call
+        and one round trip. A poll that ends DEADLINE_EXCEEDED took its message: poll again
+        without it (sent again it is ALREADY_EXISTS).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

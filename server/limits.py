@@ -33,7 +33,7 @@ max_request_bytes_by_method: dict[str, int] = {
     DEVICE_SERVICE + "ReportFailure": max_small_request_bytes,
     SECAGG_SERVICE + "Send": max_secagg_message_bytes,
     SECAGG_SERVICE + "SendMaskedInput": max_chunk_message_bytes,
-    SECAGG_SERVICE + "AwaitServerMessage": max_small_request_bytes,
+    SECAGG_SERVICE + "AwaitServerMessage": max_secagg_message_bytes,  # may carry a message
     ADMIN_SERVICE + "RegisterTask": max_register_task_bytes,
 }
 # Methods not listed above (admin queries, and any added later) get the small limit.

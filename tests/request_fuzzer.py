@@ -222,6 +222,19 @@ def rpcs(
                     **envelope,  # type: ignore[arg-type]
                     after_stage=secagg_pb2.ADVERTISE_KEYS,
                 ),
+                # A poll carrying the device's message of the stage (protos/secagg.proto).
+                secagg_pb2.AwaitServerMessageRequest(
+                    **envelope,  # type: ignore[arg-type]
+                    after_stage=secagg_pb2.ADVERTISE_KEYS,
+                    message=secagg_pb2.SecAggClientMessage(
+                        **envelope,  # type: ignore[arg-type]
+                        advertise_keys=secagg_pb2.AdvertiseKeys(
+                            keys=secagg_pb2.PairOfPublicKeys(
+                                encryption_public_key=b"k" * 32, mask_public_key=b"m" * 32
+                            )
+                        ),
+                    ),
+                ),
             ),
         ),
     ]

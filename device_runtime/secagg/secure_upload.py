@@ -2,10 +2,10 @@
 
 Order (protos/secagg.proto, "Enrollment in a round"): `start` as soon as the assignment is
 known: in the background the device advertises its keys to the pending session, waits for it
-to open, then shares its keys, while it trains. `send_update` clips and quantizes the trained
-delta into the field (device_runtime/secagg/secure_mean.py) and sends it masked. The caller
-then reports its training metrics to the coordinator and calls `finish`, which answers the
-unmasking request (and does not wait for the session's end).
+to open, then shares its keys and waits for R1 to close, while it trains. `send_update` clips
+and quantizes the trained delta into the field (device_runtime/secagg/secure_mean.py) and
+sends it masked. The caller then reports its training metrics to the coordinator and calls
+`finish`, which answers the unmasking request (and does not wait for the session's end).
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ import numpy as np
 from device_runtime import constants
 from device_runtime.aggregation.norms import clip_l2
 from device_runtime.identity import DeviceKey
+from device_runtime.secagg.client import EarlyAdvertisement
 from device_runtime.secagg.errors import SecAggError
 from device_runtime.secagg.secure_mean import SecureMeanEncoding
-from device_runtime.secagg.session_runner import (
-    SecAggSessionRunner,
-    advertise_early,
-    await_share_keys_request,
-)
+from device_runtime.secagg.session_runner import SecAggSessionRunner, await_share_keys_request
 from protos import device_pb2, secagg_pb2
 
 
@@ -64,8 +61,9 @@ class SecureUpload:
         self._keys = asyncio.ensure_future(self._join())
 
     async def _join(self) -> None:
-        advertised = await advertise_early(self._channel, self._enrollment, self._device_key)
-        request = await await_share_keys_request(self._channel, self._enrollment)
+        # Sent with the poll for the session's ShareKeysRequest: one call.
+        advertised = EarlyAdvertisement.make(self._enrollment, self._device_key)
+        request = await await_share_keys_request(self._channel, self._enrollment, advertised)
         self._config = config = request.session_config
         self._runner = SecAggSessionRunner(self._channel, config, self._device_key, advertised)
         await self._runner.share_keys(request)

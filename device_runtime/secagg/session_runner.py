@@ -1,12 +1,13 @@
 """Runs one secure-aggregation session for a device over gRPC (SecAggService).
 
-The device sends each round's message, then long-polls for the next server message; a
-DEADLINE_EXCEEDED poll is simply repeated until `session_timeout_s`. In a coordinator round
-the device advertises its keys to the pending session (`advertise_early`), then waits for the
-session to open and R0 to close (`await_share_keys_request`) and goes on from SHARE_KEYS.
-Key agreement, sharing and masking run in a worker thread, off the event loop. A server
-Abort, or a server message this device refuses (it then tells the server it aborts), ends the
-run with SecAggAborted.
+The device sends each stage's message with its long poll for the next server message (one
+call, one round trip; the masked input streams on its own call); a DEADLINE_EXCEEDED poll is
+simply repeated, without the message it already delivered, until `session_timeout_s`. In a
+coordinator round the device advertises its keys to the pending session with its poll for the
+session to open and R0 to close (`await_share_keys_request`), and goes on from SHARE_KEYS.
+Sharing and masking run in a worker thread, off the event loop. A server Abort, or a server
+message this device refuses (it then tells the server it aborts), ends the run with
+SecAggAborted.
 """
 
 from __future__ import annotations
@@ -30,30 +31,44 @@ from protos import secagg_pb2, secagg_pb2_grpc
 session_timeout_s = 600.0
 
 
-async def _poll_pending(
-    channel: grpc.aio.Channel,
-    enrollment: secagg_pb2.SecAggSessionConfig,
+async def _poll(
+    stub: secagg_pb2_grpc.SecAggServiceStub,
+    config: secagg_pb2.SecAggSessionConfig,
     after: secagg_pb2.SecAggStage,
+    sending: secagg_pb2.SecAggClientMessage | None = None,
 ) -> secagg_pb2.SecAggServerMessage:
-    """Long-polls a session the device was enrolled in before it opened. Raises
-    TransportError, or SecAggAborted when the server aborted the session."""
-    stub = secagg_pb2_grpc.SecAggServiceStub(channel)
+    """Long-polls for the server message of the stage after `after`, first sending this
+    device's `sending` in the same call. A poll the server ended DEADLINE_EXCEEDED had taken
+    the message, so it is polled again without it. Raises TransportError."""
     request = secagg_pb2.AwaitServerMessageRequest(
         protocol_version=constants.PROTOCOL_VERSION,
-        session_id=enrollment.session_id,
-        client_id=enrollment.client_id,
-        session_token=enrollment.session_token,
+        session_id=config.session_id,
+        client_id=config.client_id,
+        session_token=config.session_token,
         after_stage=after,
+        message=sending,
     )
     give_up = time.monotonic() + session_timeout_s
     while True:
         try:
-            message = await stub.AwaitServerMessage(request)
-            break
+            return await stub.AwaitServerMessage(request)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() < give_up:
+                request.ClearField("message")
                 continue
             raise TransportError(exc.code(), exc.details() or "") from exc
+
+
+async def _poll_pending(
+    channel: grpc.aio.Channel,
+    enrollment: secagg_pb2.SecAggSessionConfig,
+    after: secagg_pb2.SecAggStage,
+    sending: secagg_pb2.SecAggClientMessage | None = None,
+) -> secagg_pb2.SecAggServerMessage:
+    """Long-polls a session the device was enrolled in before it opened. Raises
+    TransportError, or SecAggAborted when the server aborted the session."""
+    stub = secagg_pb2_grpc.SecAggServiceStub(channel)
+    message = await _poll(stub, enrollment, after, sending)
     if message.WhichOneof("message") == "abort":
         raise SecAggAborted(f"server aborted: {message.abort.reason}")
     return message
@@ -70,11 +85,17 @@ async def await_session_config(
 
 
 async def await_share_keys_request(
-    channel: grpc.aio.Channel, enrollment: secagg_pb2.SecAggSessionConfig
+    channel: grpc.aio.Channel,
+    enrollment: secagg_pb2.SecAggSessionConfig,
+    advertisement: EarlyAdvertisement | None = None,
 ) -> secagg_pb2.ShareKeysRequest:
     """For a device that advertised early: its ShareKeysRequest, once the session opened and
-    R0 closed, with the complete session config in it. Raises as `await_session_config`."""
-    message = await _poll_pending(channel, enrollment, secagg_pb2.ADVERTISE_KEYS)
+    R0 closed, with the complete session config in it. `advertisement`: not sent yet, so it
+    goes with the poll (`advertise_early` sends it alone). Raises as `await_session_config`,
+    and TransportError when the advertisement is refused (e.g. FAILED_PRECONDITION once R0
+    closed without this device)."""
+    sending = advertisement.message if advertisement is not None else None
+    message = await _poll_pending(channel, enrollment, secagg_pb2.ADVERTISE_KEYS, sending)
     if message.WhichOneof("message") != "share_keys_request":
         raise SecAggAborted("the server answered the key advertisement with another stage")
     _checked_config(message.share_keys_request.session_config, enrollment)
@@ -125,6 +146,8 @@ class SecAggSessionRunner:
         self.client = SecAggClient(config, device_key, advertised)
         self._config = config
         self.sent_bytes = advertised.message.ByteSize() if advertised is not None else 0
+        # Polled for with this device's shares (share_keys), before the input was ready.
+        self._masked_input_request: secagg_pb2.MaskedInputRequest | None = None
 
     async def _send(self, message: secagg_pb2.SecAggClientMessage) -> None:
         self.sent_bytes += message.ByteSize()
@@ -133,26 +156,20 @@ class SecAggSessionRunner:
         except grpc.aio.AioRpcError as exc:
             raise TransportError(exc.code(), exc.details() or "") from exc
 
-    async def _await(self, after: secagg_pb2.SecAggStage) -> secagg_pb2.SecAggServerMessage:
-        request = secagg_pb2.AwaitServerMessageRequest(
-            protocol_version=constants.PROTOCOL_VERSION,
-            session_id=self._config.session_id,
-            client_id=self._config.client_id,
-            session_token=self._config.session_token,
-            after_stage=after,
-        )
-        give_up = time.monotonic() + session_timeout_s
-        while True:
-            try:
-                message = await self._stub.AwaitServerMessage(request)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() < give_up:
-                    continue
-                raise TransportError(exc.code(), exc.details() or "") from exc
-            if message.WhichOneof("message") == "abort":
-                self.client.server_aborted(message.abort.reason)
-                raise SecAggAborted(f"server aborted: {message.abort.reason}")
-            return message
+    async def _await(
+        self,
+        after: secagg_pb2.SecAggStage,
+        sending: secagg_pb2.SecAggClientMessage | None = None,
+    ) -> secagg_pb2.SecAggServerMessage:
+        """The server message of the stage after `after`; `sending` (this device's message of
+        `after`) goes in the same call."""
+        if sending is not None:
+            self.sent_bytes += sending.ByteSize()
+        message = await _poll(self._stub, self._config, after, sending)
+        if message.WhichOneof("message") == "abort":
+            self.client.server_aborted(message.abort.reason)
+            raise SecAggAborted(f"server aborted: {message.abort.reason}")
+        return message
 
     async def _refuse(self, exc: SecAggAborted) -> NoReturn:
         await self._send(self.client.abort_message())
@@ -186,11 +203,13 @@ class SecAggSessionRunner:
         """R0 and R1; may run before the input is ready (e.g. while training)."""
         message = self.client.envelope()
         message.advertise_keys.CopyFrom(self.client.advertise_keys())
-        await self._send(message)
-        await self.share_keys()
+        request = (await self._await(secagg_pb2.ADVERTISE_KEYS, message)).share_keys_request
+        await self.share_keys(request)
 
     async def share_keys(self, request: secagg_pb2.ShareKeysRequest | None = None) -> None:
-        """R1, once this device's keys are advertised; `request` if already polled for."""
+        """R1, once this device's keys are advertised; `request` if already polled for. The
+        shares go with the poll for the masked-input request, kept for `send_masked_input`:
+        so this returns once R1 closed."""
         if request is None:
             request = (await self._await(secagg_pb2.ADVERTISE_KEYS)).share_keys_request
         try:
@@ -199,7 +218,9 @@ class SecAggSessionRunner:
             await self._refuse(exc)
         message = self.client.envelope()
         message.share_keys.CopyFrom(shares)
-        await self._send(message)
+        self._masked_input_request = (
+            await self._await(secagg_pb2.SHARE_KEYS, message)
+        ).masked_input_request
 
     async def contribute(self, quantized: np.ndarray) -> secagg_pb2.SessionResult:
         """R2 and R3: send the masked input, help unmask, return the session's result."""
@@ -208,11 +229,11 @@ class SecAggSessionRunner:
 
     async def send_masked_input(self, quantized: np.ndarray) -> None:
         """R2: masks the input and sends it."""
-        request = await self._await(secagg_pb2.SHARE_KEYS)
+        request = self._masked_input_request
+        if request is None:
+            request = (await self._await(secagg_pb2.SHARE_KEYS)).masked_input_request
         try:
-            masked = await asyncio.to_thread(
-                self.client.masked_input, request.masked_input_request, quantized
-            )
+            masked = await asyncio.to_thread(self.client.masked_input, request, quantized)
         except SecAggAborted as exc:
             await self._refuse(exc)
         await self._send_masked_input(masked)

@@ -171,6 +171,17 @@ def test_bad_calls_get_their_documented_status_codes() -> None:
                 session_token=config.session_token,
             )
             await code("unknown session", stub.AwaitServerMessage(poll))
+            carrying = secagg_pb2.AwaitServerMessageRequest(
+                protocol_version=constants.PROTOCOL_VERSION,
+                session_id=config.session_id,
+                client_id=1,
+                session_token=config.session_token,
+                after_stage=secagg_pb2.ADVERTISE_KEYS,
+                message=good,
+            )
+            await code("poll with a second advertise", stub.AwaitServerMessage(carrying))
+            carrying.message.client_id = 2
+            await code("poll with another client's message", stub.AwaitServerMessage(carrying))
 
     _serve(body)
 
@@ -181,7 +192,62 @@ def test_bad_calls_get_their_documented_status_codes() -> None:
         "malformed key": grpc.StatusCode.INVALID_ARGUMENT,
         "stream without header": grpc.StatusCode.INVALID_ARGUMENT,
         "unknown session": grpc.StatusCode.UNAUTHENTICATED,
+        "poll with a second advertise": grpc.StatusCode.ALREADY_EXISTS,
+        "poll with another client's message": grpc.StatusCode.INVALID_ARGUMENT,
     }
+
+
+def test_a_message_sent_with_a_poll_that_times_out_is_not_sent_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each stage's message goes with the poll for the next stage; a poll the server ends
+    DEADLINE_EXCEEDED has taken it, so the device polls again without it."""
+    from server.secagg import grpc_service
+
+    monkeypatch.setattr(grpc_service, "await_server_message_s", 0.05)
+    inputs = _inputs(3)
+    polls: list[bool] = []  # whether each poll carried a message
+    results: dict[int, secagg_pb2.SessionResult] = {}
+
+    class CountingService(SecAggService):
+        async def AwaitServerMessage(
+            self, request: secagg_pb2.AwaitServerMessageRequest, context: grpc.aio.ServicerContext
+        ) -> secagg_pb2.SecAggServerMessage:
+            polls.append(request.HasField("message"))
+            return await super().AwaitServerMessage(request, context)
+
+    server = SecAggServer(choose_parameters(N), 32, LENGTH)
+
+    async def scenario() -> None:
+        service = CountingService()
+        service.add_session(server)
+        grpc_server = grpc.aio.server()
+        secagg_pb2_grpc.add_SecAggServiceServicer_to_server(service, grpc_server)
+        port = grpc_server.add_insecure_port("127.0.0.1:0")
+        await grpc_server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+
+                async def device(c: int) -> None:
+                    runner = SecAggSessionRunner(channel, server.session_config(c))
+                    await runner.advertise_and_share_keys()
+                    results[c] = await runner.contribute(inputs[c])
+
+                first = asyncio.ensure_future(device(1))
+                # Device 1 advertised and its poll timed out twice: R0 waits for the others.
+                await _until(lambda: polls.count(False) >= 2 or first.done())
+                assert not first.done(), first.exception()
+                assert polls[0] and server.stage == secagg_pb2.ADVERTISE_KEYS
+                await asyncio.gather(first, *(device(c) for c in range(2, N + 1)))
+        finally:
+            await grpc_server.stop(0)
+
+    asyncio.run(scenario())
+
+    assert set(results) == set(range(1, N + 1))
+    total, count = server.result()
+    assert count == N
+    assert np.array_equal(total, _expected(inputs, set(range(1, N + 1))))
 
 
 def test_a_pending_session_answers_its_config_once_opened_and_refuses_the_rest() -> None:

@@ -47,6 +47,7 @@ class CheckInPacing:
             other_populations=[
                 a.active_devices(now) for p, a in self._activity.items() if p != population
             ],
+            rounds=task.round_demand(),
         )
 
     def tracked_devices(self) -> dict[str, int]:

@@ -16,6 +16,15 @@ before its first reports arrive. A large population is spread just enough that i
 stay under capacity; each round then fills from the steady stream. The selection deadline is
 not a target: a round takes devices as fast as they come.
 
+Nor is a whole large population sent to the next round when the round takes a fraction of
+it: it is shared out over the task's next K rounds (their cadence measured from recent
+rounds, opened to closed), each device to one drawn at random, so that each round's opening
+sees about `demand_margin` times its selection quota (K = ceil(N / (margin * quota))). The
+devices sent to one round bunch at its opening as a population of N / K would, so selection
+stays as fast. Without this the whole active population checked in once a round and most of
+it was turned away: at 10,000 phones (benchmarks/RESULTS.md) two thirds of all check-ins,
+whose cost, on the coordinator and on the phones, slowed every call.
+
 Populations share the capacity max-min fairly: each may take what it needs to bunch, and
 the populations that need more than their share split what is left.
 
@@ -28,11 +37,21 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Iterable
 
 import numpy as np
 
 from protos import common_pb2
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundDemand:
+    """What a task's rounds take: `quota` devices each (over-selection included), one every
+    `cadence_s` (recent rounds, opened to closed)."""
+
+    quota: int
+    cadence_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +66,10 @@ class PaceSteeringSettings:
     # The share of the capacity that check-ins may take: the rest is for gRPC's own work per
     # call (not in the measured handling time), downloads, uploads and bursts.
     capacity_utilization: float = 0.5
+    # A large population is shared out over the task's next rounds, so that each round sees
+    # about this many times its selection quota arrive; None: every device is sent to the
+    # next round (capacity alone spreads them).
+    demand_margin: float | None = 2.0
 
 
 class CheckInCapacity:
@@ -148,19 +171,34 @@ class PaceSteering:
         rate = population_rate(active_devices, other_populations, budget, s.min_spread_s)
         return max(s.min_spread_s, active_devices / rate)
 
+    def rounds_ahead(self, active_devices: int, rounds: RoundDemand | None) -> int:
+        """Over how many of the task's next rounds the population is shared out: enough
+        that each sees about `demand_margin` times its quota (1: all go to the next)."""
+        margin = self.settings.demand_margin
+        if rounds is None or margin is None or active_devices <= 0:
+            return 1
+        return max(1, math.ceil(active_devices / (margin * rounds.quota)))
+
     def window(
         self,
         active_devices: int,
         next_selection_in_s: float,
         not_before_s: float = 0.0,
         other_populations: Iterable[int] = (),
+        rounds: RoundDemand | None = None,
     ) -> common_pb2.RetryWindow:
         """The window for one device of a population with `active_devices`, whose task
-        selects next in `next_selection_in_s`. `not_before_s` is a hard lower bound (e.g.
-        eligibility); `other_populations` are the active devices of the others."""
+        selects next in `next_selection_in_s` and whose recent rounds are `rounds` (None
+        before one closed). `not_before_s` is a hard lower bound (e.g. eligibility);
+        `other_populations` are the active devices of the others."""
         s = self.settings
-        spread = self.spread_s(active_devices, other_populations)
+        ahead = self.rounds_ahead(active_devices, rounds)
+        # Those of the population sent to one round share the capacity within its opening.
+        spread = self.spread_s(math.ceil(active_devices / ahead), other_populations)
         start = max(next_selection_in_s, not_before_s, s.min_delay_s)
+        if ahead > 1:
+            assert rounds is not None
+            start += int(self._rng.integers(ahead)) * rounds.cadence_s
         start += float(self._rng.uniform(0.0, s.jitter_fraction * spread))
         start = min(start, s.max_delay_s)
         end = min(start + spread, s.max_delay_s)

@@ -12,6 +12,7 @@ import numpy as np
 from server.aggregators.process import AggregationProcess
 from server.config import TaskConfig
 from server.optimizers import ServerOptimizer, State
+from server.pace_steering import RoundDemand
 from server.rounds.round import RoundInProgress
 from server.store import RoundState, TaskRecord, TaskState
 
@@ -39,6 +40,11 @@ class TaskRuntime:
     open_rounds: dict[int, RoundInProgress] = dataclasses.field(default_factory=dict)
     # Recent time from the end of selection to the close of a round, for pace steering.
     reporting_durations_s: collections.deque[float] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=20)
+    )
+    # Recent time from the opening to the close of a round: the cadence at which the task
+    # takes devices, for pace steering.
+    round_durations_s: collections.deque[float] = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=20)
     )
     last_round: RoundInProgress | None = None
@@ -131,6 +137,13 @@ class TaskRuntime:
             if r.state is RoundState.REPORTING
         ]
         return max(0.0, min(ends) - now) if ends else 0.0
+
+    def round_demand(self) -> RoundDemand | None:
+        """What this task's rounds take, for pace steering: its selection quota, once per
+        median recent round (opened to closed); None before a round closed."""
+        if not self.round_durations_s:
+            return None
+        return RoundDemand(self.config.selection_quota, statistics.median(self.round_durations_s))
 
     def _expected_reporting_s(self, elapsed_s: float) -> float:
         """How long a round that has been reporting for `elapsed_s` will report in all.

@@ -1,3 +1,6 @@
+import collections
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -6,6 +9,7 @@ from server.pace_steering import (
     PaceSteering,
     PaceSteeringSettings,
     PopulationActivity,
+    RoundDemand,
     population_rate,
 )
 
@@ -47,6 +51,39 @@ def test_a_million_devices_are_spread_just_enough_to_stay_under_capacity() -> No
 
     assert 1_000_000 / spread == pytest.approx(100.0)
     assert spread < SETTINGS.max_delay_s
+
+
+def _windows(active: int, rounds: RoundDemand | None, settings: PaceSteeringSettings = SETTINGS):
+    steering = _steering(settings=settings)
+    return [steering.window(active, 5.0, rounds=rounds) for _ in range(2_000)]
+
+
+def test_a_large_population_is_shared_out_over_the_next_rounds() -> None:
+    # 10,000 devices, rounds of 130 every 10 s: each of the next 39 rounds gets about 260.
+    windows = _windows(10_000, RoundDemand(quota=130, cadence_s=10.0))
+
+    slots = collections.Counter(round((w.min_delay_s - 5.0) // 10.0) for w in windows)
+    assert sorted(slots) == list(range(39))
+    assert max(slots.values()) < 3 * min(slots.values())
+    # Within its round's opening each bunches as a population of 10,000 / 39 would.
+    spreads = {round(w.max_delay_s - w.min_delay_s, 6) for w in windows}
+    assert spreads == {round(_steering().spread_s(257), 6)}
+
+
+def test_a_population_the_next_round_can_take_all_goes_to_the_next_round() -> None:
+    windows = _windows(200, RoundDemand(quota=130, cadence_s=10.0))
+
+    assert all(5.0 <= w.min_delay_s <= 5.0 + SETTINGS.jitter_fraction * 2.0 for w in windows)
+
+
+def test_before_a_round_closed_or_turned_off_every_device_goes_to_the_next_round() -> None:
+    off = dataclasses.replace(SETTINGS, demand_margin=None)
+
+    for windows in (
+        _windows(10_000, None),
+        _windows(10_000, RoundDemand(quota=130, cadence_s=10.0), off),
+    ):
+        assert max(w.min_delay_s for w in windows) <= 5.0 + SETTINGS.jitter_fraction * 100.0
 
 
 def test_the_selection_deadline_plays_no_part_in_the_spread() -> None:

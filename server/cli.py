@@ -182,13 +182,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         ),
     )
     serve.add_argument(
-        "--round-share",
+        "--demand-margin",
         type=float,
         default=pace.demand_margin,
         help=(
-            "a population larger than this many times a round's quota is shared out over the "
-            "task's next rounds, so it does not all check in for each one; 0 sends every "
-            "device to the next round (default %(default)s)"
+            "a population too large to bunch into one round comes back at most this many "
+            "times as fast as its task's rounds take devices (a selection quota per "
+            "reporting time), instead of all checking in for each round; 0 turns the "
+            "bound off (default %(default)s)"
         ),
     )
     serve.add_argument("--seed", type=int, help="seed for retry-window jitter")
@@ -306,13 +307,13 @@ async def _serve_in(
     evaluator = HeldOutEvaluator(LocalExamples.load(args.eval_data)) if args.eval_data else None
     if args.check_in_capacity is not None and not args.check_in_capacity > 0:
         raise SystemExit("serve: --check-in-capacity must be positive")
-    if not args.round_share >= 0:
-        raise SystemExit("serve: --round-share must be 0 (off) or positive")
+    if not args.demand_margin >= 0:
+        raise SystemExit("serve: --demand-margin must be 0 (off) or positive")
     pace = PaceSteeringSettings(
         min_delay_s=args.min_retry_s,
         max_delay_s=args.max_retry_s,
         capacity_check_ins_per_s=args.check_in_capacity,
-        demand_margin=args.round_share or None,
+        demand_margin=args.demand_margin or None,
     )
     if not args.retention_s > 0:
         raise SystemExit("serve: --retention-s must be positive")

@@ -16,14 +16,20 @@ before its first reports arrive. A large population is spread just enough that i
 stay under capacity; each round then fills from the steady stream. The selection deadline is
 not a target: a round takes devices as fast as they come.
 
-Nor is a whole large population sent to the next round when the round takes a fraction of
-it: it is shared out over the task's next K rounds (their cadence measured from recent
-rounds, opened to closed), each device to one drawn at random, so that each round's opening
-sees about `demand_margin` times its selection quota (K = ceil(N / (margin * quota))). The
-devices sent to one round bunch at its opening as a population of N / K would, so selection
-stays as fast. Without this the whole active population checked in once a round and most of
-it was turned away: at 10,000 phones (benchmarks/RESULTS.md) two thirds of all check-ins,
-whose cost, on the coordinator and on the phones, slowed every call.
+A population too large to bunch (more than capacity lets arrive within `min_spread_s`),
+which would take more than `demand_bound_above` of the check-in budget if it checked in once
+a round, is also kept from coming back faster than its task takes devices: its arrivals stay
+within `demand_margin` times the rate its rounds take them, a selection quota per reporting
+time (measured over recent rounds),
+
+    spread >= N * reporting_s / (demand_margin * quota),
+
+so selection takes about reporting_s / demand_margin, and a round at most (1 + 1/margin)
+times its reporting. Without this bound the whole active population checked in once a round
+and most of it was turned away: at 10,000 phones (benchmarks/RESULTS.md) two thirds of all
+check-ins, whose cost, on the coordinator and on the phones, slowed every call. A population
+whose rounds are long (minutes of training) is not bound: turning it away once a round
+costs little, and bunching keeps its selection short.
 
 Populations share the capacity max-min fairly: each may take what it needs to bunch, and
 the populations that need more than their share split what is left.
@@ -37,7 +43,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -47,11 +52,14 @@ from protos import common_pb2
 
 @dataclasses.dataclass(frozen=True)
 class RoundDemand:
-    """What a task's rounds take: `quota` devices each (over-selection included), one every
-    `cadence_s` (recent rounds, opened to closed)."""
+    """What a task's rounds take: `quota` devices each (over-selection included), and how
+    long a round then reports (its median over recent rounds, selection closed to closed)."""
 
     quota: int
-    cadence_s: float
+    reporting_s: float
+
+    def devices_per_s(self) -> float:
+        return self.quota / max(self.reporting_s, 1e-3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +74,13 @@ class PaceSteeringSettings:
     # The share of the capacity that check-ins may take: the rest is for gRPC's own work per
     # call (not in the measured handling time), downloads, uploads and bursts.
     capacity_utilization: float = 0.5
-    # A large population is shared out over the task's next rounds, so that each round sees
-    # about this many times its selection quota arrive; None: every device is sent to the
-    # next round (capacity alone spreads them).
-    demand_margin: float | None = 2.0
+    # A population larger than capacity lets bunch returns at most this many times as fast
+    # as its task's rounds take devices (a quota per reporting time); None: capacity alone.
+    demand_margin: float | None = 1.0
+    # ... when checking in once a round it would take more than this share of the capacity
+    # check-ins may use: below that, turning most of it away costs little, and bunching
+    # keeps selection short.
+    demand_bound_above: float = 0.25
 
 
 class CheckInCapacity:
@@ -161,23 +172,26 @@ class PaceSteering:
         self.capacity = CheckInCapacity(settings.capacity_check_ins_per_s)
         self._rng = rng
 
-    def spread_s(self, active_devices: int, other_populations: Iterable[int] = ()) -> float:
+    def spread_s(
+        self,
+        active_devices: int,
+        other_populations: Iterable[int] = (),
+        rounds: RoundDemand | None = None,
+    ) -> float:
         """How widely the population's devices are spread: the shortest spread that keeps
-        its share of check-ins under capacity."""
+        its share of check-ins under capacity; and, for a population too large to bunch, no
+        faster than `demand_margin` times what its task's `rounds` take."""
         s = self.settings
         if active_devices <= 0:
             return s.min_spread_s
         budget = s.capacity_utilization * self.capacity.check_ins_per_s()
         rate = population_rate(active_devices, other_populations, budget, s.min_spread_s)
+        if rounds is not None and s.demand_margin is not None:
+            bunches = active_devices <= rate * s.min_spread_s
+            once_a_round = active_devices / max(rounds.reporting_s, 1e-3)
+            if not bunches and once_a_round > s.demand_bound_above * budget:
+                rate = min(rate, s.demand_margin * rounds.devices_per_s())
         return max(s.min_spread_s, active_devices / rate)
-
-    def rounds_ahead(self, active_devices: int, rounds: RoundDemand | None) -> int:
-        """Over how many of the task's next rounds the population is shared out: enough
-        that each sees about `demand_margin` times its quota (1: all go to the next)."""
-        margin = self.settings.demand_margin
-        if rounds is None or margin is None or active_devices <= 0:
-            return 1
-        return max(1, math.ceil(active_devices / (margin * rounds.quota)))
 
     def window(
         self,
@@ -192,13 +206,8 @@ class PaceSteering:
         before one closed). `not_before_s` is a hard lower bound (e.g. eligibility);
         `other_populations` are the active devices of the others."""
         s = self.settings
-        ahead = self.rounds_ahead(active_devices, rounds)
-        # Those of the population sent to one round share the capacity within its opening.
-        spread = self.spread_s(math.ceil(active_devices / ahead), other_populations)
+        spread = self.spread_s(active_devices, other_populations, rounds)
         start = max(next_selection_in_s, not_before_s, s.min_delay_s)
-        if ahead > 1:
-            assert rounds is not None
-            start += int(self._rng.integers(ahead)) * rounds.cadence_s
         start += float(self._rng.uniform(0.0, s.jitter_fraction * spread))
         start = min(start, s.max_delay_s)
         end = min(start + spread, s.max_delay_s)

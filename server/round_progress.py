@@ -72,5 +72,4 @@ def advance_round(
             secure_rounds.selection_closed(round_, failed)
         if state is RoundState.REPORTING and following is not RoundState.FAILED:
             task.reporting_durations_s.append(now - round_.reporting_started_at)
-            task.round_durations_s.append(now - round_.started_at)
         round_.state = following

@@ -42,11 +42,6 @@ class TaskRuntime:
     reporting_durations_s: collections.deque[float] = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=20)
     )
-    # Recent time from the opening to the close of a round: the cadence at which the task
-    # takes devices, for pace steering.
-    round_durations_s: collections.deque[float] = dataclasses.field(
-        default_factory=lambda: collections.deque(maxlen=20)
-    )
     last_round: RoundInProgress | None = None
     # Why the task stopped, if its round logic raised (a defect): it takes no more devices.
     fault: str = ""
@@ -139,11 +134,13 @@ class TaskRuntime:
         return max(0.0, min(ends) - now) if ends else 0.0
 
     def round_demand(self) -> RoundDemand | None:
-        """What this task's rounds take, for pace steering: its selection quota, once per
-        median recent round (opened to closed); None before a round closed."""
-        if not self.round_durations_s:
+        """What this task's rounds take, for pace steering: its selection quota per median
+        recent reporting time; None before a round closed."""
+        if not self.reporting_durations_s:
             return None
-        return RoundDemand(self.config.selection_quota, statistics.median(self.round_durations_s))
+        return RoundDemand(
+            self.config.selection_quota, statistics.median(self.reporting_durations_s)
+        )
 
     def _expected_reporting_s(self, elapsed_s: float) -> float:
         """How long a round that has been reporting for `elapsed_s` will report in all.

@@ -1,4 +1,3 @@
-import collections
 import dataclasses
 
 import numpy as np
@@ -53,37 +52,42 @@ def test_a_million_devices_are_spread_just_enough_to_stay_under_capacity() -> No
     assert spread < SETTINGS.max_delay_s
 
 
-def _windows(active: int, rounds: RoundDemand | None, settings: PaceSteeringSettings = SETTINGS):
-    steering = _steering(settings=settings)
-    return [steering.window(active, 5.0, rounds=rounds) for _ in range(2_000)]
+def test_a_large_population_comes_back_no_faster_than_its_rounds_take_it() -> None:
+    # 10,000 devices; capacity would let them back at 100/s; rounds take 65 while they
+    # report for 13 s, 5 devices a second. Once a round, they would check in at 769/s.
+    spread = _steering().spread_s(10_000, rounds=RoundDemand(quota=65, reporting_s=13.0))
+
+    assert 10_000 / spread == pytest.approx(5.0)
 
 
-def test_a_large_population_is_shared_out_over_the_next_rounds() -> None:
-    # 10,000 devices, rounds of 130 every 10 s: each of the next 39 rounds gets about 260.
-    windows = _windows(10_000, RoundDemand(quota=130, cadence_s=10.0))
+def test_a_large_population_with_long_rounds_is_bound_by_capacity_alone() -> None:
+    # Rounds of ten minutes: once a round is 17 check-ins a second, under a quarter of the
+    # 100/s budget, so bunching (short selections) wins over fewer refusals.
+    spread = _steering().spread_s(10_000, rounds=RoundDemand(quota=65, reporting_s=600.0))
 
-    slots = collections.Counter(round((w.min_delay_s - 5.0) // 10.0) for w in windows)
-    assert sorted(slots) == list(range(39))
-    assert max(slots.values()) < 3 * min(slots.values())
-    # Within its round's opening each bunches as a population of 10,000 / 39 would.
-    spreads = {round(w.max_delay_s - w.min_delay_s, 6) for w in windows}
-    assert spreads == {round(_steering().spread_s(257), 6)}
+    assert 10_000 / spread == pytest.approx(100.0)
 
 
-def test_a_population_the_next_round_can_take_all_goes_to_the_next_round() -> None:
-    windows = _windows(200, RoundDemand(quota=130, cadence_s=10.0))
+def test_the_capacity_still_binds_below_the_demand() -> None:
+    spread = _steering().spread_s(10_000, rounds=RoundDemand(quota=650, reporting_s=1.0))
 
-    assert all(5.0 <= w.min_delay_s <= 5.0 + SETTINGS.jitter_fraction * 2.0 for w in windows)
+    assert 10_000 / spread == pytest.approx(100.0)
 
 
-def test_before_a_round_closed_or_turned_off_every_device_goes_to_the_next_round() -> None:
+def test_a_population_capacity_lets_bunch_bunches_however_slow_its_rounds() -> None:
+    # Capacity lets 100 devices arrive within the 1 s spread: 60 bunch, even for rounds
+    # that take 13 devices in ten minutes.
+    spread = _steering().spread_s(60, rounds=RoundDemand(quota=13, reporting_s=600.0))
+
+    assert spread == SETTINGS.min_spread_s
+
+
+def test_before_a_round_closed_or_turned_off_capacity_alone_spreads() -> None:
     off = dataclasses.replace(SETTINGS, demand_margin=None)
+    rounds = RoundDemand(quota=65, reporting_s=13.0)
 
-    for windows in (
-        _windows(10_000, None),
-        _windows(10_000, RoundDemand(quota=130, cadence_s=10.0), off),
-    ):
-        assert max(w.min_delay_s for w in windows) <= 5.0 + SETTINGS.jitter_fraction * 100.0
+    assert 10_000 / _steering().spread_s(10_000) == pytest.approx(100.0)
+    assert 10_000 / _steering(settings=off).spread_s(10_000, rounds=rounds) == pytest.approx(100.0)
 
 
 def test_the_selection_deadline_plays_no_part_in_the_spread() -> None:

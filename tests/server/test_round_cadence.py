@@ -73,12 +73,12 @@ def _large_fleet(
     )
 
 
-def test_a_large_population_comes_back_about_as_fast_as_rounds_take_it(
+def test_a_large_population_comes_back_about_as_fast_as_its_rounds_take_it(
     model_bytes: bytes, tmp_path: pathlib.Path
 ) -> None:
     rounds = {}
     check_ins = {}
-    for margin in (2.0, None):
+    for margin in (1.0, None):
         data_dir = tmp_path / str(margin)
         data_dir.mkdir()
         fleet = _large_fleet(model_bytes, data_dir, margin)
@@ -91,10 +91,11 @@ def test_a_large_population_comes_back_about_as_fast_as_rounds_take_it(
         fleet.close()
     quota = 65
 
-    # Shared out over the next rounds: twice the quota sent to each round's opening, plus the
-    # devices returning from their work (measured: about 245 check-ins a round), where
-    # capacity alone brings a quarter of the population back every round (about 490).
-    assert check_ins[2.0] <= 4.5 * quota
+    # Arrivals bound by what rounds take: about 165 check-ins a round (the quota of 65,
+    # the devices returning from their work and some turned away), where capacity alone
+    # brings a quarter of the population back every round (about 490).
+    assert check_ins[1.0] <= 3.5 * quota
     assert check_ins[None] >= 6 * quota
-    # Rounds still fill from the devices at their opening (measured: 1.46 s against 1.36 s).
-    assert rounds[2.0] <= 1.25 * rounds[None]
+    # The price: selection waits for arrivals, so rounds take longer, within the bound of
+    # twice their reporting time (measured: 1.6 s against 1.36 s).
+    assert rounds[1.0] <= 1.25 * rounds[None]

@@ -28,11 +28,11 @@ def _inputs(seed: int) -> dict[int, np.ndarray]:
     return {c: rng.integers(0, 1 << 20, LENGTH, dtype=np.uint32) for c in range(1, N + 1)}
 
 
-def _serve(body: Body) -> SecAggServer:
+def _serve(body: Body, service_type: type[SecAggService] = SecAggService) -> SecAggServer:
     server = SecAggServer(choose_parameters(N), 32, LENGTH)
 
     async def scenario() -> None:
-        service = SecAggService()
+        service = service_type()
         service.add_session(server)
         grpc_server = grpc.aio.server()
         secagg_pb2_grpc.add_SecAggServiceServicer_to_server(service, grpc_server)
@@ -216,33 +216,22 @@ def test_a_message_sent_with_a_poll_that_times_out_is_not_sent_again(
             polls.append(request.HasField("message"))
             return await super().AwaitServerMessage(request, context)
 
-    server = SecAggServer(choose_parameters(N), 32, LENGTH)
+    async def body(service: SecAggService, server: SecAggServer, address: str) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
 
-    async def scenario() -> None:
-        service = CountingService()
-        service.add_session(server)
-        grpc_server = grpc.aio.server()
-        secagg_pb2_grpc.add_SecAggServiceServicer_to_server(service, grpc_server)
-        port = grpc_server.add_insecure_port("127.0.0.1:0")
-        await grpc_server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            async def device(c: int) -> None:
+                runner = SecAggSessionRunner(channel, server.session_config(c))
+                await runner.advertise_and_share_keys()
+                results[c] = await runner.contribute(inputs[c])
 
-                async def device(c: int) -> None:
-                    runner = SecAggSessionRunner(channel, server.session_config(c))
-                    await runner.advertise_and_share_keys()
-                    results[c] = await runner.contribute(inputs[c])
+            first = asyncio.ensure_future(device(1))
+            # Device 1 advertised and its poll timed out twice: R0 waits for the others.
+            await _until(lambda: polls.count(False) >= 2 or first.done())
+            assert not first.done(), first.exception()
+            assert polls[0] and server.stage == secagg_pb2.ADVERTISE_KEYS
+            await asyncio.gather(first, *(device(c) for c in range(2, N + 1)))
 
-                first = asyncio.ensure_future(device(1))
-                # Device 1 advertised and its poll timed out twice: R0 waits for the others.
-                await _until(lambda: polls.count(False) >= 2 or first.done())
-                assert not first.done(), first.exception()
-                assert polls[0] and server.stage == secagg_pb2.ADVERTISE_KEYS
-                await asyncio.gather(first, *(device(c) for c in range(2, N + 1)))
-        finally:
-            await grpc_server.stop(0)
-
-    asyncio.run(scenario())
+    server = _serve(body, CountingService)
 
     assert set(results) == set(range(1, N + 1))
     total, count = server.result()

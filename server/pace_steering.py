@@ -53,7 +53,8 @@ from protos import common_pb2
 @dataclasses.dataclass(frozen=True)
 class RoundDemand:
     """What a task's rounds take: `quota` devices each (over-selection included), and how
-    long a round then reports (its median over recent rounds, selection closed to closed)."""
+    long a round then reports (the median over recent rounds, from the close of selection to
+    the close of the round)."""
 
     quota: int
     reporting_s: float
@@ -77,9 +78,9 @@ class PaceSteeringSettings:
     # A population larger than capacity lets bunch returns at most this many times as fast
     # as its task's rounds take devices (a quota per reporting time); None: capacity alone.
     demand_margin: float | None = 1.0
-    # ... when checking in once a round it would take more than this share of the capacity
-    # check-ins may use: below that, turning most of it away costs little, and bunching
-    # keeps selection short.
+    # The bound applies only to a population that, checking in once per reporting time,
+    # would take more than this share of the check-in budget: below that, turning most of
+    # it away costs little, and bunching keeps selection short.
     demand_bound_above: float = 0.25
 
 

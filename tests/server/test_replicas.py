@@ -527,3 +527,23 @@ def test_a_drained_replica_hands_over_the_uploads_of_rounds_still_open(
     (record,) = _records(cluster)
     assert record.state is RoundState.COMMITTED
     assert (record.reported, record.dropped) == (2, 0)
+
+
+def test_every_replica_learns_how_long_a_round_reported_for_pace_steering(
+    cluster: Cluster, model_bytes: bytes
+) -> None:
+    _registered(cluster, model_bytes, target_reports=3, over_selection=1.0)
+    size = cluster.replicas[0].task("t1").record.num_parameters
+    assignments = [check_in(cluster.replicas[i], f"d{i}").assignment for i in range(3)]
+    cluster.tick()  # every replica mirrors the shared round, reporting from now
+    cluster.clock.advance(4.0)
+    for i, (assignment, delta) in enumerate(zip(assignments, _deltas(3, size), strict=True)):
+        _upload(cluster.replicas[i], assignment, delta)
+
+    cluster.tick()
+
+    assert [r.state for r in _records(cluster)] == [RoundState.COMMITTED]
+    for replica in cluster.replicas:
+        demand = replica.task("t1").round_demand()
+        assert demand is not None and demand.quota == 3
+        assert demand.reporting_s == pytest.approx(4.0)

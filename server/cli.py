@@ -24,7 +24,13 @@ from server.coordinator import Coordinator, CoordinatorSettings
 from server.coordinator_config import add_config_option
 from server.data_dir import DataDirectory, DataDirError, default_full_check_below_bytes
 from server.device_identity import DeviceIdentities, IdentitySettings, SharedLimits
-from server.drain import Ending, abandon_open_rounds, default_drain_timeout_s, wait_for_drain
+from server.drain import (
+    Ending,
+    abandon_open_rounds,
+    default_drain_timeout_s,
+    run_to_exit,
+    wait_for_drain,
+)
 from server.enrollment.config import EnrollmentPolicy
 from server.errors import AlreadyExists, CoordinatorError
 from server.evaluation import HeldOutEvaluator
@@ -479,7 +485,7 @@ def run_serve(args: argparse.Namespace) -> int:
         tls = server_tls(args)
         if tls is None:
             _warn(args, insecure_warning("serve"))
-        asyncio.run(serve(args, tls))
+        run_to_exit(serve(args, tls))
     except (CoordinatorError, DataDirError, IncompatibleStore, ValueError, OSError) as exc:
         # OSError: a missing --task/--model/certificate file, a port in use.
         _warn(args, f"serve: {exc}", logging.ERROR)

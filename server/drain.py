@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -192,3 +192,45 @@ def abandon_open_rounds(coordinator: Coordinator) -> int:
                 extra=about(task.task_id, round_.round_number),
             )
     return abandoned
+
+
+# How long, after `overnight serve` has stopped, the tasks still pending get to end once
+# cancelled; a task that does not is logged with its stack and left behind.
+leftover_tasks_s = 5.0
+
+
+def run_to_exit(main: Coroutine[Any, Any, None], leftover_s: float | None = None) -> None:
+    """asyncio.run(main), except that the process always gets to exit: asyncio.run cancels
+    the tasks still pending when `main` returns and waits for them without bound, so one
+    task that swallows its cancellation kept a drained coordinator alive for good (seen
+    once, in the replica e2e test). Here they get `leftover_s`; any still pending are
+    logged with their stacks (to find the defect) and abandoned with the loop."""
+    bound_s = leftover_tasks_s if leftover_s is None else leftover_s
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(main)
+    finally:
+        try:
+            leftover = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in leftover:
+                task.cancel()
+            if leftover:
+                _, pending = loop.run_until_complete(asyncio.wait(leftover, timeout=bound_s))
+                for task in pending:
+                    stack = "".join(
+                        f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}\n"
+                        for frame in task.get_stack()
+                    )
+                    log.error(
+                        "task %s did not end within %g s of its cancellation at shutdown; "
+                        "left behind. Awaiting at:\n%s",
+                        task.get_name(),
+                        bound_s,
+                        stack,
+                    )
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()

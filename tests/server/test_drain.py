@@ -4,6 +4,7 @@ Event-driven: each step waits for what the server has done, never for time."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import pathlib
 
 import grpc
@@ -12,7 +13,13 @@ import pytest
 
 from device_runtime import constants
 from protos import common_pb2, device_pb2, device_pb2_grpc
-from server.drain import Ending, abandon_open_rounds, drain_retry_s, wait_for_drain
+from server.drain import (
+    Ending,
+    abandon_open_rounds,
+    drain_retry_s,
+    run_to_exit,
+    wait_for_drain,
+)
 from server.sqlite_store import SqliteStore
 from server.store import RoundState
 from tests.harness import POPULATION, RunningCoordinator, running_coordinator, task_config
@@ -185,3 +192,33 @@ def test_an_interrupted_or_timed_out_drain_ends_at_once_and_keeps_what_was_commi
     assert lost_upload in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     assert (1, RoundState.COMMITTED) in _store_rounds(path)
     assert (2, RoundState.COMMITTED) not in _store_rounds(path)
+
+
+def test_the_process_exits_even_when_a_task_swallows_its_cancellation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    started = []
+
+    async def stubborn() -> None:
+        started.append(True)
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                continue  # the defect: cancellation swallowed
+
+    async def polite() -> None:
+        await asyncio.sleep(3600)
+
+    async def main() -> None:
+        asyncio.get_running_loop().create_task(stubborn(), name="stubborn")
+        asyncio.get_running_loop().create_task(polite(), name="polite")
+        await asyncio.sleep(0)
+
+    with caplog.at_level(logging.ERROR, logger="server.drain"):
+        run_to_exit(main(), leftover_s=0.2)  # asyncio.run(main()) would never return
+
+    assert started == [True]
+    (record,) = caplog.records
+    assert "stubborn did not end" in record.getMessage()
+    assert "in stubborn" in record.getMessage()  # where it was stuck

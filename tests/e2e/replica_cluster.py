@@ -147,8 +147,15 @@ class Replicas:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGCONT)
                 process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            await process.wait()
+        stuck = []
+        for name, process in self.processes.items():
+            try:
+                await asyncio.wait_for(process.wait(), HANG_GUARD_S)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+                stuck.append(name)
+        assert not stuck, f"replicas {stuck} did not exit within {HANG_GUARD_S:g} s of SIGTERM"
 
 
 def read(url: str, sql: str, *params: object) -> list[tuple]:

@@ -189,7 +189,7 @@ class PaceSteering:
         rate = population_rate(active_devices, other_populations, budget, s.min_spread_s)
         if rounds is not None and s.demand_margin is not None:
             bunches = active_devices <= rate * s.min_spread_s
-            once_a_round = active_devices / max(rounds.reporting_s, 1e-3)
+            once_a_round = active_devices / rounds.quota * rounds.devices_per_s()
             if not bunches and once_a_round > s.demand_bound_above * budget:
                 rate = min(rate, s.demand_margin * rounds.devices_per_s())
         return max(s.min_spread_s, active_devices / rate)

@@ -37,7 +37,7 @@ import os
 import secrets
 import socket
 from collections.abc import Callable, Sequence
-from math import inf, isfinite
+from math import isfinite
 
 import numpy as np
 
@@ -410,15 +410,15 @@ class ReplicaCoordinator(SecureHosting):
             if row is not None and row.state.open:
                 mirror_state(round_, row)
                 continue
-            reported_s = row.closed_at - row.reporting_started_at if row is not None else inf
-            if row is not None and row.state is SharedState.AGGREGATING and isfinite(reported_s):
-                # As one coordinator measures its own rounds: for pace steering's windows.
-                task.reporting_durations_s.append(reported_s)
-            if row is not None and row.state is SharedState.AGGREGATING and round_.reported:
-                # A mirror without uploads hands nothing over; the check below still tells
-                # the leader of counts it took but could not keep (refused after counting).
-                self._lost_checked.add((task.task_id, number))
-                self._hand_over(task, round_)
+            if row is not None and row.state is SharedState.AGGREGATING:
+                if isfinite(row.closed_at - row.reporting_started_at):
+                    # As one coordinator measures its own rounds: for pace steering's windows.
+                    task.record_reporting(row.closed_at - row.reporting_started_at)
+                if round_.reported:
+                    # A mirror without uploads hands nothing over; the check below still tells
+                    # the leader of counts it took but could not keep (refused after counting).
+                    self._lost_checked.add((task.task_id, number))
+                    self._hand_over(task, round_)
             round_.state = RoundState.AGGREGATING if row is not None else RoundState.ABANDONED
             Coordinator.forget(self, task, round_)
             if row is None:  # ended meanwhile; how is in the store, not known here

@@ -71,5 +71,5 @@ def advance_round(
             failed = [t for t, a in round_.assignments.items() if a.state is AssignmentState.FAILED]
             secure_rounds.selection_closed(round_, failed)
         if state is RoundState.REPORTING and following is not RoundState.FAILED:
-            task.reporting_durations_s.append(now - round_.reporting_started_at)
+            task.record_reporting(now - round_.reporting_started_at)
         round_.state = following

@@ -38,10 +38,12 @@ class TaskRuntime:
     broadcasted_bits: float = 0.0
     aggregated_bits: float = 0.0
     open_rounds: dict[int, RoundInProgress] = dataclasses.field(default_factory=dict)
-    # Recent time from the end of selection to the close of a round, for pace steering.
+    # Recent time from the end of selection to the close of a round, for pace steering
+    # (record_reporting), and their median, kept so that no check-in recomputes it.
     reporting_durations_s: collections.deque[float] = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=20)
     )
+    median_reporting_s: float | None = None
     last_round: RoundInProgress | None = None
     # Why the task stopped, if its round logic raised (a defect): it takes no more devices.
     fault: str = ""
@@ -133,14 +135,17 @@ class TaskRuntime:
         ]
         return max(0.0, min(ends) - now) if ends else 0.0
 
+    def record_reporting(self, reported_s: float) -> None:
+        """A round closed after reporting for `reported_s`."""
+        self.reporting_durations_s.append(reported_s)
+        self.median_reporting_s = statistics.median(self.reporting_durations_s)
+
     def round_demand(self) -> RoundDemand | None:
         """What this task's rounds take, for pace steering: its selection quota per median
         recent reporting time; None before a round closed."""
-        if not self.reporting_durations_s:
+        if self.median_reporting_s is None:
             return None
-        return RoundDemand(
-            self.config.selection_quota, statistics.median(self.reporting_durations_s)
-        )
+        return RoundDemand(self.config.selection_quota, self.median_reporting_s)
 
     def _expected_reporting_s(self, elapsed_s: float) -> float:
         """How long a round that has been reporting for `elapsed_s` will report in all.
@@ -151,6 +156,6 @@ class TaskRuntime:
         small population's round is done in seconds) holds back the next round.
         """
         deadline = self.config.reporting_deadline_s
-        if self.reporting_durations_s:
-            return min(deadline, statistics.median(self.reporting_durations_s))
+        if self.median_reporting_s is not None:
+            return min(deadline, self.median_reporting_s)
         return min(deadline, max(unmeasured_reporting_fraction * deadline, 2.0 * elapsed_s))

@@ -91,7 +91,7 @@ async def await_share_keys_request(
 ) -> secagg_pb2.ShareKeysRequest:
     """For a device that advertised early: its ShareKeysRequest, once the session opened and
     R0 closed, with the complete session config in it. `advertisement`: not sent yet, so it
-    goes with the poll (`advertise_early` sends it alone). Raises as `await_session_config`,
+    goes with the poll (None: sent before, alone with Send). Raises as `await_session_config`,
     and TransportError when the advertisement is refused (e.g. FAILED_PRECONDITION once R0
     closed without this device)."""
     sending = advertisement.message if advertisement is not None else None
@@ -115,22 +115,6 @@ def _checked_config(
     ):
         raise SecAggAborted("the session config does not match this device's enrollment")
     return config
-
-
-async def advertise_early(
-    channel: grpc.aio.Channel,
-    enrollment: secagg_pb2.SecAggSessionConfig,
-    device_key: DeviceKey | None = None,
-) -> EarlyAdvertisement:
-    """R0 from the Assignment's partial config, to the session pending or open. Raises
-    TransportError (e.g. FAILED_PRECONDITION once R0 closed without this device)."""
-    advertisement = EarlyAdvertisement.make(enrollment, device_key)  # two keys, one signature
-    stub = secagg_pb2_grpc.SecAggServiceStub(channel)
-    try:
-        await stub.Send(advertisement.message, timeout=constants.rpc_timeout_s)
-    except grpc.aio.AioRpcError as exc:
-        raise TransportError(exc.code(), exc.details() or "") from exc
-    return advertisement
 
 
 class SecAggSessionRunner:

@@ -19,7 +19,6 @@ from device_runtime.secagg.key_agreement import KeyPair
 from device_runtime.secagg.parameters import SecAggParameters
 from device_runtime.secagg.session_runner import (
     SecAggSessionRunner,
-    advertise_early,
     await_share_keys_request,
 )
 from protos import secagg_pb2, secagg_pb2_grpc
@@ -228,7 +227,9 @@ def test_devices_advertise_to_a_pending_session_over_grpc_and_finish_the_sum() -
 
         async def device(c: int) -> None:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                early = await advertise_early(channel, partial[c], device_key_of(c))
+                # R0 alone with Send, as a device without the combined poll sends it.
+                early = EarlyAdvertisement.make(partial[c], device_key_of(c))
+                await secagg_pb2_grpc.SecAggServiceStub(channel).Send(early.message)
                 request = await await_share_keys_request(channel, partial[c])
                 configs[c] = config = request.session_config
                 runner = SecAggSessionRunner(channel, config, device_key_of(c), early)

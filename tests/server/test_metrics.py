@@ -67,6 +67,18 @@ def _value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+async def _scrape_once_timed(endpoint: MetricsEndpoint, method: str, calls: int) -> Samples:
+    """The page once `calls` calls of `method` are timed. A refused call's status reaches
+    the client (context.abort sends it) a moment before the server's interceptor records
+    it, so a test that scrapes right after a refusal waits for that record, not for time."""
+    for _ in range(1000):
+        samples = await _scrape(endpoint)
+        if _value(samples, "overnight_rpc_duration_seconds_count", method=method) >= calls:
+            return samples
+        await asyncio.sleep(0.01)
+    return samples  # the assertions on it then say what is missing
+
+
 def _run(
     tmp_path: pathlib.Path,
     model_bytes: bytes,
@@ -114,7 +126,7 @@ def test_check_ins_are_counted_by_population_and_outcome(tmp_path, model_bytes) 
             await _check_in(channel, device)
         with pytest.raises(grpc.aio.AioRpcError):
             await _check_in(channel, "e", population="made-up-by-a-device")
-        return await _scrape(endpoint)
+        return await _scrape_once_timed(endpoint, CHECK_IN, 5)
 
     samples = _run(tmp_path, model_bytes, body)
 
@@ -170,7 +182,7 @@ def test_admin_calls_are_timed_and_counted_refused_ones_too(tmp_path, model_byte
             await admin.ListTasks(request, metadata=running.admin_metadata())
             with pytest.raises(grpc.aio.AioRpcError):
                 await admin.ListTasks(request)  # no operator token
-        return await _scrape(endpoint)
+        return await _scrape_once_timed(endpoint, LIST_TASKS, 2)
 
     samples = _run(tmp_path, model_bytes, body)
 

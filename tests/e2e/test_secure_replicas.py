@@ -14,6 +14,7 @@ two forward the devices' check-ins, SecAgg messages and reports to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -145,11 +146,25 @@ def test_secure_rounds_on_three_replicas_commit_the_survivors_fedavg(
         devices = asyncio.create_task(fleet.run(stop))
         try:
             await until(lambda: len(_committed(url)) >= 2, "two committed secure rounds")
-            host = lease(url, TASK)[0].split("#")[0]  # a holder is a replica's NAME#RUN
-            for name, check_ins, forwarded in read(
-                url, "SELECT name, check_ins, forwarded FROM replicas"
-            ):
-                answered[name] = (check_ins, forwarded, name == host)
+
+            def spread() -> bool:
+                # Devices spread their calls over the replicas; one that came up last may have
+                # had none of the first rounds' check-ins (seen under load), so this waits for
+                # the calls to reach every replica, an event, and the assertions below say
+                # what was missing if they never do.
+                host = lease(url, TASK)[0].split("#")[0]  # a holder is a replica's NAME#RUN
+                answered.clear()
+                for name, check_ins, forwarded in read(
+                    url, "SELECT name, check_ins, forwarded FROM replicas"
+                ):
+                    answered[name] = (check_ins, forwarded, name == host)
+                return len(answered) == len(HOSTS) and all(
+                    check_ins > 0 and (forwarded == 0 if hosting else forwarded > 0)
+                    for check_ins, forwarded, hosting in answered.values()
+                )
+
+            with contextlib.suppress(AssertionError):
+                await until(spread, "check-ins at every replica")
         finally:
             stop.set()
             await replicas.stop_all()

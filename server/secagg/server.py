@@ -185,7 +185,7 @@ class SecAggServer:
         """The coordinator learned the device will not continue (e.g. it reported a
         failure): as if it had aborted. No-op for unknown ids and finished sessions."""
         if client_id in self._data.token_by_client:
-            self._client_aborted(client_id, reason)
+            self._client_aborted(client_id, reason, logging.INFO)
             self._close_if_complete()
 
     def unmasking_may_close(self, client_id: int | None) -> bool:
@@ -248,7 +248,7 @@ class SecAggServer:
                 case "unmasking_response":
                     self._state.handle_unmasking_response(client, message.unmasking_response)
                 case "abort":
-                    self._client_aborted(client, message.abort.reason)
+                    self._client_aborted(client, message.abort.reason, logging.WARNING)
                 case _:
                     raise InvalidArgument("the client message carries no content")
         except CoordinatorError as exc:
@@ -267,10 +267,14 @@ class SecAggServer:
         self._close_if_complete()
         return self._state.stage
 
-    def _client_aborted(self, client_id: int, reason: str) -> None:
+    def _client_aborted(self, client_id: int, reason: str, level: int) -> None:
+        """`level`: WARNING for a device's own abort (it may have caught a substituted key),
+        INFO for a dropout the coordinator learned of (a failure report; a device too late
+        for R2 is one in most rounds at scale)."""
         if self._state.stage in (secagg_pb2.COMPLETED, secagg_pb2.ABORTED):
             return
-        log.warning("secagg client %d aborted at %s: %s", client_id, self._state.name, reason)
+        stage = self._state.name
+        log.log(level, "secagg client %d dropped out at %s: %s", client_id, stage, reason)
         self._data.aborted_clients.add(client_id)
         self._state.drop(client_id)
 

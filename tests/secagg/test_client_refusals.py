@@ -1,5 +1,7 @@
 """A device refuses server messages an honest server would not send, and aborts cleanly."""
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -99,3 +101,18 @@ def test_an_input_of_the_wrong_shape_is_a_value_error_and_keeps_the_stage() -> N
     with pytest.raises(ValueError, match="shape"):
         s.clients[1].masked_input(request, np.zeros(3, np.uint32))
     assert s.clients[1].stage == ClientStage.MASKED_INPUT
+
+
+def test_a_devices_own_abort_is_a_warning_and_a_reported_failure_is_not(caplog) -> None:
+    # A device's abort may mean it caught a substituted key: operators should see it. A
+    # failure report is a dropout, as a device too late for R2 is in most rounds at scale.
+    s = Stepper()
+    s.to_share_keys()
+    with caplog.at_level(logging.INFO, logger="server.secagg.server"):
+        abort = s.clients[1].envelope()
+        abort.abort.reason = "client 3's keys are not signed by its enrolled key"
+        s.server.receive(abort)
+        s.server.drop_client(2, "reported a failure")
+    levels = {r.getMessage().split(":")[0]: r.levelno for r in caplog.records}
+    assert levels["secagg client 1 dropped out at SHARE_KEYS"] == logging.WARNING
+    assert levels["secagg client 2 dropped out at SHARE_KEYS"] == logging.INFO

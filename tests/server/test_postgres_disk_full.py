@@ -22,15 +22,14 @@ import numpy as np
 import psycopg
 import pytest
 
-from protos import device_pb2
 from server.postgres_store import PostgresStore
 from server.store import RoundState
 from tests.fakes import FakeClock
-from tests.harness import POPULATION, task_config
+from tests.harness import task_config
 from tests.identities import check_in, make_coordinator
 from tests.postgres_server import PostgresServer, server_user
 from tests.server.test_replicas import Cluster, _deltas, _records, _registered, _upload
-from tests.server.test_round_faults import _reported_round
+from tests.server.test_round_faults import commit_on_a_full_disk_is_retried
 from tests.small_disk import SmallDisk
 
 
@@ -74,27 +73,9 @@ def test_a_commit_on_a_full_disk_changes_nothing_and_commits_once_there_is_room(
     try:
         coordinator = make_coordinator(store, clock)
         coordinator.register_task(task_config(target_reports=2, over_selection=1.0), model_bytes)
-        task = coordinator.task("t1")
-        before = task.weights.copy()
-        _reported_round(coordinator, before.size)
-
-        with disk.filled(), caplog.at_level(logging.ERROR):
-            coordinator.tick()
-
-        assert "No space left on device" in caplog.text, caplog.text
-        assert task.current is not None and task.current.state is RoundState.AGGREGATING
-        assert task.committed_rounds == 0 and store.rounds("t1") == []
-        np.testing.assert_array_equal(task.weights, before)
-
-        clock.advance(60)  # past the retry backoff; the disk has room again
-        coordinator.tick()
-
-        [record] = store.rounds("t1")
-        assert (record.state, record.reported) == (RoundState.COMMITTED, 2)
-        assert task.committed_rounds == 1
-        np.testing.assert_allclose(task.weights, before + 0.25, atol=1e-6)
-        response: device_pb2.CheckInResponse = check_in(coordinator, "d9", population=POPULATION)
-        assert response.HasField("assignment")  # the task goes on
+        commit_on_a_full_disk_is_retried(
+            coordinator, store, clock, disk, caplog, "No space left on device"
+        )
     finally:
         store.close()
 

@@ -39,6 +39,7 @@ class Outcome(enum.Enum):
     REJECTED = "rejected"  # checked in, no assignment
     REPORTED = "reported"  # trained and the update was accepted
     INTERRUPTED = "interrupted"  # conditions changed mid-training; reported as a dropout
+    LATE = "late"  # trained, but the round had closed (it had its reports): not a fault
     FAILED = "failed"  # assignment failed (download, model, refused upload)
     UNREACHABLE = "unreachable"  # could not talk to the coordinator
 
@@ -60,6 +61,14 @@ _ANSWER_LOST = "accepted by a coordinator whose answer was lost"
 
 def _landed_earlier(exc: TransportError) -> bool:
     return exc.code is grpc.StatusCode.ALREADY_EXISTS
+
+
+def _refused(exc: TransportError | SecAggError) -> Outcome:
+    """A report the coordinator refused: LATE when the round no longer took reports
+    (FAILED_PRECONDITION, as over-selected devices after the round reached its target),
+    FAILED otherwise."""
+    late = isinstance(exc, TransportError) and exc.code is grpc.StatusCode.FAILED_PRECONDITION
+    return Outcome.LATE if late else Outcome.FAILED
 
 
 def pick_delay(window: common_pb2.RetryWindow, rng: np.random.Generator) -> float:
@@ -253,7 +262,7 @@ class DeviceRuntime:
         except TransportError as exc:
             if not _landed_earlier(exc):
                 self._log.info("upload for round %d refused: %s", round_number, exc)
-                return Attempt(Outcome.FAILED, delay, round_number, detail=str(exc))
+                return Attempt(_refused(exc), delay, round_number, detail=str(exc))
             return Attempt(Outcome.REPORTED, delay, round_number, detail=_ANSWER_LOST)
         return Attempt(Outcome.REPORTED, delay, round_number)
 
@@ -275,7 +284,8 @@ class DeviceRuntime:
         except (TransportError, SecAggError) as exc:
             secure.cancel()
             cause = device_pb2.FailureReport.SECURE_AGGREGATION_ERROR
-            return await self._fail(token, cause, str(exc), round_number, delay)
+            attempt = await self._fail(token, cause, str(exc), round_number, delay)
+            return dataclasses.replace(attempt, outcome=_refused(exc))
         try:
             await secure.finish()
         except (TransportError, SecAggError) as exc:
@@ -317,7 +327,7 @@ class DeviceRuntime:
         except TransportError as exc:
             if not _landed_earlier(exc):
                 self._log.info("evaluation report refused: %s", exc)
-                return Attempt(Outcome.FAILED, delay, round_number, detail=str(exc))
+                return Attempt(_refused(exc), delay, round_number, detail=str(exc))
         return Attempt(Outcome.REPORTED, delay, round_number, detail="evaluation")
 
     async def _fail(

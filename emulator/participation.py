@@ -28,9 +28,9 @@ def dropout_cause(attempt: Attempt) -> str:
             if "not idle" in detail:
                 return "picked up"
             return "interrupted"
+        case Outcome.LATE:
+            return "late report (round closed)"
         case Outcome.FAILED:
-            if "FAILED_PRECONDITION" in attempt.detail or "no longer takes" in attempt.detail:
-                return "late report (round closed)"
             if "DOWNLOAD" in attempt.detail.upper() or "UNAVAILABLE" in attempt.detail:
                 return "transfer failed"
             return "failed"

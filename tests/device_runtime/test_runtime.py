@@ -12,6 +12,7 @@ from device_runtime.examples import LocalExamples
 from device_runtime.runtime import Attempt, DeviceRuntime, Outcome
 from device_runtime.transport import CoordinatorClient
 from emulator.data import load_digits
+from protos import common_pb2
 from server.coordinator import CoordinatorSettings
 from server.pace_steering import PaceSteeringSettings
 from server.rounds.round import AssignmentState
@@ -184,3 +185,40 @@ def test_a_device_with_a_skewed_clock_learns_the_coordinators_at_enrollment(
     assert first is Outcome.REPORTED  # enrolled, then signed on the coordinator's clock
     assert second is not Outcome.UNREACHABLE  # refused once, enrolled again, then answered
     assert enrolled == 1
+
+
+def test_an_upload_after_the_round_closed_is_late_not_failed(
+    tmp_path: pathlib.Path, model_bytes: bytes
+) -> None:
+    # Two seats for one report (over-selection): the other device reports first and closes
+    # the round while this one trains. Being too late is over-selection working, not a fault.
+    clock = FakeClock()
+    config = task_config(target_reports=1, over_selection=2.0, reporting_deadline_s=1000.0)
+
+    async def scenario() -> Attempt:
+        async with running_coordinator(
+            str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
+        ) as running:
+            first = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
+            await first.enroll(POPULATION, ENROLLMENT_SECRET)
+            seat = (await first.check_in(POPULATION, EXAMPLES)).assignment
+            n = running.coordinator.task("t1").record.num_parameters
+            client = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
+            upload = client.upload
+
+            async def after_the_first(*args: object) -> object:
+                metrics = common_pb2.ClientMetrics(num_examples=EXAMPLES, num_batches=1)
+                await first.upload(seat.upload_token, np.zeros(n, np.float32), EXAMPLES, metrics)
+                await running.settled()  # the round reached its target and closed
+                return await upload(*args)  # type: ignore[arg-type]
+
+            client.upload = after_the_first  # type: ignore[method-assign]
+            attempt = await _runtime(client, clock, ScriptedConditions()).attempt()
+            for c in (first, client):
+                await c.close()
+            return attempt
+
+    attempt = asyncio.run(scenario())
+
+    assert attempt.outcome is Outcome.LATE, attempt
+    assert "FAILED_PRECONDITION" in attempt.detail

@@ -50,7 +50,7 @@ def test_interruptions_name_what_changed(detail: str, cause: str) -> None:
 
 
 def test_refused_late_upload_is_a_late_report() -> None:
-    attempt = _attempt(Outcome.FAILED, "FAILED_PRECONDITION: round 3 no longer takes reports")
+    attempt = _attempt(Outcome.LATE, "FAILED_PRECONDITION: round 3 no longer takes reports")
 
     assert dropout_cause(attempt) == "late report (round closed)"
 

@@ -284,8 +284,7 @@ class DeviceRuntime:
         except (TransportError, SecAggError) as exc:
             secure.cancel()
             cause = device_pb2.FailureReport.SECURE_AGGREGATION_ERROR
-            attempt = await self._fail(token, cause, str(exc), round_number, delay)
-            return dataclasses.replace(attempt, outcome=_refused(exc))
+            return await self._fail(token, cause, str(exc), round_number, delay, _refused(exc))
         try:
             await secure.finish()
         except (TransportError, SecAggError) as exc:
@@ -337,6 +336,7 @@ class DeviceRuntime:
         detail: str,
         round_number: int,
         delay: float,
+        outcome: Outcome = Outcome.FAILED,
     ) -> Attempt:
         self._log.info("round %d not reported: %s", round_number, detail)
         try:
@@ -345,7 +345,7 @@ class DeviceRuntime:
             # The coordinator counts a silent assignment as a dropout at the deadline anyway.
             if exc.code is not grpc.StatusCode.FAILED_PRECONDITION:
                 self._log.info("failure report not delivered: %s", exc)
-        return Attempt(Outcome.FAILED, delay, round_number, detail=detail)
+        return Attempt(outcome, delay, round_number, detail=detail)
 
     async def _fetch(self, ref: common_pb2.ResourceRef) -> bytes:
         data = self._cache.get(ref.sha256)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import io
 import logging
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -218,16 +219,14 @@ def run_to_exit(main: Coroutine[Any, Any, None], leftover_s: float | None = None
             if leftover:
                 _, pending = loop.run_until_complete(asyncio.wait(leftover, timeout=bound_s))
                 for task in pending:
-                    stack = "".join(
-                        f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}\n"
-                        for frame in task.get_stack()
-                    )
+                    stack = io.StringIO()
+                    task.print_stack(file=stack)
                     log.error(
                         "task %s did not end within %g s of its cancellation at shutdown; "
-                        "left behind. Awaiting at:\n%s",
+                        "left behind.\n%s",
                         task.get_name(),
                         bound_s,
-                        stack,
+                        stack.getvalue(),
                     )
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())

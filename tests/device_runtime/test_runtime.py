@@ -12,12 +12,12 @@ from device_runtime.examples import LocalExamples
 from device_runtime.runtime import Attempt, DeviceRuntime, Outcome
 from device_runtime.transport import CoordinatorClient
 from emulator.data import load_digits
-from protos import common_pb2
+from protos import common_pb2, device_pb2
 from server.coordinator import CoordinatorSettings
 from server.pace_steering import PaceSteeringSettings
 from server.rounds.round import AssignmentState
 from tests.fakes import FakeClock, ScriptedConditions
-from tests.harness import POPULATION, running_coordinator, task_config
+from tests.harness import POPULATION, RunningCoordinator, running_coordinator, task_config
 from tests.identities import ENROLLMENT_SECRET
 
 SETTINGS = CoordinatorSettings(pace=PaceSteeringSettings(min_delay_s=30.0))
@@ -43,6 +43,15 @@ def _runtime(
     )
 
 
+async def _seated(
+    running: RunningCoordinator, clock: FakeClock
+) -> tuple[CoordinatorClient, device_pb2.Assignment]:
+    """Another device, enrolled and checked in: it holds a seat of the open round."""
+    other = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
+    await other.enroll(POPULATION, ENROLLMENT_SECRET)
+    return other, (await other.check_in(POPULATION, EXAMPLES)).assignment
+
+
 def test_rejected_device_waits_for_the_next_round_as_told(
     tmp_path: pathlib.Path, model_bytes: bytes
 ) -> None:
@@ -54,9 +63,7 @@ def test_rejected_device_waits_for_the_next_round_as_told(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
         ) as running:
-            holder = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
-            await holder.enroll(POPULATION, ENROLLMENT_SECRET)
-            await holder.check_in(POPULATION, EXAMPLES)  # takes the only seat
+            holder, _ = await _seated(running, clock)  # takes the only seat
             client = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
             stop = asyncio.Event()
 
@@ -199,9 +206,7 @@ def test_an_upload_after_the_round_closed_is_late_not_failed(
         async with running_coordinator(
             str(tmp_path / "s.sqlite"), model_bytes, config, clock, SETTINGS
         ) as running:
-            first = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
-            await first.enroll(POPULATION, ENROLLMENT_SECRET)
-            seat = (await first.check_in(POPULATION, EXAMPLES)).assignment
+            first, seat = await _seated(running, clock)
             n = running.coordinator.task("t1").record.num_parameters
             client = CoordinatorClient(running.address, running.trust, wall_clock=clock.now)
             upload = client.upload
